@@ -1,0 +1,55 @@
+"""Sublayers, one per symbol of the layer pattern: ``x + f(norm(x))`` (pre-norm residual).
+
+``build_mixer`` maps a symbol to its module; adding an architecture adds a symbol here and a
+mixer file in ``mixers/``. The symbols and their meaning are listed in ``chimera.configs.schema``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from chimera.configs.schema import ModelConfig
+from chimera.models.mixers.attention import Attention
+from chimera.models.mixers.rglru import RecurrentBlock
+from chimera.models.mlp import GatedMLP
+from chimera.models.norms import RMSNorm
+from chimera.parallel.layers import TPLayout, enter_tensor_parallel
+
+
+def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
+    # Output projections are scaled down with depth (GPT-2 style) so the residual stream's variance stays O(1).
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * len(cfg.layers))
+    if symbol == "R":
+        return RecurrentBlock(cfg.d_model, cfg.lru_width, cfg.lru_heads, cfg.conv_kernel, init_std=std,
+                              out_std=out_std, tp=tp)
+    if symbol in ("L", "*"):
+        return Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size,
+                         window=cfg.window if symbol == "L" else None, rope_base=cfg.rope_base,
+                         rope_fraction=cfg.rope_fraction, init_std=std, out_std=out_std, tp=tp)
+    if symbol == "-":
+        return GatedMLP(cfg.d_model, cfg.mlp_hidden, init_std=std, out_std=out_std,
+                        sequence_parallel=tp.sequence_parallel)
+    raise ValueError(f"unknown layer symbol {symbol!r}")
+
+
+class Sublayer(nn.Module):
+    """``x + mixer(norm(x))`` on the residual stream ``[s(/tp), b, d]``."""
+
+    def __init__(self, symbol: str, cfg: ModelConfig, tp: TPLayout):
+        super().__init__()
+        self.symbol = symbol
+        self.sequence_parallel = tp.sequence_parallel
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=tp.sequence_parallel)
+        self.mixer = build_mixer(symbol, cfg, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(enter_tensor_parallel(self.norm(x), self.sequence_parallel))
+
+    def init_state(self, batch: int, max_len: int):
+        return self.mixer.init_state(batch, max_len)
+
+    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d], no sequence sharding
+        return x + self.mixer.step(enter_tensor_parallel(self.norm(x), False), state, pos)

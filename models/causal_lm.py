@@ -1,0 +1,87 @@
+"""A causal language model built from a layer pattern: embedding -> sublayers -> final norm -> head.
+
+``forward(input_ids)`` gives logits ``[b, s, vocab]``; ``forward(input_ids, labels)`` gives the mean
+next-token loss (vocab-parallel cross entropy, positions with label ``-100`` ignored). Decoding:
+``init_state`` then ``step`` one token at a time with each mixer's cached state.
+
+Inside, the residual stream is ``[s, b, d]`` (``[s / tp, b, d]`` under sequence parallelism); the
+conversion from and to batch-first happens only here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from chimera.configs.schema import ModelConfig
+from chimera.models.blocks import Sublayer
+from chimera.models.norms import RMSNorm
+from chimera.parallel.layers import (
+    ColumnParallel,
+    TPLayout,
+    VocabParallelEmbedding,
+    enter_tensor_parallel,
+    gather_vocab,
+    register_partial_grad_hooks,
+    scatter_sequence,
+    vocab_parallel_cross_entropy,
+)
+from chimera.parallel.sharding import full_shape, normal
+
+IGNORE_INDEX = -100
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPLayout | None = None):
+        super().__init__()
+        tp = tp or TPLayout.current()
+        self.cfg, self.tp = cfg, tp
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init=normal(cfg.init_std))
+        self.layers = nn.ModuleList(Sublayer(symbol, cfg, tp) for symbol in cfg.layers)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=tp.sequence_parallel)
+        self.head = None if cfg.tie_embeddings else ColumnParallel(cfg.d_model, cfg.vocab_size,
+                                                                   init=normal(cfg.init_std))
+        self.activation_checkpointing = False
+        register_partial_grad_hooks(self)
+
+    def _logits_local(self, h: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+        """``[s(/tp), b, d]`` -> this rank's vocabulary shard of the logits ``[s, b, V / tp]``."""
+        h = enter_tensor_parallel(self.final_norm(h), sequence_parallel)
+        if self.head is None:
+            return torch.matmul(h, self.embed.weight.t())
+        return self.head(h)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids).transpose(0, 1).contiguous()  # [b, s, d] -> [s, b, d]
+        if self.tp.sequence_parallel:
+            x = scatter_sequence(x)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        logits = self._logits_local(x, self.tp.sequence_parallel)  # [s, b, V / tp]
+        if labels is None:
+            return gather_vocab(logits).transpose(0, 1)  # [b, s, V]
+        targets = labels.transpose(0, 1).contiguous()
+        mask = targets != IGNORE_INDEX
+        losses = vocab_parallel_cross_entropy(logits, torch.where(mask, targets, 0))
+        return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+    # ---- decoding -----------------------------------------------------------------------------
+
+    def init_state(self, batch: int, max_len: int) -> list:
+        return [layer.init_state(batch, max_len) for layer in self.layers]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, state: list, pos: int) -> torch.Tensor:
+        """One token per sequence ``[b]`` at position ``pos`` -> logits ``[b, V]``; updates ``state``."""
+        x = self.embed(tokens[None, :])  # [1, b, d]
+        for layer, layer_state in zip(self.layers, state):
+            x = layer.step(x, layer_state, pos)
+        return gather_vocab(self._logits_local(x, False))[0]
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (all TP shards)."""
+        return sum(full_shape(p, self.tp.size).numel() for p in self.parameters())

@@ -1,0 +1,115 @@
+"""Causal multi-query / grouped-query attention with RoPE, global or over a sliding window.
+
+Symbols ``*`` (global) and ``L`` (local, Griffin Sec. 2.4: each position attends to the previous
+``window`` positions including itself)::
+
+    q_h = RoPE(W_q^h x),  k_g = RoPE(W_k^g x),  v_g = W_v^g x         # g = kv group of head h
+    o_h = softmax(q_h k_g^T / sqrt(d_head) + M) v_g,   M_ts = 0 if t - window < s <= t else -inf
+    out = W_o [o_1; ...; o_H]
+
+RoPE (Su et al., arXiv 2104.09864) rotates the first ``rope_fraction`` of each head's dims.
+
+TP: query heads split over ranks (``W_q`` column parallel, ``W_o`` row parallel). Key/value heads
+split too when TP divides their number; otherwise (MQA: one kv head) every rank holds all kv
+heads and their projection's gradient, partial per rank, is summed over TP.
+
+Decoding keeps keys/values in a ring buffer of ``window`` slots (local) or ``max_len`` slots
+(global): memory is bounded by the window for local attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chimera.parallel.layers import ColumnParallel, RowParallel, TPLayout
+from chimera.parallel.sharding import declare, normal
+
+
+def rope_tables(positions: torch.Tensor, rot_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [s, rot/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i + rot/2}) of the first ``rot`` dims; ``x`` is [b, h, s, d], tables [s, rot/2]."""
+    rot = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([rotated, x_pass], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int | None,
+                 rope_base: float, rope_fraction: float, init_std: float, out_std: float, tp: TPLayout):
+        super().__init__()
+        self.head_dim, self.window = head_dim, window
+        self.heads_local = tp.local(num_heads, "num_heads")
+        self.rope_base = rope_base
+        self.rot_dim = int(head_dim * rope_fraction) // 2 * 2
+        group = num_heads // num_kv_heads  # query heads per kv head
+        self.q_proj = ColumnParallel(d_model, num_heads * head_dim, init=normal(init_std))
+        if num_kv_heads % tp.size == 0:  # kv heads split with their query heads
+            self.k_proj = ColumnParallel(d_model, num_kv_heads * head_dim, init=normal(init_std))
+            self.v_proj = ColumnParallel(d_model, num_kv_heads * head_dim, init=normal(init_std))
+            first_kv = tp.rank * num_kv_heads // tp.size
+        else:  # fewer kv heads than ranks: all kv heads on every rank, gradient partial per rank
+            self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
+            self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
+            for p in (self.k_proj.weight, self.v_proj.weight):
+                declare(p, init=normal(init_std), partial_grad_over_tp=tp.size > 1)
+            first_kv = 0
+        global_heads = torch.arange(self.heads_local) + tp.rank * self.heads_local
+        self.register_buffer("kv_of_head", global_heads // group - first_kv, persistent=False)
+        self.o_proj = RowParallel(num_heads * head_dim, d_model, init=normal(out_std),
+                                  sequence_parallel=tp.sequence_parallel)
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """``x [s, b, d]`` -> q, k, v as ``[b, heads, s, d_head]`` with RoPE applied to q and k."""
+        def heads(t):
+            return t.unflatten(-1, (-1, self.head_dim)).permute(1, 2, 0, 3)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        cos, sin = rope_tables(positions, self.rot_dim, self.rope_base)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+        """Attention of local query heads over their kv heads; ``allowed`` [s_q, s_k] is True where visible."""
+        k, v = k[:, self.kv_of_head], v[:, self.kv_of_head]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # scale 1/sqrt(d_head)
+        return o.permute(2, 0, 1, 3).flatten(-2)  # [s, b, heads * d_head]
+
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """The mask M: key s visible from query t iff t - window < s <= t."""
+        diff = q_pos[:, None] - k_pos[None, :]
+        allowed = diff >= 0
+        if self.window is not None:
+            allowed &= diff < self.window
+        return allowed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        pos = torch.arange(x.shape[0], device=x.device)
+        q, k, v = self._project(x, pos)
+        return self.o_proj(self._attend(q, k, v, self.visible(pos, pos)))
+
+    def init_state(self, batch: int, max_len: int):
+        slots = min(self.window, max_len) if self.window is not None else max_len
+        w = self.q_proj.weight
+        kv_heads = self.k_proj.weight.shape[0] // self.head_dim  # kv heads held on this rank
+        shape = (batch, kv_heads, slots, self.head_dim)
+        return {
+            "k": torch.zeros(shape, device=w.device, dtype=w.dtype),
+            "v": torch.zeros(shape, device=w.device, dtype=w.dtype),
+            "pos": torch.full((slots,), -1, dtype=torch.long, device=w.device),  # position held by each slot
+        }
+
+    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
+        q, k, v = self._project(x, torch.tensor([pos], device=x.device))
+        slot = pos % state["pos"].shape[0]  # ring buffer: overwrite the oldest position
+        state["k"][:, :, slot], state["v"][:, :, slot] = k[:, :, 0], v[:, :, 0]
+        state["pos"][slot] = pos
+        allowed = self.visible(torch.tensor([pos], device=x.device), state["pos"]) & (state["pos"] >= 0)
+        return self.o_proj(self._attend(q, state["k"], state["v"], allowed))

@@ -1,0 +1,118 @@
+"""Griffin's recurrent block with the Real-Gated Linear Recurrent Unit (De et al., arXiv 2402.19427).
+
+Recurrent block (Sec. 2.4, Fig. 2)::
+
+    y   = GeLU(W_y x)                        # gate branch
+    u   = RG-LRU(Conv1D_k(W_x x))            # recurrent branch, temporal conv of width k = 4
+    out = W_out (y * u)
+
+RG-LRU (Eqs. 1-4), per channel, with block-diagonal gate weights (one block per head)::
+
+    r_t = sigma(W_a u_t + b_a)               # recurrence gate            (1)
+    i_t = sigma(W_x u_t + b_x)               # input gate                 (2)
+    a_t = a^(c r_t),  a = sigma(Lambda)      # c = 8, in log space        (3)
+    h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * u_t)                   (4)
+
+``Lambda`` is initialised so that ``a^c`` is uniform in [0.9, 0.999] (Sec. 2.4).
+
+Tensor parallelism splits channels by whole heads: ``W_y``, ``W_x`` are column parallel, the
+gates' blocks, ``Lambda`` and the conv split with them, ``W_out`` is row parallel. The recurrence is
+per channel, so it needs no communication.
+
+Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.models.scan``);
+``step`` advances one token with O(1) state (conv window + h).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chimera.models.conv import CausalConv1d
+from chimera.models.scan import linear_scan
+from chimera.parallel.layers import ColumnParallel, RowParallel, TPLayout
+from chimera.parallel.sharding import declare, normal, zeros
+
+GATE_C = 8.0  # the constant c of Eq. (3)
+
+
+def _lambda_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Lambda with a^c ~ U[0.9, 0.999], i.e. a = u^(1/c), Lambda = logit(a)."""
+    a = t.uniform_(0.9, 0.999, generator=g).pow_(1.0 / GATE_C)
+    return t.copy_(torch.log(a) - torch.log1p(-a))
+
+
+class RGLRU(nn.Module):
+    """The gated recurrence of Eqs. (1)-(4) over this rank's heads."""
+
+    def __init__(self, width: int, heads: int, tp: TPLayout):
+        super().__init__()
+        self.heads_local = tp.local(heads, "rnn_heads")
+        self.block = width // heads
+        std = 1.0 / math.sqrt(self.block)
+        blocks = (self.heads_local, self.block, self.block)  # [heads, in, out], applied as u @ W
+
+        def recurrence_param(shape, init):  # split by head; never weight-decayed
+            return declare(nn.Parameter(torch.empty(shape)), init=init, split_dim=0, weight_decay=False)
+
+        self.gate_a_weight = recurrence_param(blocks, normal(std))
+        self.gate_a_bias = recurrence_param(blocks[:2], zeros)
+        self.gate_x_weight = recurrence_param(blocks, normal(std))
+        self.gate_x_bias = recurrence_param(blocks[:2], zeros)
+        self.a_param = recurrence_param(self.heads_local * self.block, _lambda_init)
+
+    def _blockdiag(self, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        uh = u.unflatten(-1, (self.heads_local, self.block))
+        return (torch.einsum("...hi,hij->...hj", uh, w) + b).flatten(-2)
+
+    def coefficients(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a_t, sqrt(1 - a_t^2) * i_t * u_t)``: the recurrence is then ``h_t = a_t h_{t-1} + b_t``."""
+        r = torch.sigmoid(self._blockdiag(u, self.gate_a_weight, self.gate_a_bias))  # (1)
+        i = torch.sigmoid(self._blockdiag(u, self.gate_x_weight, self.gate_x_bias))  # (2)
+        log_a = -GATE_C * r * F.softplus(-self.a_param)  # (3): log a_t = c r_t log sigma(Lambda)
+        a = torch.exp(log_a)
+        multiplier = torch.sqrt(-torch.expm1(2 * log_a))  # sqrt(1 - a_t^2), accurate near a_t = 1
+        return a, multiplier * i * u
+
+    def forward(self, u: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, w]
+        a, b = self.coefficients(u.float())
+        return linear_scan(a, b, h0).to(u.dtype)  # (4)
+
+    def step(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # [b, w] -> new h [b, w]
+        a, b = self.coefficients(u.float())
+        return a * h + b
+
+
+class RecurrentBlock(nn.Module):
+    """Symbol ``R``: the recurrent temporal-mixing block of Griffin and Hawk."""
+
+    def __init__(self, d_model: int, width: int, heads: int, conv_kernel: int, *, init_std: float,
+                 out_std: float, tp: TPLayout):
+        super().__init__()
+        width_local = tp.local(width, "rnn_width")
+        self.linear_y = ColumnParallel(d_model, width, init=normal(init_std))
+        self.linear_x = ColumnParallel(d_model, width, init=normal(init_std))
+        self.conv = CausalConv1d(width_local, conv_kernel)
+        self.rglru = RGLRU(width, heads, tp)
+        self.linear_out = RowParallel(width, d_model, init=normal(out_std), sequence_parallel=tp.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        y = F.gelu(self.linear_y(x), approximate="tanh")
+        u = self.rglru(self.conv(self.linear_x(x)))
+        return self.linear_out(y * u)
+
+    def init_state(self, batch: int, max_len: int):
+        w = self.conv.weight
+        return {
+            "conv": self.conv.init_state(batch, device=w.device, dtype=w.dtype),
+            "h": torch.zeros(batch, w.shape[0], device=w.device, dtype=torch.float32),
+        }
+
+    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
+        y = F.gelu(self.linear_y(x), approximate="tanh")
+        u, state["conv"] = self.conv.step(self.linear_x(x)[0], state["conv"])
+        state["h"] = self.rglru.step(u, state["h"])
+        return self.linear_out(y * state["h"].to(x.dtype).unsqueeze(0))

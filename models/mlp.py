@@ -1,0 +1,29 @@
+"""Gated MLP (Griffin, arXiv 2402.19427, Sec. 2.2): ``W_down( GeLU(W_gate x) * (W_up x) )``.
+
+TP: ``W_gate`` and ``W_up`` split their output features (column parallel), ``W_down`` its input
+features (row parallel); the hidden activations never leave their rank.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chimera.parallel.layers import ColumnParallel, RowParallel
+from chimera.parallel.sharding import normal
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int, *, init_std: float, out_std: float, sequence_parallel: bool):
+        super().__init__()
+        self.gate = ColumnParallel(d_model, hidden, init=normal(init_std))
+        self.up = ColumnParallel(d_model, hidden, init=normal(init_std))
+        self.down = RowParallel(hidden, d_model, init=normal(out_std), sequence_parallel=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+
+    def init_state(self, batch: int, max_len: int):
+        return None
+
+    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:
+        return self.forward(x)

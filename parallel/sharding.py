@@ -1,0 +1,131 @@
+"""Where each parameter is split, and moving between full tensors and this rank's shard.
+
+A parameter is declared once, where it is created (``declare``): how its *full* tensor is
+initialised, along which dim tensor parallelism splits it (megatron-core's
+``tensor_model_parallel`` / ``partition_dim`` attributes, which DeepSpeed also reads), and whether
+its gradient is partial on each TP rank. Everything layout-related reads these declarations:
+
+* ``initialize_parameters`` draws every full tensor from (seed, parameter name) and keeps this
+  rank's shard, so one seed gives the same model at any TP size;
+* ``full_state_dict`` / ``load_full_state_dict`` convert between shards and the layout-free
+  full tensors used by checkpoints meant for export and inference.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+Init = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+# Initialisers: each fills a full tensor in place from a generator.
+
+
+def normal(std: float) -> Init:
+    return lambda t, g: t.normal_(0.0, std, generator=g)
+
+
+def zeros(t: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+    return t.zero_()
+
+
+def ones(t: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+    return t.fill_(1.0)
+
+
+def declare(
+    param: torch.nn.Parameter,
+    *,
+    init: Init,
+    split_dim: int | None = None,
+    partial_grad_over_tp: bool = False,
+    weight_decay: bool | None = None,
+):
+    """Record how ``param`` is initialised (on its full shape) and how TP splits it.
+
+    ``weight_decay``: whether AdamW decays it; by default matrices do and vectors (norms, biases) don't.
+    """
+    param.full_init = init
+    param.weight_decay = param.dim() >= 2 if weight_decay is None else weight_decay
+    if split_dim is not None:
+        set_tensor_model_parallel_attributes(param, is_parallel=True, dim=split_dim, stride=1)
+    param.partial_grad_over_tp = partial_grad_over_tp
+    return param
+
+
+def split_dim(param: torch.Tensor) -> int | None:
+    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+
+
+def full_shape(param: torch.Tensor, tp_size: int) -> torch.Size:
+    shape = list(param.shape)
+    dim = split_dim(param)
+    if dim is not None:
+        shape[dim] *= tp_size
+    return torch.Size(shape)
+
+
+def shard_of(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    dim = split_dim(param)
+    if dim is None:
+        return full
+    return full.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def _tp():
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def _param_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@torch.no_grad()
+def initialize_parameters(module: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter from its declared initialiser, independent of the TP layout."""
+    rank, size = _tp()
+    for name, p in module.named_parameters():
+        init = getattr(p, "full_init", None)
+        if init is None:
+            raise RuntimeError(f"parameter {name} was created without chimera.parallel.sharding.declare")
+        gen = torch.Generator().manual_seed(_param_seed(seed, name))
+        full = torch.empty(full_shape(p, size), dtype=torch.float32)
+        init(full, gen)
+        p.copy_(shard_of(full, p, rank, size).to(p.dtype))
+
+
+@torch.no_grad()
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) fp32 tensors of every parameter, on CPU; a collective over the TP group."""
+    rank, size = _tp()
+    out = {}
+    for name, p in module.named_parameters():
+        t = p.detach().float()
+        dim = split_dim(p)
+        if dim is not None and size > 1:
+            parts = [torch.empty_like(t) for _ in range(size)]
+            dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+            t = torch.cat(parts, dim=dim)
+        out[name] = t.cpu().clone()
+    return out
+
+
+@torch.no_grad()
+def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into this rank's shards; names and full shapes must match exactly."""
+    rank, size = _tp()
+    params = dict(module.named_parameters())
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, p in params.items():
+        full = state[name]
+        if full.shape != full_shape(p, size):
+            raise ValueError(f"{name}: shape {tuple(full.shape)} but the model expects {tuple(full_shape(p, size))}")
+        p.copy_(shard_of(full, p, rank, size).to(p.dtype))
