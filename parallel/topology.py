@@ -48,6 +48,7 @@ def _init_process_group() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, init_method="env://", timeout=timeout)
     else:  # one process, no launcher: an in-memory store
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks every process for it
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 

@@ -1,0 +1,143 @@
+"""The ``chimera`` command.
+
+    chimera train CONFIG --run-dir DIR [--set a.b=c ...] [--nproc N]
+    chimera models
+    chimera generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P]
+
+User errors print one line and exit with code 2. Heavy imports (megatron-core, DeepSpeed) happen
+only after the input has been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from chimera.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def cmd_train(args) -> int:
+    from chimera.configs.loader import load_run_config
+    from chimera.configs.schema import validate_layout
+    from chimera.trainer.checkpoint import latest_checkpoint
+
+    cfg = load_run_config(args.config, args.set)
+    in_worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if in_worker else args.nproc
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: must be at least 1")
+    if in_worker and args.nproc not in (1, world):
+        raise UserError(f"--nproc {args.nproc} inside a launched job of {world} processes; drop --nproc")
+    validate_layout(cfg, world)
+    if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+        raise UserError(f"--run-dir {args.run_dir!r} exists and is not a directory")
+    latest_checkpoint(args.run_dir)  # a broken checkpoint pointer fails here, before any process starts
+    if world > 1 and not in_worker:
+        from chimera.launch.local import launch
+
+        argv = ["train", args.config, "--run-dir", args.run_dir] + [x for s in args.set for x in ("--set", s)]
+        return launch(world, argv)
+    from chimera.trainer.loop import train
+
+    train(cfg, args.run_dir)
+    return 0
+
+
+def cmd_models(args) -> int:
+    import torch
+
+    from chimera.configs.loader import load_model_config, preset_names
+    from chimera.models.causal_lm import CausalLM
+    from chimera.parallel import topology
+
+    topology.initialize(1, 1)
+    print(f"{'preset':<28} {'parameters':>16}  pattern")
+    for name in preset_names():
+        cfg = load_model_config(name)
+        with torch.device("meta"):  # count without materialising weights
+            n = CausalLM(cfg).num_parameters()
+        pattern = cfg.layers if len(cfg.layers) <= 24 else cfg.layers[:21] + "..."
+        print(f"{name:<28} {n:>16,}  {pattern} ({len(cfg.layers)} sublayers)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+    from chimera.trainer.checkpoint import read_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.run_dir)
+    import torch
+
+    from chimera import load_model
+    from chimera.data.tokenizers import get_tokenizer
+    from chimera.trainer.generate import generate
+
+    tokenizer = get_tokenizer(read_config(ckpt).data.tokenizer)
+    ids = tokenizer.encode(args.prompt)
+    if len(ids) == 0:
+        raise UserError("--prompt is empty; give at least one character")
+    model = load_model(ckpt)
+    prompt = torch.tensor(ids, dtype=torch.long)[None, :]
+    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, vocab_limit=tokenizer.vocab_size, seed=args.seed)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="chimera", description="Distributed pretraining for hybrid sequence models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train (or resume) a run")
+    t.add_argument("config", help="YAML run file (see configs/runs/)")
+    t.add_argument("--run-dir", required=True, help="where checkpoints and metrics go; resumes if it holds a checkpoint")
+    t.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="override a config field")
+    t.add_argument("--nproc", type=int, default=1, help="local worker processes")
+    t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("models", help="list model presets with their parameter counts")
+    m.set_defaults(func=cmd_models)
+
+    g = sub.add_parser("generate", help="sample text from a trained run")
+    g.add_argument("run_dir", help="run directory or checkpoint directory")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"chimera: error: {e}", file=sys.stderr)
+        return UserError.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

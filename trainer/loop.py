@@ -1,0 +1,152 @@
+"""The training loop: topology -> model -> DeepSpeed engine -> data -> steps, validation, checkpoints.
+
+It knows no architecture: the model is built from the config's layer pattern by
+``chimera.models``, and every step is ``loss = engine(inputs, labels)``.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state as ps
+
+from chimera.configs.schema import RunConfig, validate_layout
+from chimera.data.loader import TokenData
+from chimera.models.causal_lm import CausalLM
+from chimera.parallel import topology
+from chimera.parallel.layers import TPLayout
+from chimera.parallel.sharding import initialize_parameters
+from chimera.trainer.checkpoint import Checkpointer, latest_checkpoint
+from chimera.trainer.engine import build_engine, gathered_full_state_dict
+from chimera.trainer.metrics import MetricsLogger
+
+
+def _mean_over_data_parallel(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value, group=ps.get_data_parallel_group())
+    return value.item() / ps.get_data_parallel_world_size()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.topo = topology.initialize(cfg.parallel.tensor, cfg.parallel.pipeline)
+        self.dp = validate_layout(cfg, self.topo.world_size)
+        self.device = topology.device()
+        t = cfg.train
+        self.accumulation = t.global_batch_size // (t.micro_batch_size * self.dp)
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+
+        torch.manual_seed(t.seed)
+        model = CausalLM(cfg.model, TPLayout.current(cfg.parallel.sequence_parallel))
+        initialize_parameters(model, t.seed)
+        model.activation_checkpointing = t.activation_checkpointing
+        self.engine = build_engine(model.to(self.device), cfg, self.dp)
+        self.data = TokenData(cfg.data)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.topo.rank)
+        self.layout = {"tensor": self.topo.tensor, "pipeline": self.topo.pipeline, "data": self.dp,
+                       "zero_stage": cfg.parallel.zero_stage}
+        self.step, self.consumed = 0, 0
+        self._stop_requested = False
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def resume_if_possible(self) -> bool:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        state = self.checkpointer.load(self.engine, path, self.layout)
+        self.step, self.consumed = state["step"], state["consumed"]
+        return True
+
+    def save(self) -> Path:
+        state = {"step": self.step, "consumed": self.consumed, "layout": self.layout}
+        return self.checkpointer.save(self.engine, lambda: gathered_full_state_dict(self.engine), self.cfg, state)
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        t = self.cfg.train
+        losses = []
+        for micro in range(self.accumulation):
+            inputs, labels = self.data.train_batch(self.consumed, micro, self.topo.data_rank, self.dp,
+                                                   t.micro_batch_size)
+            loss = self.engine(inputs.to(self.device), labels.to(self.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        self.consumed += t.global_batch_size
+        self.step += 1
+        return _mean_over_data_parallel(torch.stack(losses).mean())
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        self.engine.eval()
+        t = self.cfg.train
+        losses = [self.engine(x.to(self.device), y.to(self.device)).detach()
+                  for x, y in self.data.validation_batches(t.eval_batches, self.topo.data_rank, self.dp,
+                                                           t.micro_batch_size)]
+        self.engine.train()
+        return _mean_over_data_parallel(torch.stack(losses).mean())
+
+    def _on_signal(self, signum, frame):
+        self._stop_requested = True
+
+    def _any_rank_stopping(self) -> bool:
+        """A preemption signal may reach some ranks only; all ranks must stop at the same step."""
+        flag = torch.tensor([int(self._stop_requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ---- the run --------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        is_main = self.topo.is_main
+        if is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        resumed = self.resume_if_possible()
+        metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.model_dump(mode="json"), is_main, t.steps)
+        if is_main:
+            where = f"resumed at step {self.step}" if resumed else "from scratch"
+            print(f"chimera: {cfg.model.name} ({CausalLM.num_parameters(self.engine.module):,} parameters), "
+                  f"{self.topo.world_size} process(es) TP={self.topo.tensor} DP={self.dp} "
+                  f"ZeRO-{cfg.parallel.zero_stage}, {where}; unigram baseline "
+                  f"{self.data.unigram_cross_entropy():.3f} nats/token", flush=True)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+        last_saved = self.step if resumed else None
+        val_loss = None
+        while self.step < t.steps:
+            lr = self.engine.get_lr()[0]  # the rate this step uses
+            start = time.perf_counter()
+            loss = self.train_step()
+            elapsed = time.perf_counter() - start
+            row = {"step": self.step, "loss": loss, "lr": lr,
+                   "tokens_per_s": self.tokens_per_step / elapsed, "consumed_samples": self.consumed}
+            if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                row["val_loss"] = val_loss = self.validation_loss()
+            if self.step % t.log_every == 0 or "val_loss" in row or self.step == t.steps:
+                metrics.log(row)
+            every = cfg.checkpoint.every
+            stopping = self._any_rank_stopping() or (t.stop_after is not None and self.step >= t.stop_after)
+            if (every and self.step % every == 0) or self.step == t.steps or stopping:
+                self.save()
+                last_saved = self.step
+            if stopping:
+                break
+        if last_saved != self.step:
+            self.save()
+        metrics.close()
+        return {"step": self.step, "val_loss": val_loss}
+
+
+def train(cfg: RunConfig, run_dir: str | Path) -> dict:
+    return Trainer(cfg, run_dir).run()
