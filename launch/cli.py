@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
         from chimera.launch.local import launch
 
         argv = ["train", args.config, "--run-dir", args.run_dir] + [x for s in args.set for x in ("--set", s)]
-        return launch(world, argv)
+        return launch(world, [sys.executable, "-m", "chimera.launch.cli", *argv])
     from chimera.trainer.loop import train
 
     train(cfg, args.run_dir)

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 
@@ -21,15 +20,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``python -m chimera.launch.cli ARGV`` as ``nproc`` ranks; return the first non-zero exit code."""
+def launch(nproc: int, command: list[str]) -> int:
+    """Run ``command`` as ``nproc`` ranks; return the first non-zero exit code."""
     port = free_port()
     procs = []
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
-        procs.append(subprocess.Popen([sys.executable, "-m", "chimera.launch.cli", *argv], env=env))
+        procs.append(subprocess.Popen(command, env=env))
 
     def forward(signum, frame):  # pass a preemption signal on to every worker
         for p in procs:

@@ -101,12 +101,15 @@ def initialize_parameters(module: torch.nn.Module, seed: int) -> None:
 
 
 @torch.no_grad()
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) fp32 tensors of every parameter, on CPU; a collective over the TP group."""
+def full_state_dict(module: torch.nn.Module, of=lambda p: p) -> dict[str, torch.Tensor]:
+    """Full (unsharded) fp32 tensors of every parameter (or of ``of(param)``, e.g. its gradient), on CPU.
+
+    A collective over the TP group.
+    """
     rank, size = _tp()
     out = {}
     for name, p in module.named_parameters():
-        t = p.detach().float()
+        t = of(p).detach().float()
         dim = split_dim(p)
         if dim is not None and size > 1:
             parts = [torch.empty_like(t) for _ in range(size)]

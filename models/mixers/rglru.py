@@ -45,6 +45,11 @@ def _lambda_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return t.copy_(torch.log(a) - torch.log1p(-a))
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The recurrence runs in fp32 (or wider) even when activations are bf16."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class RGLRU(nn.Module):
     """The gated recurrence of Eqs. (1)-(4) over this rank's heads."""
 
@@ -78,11 +83,11 @@ class RGLRU(nn.Module):
         return a, multiplier * i * u
 
     def forward(self, u: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, w]
-        a, b = self.coefficients(u.float())
+        a, b = self.coefficients(_at_least_fp32(u))
         return linear_scan(a, b, h0).to(u.dtype)  # (4)
 
     def step(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # [b, w] -> new h [b, w]
-        a, b = self.coefficients(u.float())
+        a, b = self.coefficients(_at_least_fp32(u))
         return a * h + b
 
 

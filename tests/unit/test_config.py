@@ -1,0 +1,68 @@
+"""Config validation: presets, overrides, and errors that name the field, the value and what is allowed."""
+
+import pytest
+
+from chimera.configs.loader import apply_overrides, load_model_config, load_run_config, preset_names
+from chimera.configs.schema import validate_layout
+from chimera.errors import UserError
+
+from helpers import REPO
+
+TINY = REPO / "configs/runs/tiny.yaml"
+
+
+def test_every_preset_validates():
+    names = preset_names()
+    for family in ("griffin", "hawk", "local-transformer", "transformer"):
+        for size in ("tiny", "small", "2b"):
+            assert f"{family}-{size}" in names
+    for name in names:
+        assert load_model_config(name).preset == name
+
+
+def test_overrides_reach_nested_fields():
+    cfg = load_run_config(TINY, ["train.lr=0.01", "model.d_model=128", "parallel.zero_stage=2"])
+    assert (cfg.train.lr, cfg.model.d_model, cfg.parallel.zero_stage) == (0.01, 128, 2)
+    assert cfg.model.preset == "griffin-tiny" and cfg.model.pattern == "R-R-L-"
+
+
+def test_pattern_expansion():
+    cfg = load_model_config("griffin-2b")
+    assert len(cfg.layers) == 52 and cfg.layers[:6] == "R-R-L-" and cfg.layers.count("L") == 8
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["train.lrr=0.1"], "train.lrr: unknown field"),
+        (["train.lr=-1"], "train.lr: bad value -1"),
+        (["parallel.zero_stage=5"], "parallel.zero_stage: bad value 5"),
+        (["model.pattern=RXQ"], "unknown layer symbol(s) ['Q', 'X']"),
+        (["train.precision=fp8"], "'fp32' or 'bf16'"),
+        (["model.preset=griffin-huge"], "unknown model preset 'griffin-huge'"),
+    ],
+)
+def test_bad_values_are_named(override, expected):
+    with pytest.raises(UserError) as e:
+        load_run_config(TINY, override)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="not of the form"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_layout_checks():
+    cfg = load_run_config(TINY, ["parallel.tensor=2"])
+    assert validate_layout(cfg, 2) == 1
+    with pytest.raises(UserError, match="does not factor"):
+        validate_layout(cfg, 3)
+    with pytest.raises(UserError, match="does not divide model.num_heads=4"):
+        validate_layout(load_run_config(TINY, ["parallel.tensor=3"]), 3)
+    with pytest.raises(UserError, match="global_batch_size=4 is not a multiple"):
+        validate_layout(load_run_config(TINY, ["train.micro_batch_size=4"]), 2)
+    assert validate_layout(load_run_config(TINY, ["train.micro_batch_size=2"]), 2) == 2
