@@ -64,7 +64,7 @@ def split_dim(param: torch.Tensor) -> int | None:
 
 
 def full_shape(param: torch.Tensor, tp_size: int) -> torch.Size:
-    shape = list(param.shape)
+    shape = list(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the true shape in ds_shape
     dim = split_dim(param)
     if dim is not None:
         shape[dim] *= tp_size

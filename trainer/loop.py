@@ -46,6 +46,7 @@ class Trainer:
         model = CausalLM(cfg.model, TPLayout.current(cfg.parallel.sequence_parallel))
         initialize_parameters(model, t.seed)
         model.activation_checkpointing = t.activation_checkpointing
+        self.num_parameters = model.num_parameters()
         self.engine = build_engine(model.to(self.device), cfg, self.dp)
         self.data = TokenData(cfg.data)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.topo.rank)
@@ -115,7 +116,7 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.model_dump(mode="json"), is_main, t.steps)
         if is_main:
             where = f"resumed at step {self.step}" if resumed else "from scratch"
-            print(f"chimera: {cfg.model.name} ({CausalLM.num_parameters(self.engine.module):,} parameters), "
+            print(f"chimera: {cfg.model.name} ({self.num_parameters:,} parameters), "
                   f"{self.topo.world_size} process(es) TP={self.topo.tensor} DP={self.dp} "
                   f"ZeRO-{cfg.parallel.zero_stage}, {where}; unigram baseline "
                   f"{self.data.unigram_cross_entropy():.3f} nats/token", flush=True)
