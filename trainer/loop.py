@@ -146,6 +146,11 @@ class Trainer:
         if last_saved != self.step:
             self.save()
         metrics.close()
+        if is_main and val_loss is not None:
+            unigram = self.data.unigram_cross_entropy()
+            print(f"chimera: step {self.step}: validation loss {val_loss:.3f} nats/token vs unigram baseline "
+                  f"{unigram:.3f} ({100 * (1 - val_loss / unigram):.0f}% lower); checkpoint in "
+                  f"{self.run_dir / 'checkpoints'}", flush=True)
         return {"step": self.step, "val_loss": val_loss}
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from chimera.configs.schema import LoggingConfig
@@ -38,7 +39,7 @@ class MetricsLogger:
         import wandb
 
         id_file = run_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         return wandb.init(project=self.cfg.project, dir=str(run_dir), mode=self.cfg.wandb, id=run_id,
                           resume="allow", config=run_config)
