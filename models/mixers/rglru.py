@@ -71,13 +71,13 @@ class RGLRU(nn.Module):
 
     def _blockdiag(self, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         uh = u.unflatten(-1, (self.heads_local, self.block))
-        return (torch.einsum("...hi,hij->...hj", uh, w) + b).flatten(-2)
+        return (torch.einsum("...hi,hij->...hj", uh, w.to(u.dtype)) + b.to(u.dtype)).flatten(-2)
 
     def coefficients(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a_t, sqrt(1 - a_t^2) * i_t * u_t)``: the recurrence is then ``h_t = a_t h_{t-1} + b_t``."""
         r = torch.sigmoid(self._blockdiag(u, self.gate_a_weight, self.gate_a_bias))  # (1)
         i = torch.sigmoid(self._blockdiag(u, self.gate_x_weight, self.gate_x_bias))  # (2)
-        log_a = -GATE_C * r * F.softplus(-self.a_param)  # (3): log a_t = c r_t log sigma(Lambda)
+        log_a = -GATE_C * r * F.softplus(-self.a_param.to(u.dtype))  # (3): log a_t = c r_t log sigma(Lambda)
         a = torch.exp(log_a)
         multiplier = torch.sqrt(-torch.expm1(2 * log_a))  # sqrt(1 - a_t^2), accurate near a_t = 1
         return a, multiplier * i * u

@@ -35,6 +35,7 @@ def reference(tmp_path_factory):
     ids=["tp2", "dp2-zero1", "dp2-zero2", "dp2-zero3"],
 )
 def test_two_process_layout_matches_single_process(reference, tmp_path, layout):
+    """The layouts the foundation issue names: TP=2, and DP=2 under each ZeRO stage."""
     proc = run_chimera("train", TINY, "--run-dir", tmp_path, "--nproc", 2, *COMMON, *layout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = losses(tmp_path)
@@ -42,3 +43,23 @@ def test_two_process_layout_matches_single_process(reference, tmp_path, layout):
     for step, (a, b) in enumerate(zip(got, reference), start=1):
         assert abs(a - b) <= 2e-5 * abs(b), f"step {step}: {a} vs single-process {b}"
     assert reference[2] < reference[0]  # it is training, not standing still
+
+
+def test_accumulation_and_activation_checkpointing_match(reference, tmp_path):
+    """One process, 2 micro-batches of 2 accumulated, blocks recomputed in backward: same losses."""
+    proc = run_chimera("train", TINY, "--run-dir", tmp_path, *COMMON, "--set", "train.micro_batch_size=2",
+                       "--set", "train.activation_checkpointing=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(losses(tmp_path), reference):
+        assert abs(a - b) <= 2e-5 * abs(b)
+
+
+def test_bf16_tracks_fp32(reference, tmp_path):
+    """bf16 mixed precision (DeepSpeed's bf16 optimizer, fp32 master weights): within bf16 rounding of fp32."""
+    proc = run_chimera("train", TINY, "--run-dir", tmp_path, *COMMON, "--set", "train.micro_batch_size=4",
+                       "--set", "train.precision=bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = losses(tmp_path)
+    for a, b in zip(got, reference):
+        assert abs(a - b) <= 2e-2 * abs(b), (got, reference)
+    assert got != reference  # it really ran in bf16
