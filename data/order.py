@@ -12,8 +12,6 @@ never which samples a step reads.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 
@@ -22,12 +20,15 @@ class GlobalOrder:
         if num_samples <= 0:
             raise ValueError("dataset has no samples")
         self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self._cached: tuple[int, np.ndarray] | None = None  # the last epoch's permutation
 
-    @lru_cache(maxsize=2)
     def _permutation(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_samples)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        if self._cached is None or self._cached[0] != epoch:
+            perm = np.arange(self.num_samples)
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._cached = (epoch, perm)
+        return self._cached[1]
 
     def samples(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)

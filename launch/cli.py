@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train (or resume) a run")
     t.add_argument("config", help="YAML run file (see configs/runs/)")
-    t.add_argument("--run-dir", required=True, help="where checkpoints and metrics go; resumes if it holds a checkpoint")
+    t.add_argument("--run-dir", required=True,
+                   help="where checkpoints and metrics go; resumes if it holds a checkpoint")
     t.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="override a config field")
     t.add_argument("--nproc", type=int, default=1, help="local worker processes")
     t.set_defaults(func=cmd_train)

@@ -38,9 +38,10 @@ class TPLayout:
     sequence_parallel: bool = False
 
     @classmethod
-    def current(cls, sequence_parallel: bool = False) -> "TPLayout":
+    def current(cls, sequence_parallel: bool = False) -> TPLayout:
         size = ps.get_tensor_model_parallel_world_size()
-        return cls(size=size, rank=ps.get_tensor_model_parallel_rank(), sequence_parallel=sequence_parallel and size > 1)
+        rank = ps.get_tensor_model_parallel_rank()
+        return cls(size=size, rank=rank, sequence_parallel=sequence_parallel and size > 1)
 
     def local(self, n: int, what: str = "size") -> int:
         if n % self.size:

@@ -14,7 +14,7 @@ its gradient is partial on each TP rank. Everything layout-related reads these d
 from __future__ import annotations
 
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -79,7 +79,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UserError(f"{str(path)!r} does not exist; pass a run directory or a checkpoint directory")
     found = latest_checkpoint(path)
     if found is None:
-        raise UserError(f"{str(path)!r} holds no checkpoint (no {CHECKPOINTS}/{LATEST}); train first or pass a checkpoint")
+        raise UserError(
+            f"{str(path)!r} holds no checkpoint (no {CHECKPOINTS}/{LATEST}); train first or pass a checkpoint"
+        )
     return found
 
 
@@ -89,7 +91,9 @@ def verify(path: Path) -> dict:
         manifest = json.loads((path / MANIFEST).read_text())
         state = json.loads((path / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"checkpoint {path} is unreadable ({e}); delete it and its `latest` entry to resume from an older one")
+        raise UserError(
+            f"checkpoint {path} is unreadable ({e}); delete it and its `latest` entry to resume from an older one"
+        ) from None
     for rel, meta in manifest["files"].items():
         f = path / rel
         if not f.is_file() or f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:

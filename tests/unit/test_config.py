@@ -5,7 +5,6 @@ import pytest
 from chimera.configs.loader import apply_overrides, load_model_config, load_run_config, preset_names
 from chimera.configs.schema import validate_layout
 from chimera.errors import UserError
-
 from helpers import REPO
 
 TINY = REPO / "configs/runs/tiny.yaml"
