@@ -125,7 +125,8 @@ class Trainer:
 
         last_saved = self.step if resumed else None
         val_loss = None
-        while self.step < t.steps:
+        target = min(t.steps, t.stop_after) if t.stop_after else t.steps  # stop_after: end early, resumable
+        while self.step < target:
             lr = self.engine.get_lr()[0]  # the rate this step uses
             start = time.perf_counter()
             loss = self.train_step()
@@ -136,12 +137,12 @@ class Trainer:
                 row["val_loss"] = val_loss = self.validation_loss()
             if self.step % t.log_every == 0 or "val_loss" in row or self.step == t.steps:
                 metrics.log(row)
+            preempted = self._any_rank_stopping()
             every = cfg.checkpoint.every
-            stopping = self._any_rank_stopping() or (t.stop_after is not None and self.step >= t.stop_after)
-            if (every and self.step % every == 0) or self.step == t.steps or stopping:
+            if (every and self.step % every == 0) or self.step == target or preempted:
                 self.save()
                 last_saved = self.step
-            if stopping:
+            if preempted:
                 break
         if last_saved != self.step:
             self.save()

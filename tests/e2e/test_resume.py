@@ -36,3 +36,34 @@ def test_interrupted_run_continues_exactly(tmp_path, nproc, extra):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
     # keep=2: only the newest two checkpoints remain
     assert sorted(p.name for p in (cut / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
+
+
+def test_preemption_signal_checkpoints_and_the_rerun_resumes(tmp_path):
+    """SIGTERM to the launcher: every rank finishes its step, one checkpoint is written, exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["train", TINY, "--run-dir", tmp_path, "--nproc", 2, "--set", "train.micro_batch_size=2",
+            "--set", "train.steps=100000", "--set", "checkpoint.every=0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen([sys.executable, "-m", "chimera.launch.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    steps = [r["step"] for r in read_metrics(tmp_path)]
+    saved = json.loads((tmp_path / "checkpoints" / (tmp_path / "checkpoints/latest").read_text()
+                        / "trainer_state.json").read_text())
+    assert saved["step"] == steps[-1] >= 3 and saved["consumed"] == 4 * saved["step"]
+
+    rerun = run_chimera(*args[:-4], "--set", "train.micro_batch_size=2", "--set", f"train.steps={steps[-1] + 1}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed at step {steps[-1]}" in rerun.stdout
+    assert [r["step"] for r in read_metrics(tmp_path)] == steps + [steps[-1] + 1]
