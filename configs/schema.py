@@ -7,7 +7,7 @@ in ``validate_layout``, which runs before any process starts.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -84,13 +84,95 @@ class ModelConfig(Section):
         return self.rnn_heads or self.num_heads
 
 
-class DataConfig(Section):
-    source: Literal["stdlib"] = Field("stdlib", description="built-in corpus: the interpreter's stdlib sources")
-    tokenizer: Literal["bytes"] = "bytes"
-    seq_len: int = Field(256, ge=2)
-    val_fraction: float = Field(0.02, gt=0, lt=0.5)
+class BuiltinSource(Section):
+    """The interpreter's standard-library sources (present on every machine)."""
+
+    type: Literal["builtin"] = "builtin"
+    name: str = "builtin"
+    weight: float = Field(1.0, gt=0)
     include_tests: bool = Field(False, description="include the stdlib's test/ folders")
+
+
+class WebDatasetSource(Section):
+    """Tar shards written by `chimera data prepare --format webdataset`."""
+
+    type: Literal["webdataset"]
+    name: str | None = None
+    path: str = Field(..., description="the prepared dataset directory (or its manifest.json)")
+    urls: str | None = Field(None, description="brace pattern of shard URLs (e.g. pipe:...) in manifest order")
+    weight: float = Field(1.0, gt=0)
+
+
+class ZarrSource(Section):
+    """A token store written by `chimera data prepare --format zarr`."""
+
+    type: Literal["zarr"]
+    name: str | None = None
+    path: str
+    weight: float = Field(1.0, gt=0)
+
+
+class SyntheticSource(Section):
+    """A generated task (chimera.data.synthetic): MQAR or a Chomsky-hierarchy task."""
+
+    type: Literal["synthetic"]
+    name: str | None = None
+    task: str
+    options: dict = Field(default_factory=dict, description="the task's constructor arguments")
+    weight: float = Field(1.0, gt=0)
+
+
+Source = Annotated[BuiltinSource | WebDatasetSource | ZarrSource | SyntheticSource, Field(discriminator="type")]
+
+
+class Ramp(Section):
+    start: int = Field(..., ge=2)
+    end: int = Field(..., ge=2)
+    steps: int = Field(..., ge=1)
+
+
+class Curriculum(Section):
+    stages: list[tuple[int, int]] | None = Field(None, description="[[from_step, seq_len], ...] from step 0")
+    ramp: Ramp | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.stages is None) == (self.ramp is None):
+            raise ValueError("give exactly one of stages or ramp")
+        if self.stages is not None:
+            starts = [s for s, _ in self.stages]
+            if not self.stages or starts[0] != 0 or starts != sorted(set(starts)):
+                raise ValueError(f"stages must start at step 0 with increasing steps, got {self.stages}")
+        if self.ramp is not None and self.ramp.end < self.ramp.start:
+            raise ValueError(f"ramp end {self.ramp.end} is below its start {self.ramp.start}")
+        return self
+
+
+class DataConfig(Section):
+    sources: list[Source] = Field(default_factory=lambda: [BuiltinSource()], min_length=1)
+    tokenizer: str = Field("bytes", description="tokenizer of the built-in source: bytes, dna or a tokenizer.json")
+    seq_len: int = Field(256, ge=2, description="sequence length (with a curriculum: sets the tokens per step)")
+    packing: Literal["concat", "boundaries"] = Field(
+        "concat", description="concat: documents run into each other; boundaries: attention and state reset"
+    )
+    curriculum: Curriculum | None = None
+    val_fraction: float = Field(0.02, gt=0, lt=0.5)
     seed: int = 1234
+    log_samples: bool = Field(False, description="write RUN_DIR/samples.jsonl: the global sample ids of each step")
+    on_error: Literal["fail", "skip"] = Field("fail", description="bad shards/chunks: stop, or skip and count")
+    verify_checksums: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [s.name or f"{s.type}{i}" for i, s in enumerate(self.sources)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        if self.curriculum is not None and any(s.type == "synthetic" for s in self.sources):
+            raise ValueError("synthetic sources have a fixed length; they cannot follow a curriculum")
+        return self
+
+    def source_names(self) -> list[str]:
+        return [s.name or (s.type if len(self.sources) == 1 else f"{s.type}{i}") for i, s in enumerate(self.sources)]
 
 
 class TrainConfig(Section):
@@ -187,6 +269,15 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
             f"parallel.tensor={tp} and model.num_kv_heads={m.num_kv_heads}: one must divide the other"
         )
     t = cfg.train
+    tokens_per_micro = t.micro_batch_size * cfg.data.seq_len
+    from chimera.data.curriculum import SeqLenSchedule
+
+    for length in SeqLenSchedule(tokens_per_micro, cfg.data.seq_len, cfg.data.curriculum).lengths():
+        if tokens_per_micro % length:
+            raise UserError(
+                f"data.curriculum length {length} does not divide the tokens per micro-batch "
+                f"(train.micro_batch_size x data.seq_len = {tokens_per_micro}); choose lengths that divide it"
+            )
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise UserError(

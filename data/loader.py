@@ -1,54 +1,214 @@
-"""The training data path of a run: source -> token streams -> packed samples -> global order -> batches.
+"""The data path of a run: sources -> token streams -> mixture -> curriculum -> this rank's micro-batches.
 
-``TokenData.train_batch`` is a pure function of (config, loader state, rank): the loader state is
-the number of global samples consumed, saved in every checkpoint.
+The loader's state is a few integers, saved in every checkpoint:
+``{"sequences": global sequences consumed, "cursors": {source: tokens consumed}}``.
+A step's batch is a pure function of (config, state, step), so a resumed run continues with the
+next global sample, whatever the number of data-parallel ranks.
+
+Step layout: the step's ``G`` sequences (``G = tokens per step / L``) are numbered ``n .. n + G - 1``
+in the run; sequence ``n`` comes from the source drawn from ``(seed, n)`` with the configured
+weights, and takes the next ``L + 1``-token window of that source's stream. The ``G`` sequences are
+laid out as ``[accumulation micro-step][data rank][row]``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from chimera.configs.schema import DataConfig
-from chimera.data.builtin import stdlib_token_streams
-from chimera.data.order import GlobalOrder, micro_batch_positions
-from chimera.data.packing import PackedSequences
-from chimera.data.tokenizers import get_tokenizer
+from chimera.data.curriculum import SeqLenSchedule
+from chimera.data.readers import BadData
+from chimera.data.stream import TokenStream
 from chimera.errors import UserError
 
+IGNORE_INDEX = -100
 
-class TokenData:
-    def __init__(self, cfg: DataConfig):
+
+def build_source(spec, name: str, cfg: DataConfig, bad: BadData):
+    from chimera.data import sources
+    from chimera.data.tokenizers import get_tokenizer
+
+    if spec.type == "builtin":
+        return sources.BuiltinSource(get_tokenizer(cfg.tokenizer), spec.include_tests, name)
+    if spec.type == "webdataset":
+        return sources.WebDatasetSource(spec.path, name, bad, cfg.verify_checksums, spec.urls)
+    if spec.type == "zarr":
+        return sources.ZarrSource(spec.path, name, bad, cfg.verify_checksums)
+    raise ValueError(spec.type)
+
+
+class TextStreams:
+    """A document source's train and validation streams."""
+
+    kind = "text"
+
+    def __init__(self, source, cfg: DataConfig):
+        self.source, self.name = source, source.name
+        train_groups, val_ids = source.split_ids(cfg.val_fraction)
+        self.train = TokenStream(source, train_groups, cfg.seed)
+        if len(val_ids) == 0:  # tiny datasets: validate on the first training group
+            val_ids = train_groups[0]
+        self.validation = TokenStream(source, [val_ids], cfg.seed, shuffle=False)
+        self.vocab_size = source.vocab_size
+
+    def sequence(self, stream: TokenStream, start: int, length: int, boundaries: bool) -> dict:
+        w = stream.window(start, length + 1)
+        out = {"input_ids": w.tokens[:-1], "labels": w.tokens[1:]}
+        if boundaries:
+            out["segment_ids"] = w.segments()[:-1]
+            out["position_ids"] = w.offsets[:-1]
+        return out
+
+
+class SyntheticStreams:
+    """A generated task: sequence ``i`` is ``sample_at(task, seed, i)``; validation draws the test lengths."""
+
+    kind = "synthetic"
+
+    def __init__(self, spec, name: str, cfg: DataConfig):
+        from chimera.data.synthetic import ChomskyTask, make_task
+
+        self.name = name
+        options = {"seq_len": cfg.seq_len, **spec.options}
+        try:
+            self.task = make_task(spec.task, **options)
+            # validation: the Chomsky tasks' test lengths (length generalisation); MQAR: unseen samples
+            # (its sequences are as long as the longest test instance needs, not data.seq_len)
+            self.test_task = make_task(spec.task, **{**spec.options, "split": "test"}) \
+                if isinstance(self.task, ChomskyTask) else self.task
+        except (TypeError, ValueError) as e:
+            raise UserError(f"data.sources[{name}] ({spec.task}): {e}") from None
+        self.vocab_size = self.task.vocab_size
+        self.seed = cfg.seed
+
+    def sample(self, task, index: int) -> dict:
+        from chimera.data.synthetic import sample_at
+
+        inputs, labels = sample_at(task, self.seed, index)
+        return {"input_ids": inputs, "labels": labels}
+
+
+@dataclass
+class StepPlan:
+    step: int
+    seq_len: int
+    rows: int  # sequences per micro-batch
+    sources: np.ndarray  # [G] source index of each of the step's sequences
+    starts: np.ndarray  # [G] cursor (text: token offset, synthetic: sample index) of each sequence
+    next_state: dict
+    log: dict = field(default_factory=dict)
+
+
+class DataPipeline:
+    def __init__(self, cfg: DataConfig, micro_batch_size: int, global_batch_size: int):
         self.cfg = cfg
-        self.tokenizer = get_tokenizer(cfg.tokenizer)
-        streams = stdlib_token_streams(self.tokenizer, cfg.val_fraction, cfg.include_tests)
-        self.streams = streams
-        self.train = PackedSequences(streams["train"], cfg.seq_len)
-        self.validation = PackedSequences(streams["validation"], cfg.seq_len)
-        if len(self.train) == 0 or len(self.validation) == 0:
-            raise UserError(
-                f"data.seq_len={cfg.seq_len} leaves no training or validation samples "
-                f"({len(streams['train'])} / {len(streams['validation'])} tokens); lower it or raise data.val_fraction"
-            )
-        self.order = GlobalOrder(len(self.train), cfg.seed)
+        self.bad = BadData(cfg.on_error)
+        names = cfg.source_names()
+        self.streams = []
+        for spec, name in zip(cfg.sources, names):
+            if spec.type == "synthetic":
+                self.streams.append(SyntheticStreams(spec, name, cfg))
+            else:
+                self.streams.append(TextStreams(build_source(spec, name, cfg, self.bad), cfg))
+        self.names = names
+        weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
+        self.cum_weights = np.cumsum(weights / weights.sum())
+        self.schedule = SeqLenSchedule(micro_batch_size * cfg.seq_len, cfg.seq_len, cfg.curriculum)
+        self.tokens_per_step = global_batch_size * cfg.seq_len
+        self.vocab_size = max(s.vocab_size for s in self.streams)
+        self._check_tokenizers()
 
-    def train_batch(self, consumed: int, micro_step: int, data_rank: int, data_size: int, micro_batch: int):
-        positions = micro_batch_positions(consumed, micro_step, data_rank, data_size, micro_batch)
-        return self._tensors(self.train, self.order.samples(positions))
+    def _check_tokenizers(self) -> None:
+        """Prepared sources carry their tokenizer's identity; it must be the run's ``data.tokenizer``."""
+        from chimera.data.tokenizers import get_tokenizer
 
-    def validation_batches(self, num_batches: int, data_rank: int, data_size: int, micro_batch: int):
-        """The first ``num_batches x data_size x micro_batch`` validation samples (wrapping), this rank's share."""
-        for k in range(num_batches):
-            start = (k * data_size + data_rank) * micro_batch
-            yield self._tensors(self.validation, np.arange(start, start + micro_batch) % len(self.validation))
+        ours = get_tokenizer(self.cfg.tokenizer).identity()
+        for s in self.streams:
+            theirs = getattr(getattr(s, "source", None), "tokenizer_identity", None)
+            if theirs is not None and theirs != ours:
+                raise UserError(f"source {s.name!r} was prepared with tokenizer {theirs['name']!r} "
+                                f"but data.tokenizer is {self.cfg.tokenizer!r} ({ours['name']!r}); set data.tokenizer "
+                                "to the tokenizer the data was prepared with")
 
-    @staticmethod
-    def _tensors(packed: PackedSequences, indices):
-        inputs, labels = packed.batch(indices)
-        return torch.from_numpy(inputs), torch.from_numpy(labels)
+    def initial_state(self) -> dict:
+        return {"sequences": 0, "cursors": {n: 0 for n in self.names}}
 
-    def unigram_cross_entropy(self) -> float:
-        """Validation loss (nats/token) of the best context-free model: token frequencies of the train split."""
-        counts = np.bincount(self.streams["train"], minlength=self.tokenizer.vocab_size).astype(np.float64) + 1
+    def excluded_documents(self) -> dict:
+        return {s.name: s.source.excluded for s in self.streams if s.kind == "text" and s.source.excluded}
+
+    def _choose(self, n: int) -> int:
+        if len(self.streams) == 1:
+            return 0
+        u = np.random.default_rng([self.cfg.seed, 0x5EED, n]).random()
+        return int(np.searchsorted(self.cum_weights, u, side="right"))
+
+    def plan(self, step: int, state: dict) -> StepPlan:
+        """Which sequences the step after ``step`` completed steps reads; the state after it."""
+        seq_len = self.schedule.at(step)
+        count = self.tokens_per_step // seq_len
+        n0 = state["sequences"]
+        chosen = np.array([self._choose(n0 + j) for j in range(count)], dtype=np.int64)
+        cursors = dict(state["cursors"])
+        starts = np.empty(count, dtype=np.int64)
+        log = {"seq_len": seq_len, "source_sequences": {}, "samples": {}}
+        for i, stream in enumerate(self.streams):
+            mine = np.flatnonzero(chosen == i)
+            step_size = seq_len if stream.kind == "text" else 1
+            begin = cursors[stream.name]
+            starts[mine] = begin + step_size * np.arange(len(mine))
+            cursors[stream.name] = begin + step_size * len(mine)
+            if len(mine):
+                log["source_sequences"][stream.name] = int(len(mine))
+                if stream.kind == "text":
+                    log["samples"][stream.name] = stream.train.started_samples(begin, cursors[stream.name])
+                else:
+                    log["samples"][stream.name] = list(range(begin, cursors[stream.name]))
+        next_state = {"sequences": n0 + count, "cursors": cursors}
+        return StepPlan(step, seq_len, self.schedule.rows(step), chosen, starts, next_state, log)
+
+    def micro_batches(self, plan: StepPlan, data_rank: int, data_size: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the step, each ``{input_ids, labels[, segment_ids, position_ids]}``."""
+        per_micro = plan.rows * data_size
+        boundaries = self.cfg.packing == "boundaries"
+        batches = []
+        for m in range(len(plan.sources) // per_micro):
+            rows = []
+            for j in range(m * per_micro + data_rank * plan.rows, m * per_micro + (data_rank + 1) * plan.rows):
+                stream = self.streams[plan.sources[j]]
+                if stream.kind == "text":
+                    rows.append(stream.sequence(stream.train, int(plan.starts[j]), plan.seq_len, boundaries))
+                else:
+                    rows.append(stream.sample(stream.task, int(plan.starts[j])))
+            batches.append(_collate(rows))
+        return batches
+
+    def validation_batches(self, source: int, num_batches: int, data_rank: int, data_size: int, rows: int):
+        """The first ``num_batches x data_size x rows`` validation sequences of one source, this rank's share."""
+        stream, length = self.streams[source], self.cfg.seq_len
+        boundaries = self.cfg.packing == "boundaries"
+        for b in range(num_batches):
+            first = (b * data_size + data_rank) * rows
+            if stream.kind == "text":
+                seqs = [stream.sequence(stream.validation, (first + i) * length, length, boundaries)
+                        for i in range(rows)]
+            else:
+                seqs = [stream.sample(stream.test_task, 1_000_000_000 + first + i) for i in range(rows)]
+            yield _collate(seqs)
+
+    def unigram_cross_entropy(self) -> float | None:
+        """Validation loss of the best context-free model of the first text source (nats/token)."""
+        text = [s for s in self.streams if s.kind == "text"]
+        if not text:
+            return None
+        s = text[0]
+        sample = lambda stream: stream.window(0, min(stream.epoch_tokens, 2_000_000)).tokens  # noqa: E731
+        counts = np.bincount(sample(s.train), minlength=s.vocab_size).astype(np.float64) + 1
         logp = np.log(counts / counts.sum())
-        return float(-logp[self.streams["validation"]].mean())
+        return float(-logp[sample(s.validation)].mean())
+
+
+def _collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.stack([r[k] for r in rows]).astype(np.int64)) for k in rows[0]}

@@ -3,6 +3,8 @@
     chimera train CONFIG --run-dir DIR [--set a.b=c ...] [--nproc N]
     chimera models
     chimera generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P]
+    chimera data prepare INPUT... --tokenizer T --format {webdataset,zarr} --out DIR
+    chimera data train-tokenizer INPUT... --vocab-size N --out tokenizer.json
 
 User errors print one line and exit with code 2. Heavy imports (megatron-core, DeepSpeed) happen
 only after the input has been validated.
@@ -47,7 +49,10 @@ def cmd_train(args) -> int:
         raise UserError(f"--run-dir {args.run_dir!r} exists and is not a directory")
     latest_checkpoint(args.run_dir)  # a broken checkpoint pointer fails here, before any process starts
     if world > 1 and not in_worker:
+        from chimera.data.loader import DataPipeline
         from chimera.launch.local import launch
+
+        DataPipeline(cfg.data, cfg.train.micro_batch_size, cfg.train.global_batch_size)  # bad data: fail here, once
 
         argv = ["train", args.config, "--run-dir", args.run_dir] + [x for s in args.set for x in ("--set", s)]
         return launch(world, [sys.executable, "-m", "chimera.launch.cli", *argv])
@@ -103,6 +108,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from chimera.data.prepare import prepare
+
+    if args.shard_mb <= 0 or args.chunk_tokens < 1:
+        raise UserError("--shard-mb and --chunk-tokens must be positive")
+    prepare(args.inputs, args.tokenizer, args.format, args.out, on_error=args.on_error, text_field=args.text_field,
+            shard_mb=args.shard_mb, chunk_tokens=args.chunk_tokens, progress=not args.quiet)
+    return 0
+
+
+def cmd_data_train_tokenizer(args) -> int:
+    from chimera.data.prepare import train_tokenizer
+
+    train_tokenizer(args.inputs, args.vocab_size, args.out, args.text_field)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="chimera", description="Distributed pretraining for hybrid sequence models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -127,6 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+    d = sub.add_parser("data", help="prepare datasets and tokenizers")
+    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    dp = dsub.add_parser("prepare", help="tokenize text / JSONL(.gz) / FASTA(.gz) into shards or a zarr store")
+    dp.add_argument("inputs", nargs="+", help="files or directories")
+    dp.add_argument("--tokenizer", required=True, help="bytes, dna, or the path of a tokenizer.json")
+    dp.add_argument("--format", required=True, choices=["webdataset", "zarr"])
+    dp.add_argument("--out", required=True, help="new directory for the dataset")
+    dp.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="bad input: stop, or skip and count")
+    dp.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    dp.add_argument("--shard-mb", type=float, default=256.0, help="webdataset: maximum shard size")
+    dp.add_argument("--chunk-tokens", type=int, default=1 << 20, help="zarr: tokens per chunk")
+    dp.add_argument("--quiet", action="store_true", help="no progress bar")
+    dp.set_defaults(func=cmd_data_prepare)
+    dt = dsub.add_parser("train-tokenizer", help="train a byte-level BPE on the inputs")
+    dt.add_argument("inputs", nargs="+")
+    dt.add_argument("--vocab-size", type=int, required=True)
+    dt.add_argument("--out", required=True, help="path of the tokenizer.json to write")
+    dt.add_argument("--text-field", default="text")
+    dt.set_defaults(func=cmd_data_train_tokenizer)
     return p
 
 

@@ -45,8 +45,8 @@ class Sublayer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=tp.sequence_parallel)
         self.mixer = build_mixer(symbol, cfg, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mixer(enter_tensor_parallel(self.norm(x), self.sequence_parallel))
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
+        return x + self.mixer(enter_tensor_parallel(self.norm(x), self.sequence_parallel), docs)
 
     def init_state(self, batch: int, max_len: int):
         return self.mixer.init_state(batch, max_len)

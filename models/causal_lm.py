@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from chimera.configs.schema import ModelConfig
 from chimera.models.blocks import Sublayer
+from chimera.models.documents import PackedDocuments
 from chimera.models.norms import RMSNorm
 from chimera.parallel.layers import (
     ColumnParallel,
@@ -52,15 +53,19 @@ class CausalLM(nn.Module):
             return torch.matmul(h, self.embed.weight.t())
         return self.head(h)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``segment_ids`` / ``position_ids`` ``[b, s]`` (optional): several documents packed per sequence,
+        kept apart (see ``chimera.models.documents``)."""
+        docs = None if segment_ids is None else PackedDocuments.from_batch(segment_ids, position_ids)
         x = self.embed(input_ids).transpose(0, 1).contiguous()  # [b, s, d] -> [s, b, d]
         if self.tp.sequence_parallel:
             x = scatter_sequence(x)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = checkpoint(layer, x, docs, use_reentrant=False)
             else:
-                x = layer(x)
+                x = layer(x, docs)
         logits = self._logits_local(x, self.tp.sequence_parallel)  # [s, b, V / tp]
         if labels is None:
             return gather_vocab(logits).transpose(0, 1)  # [b, s, V]

@@ -25,10 +25,22 @@ class CausalConv1d(nn.Module):
         )
         self.bias = declare(nn.Parameter(torch.empty(channels_local)), init=zeros, split_dim=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, c] -> [s, b, c]
+    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [s, b, c] -> [s, b, c]``; with ``segment_ids [s, b]`` no tap reaches into another document."""
+        if segment_ids is not None:
+            return self._forward_within_segments(x, segment_ids)
         xc = x.permute(1, 2, 0)  # [b, c, s]
         y = F.conv1d(F.pad(xc, (self.kernel - 1, 0)), self.weight.unsqueeze(1), self.bias, groups=xc.shape[1])
         return y.permute(2, 0, 1)
+
+    def _forward_within_segments(self, x: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        """The definition as a sum over lags ``j``: ``w[:, k-1-j] * x_{t-j}``, kept only if same document."""
+        y = self.bias.expand_as(x).clone()
+        for j in range(self.kernel):
+            shifted = F.pad(x, (0, 0, 0, 0, j, 0))[: x.shape[0]]
+            same = F.pad(segment_ids, (0, 0, j, 0), value=-1)[: x.shape[0]] == segment_ids
+            y = y + shifted * same.unsqueeze(-1) * self.weight[:, self.kernel - 1 - j]
+        return y
 
     def init_state(self, batch: int, device=None, dtype=None) -> torch.Tensor:
         return torch.zeros(batch, self.weight.shape[0], self.kernel - 1, device=device, dtype=dtype)

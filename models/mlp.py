@@ -19,7 +19,7 @@ class GatedMLP(nn.Module):
         self.up = ColumnParallel(d_model, hidden, init=normal(init_std))
         self.down = RowParallel(hidden, d_model, init=normal(out_std), sequence_parallel=sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d], per position
         return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
 
     def init_state(self, batch: int, max_len: int):

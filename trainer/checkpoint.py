@@ -4,7 +4,7 @@ A checkpoint is one directory ``RUN_DIR/checkpoints/step_XXXXXXXX/`` holding
 
 * DeepSpeed's model/optimizer/scheduler shards (layout-specific: used to resume training),
 * ``model.pt``: the full fp32 weights (layout-free: inference, export, other layouts),
-* ``trainer_state.json``: step, data cursor (global samples consumed), the parallel layout,
+* ``trainer_state.json``: step, the data loader's state (a few cursors), the parallel layout,
 * ``config.yaml``: the resolved run config, ``rng/rank_*.pt``: every rank's RNG states,
 * ``MANIFEST.json``: size and sha256 of every file.
 
@@ -151,10 +151,10 @@ class Checkpointer:
 
     def load(self, engine, path: Path, layout: dict) -> dict:
         state = verify(path) if self.rank == 0 else json.loads((path / STATE).read_text())
-        if state["layout"] != layout:
+        if not _compatible(state["layout"], layout):
             raise UserError(
                 f"checkpoint {path.name} was written with layout {state['layout']} but this run has {layout}; "
-                f"resume with the same parallel settings and process count"
+                f"resume with the same parallel settings (the data-parallel size may change under ZeRO-0)"
             )
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
         if load_path is None:
@@ -163,6 +163,14 @@ class Checkpointer:
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
         return state
+
+
+def _compatible(saved: dict, current: dict) -> bool:
+    """Same layout; or, under ZeRO-0 (optimizer state not partitioned), any data-parallel size."""
+    if saved == current:
+        return True
+    ignore = {"data"} if saved["zero_stage"] == current["zero_stage"] == 0 else set()
+    return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in current.items() if k not in ignore}
 
 
 def _rng_state() -> dict:

@@ -6,6 +6,7 @@ It knows no architecture: the model is built from the config's layer pattern by
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ import yaml
 from megatron.core import parallel_state as ps
 
 from chimera.configs.schema import RunConfig, validate_layout
-from chimera.data.loader import TokenData
+from chimera.data.loader import DataPipeline
+from chimera.errors import UserError
 from chimera.models.causal_lm import CausalLM
 from chimera.parallel import topology
 from chimera.parallel.layers import TPLayout
@@ -41,6 +43,10 @@ class Trainer:
         t = cfg.train
         self.accumulation = t.global_batch_size // (t.micro_batch_size * self.dp)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self.data = DataPipeline(cfg.data, t.micro_batch_size, t.global_batch_size)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise UserError(f"the data's tokenizer has {self.data.vocab_size} tokens but model.vocab_size is "
+                            f"{cfg.model.vocab_size}; raise model.vocab_size (a multiple of parallel.tensor)")
 
         torch.manual_seed(t.seed)
         model = CausalLM(cfg.model, TPLayout.current(cfg.parallel.sequence_parallel))
@@ -48,11 +54,10 @@ class Trainer:
         model.activation_checkpointing = t.activation_checkpointing
         self.num_parameters = model.num_parameters()
         self.engine = build_engine(model.to(self.device), cfg, self.dp)
-        self.data = TokenData(cfg.data)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.topo.rank)
         self.layout = {"tensor": self.topo.tensor, "pipeline": self.topo.pipeline, "data": self.dp,
                        "zero_stage": cfg.parallel.zero_stage}
-        self.step, self.consumed = 0, 0
+        self.step, self.data_state = 0, self.data.initial_state()
         self._stop_requested = False
 
     # ---- state ----------------------------------------------------------------------------------
@@ -62,38 +67,51 @@ class Trainer:
         if path is None:
             return False
         state = self.checkpointer.load(self.engine, path, self.layout)
-        self.step, self.consumed = state["step"], state["consumed"]
+        self.step, self.data_state = state["step"], state["data"]
         return True
 
     def save(self) -> Path:
-        state = {"step": self.step, "consumed": self.consumed, "layout": self.layout}
+        state = {"step": self.step, "data": self.data_state, "layout": self.layout}
         return self.checkpointer.save(self.engine, lambda: gathered_full_state_dict(self.engine), self.cfg, state)
 
     # ---- steps ----------------------------------------------------------------------------------
 
-    def train_step(self) -> float:
-        t = self.cfg.train
+    def train_step(self) -> tuple[float, dict]:
+        """One optimizer step; returns the loss (mean over the global batch) and the data log."""
+        plan = self.data.plan(self.step, self.data_state)
+        batches = self.data.micro_batches(plan, self.topo.data_rank, self.dp)
+        assert len(batches) == self.accumulation, (len(batches), self.accumulation)
         losses = []
-        for micro in range(self.accumulation):
-            inputs, labels = self.data.train_batch(self.consumed, micro, self.topo.data_rank, self.dp,
-                                                   t.micro_batch_size)
-            loss = self.engine(inputs.to(self.device), labels.to(self.device))
+        plan.log["step_tokens"] = sum(b["input_ids"].numel() for b in batches) * self.dp
+        for batch in batches:
+            loss = self.engine(**{k: v.to(self.device) for k, v in batch.items()})
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
-        self.consumed += t.global_batch_size
+        self.data_state = plan.next_state
         self.step += 1
-        return _mean_over_data_parallel(torch.stack(losses).mean())
+        return _mean_over_data_parallel(torch.stack(losses).mean()), plan.log
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
+    def validation_losses(self) -> dict[str, float]:
+        """``val_loss`` (weighted over sources) and ``val_loss/<source>`` when there are several."""
         self.engine.eval()
         t = self.cfg.train
-        losses = [self.engine(x.to(self.device), y.to(self.device)).detach()
-                  for x, y in self.data.validation_batches(t.eval_batches, self.topo.data_rank, self.dp,
-                                                           t.micro_batch_size)]
+        out = {}
+        for i, name in enumerate(self.data.names):
+            batches = self.data.validation_batches(i, t.eval_batches, self.topo.data_rank, self.dp, t.micro_batch_size)
+            losses = [self.engine(**{k: v.to(self.device) for k, v in b.items()}).detach() for b in batches]
+            out[name] = _mean_over_data_parallel(torch.stack(losses).mean())
         self.engine.train()
-        return _mean_over_data_parallel(torch.stack(losses).mean())
+        weights = [s.weight for s in self.cfg.data.sources]
+        row = {"val_loss": sum(w * out[n] for w, n in zip(weights, self.data.names)) / sum(weights)}
+        if len(out) > 1:
+            row.update({f"val_loss/{n}": v for n, v in out.items()})
+        return row
+
+    def _baseline_text(self) -> str:
+        unigram = self.data.unigram_cross_entropy()
+        return "" if unigram is None else f"; unigram baseline {unigram:.3f} nats/token"
 
     def _on_signal(self, signum, frame):
         self._stop_requested = True
@@ -118,8 +136,7 @@ class Trainer:
             where = f"resumed at step {self.step}" if resumed else "from scratch"
             print(f"chimera: {cfg.model.name} ({self.num_parameters:,} parameters), "
                   f"{self.topo.world_size} process(es) TP={self.topo.tensor} DP={self.dp} "
-                  f"ZeRO-{cfg.parallel.zero_stage}, {where}; unigram baseline "
-                  f"{self.data.unigram_cross_entropy():.3f} nats/token", flush=True)
+                  f"ZeRO-{cfg.parallel.zero_stage}, {where}" + self._baseline_text(), flush=True)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -129,12 +146,21 @@ class Trainer:
         while self.step < target:
             lr = self.engine.get_lr()[0]  # the rate this step uses
             start = time.perf_counter()
-            loss = self.train_step()
+            loss, data_log = self.train_step()
             elapsed = time.perf_counter() - start
-            row = {"step": self.step, "loss": loss, "lr": lr,
-                   "tokens_per_s": self.tokens_per_step / elapsed, "consumed_samples": self.consumed}
+            row = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": self.tokens_per_step / elapsed,
+                   "seq_len": data_log["seq_len"], "step_tokens": data_log["step_tokens"],
+                   "consumed_sequences": self.data_state["sequences"]}
+            if len(self.data.names) > 1:
+                row["source_sequences"] = data_log["source_sequences"]
+            if self.data.bad.total:
+                row["bad_data_skipped"] = dict(self.data.bad.counts)
+            if cfg.data.log_samples and is_main:
+                with open(self.run_dir / "samples.jsonl", "a") as f:
+                    f.write(json.dumps({"step": self.step, "samples": data_log["samples"]}) + "\n")
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
-                row["val_loss"] = val_loss = self.validation_loss()
+                row.update(self.validation_losses())
+                val_loss = row["val_loss"]
             if self.step % t.log_every == 0 or "val_loss" in row or self.step == t.steps:
                 metrics.log(row)
             preempted = self._any_rank_stopping()
@@ -147,8 +173,11 @@ class Trainer:
         if last_saved != self.step:
             self.save()
         metrics.close()
-        if is_main and val_loss is not None:
-            unigram = self.data.unigram_cross_entropy()
+        if self.data.bad.total and is_main:
+            print(f"chimera: bad data: {self.data.bad.summary()} ({self.data.excluded_documents()} documents "
+                  f"left out): {'; '.join(self.data.bad.examples)}", flush=True)
+        unigram = self.data.unigram_cross_entropy()
+        if is_main and val_loss is not None and unigram is not None:
             print(f"chimera: step {self.step}: validation loss {val_loss:.3f} nats/token vs unigram baseline "
                   f"{unigram:.3f} ({100 * (1 - val_loss / unigram):.0f}% lower); checkpoint in "
                   f"{self.run_dir / 'checkpoints'}", flush=True)

@@ -28,8 +28,9 @@ from chimera.parallel.sharding import declare, normal
 
 
 def rope_tables(positions: torch.Tensor, rot_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``positions [s]`` (or ``[b, 1, s]``) times the RoPE frequencies: ``[..., s, rot/2]``."""
     inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]  # [s, rot/2]
+    angles = positions.float().unsqueeze(-1) * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -90,10 +91,16 @@ class Attention(nn.Module):
             allowed &= diff < self.window
         return allowed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        """``docs``: packed-document layout; a token then sees only its own document, at in-document positions."""
         pos = torch.arange(x.shape[0], device=x.device)
-        q, k, v = self._project(x, pos)
-        return self.o_proj(self._attend(q, k, v, self.visible(pos, pos)))
+        if docs is None:
+            q, k, v = self._project(x, pos)
+            return self.o_proj(self._attend(q, k, v, self.visible(pos, pos)))
+        q, k, v = self._project(x, docs.position_ids.t().unsqueeze(1))  # positions [b, 1, s]
+        seg = docs.segment_ids.t()  # [b, s]
+        allowed = self.visible(pos, pos) & (seg[:, :, None] == seg[:, None, :])  # [b, s, s]
+        return self.o_proj(self._attend(q, k, v, allowed.unsqueeze(1)))
 
     def init_state(self, batch: int, max_len: int):
         slots = min(self.window, max_len) if self.window is not None else max_len

@@ -82,8 +82,12 @@ class RGLRU(nn.Module):
         multiplier = torch.sqrt(-torch.expm1(2 * log_a))  # sqrt(1 - a_t^2), accurate near a_t = 1
         return a, multiplier * i * u
 
-    def forward(self, u: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, w]
+    def forward(self, u: torch.Tensor, h0: torch.Tensor | None = None,
+                reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, w]
+        """All states; ``reset [s, b]`` marks a document's first token, where ``h_{t-1}`` is dropped."""
         a, b = self.coefficients(_at_least_fp32(u))
+        if reset is not None:
+            a = a.masked_fill(reset.unsqueeze(-1), 0.0)
         return linear_scan(a, b, h0).to(u.dtype)  # (4)
 
     def step(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # [b, w] -> new h [b, w]
@@ -104,9 +108,13 @@ class RecurrentBlock(nn.Module):
         self.rglru = RGLRU(width, heads, tp)
         self.linear_out = RowParallel(width, d_model, init=normal(out_std), sequence_parallel=tp.sequence_parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        """``docs``: packed-document layout (``chimera.models.documents``); state never crosses a boundary."""
         y = F.gelu(self.linear_y(x), approximate="tanh")
-        u = self.rglru(self.conv(self.linear_x(x)))
+        if docs is None:
+            u = self.rglru(self.conv(self.linear_x(x)))
+        else:
+            u = self.rglru(self.conv(self.linear_x(x), docs.segment_ids), reset=docs.starts)
         return self.linear_out(y * u)
 
     def init_state(self, batch: int, max_len: int):

@@ -24,7 +24,7 @@ def test_interrupted_run_continues_exactly(tmp_path, nproc, extra):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_metrics(cut)] == [1, 2, 3]
     state = json.loads((cut / "checkpoints/step_00000003/trainer_state.json").read_text())
-    assert state["step"] == 3 and state["consumed"] == 12
+    assert state["step"] == 3 and state["data"]["sequences"] == 12
 
     proc = run_chimera("train", TINY, "--run-dir", cut, *args)  # the same command again
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,7 +61,7 @@ def test_preemption_signal_checkpoints_and_the_rerun_resumes(tmp_path):
     steps = [r["step"] for r in read_metrics(tmp_path)]
     saved = json.loads((tmp_path / "checkpoints" / (tmp_path / "checkpoints/latest").read_text()
                         / "trainer_state.json").read_text())
-    assert saved["step"] == steps[-1] >= 3 and saved["consumed"] == 4 * saved["step"]
+    assert saved["step"] == steps[-1] >= 3 and saved["data"]["sequences"] == 4 * saved["step"]
 
     rerun = run_chimera(*args[:-4], "--set", "train.micro_batch_size=2", "--set", f"train.steps={steps[-1] + 1}")
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -27,12 +27,12 @@ def trained(tmp_path_factory):
 
 def test_validation_loss_falls_well_below_unigram_baseline(trained, single_process):
     from chimera.configs.schema import DataConfig
-    from chimera.data.loader import TokenData
+    from chimera.data.loader import DataPipeline
 
     run_dir, _ = trained
     rows = read_metrics(run_dir)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
-    unigram = TokenData(DataConfig(seq_len=128)).unigram_cross_entropy()
+    unigram = DataPipeline(DataConfig(seq_len=128), 8, 8).unigram_cross_entropy()
     assert len(val) == 2 and val[1] < val[0]
     assert val[-1] < 0.85 * unigram, (val, unigram)
 
