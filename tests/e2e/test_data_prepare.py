@@ -62,6 +62,19 @@ def test_sources_read_back_every_document(plays, prepared):
             assert np.array_equal(source.read(i), tok.encode(plays[i].read_bytes())), (source.name, i)
 
 
+def test_webdataset_shards_stream_through_pipe_urls(plays, prepared):
+    """Object stores are read through `pipe:` commands; here `cat` stands in for `aws s3 cp ... -`."""
+    _, m = read_manifest(prepared["webdataset"])
+    last = len(m["shards"]) - 1
+    urls = f"pipe:cat {prepared['webdataset']}/shard-{{000000..{last:06d}}}.tar"
+    source = WebDatasetSource(str(prepared["webdataset"]), "piped", BadData(), urls=urls)
+    assert source.urls[0].startswith("pipe:cat ") and len(source.urls) == last + 1
+    for i in (0, len(plays) - 1):
+        assert np.array_equal(source.read(i), ByteTokenizer().encode(plays[i].read_bytes()))
+    with pytest.raises(UserError, match="name 1 shards but the manifest lists"):
+        WebDatasetSource(str(prepared["webdataset"]), "piped", BadData(), urls="pipe:cat x.tar")
+
+
 def test_genome_fasta_with_dna_tokenizer(tmp_path):
     fasta, real = lambda_phage_fasta()
     out = tmp_path / "lambda"
