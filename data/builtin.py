@@ -11,8 +11,6 @@ import sysconfig
 import zlib
 from pathlib import Path
 
-import numpy as np
-
 from chimera.errors import UserError
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -36,13 +34,3 @@ def stdlib_files(include_tests: bool = False) -> list[tuple[str, Path]]:
 
 def in_validation(rel_path: str, val_fraction: float) -> bool:
     return zlib.crc32(rel_path.encode()) % 10_000 < val_fraction * 10_000
-
-
-def stdlib_token_streams(tokenizer, val_fraction: float, include_tests: bool = False) -> dict[str, np.ndarray]:
-    """``{"train": tokens, "validation": tokens}``: documents joined, each followed by a separator."""
-    parts: dict[str, list[np.ndarray]] = {"train": [], "validation": []}
-    sep = np.array([tokenizer.eos_id], dtype=np.uint16)
-    for rel, path in stdlib_files(include_tests):
-        split = "validation" if in_validation(rel, val_fraction) else "train"
-        parts[split] += [tokenizer.encode(path.read_bytes()), sep]
-    return {k: np.concatenate(v) if v else np.zeros(0, np.uint16) for k, v in parts.items()}

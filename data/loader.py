@@ -13,6 +13,7 @@ laid out as ``[accumulation micro-step][data rank][row]``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -198,6 +199,7 @@ class DataPipeline:
                 seqs = [stream.sample(stream.test_task, 1_000_000_000 + first + i) for i in range(rows)]
             yield _collate(seqs)
 
+    @functools.cache  # noqa: B019 (one pipeline per run)
     def unigram_cross_entropy(self) -> float | None:
         """Validation loss of the best context-free model of the first text source (nats/token)."""
         text = [s for s in self.streams if s.kind == "text"]
