@@ -19,6 +19,8 @@ LAYER_SYMBOLS = {
     "L": "local sliding-window attention",
     "*": "global causal attention",
     "-": "gated MLP",
+    "m": "Mamba selective SSM (Mamba-1)",
+    "M": "Mamba-2 SSD",
 }
 
 
@@ -31,26 +33,36 @@ class ModelConfig(Section):
 
     preset: str | None = Field(None, description="preset this model was built from")
     name: str = "custom"
+    family: str | None = Field(None, description="the HF architecture this model corresponds to (for export)")
     pattern: str = Field(..., min_length=1, description="layer pattern, one symbol per sublayer")
     num_layers: int | None = Field(None, ge=1, description="repeat `pattern` cyclically to this many sublayers")
     vocab_size: int = Field(..., ge=2)
     d_model: int = Field(..., ge=1)
-    num_heads: int = Field(..., ge=1)
+    num_heads: int = Field(1, ge=1)
     num_kv_heads: int = Field(1, ge=1)
     head_dim: int | None = Field(None, ge=1)
     window: int = Field(1024, ge=1, description="sliding window of local attention (symbol L)")
     rope_base: float = Field(10000.0, gt=0)
     rope_fraction: float = Field(1.0, gt=0, le=1.0, description="fraction of head dims rotated by RoPE")
-    mlp_hidden: int = Field(..., ge=1, description="width of each branch of the gated MLP")
+    mlp_hidden: int | None = Field(None, ge=1, description="width of each branch of the gated MLP")
     rnn_width: int | None = Field(None, ge=1, description="RG-LRU width (defaults to d_model)")
     rnn_heads: int | None = Field(None, ge=1, description="blocks of the block-diagonal RG-LRU gates")
     conv_kernel: int = Field(4, ge=1)
+    mlp_activation: Literal["gelu_tanh", "silu"] = Field("gelu_tanh", description="gate of the gated MLP")
+    ssm_state: int = Field(16, ge=1, description="Mamba: state size N per channel (Mamba-2: per head)")
+    ssm_expand: int = Field(2, ge=1, description="Mamba: inner width = ssm_expand x d_model")
+    ssm_dt_rank: int | None = Field(None, ge=1, description="Mamba-1: rank of the dt projection (default d/16)")
+    ssm_head_dim: int = Field(64, ge=1, description="Mamba-2: head dimension")
+    ssm_groups: int = Field(1, ge=1, description="Mamba-2: groups sharing B and C")
+    ssm_chunk: int = Field(64, ge=1, description="Mamba-2: chunk length of the SSD reference")
     norm_eps: float = Field(1e-6, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
 
     @model_validator(mode="after")
     def _check(self):
+        if "-" in self.pattern and self.mlp_hidden is None:
+            raise ValueError("the pattern has MLP sublayers ('-'): set mlp_hidden")
         bad = sorted(set(self.pattern) - set(LAYER_SYMBOLS) - {"|"})
         if bad:
             allowed = ", ".join(f"'{k}' ({v})" for k, v in LAYER_SYMBOLS.items())
@@ -253,9 +265,10 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
             f"gives {dp}; set --nproc {par.data * model_parallel} or parallel.data={dp}"
         )
     tp = par.tensor
+    attention = bool(set("L*") & set(m.layers))
     for field, value in (
-        ("model.num_heads", m.num_heads),
-        ("model.mlp_hidden", m.mlp_hidden),
+        ("model.num_heads", m.num_heads if attention else tp),
+        ("model.mlp_hidden", m.mlp_hidden or tp),
         ("model.vocab_size", m.vocab_size),
     ):
         if value % tp:
@@ -264,7 +277,10 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
         for field, value in (("model.rnn_heads", m.lru_heads), ("model.rnn_width", m.lru_width)):
             if value % tp:
                 raise UserError(f"parallel.tensor={tp} does not divide {field}={value}; choose a divisor of {value}")
-    if m.num_kv_heads % tp and tp % m.num_kv_heads:
+    if set("mM") & set(m.layers) and (m.ssm_expand * m.d_model) % tp:
+        raise UserError(f"parallel.tensor={tp} does not divide the Mamba inner width "
+                        f"model.ssm_expand x model.d_model = {m.ssm_expand * m.d_model}")
+    if attention and m.num_kv_heads % tp and tp % m.num_kv_heads:
         raise UserError(
             f"parallel.tensor={tp} and model.num_kv_heads={m.num_kv_heads}: one must divide the other"
         )

@@ -3,6 +3,8 @@
     chimera train CONFIG --run-dir DIR [--set a.b=c ...] [--nproc N]
     chimera models
     chimera generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P]
+    chimera import-hf HF_DIR --out DIR
+    chimera export RUN_DIR_OR_CKPT --format hf --out DIR
     chimera data prepare INPUT... --tokenizer T --format {webdataset,zarr} --out DIR
     chimera data train-tokenizer INPUT... --vocab-size N --out tokenizer.json
 
@@ -125,6 +127,22 @@ def cmd_data_train_tokenizer(args) -> int:
     return 0
 
 
+def cmd_import_hf(args) -> int:
+    from chimera.trainer.interchange import import_hf
+
+    out = import_hf(args.hf_dir, args.out)
+    print(f"imported {args.hf_dir} -> {out}; continue with: chimera train {out}/run.yaml --run-dir {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from chimera.trainer.interchange import export_hf
+
+    out = export_hf(args.checkpoint, args.out)
+    print(f"exported -> {out} (transformers AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="chimera", description="Distributed pretraining for hybrid sequence models.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -149,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+    i = sub.add_parser("import-hf", help="a transformers checkpoint directory -> a Chimera run directory")
+    i.add_argument("hf_dir")
+    i.add_argument("--out", required=True, help="new run directory")
+    i.set_defaults(func=cmd_import_hf)
+    e = sub.add_parser("export", help="a run or checkpoint -> a transformers checkpoint directory")
+    e.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
+    e.add_argument("--format", choices=["hf"], default="hf")
+    e.add_argument("--out", required=True, help="new directory")
+    e.set_defaults(func=cmd_export)
+
     d = sub.add_parser("data", help="prepare datasets and tokenizers")
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     dp = dsub.add_parser("prepare", help="tokenize text / JSONL(.gz) / FASTA(.gz) into shards or a zarr store")

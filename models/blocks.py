@@ -13,6 +13,7 @@ from torch import nn
 
 from chimera.configs.schema import ModelConfig
 from chimera.models.mixers.attention import Attention
+from chimera.models.mixers.mamba import MambaMixer
 from chimera.models.mixers.rglru import RecurrentBlock
 from chimera.models.mlp import GatedMLP
 from chimera.models.norms import RMSNorm
@@ -29,9 +30,12 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
         return Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size,
                          window=cfg.window if symbol == "L" else None, rope_base=cfg.rope_base,
                          rope_fraction=cfg.rope_fraction, init_std=std, out_std=out_std, tp=tp)
+    if symbol == "m":
+        return MambaMixer(cfg.d_model, cfg.ssm_state, cfg.conv_kernel, cfg.ssm_expand, cfg.ssm_dt_rank or "auto",
+                          init_std=std, out_std=out_std, tp=tp)
     if symbol == "-":
         return GatedMLP(cfg.d_model, cfg.mlp_hidden, init_std=std, out_std=out_std,
-                        sequence_parallel=tp.sequence_parallel)
+                        sequence_parallel=tp.sequence_parallel, activation=cfg.mlp_activation)
     raise ValueError(f"unknown layer symbol {symbol!r}")
 
 

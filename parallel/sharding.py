@@ -19,7 +19,6 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 Init = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -54,7 +53,8 @@ def declare(
     param.full_init = init
     param.weight_decay = param.dim() >= 2 if weight_decay is None else weight_decay
     if split_dim is not None:
-        set_tensor_model_parallel_attributes(param, is_parallel=True, dim=split_dim, stride=1)
+        for attr, value in (("tensor_model_parallel", True), ("partition_dim", split_dim), ("partition_stride", 1)):
+            setattr(param, attr, value)  # megatron-core's attribute names, which DeepSpeed also reads
     param.partial_grad_over_tp = partial_grad_over_tp
     return param
 

@@ -55,6 +55,16 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_manifest(path: Path) -> None:
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    manifest = {"files": {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def is_weights_only(path: Path) -> bool:
+    return json.loads((path / STATE).read_text()).get("weights_only", False)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run directory, or None; a broken pointer is a UserError."""
     root = Path(run_dir) / CHECKPOINTS
@@ -132,10 +142,7 @@ class Checkpointer:
             (tmp / STATE).write_text(json.dumps(state, indent=1))
         dist.barrier()
         if self.rank == 0:
-            files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            manifest = {"files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                                  for p in files}}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -201,3 +208,33 @@ def load_inference_model(path: str | Path) -> torch.nn.Module:
     model = CausalLM(model_cfg)
     load_full_state_dict(model, torch.load(ckpt / WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def write_weights_checkpoint(run_dir: str | Path, model_cfg: ModelConfig, weights: dict, source: str) -> Path:
+    """A new run directory whose only checkpoint (step 0) holds full weights, no optimizer state.
+
+    ``chimera train RUN_DIR/run.yaml --run-dir RUN_DIR`` continues from it; ``run.yaml`` is a
+    template run file with the model spelled out. Written under a temporary name, then renamed.
+    """
+    from chimera.configs.schema import TrainConfig
+
+    run_dir = Path(run_dir)
+    tmp = run_dir.with_name(f".{run_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt = tmp / CHECKPOINTS / step_tag(0)
+    ckpt.mkdir(parents=True)
+    try:
+        run = RunConfig(model=model_cfg, train=TrainConfig(steps=1000))
+        text = yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False)
+        (tmp / "run.yaml").write_text(f"# {source}: edit train/data/parallel, then\n"
+                                      f"# chimera train {run_dir}/run.yaml --run-dir {run_dir}\n" + text)
+        torch.save(weights, ckpt / WEIGHTS)
+        (ckpt / CONFIG).write_text(text)
+        (ckpt / STATE).write_text(json.dumps({"step": 0, "weights_only": True, "source": source}, indent=1))
+        _write_manifest(ckpt)
+        (tmp / CHECKPOINTS / LATEST).write_text(ckpt.name)
+        os.replace(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run_dir

@@ -22,8 +22,15 @@ from chimera.errors import UserError
 from chimera.models.causal_lm import CausalLM
 from chimera.parallel import topology
 from chimera.parallel.layers import TPLayout
-from chimera.parallel.sharding import initialize_parameters
-from chimera.trainer.checkpoint import Checkpointer, latest_checkpoint
+from chimera.parallel.sharding import initialize_parameters, load_full_state_dict
+from chimera.trainer.checkpoint import (
+    WEIGHTS,
+    Checkpointer,
+    is_weights_only,
+    latest_checkpoint,
+    read_config,
+    verify,
+)
 from chimera.trainer.engine import build_engine, gathered_full_state_dict
 from chimera.trainer.metrics import MetricsLogger
 
@@ -53,6 +60,7 @@ class Trainer:
         initialize_parameters(model, t.seed)
         model.activation_checkpointing = t.activation_checkpointing
         self.num_parameters = model.num_parameters()
+        self.initialised_from = self._initial_weights(model)
         self.engine = build_engine(model.to(self.device), cfg, self.dp)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.topo.rank)
         self.layout = {"tensor": self.topo.tensor, "pipeline": self.topo.pipeline, "data": self.dp,
@@ -62,9 +70,24 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------------
 
+    def _initial_weights(self, model) -> Path | None:
+        """A weights-only checkpoint (e.g. from `chimera import-hf`) initialises the model before the engine."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None or not is_weights_only(path):
+            return None
+        if self.topo.rank == 0:
+            verify(path)
+        saved = read_config(path).model.model_dump(exclude={"name", "preset"})
+        if saved != self.cfg.model.model_dump(exclude={"name", "preset"}):
+            diff = sorted(k for k, v in saved.items() if self.cfg.model.model_dump().get(k) != v)
+            raise UserError(f"the run's model differs from checkpoint {path} in {diff}; use the run.yaml written "
+                            "beside it, or another --run-dir")
+        load_full_state_dict(model, torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
+        return path
+
     def resume_if_possible(self) -> bool:
         path = latest_checkpoint(self.run_dir)
-        if path is None:
+        if path is None or self.initialised_from is not None:
             return False
         state = self.checkpointer.load(self.engine, path, self.layout)
         self.step, self.data_state = state["step"], state["data"]
@@ -133,7 +156,8 @@ class Trainer:
         resumed = self.resume_if_possible()
         metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.model_dump(mode="json"), is_main, t.steps)
         if is_main:
-            where = f"resumed at step {self.step}" if resumed else "from scratch"
+            where = f"resumed at step {self.step}" if resumed else (
+                f"from the weights of {self.initialised_from}" if self.initialised_from else "from scratch")
             print(f"chimera: {cfg.model.name} ({self.num_parameters:,} parameters), "
                   f"{self.topo.world_size} process(es) TP={self.topo.tensor} DP={self.dp} "
                   f"ZeRO-{cfg.parallel.zero_stage}, {where}" + self._baseline_text(), flush=True)

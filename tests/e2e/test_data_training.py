@@ -114,7 +114,8 @@ def test_synthetic_mqar_source_trains_and_resumes(tmp_path):
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
     assert last < first - 0.3, (first, last)
     logged = samples(tmp_path / "full")
-    assert logged[0]["samples"]["synthetic"] == list(range(8)) and logged[1]["samples"]["synthetic"] == list(range(8, 16))
+    assert logged[0]["samples"]["synthetic"] == list(range(8))
+    assert logged[1]["samples"]["synthetic"] == list(range(8, 16))
     train(tmp_path / "cut", *task, "--set", "train.stop_after=20")
     train(tmp_path / "cut", *task)
     assert samples(tmp_path / "cut") == logged

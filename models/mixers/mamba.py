@@ -1,0 +1,165 @@
+"""Mamba-1: the selective state space model mixer (Gu & Dao, arXiv 2312.00752).
+
+Block (Sec. 3.4, Fig. 3), with ``d_inner = expand * d_model``::
+
+    x, z = W_x u, W_z u                              # in_proj: the SSM branch and the gate
+    x    = SiLU(Conv1D_k(x))                         # depthwise causal conv of width k = d_conv
+    y    = SSM(x)                                    # selective scan, below
+    out  = W_out (y * SiLU(z))
+
+Selective SSM (Algorithm 2; Sec. 2, Eqs. 1a-2b, 4), per channel ``d`` with state size ``N``::
+
+    dt_t, B_t, C_t = split(W_xp x_t)                 # x_proj: [dt_rank | N | N]  (s_B, s_C, s_Delta)
+    Delta_t = softplus(W_dt dt_t + b_dt)             # dt_proj, then tau_Delta = softplus
+    A       = -exp(A_log)                            # [d_inner, N], S4D-real init A_log[d, n] = log(n + 1)
+    A_bar_t = exp(Delta_t A)                         # zero-order hold on A                  (4)
+    B_bar_t x_t = Delta_t B_t x_t                    # the simplified (Euler) B of the paper/kernels
+    h_t = A_bar_t * h_{t-1} + B_bar_t x_t            # h: [d_inner, N]                       (2a)
+    y_t = h_t C_t + D * x_t                          # D: skip connection                    (2b)
+
+``b_dt`` is initialised to softplus^-1 of ``Delta ~ log-uniform[1e-3, 1e-1]`` and ``W_dt`` to
+``U(-dt_rank^-0.5, dt_rank^-0.5)`` (Sec. 3.6 / the reference code); ``D`` to ones.
+Parameter names follow HF transformers' ``MambaMixer`` except that its ``in_proj`` is split into
+``in_proj_x`` / ``in_proj_z`` (HF's weight is their concatenation along dim 0) and its
+``conv1d.weight [d_inner, 1, k]`` is ``conv1d.weight [d_inner, k]`` here.
+
+Tensor parallelism splits ``d_inner``: ``in_proj_x``, ``in_proj_z``, the conv, ``dt_proj``'s output,
+``A_log`` and ``D`` are split along it, ``out_proj`` is row parallel. ``x_proj`` reduces over
+``d_inner`` to ``dt_rank + 2N`` features that every rank needs in full (B and C are shared by all
+channels), so it is a row-parallel projection whose output is all-reduced; the result is then
+consumed by rank-local channels only, so it re-enters the TP region (``enter_tensor_parallel``:
+identity forward, all-reduce of the gradient backward). The scan itself is per channel: no
+communication.
+
+Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.models.scan``) over
+``[s, b, d_inner, N]`` in fp32; ``step`` advances one token with O(1) state (conv window + h).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chimera.models.conv import CausalConv1d
+from chimera.models.scan import linear_scan
+from chimera.parallel.layers import ColumnParallel, RowParallel, TPLayout, enter_tensor_parallel
+from chimera.parallel.sharding import declare, normal, ones, zeros
+
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # Delta's initial range (Sec. 3.6), as in HF / mamba_ssm
+
+
+def _a_log_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """S4D-real: ``A[d, n] = -(n + 1)``, stored as ``A_log = log(n + 1)`` for every channel."""
+    return t.copy_(torch.log(torch.arange(1, t.shape[1] + 1, dtype=t.dtype)).expand_as(t))
+
+
+def _dt_bias_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``softplus(bias) = Delta ~ log-uniform[DT_MIN, DT_MAX]``: bias = softplus^-1(Delta)."""
+    dt = torch.exp(t.uniform_(math.log(DT_MIN), math.log(DT_MAX), generator=g)).clamp_(min=DT_FLOOR)
+    return t.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+def _uniform(bound: float):
+    return lambda t, g: t.uniform_(-bound, bound, generator=g)
+
+
+def _column_parallel(in_features: int, out_features: int, tp: TPLayout, *, init, bias: bool,
+                     bias_init=zeros) -> ColumnParallel:
+    """``ColumnParallel`` with an optional bias ``[out / tp]`` split along dim 0.
+
+    The bias is attached here rather than with ``ColumnParallel(bias=True)``: megatron-core already
+    marks its bias tensor-parallel, and ``declare`` may mark a tensor only once.
+    """
+    layer = ColumnParallel(in_features, out_features, init=init)
+    if bias:
+        layer.bias = declare(nn.Parameter(torch.empty(tp.local(out_features))), init=bias_init, split_dim=0)
+    return layer
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The recurrence runs in fp32 (or wider) even when activations are bf16."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class MambaMixer(nn.Module):
+    """Symbol ``m``: the Mamba-1 selective SSM mixer, ``[s, b, d_model] -> [s, b, d_model]``."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", *, conv_bias: bool = True, bias: bool = False,
+                 init_std: float, out_std: float, tp: TPLayout):
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        inner_local = tp.local(self.d_inner, "d_inner")
+
+        # weight [d_inner / tp, d_model] (bias [d_inner / tp]) each: split along dim 0 (d_inner)
+        self.in_proj_x = _column_parallel(d_model, self.d_inner, tp, init=normal(init_std), bias=bias)
+        self.in_proj_z = _column_parallel(d_model, self.d_inner, tp, init=normal(init_std), bias=bias)
+        # weight [d_inner / tp, d_conv], bias [d_inner / tp]: split along dim 0 (d_inner)
+        self.conv1d = CausalConv1d(inner_local, d_conv)
+        if not conv_bias:  # CausalConv1d always has a bias: make it a constant zero, not a parameter
+            del self.conv1d.bias
+            self.conv1d.register_buffer("bias", torch.zeros(inner_local), persistent=False)
+        # [dt_rank + 2 N, d_inner / tp]: split along dim 1 (d_inner); output all-reduced over TP. The
+        # input is this rank's full sequence (inside the mixer), so no sequence-parallel reduce-scatter.
+        self.x_proj = RowParallel(self.d_inner, self.dt_rank + 2 * d_state, init=normal(init_std),
+                                  sequence_parallel=False)
+        # weight [d_inner / tp, dt_rank], bias [d_inner / tp]: split along dim 0 (d_inner)
+        self.dt_proj = _column_parallel(self.dt_rank, self.d_inner, tp, init=_uniform(self.dt_rank**-0.5), bias=True,
+                                        bias_init=_dt_bias_init)
+        # [d_inner / tp, N] and [d_inner / tp]: split along dim 0 (d_inner); never weight-decayed
+        self.A_log = declare(nn.Parameter(torch.empty(inner_local, d_state)), init=_a_log_init, split_dim=0,
+                             weight_decay=False)
+        self.D = declare(nn.Parameter(torch.empty(inner_local)), init=ones, split_dim=0, weight_decay=False)
+        # [d_model, d_inner / tp]: split along dim 1 (d_inner); all-reduce / reduce-scatter of the output
+        self.out_proj = RowParallel(self.d_inner, d_model, init=normal(out_std), bias=bias,
+                                    sequence_parallel=tp.sequence_parallel)
+
+    def _selection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [..., d_inner/tp] -> (Delta [..., d_inner/tp], B [..., N], C [..., N])``, fp32 or wider."""
+        x_dbl = enter_tensor_parallel(self.x_proj(x), False)  # full on every rank; gradient summed
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(_at_least_fp32(self.dt_proj(dt)))  # Delta, from here on fp32
+        return dt, _at_least_fp32(B), _at_least_fp32(C)
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """Discretised ``(A_bar, B_bar x, C, x)`` for every position of ``x [..., d_inner/tp]``."""
+        dt, B, C = self._selection(x)
+        xf = _at_least_fp32(x)
+        A = -torch.exp(self.A_log.to(xf.dtype))  # [d_inner/tp, N]
+        dA = torch.exp(dt.unsqueeze(-1) * A)  # [..., d_inner/tp, N]
+        dBx = (dt * xf).unsqueeze(-1) * B.unsqueeze(-2)  # [..., d_inner/tp, N]
+        return dA, dBx, C, xf
+
+    def _output(self, h: torch.Tensor, C: torch.Tensor, xf: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = (h * C.unsqueeze(-2)).sum(-1) + self.D.to(xf.dtype) * xf  # (2b) with the D skip
+        return self.out_proj(y.to(z.dtype) * F.silu(z))
+
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        """``docs``: packed-document layout (``chimera.models.documents``); state never crosses a boundary."""
+        z = self.in_proj_z(x)
+        xi = self.in_proj_x(x)
+        xc = F.silu(self.conv1d(xi) if docs is None else self.conv1d(xi, docs.segment_ids))
+        dA, dBx, C, xf = self._ssm_inputs(xc)  # [s, b, d_inner/tp, N]
+        if docs is not None:
+            dA = dA.masked_fill(docs.starts[..., None, None], 0.0)  # h_{t-1} dropped at a document's start
+        h = linear_scan(dA, dBx)  # (2a) for all t
+        return self._output(h, C, xf, z)
+
+    def init_state(self, batch: int, max_len: int):
+        w = self.conv1d.weight
+        return {
+            "conv": self.conv1d.init_state(batch, device=w.device, dtype=w.dtype),
+            "h": torch.zeros(batch, w.shape[0], self.d_state, device=w.device, dtype=_at_least_fp32(w).dtype),
+        }
+
+    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
+        z = self.in_proj_z(x)
+        xc, state["conv"] = self.conv1d.step(self.in_proj_x(x)[0], state["conv"])
+        dA, dBx, C, xf = self._ssm_inputs(F.silu(xc).unsqueeze(0))  # [1, b, d_inner/tp, N]
+        state["h"] = dA[0] * state["h"] + dBx[0]
+        return self._output(state["h"].unsqueeze(0), C, xf, z)

@@ -1,0 +1,164 @@
+"""The Mamba-1 mixer: the equations token by token, decoding, causality, packing, and HF transformers."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chimera.models.documents import PackedDocuments
+from chimera.models.mixers.mamba import MambaMixer
+from chimera.parallel.layers import TPLayout
+from chimera.parallel.sharding import initialize_parameters
+
+D_MODEL, D_STATE, D_CONV, EXPAND = 32, 8, 4, 2
+
+
+def make_mixer(seed=0, dtype=torch.float64, **overrides):
+    kw = dict(d_state=D_STATE, d_conv=D_CONV, expand=EXPAND, init_std=0.2, out_std=0.2) | overrides
+    mixer = MambaMixer(D_MODEL, **kw, tp=TPLayout())
+    initialize_parameters(mixer, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():  # move off the structured init so that every term of the equations matters
+        for p in (mixer.A_log, mixer.D, mixer.dt_proj.bias, mixer.conv1d.bias):
+            if isinstance(p, torch.nn.Parameter):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        mixer.dt_proj.bias.add_(2.0)  # Delta ~ 0.01..1: the state decays noticeably within 40 tokens
+    return mixer.to(dtype)
+
+
+def x_seq(s=40, b=2, d=D_MODEL, seed=1, dtype=torch.float64):
+    return torch.randn(s, b, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def per_token_reference(m: MambaMixer, x: torch.Tensor) -> torch.Tensor:
+    """Algorithm 2 of arXiv 2312.00752 (as in HF's slow path), one token at a time, from the weights."""
+    s, b, _ = x.shape
+    c, k = m.conv1d.weight.shape
+    R, N = m.dt_rank, m.d_state
+    A = -torch.exp(m.A_log)  # [c, N]
+    window = torch.zeros(b, c, k, dtype=x.dtype)
+    h = torch.zeros(b, c, N, dtype=x.dtype)
+    out = []
+    for t in range(s):
+        xt = x[t] @ m.in_proj_x.weight.t()
+        zt = x[t] @ m.in_proj_z.weight.t()
+        window = torch.cat([window[..., 1:], xt.unsqueeze(-1)], dim=-1)
+        u = F.silu((window * m.conv1d.weight).sum(-1) + m.conv1d.bias)  # [b, c]
+        dt, B, C = torch.split(u @ m.x_proj.weight.t(), [R, N, N], dim=-1)
+        delta = F.softplus(dt @ m.dt_proj.weight.t() + m.dt_proj.bias)  # [b, c]
+        for d in range(c):  # every channel its own N-dimensional SSM
+            A_bar = torch.exp(delta[:, d, None] * A[d])  # [b, N]
+            h[:, d] = A_bar * h[:, d] + delta[:, d, None] * B * u[:, d, None]
+        y = (h * C[:, None, :]).sum(-1) + m.D * u
+        out.append((y * F.silu(zt)) @ m.out_proj.weight.t())
+    return torch.stack(out)
+
+
+def test_forward_follows_the_equations(single_process):
+    mixer = make_mixer()
+    x = x_seq(s=12)
+    torch.testing.assert_close(mixer(x), per_token_reference(mixer, x), rtol=1e-9, atol=1e-9)
+
+
+def test_decoding_steps_equal_full_forward(single_process):
+    mixer = make_mixer()
+    x = x_seq()
+    full = mixer(x)
+    state = mixer.init_state(batch=2, max_len=40)
+    steps = torch.cat([mixer.step(x[t : t + 1], state, t) for t in range(40)])
+    torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
+    assert state["h"].shape == (2, EXPAND * D_MODEL, D_STATE) and state["conv"].shape == (2, EXPAND * D_MODEL, 3)
+
+
+def test_causality(single_process):
+    mixer = make_mixer()
+    x = x_seq()
+    t = 23
+    x2 = x.clone()
+    x2[t] += torch.randn_like(x2[t])
+    y, y2 = mixer(x), mixer(x2)
+    torch.testing.assert_close(y[:t], y2[:t], rtol=0, atol=0)
+    assert (y[t] - y2[t]).abs().max() > 1e-6
+
+
+def test_packed_documents_equal_separate_runs(single_process):
+    mixer = make_mixer()
+    lengths = [[5, 17, 1, 9], [12, 2, 18]]  # two sequences of 32, documents packed differently
+    x = x_seq(s=32)
+    seg = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    docs = PackedDocuments.from_batch(seg, pos)
+    packed = mixer(x, docs)
+    for i, row in enumerate(lengths):
+        bounds = [0, *torch.tensor(row).cumsum(0).tolist()]
+        separate = torch.cat([mixer(x[a:e, i : i + 1]) for a, e in zip(bounds[:-1], bounds[1:], strict=True)])
+        torch.testing.assert_close(packed[:, i : i + 1], separate, rtol=1e-10, atol=1e-10)
+    assert (mixer(x) - packed).abs().max() > 1e-3  # without boundaries, documents do see each other
+
+
+def test_initialisation(single_process):
+    mixer = MambaMixer(D_MODEL, D_STATE, D_CONV, EXPAND, init_std=0.02, out_std=0.01, tp=TPLayout())
+    initialize_parameters(mixer, 0)
+    assert mixer.dt_rank == math.ceil(D_MODEL / 16)
+    expected_a = torch.log(torch.arange(1, D_STATE + 1, dtype=torch.float32)).expand(EXPAND * D_MODEL, -1)
+    torch.testing.assert_close(mixer.A_log, expected_a)  # S4D-real: A = -(1..N)
+    torch.testing.assert_close(mixer.D, torch.ones(EXPAND * D_MODEL))
+    delta = F.softplus(mixer.dt_proj.bias)
+    assert delta.min() >= 1e-3 * (1 - 1e-5) and delta.max() <= 1e-1 * (1 + 1e-5)
+    assert delta.max() / delta.min() > 10  # log-uniform over the range, not a constant
+    bound = mixer.dt_rank**-0.5
+    assert mixer.dt_proj.weight.abs().max() <= bound
+    assert not mixer.A_log.weight_decay and not mixer.D.weight_decay
+
+
+def test_bf16_runs_with_an_fp32_recurrence(single_process):
+    mixer = make_mixer(dtype=torch.float32)
+    x = x_seq(s=16, dtype=torch.float32)
+    ref = mixer(x)
+    mixer = mixer.to(torch.bfloat16)
+    y = mixer(x.bfloat16())
+    state = mixer.init_state(batch=2, max_len=16)
+    step = mixer.step(x[:1].bfloat16(), state, 0)
+    assert y.dtype == step.dtype == torch.bfloat16 and state["h"].dtype == torch.float32
+    assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("bias,conv_bias", [(False, True), (True, False)])
+def test_matches_hf_transformers(single_process, bias, conv_bias):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
+
+    dt_rank = 4
+    mixer = make_mixer(dtype=torch.float32, dt_rank=dt_rank, bias=bias, conv_bias=conv_bias)
+    with torch.no_grad():
+        if bias:
+            for lin in (mixer.in_proj_x, mixer.in_proj_z, mixer.out_proj):
+                lin.bias.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(7))
+    config = transformers.MambaConfig(hidden_size=D_MODEL, state_size=D_STATE, expand=EXPAND, conv_kernel=D_CONV,
+                                      time_step_rank=dt_rank, use_bias=bias, use_conv_bias=conv_bias,
+                                      num_hidden_layers=1)
+    hf = HFMambaMixer(config, layer_idx=0).eval()
+    ours = {
+        "in_proj.weight": torch.cat([mixer.in_proj_x.weight, mixer.in_proj_z.weight]),
+        "conv1d.weight": mixer.conv1d.weight.unsqueeze(1),
+        "x_proj.weight": mixer.x_proj.weight,
+        "dt_proj.weight": mixer.dt_proj.weight,
+        "dt_proj.bias": mixer.dt_proj.bias,
+        "A_log": mixer.A_log,
+        "D": mixer.D,
+        "out_proj.weight": mixer.out_proj.weight,
+    }
+    if conv_bias:
+        ours["conv1d.bias"] = mixer.conv1d.bias
+    if bias:
+        ours["in_proj.bias"] = torch.cat([mixer.in_proj_x.bias, mixer.in_proj_z.bias])
+        ours["out_proj.bias"] = mixer.out_proj.bias
+    hf.load_state_dict({k: v.detach().clone() for k, v in ours.items()}, strict=True)
+
+    x = x_seq(s=24, dtype=torch.float32)
+    with torch.no_grad():
+        expected = hf(x.transpose(0, 1)).transpose(0, 1)  # HF: [b, s, d]
+        got = mixer(x)
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max() <= 1e-5

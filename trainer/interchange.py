@@ -1,0 +1,68 @@
+"""Chimera checkpoints <-> transformers checkpoint directories (``chimera import-hf`` / ``chimera export``).
+
+The per-architecture name and layout mappings live beside the models, in ``chimera.models.hf``;
+this module does the file work: an imported model becomes a run directory whose checkpoint holds
+weights only (``chimera train`` continues from it with a fresh optimizer), and an export writes
+``model.safetensors`` + ``config.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from chimera.configs.loader import validated
+from chimera.configs.schema import ModelConfig
+from chimera.errors import UserError
+from chimera.models.hf import ARCHITECTURES, check_shapes, expected_shapes, mapping_for, read_hf_config, read_hf_tensors
+from chimera.trainer.checkpoint import WEIGHTS, read_config, resolve_checkpoint, verify, write_weights_checkpoint
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """A transformers checkpoint directory -> a Chimera run directory holding a weights-only checkpoint."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise UserError(f"{str(hf_dir)!r} is not a directory")
+    if out.exists():
+        raise UserError(f"--out {str(out)!r} already exists; choose a new directory")
+    hf = read_hf_config(hf_dir)
+    mapping = mapping_for(hf.get("model_type", "?"))
+    tensors = read_hf_tensors(hf_dir)
+    cfg = validated(ModelConfig, mapping.config_from_hf(hf), prefix=f"{hf_dir / 'config.json'} -> model.")
+    check_shapes(tensors, mapping.hf_shapes(cfg), str(hf_dir), optional=frozenset({"lm_head.weight"}))
+    state = {k: v.float() for k, v in mapping.to_chimera(tensors, cfg).items()}
+    check_shapes(state, expected_shapes(cfg), f"{hf_dir} (mapped)")
+    return write_weights_checkpoint(out, cfg, state, source=f"transformers {hf['model_type']} from {hf_dir}")
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+    """A Chimera checkpoint -> safetensors + config.json that ``AutoModelForCausalLM`` loads natively."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"--out {str(out)!r} already exists; choose a new directory")
+    ckpt = resolve_checkpoint(checkpoint)
+    verify(ckpt)
+    cfg = read_config(ckpt).model
+    if cfg.family not in ARCHITECTURES:
+        raise UserError(f"model {cfg.name!r} (family {cfg.family!r}) has no transformers counterpart; "
+                        f"exportable families: {', '.join(sorted(ARCHITECTURES))}")
+    mapping = ARCHITECTURES[cfg.family]
+    state = torch.load(ckpt / WEIGHTS, map_location="cpu", weights_only=True)
+    tensors = {k: v.contiguous() for k, v in mapping.to_hf(state, cfg).items()}
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(mapping.config_to_hf(cfg), indent=2))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
