@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from chimera.errors import UserError
-from chimera.models.hf import llama
+from chimera.models.hf import llama, mamba
 
-ARCHITECTURES = {m.MODEL_TYPE: m for m in (llama,)}
+ARCHITECTURES = {m.MODEL_TYPE: m for m in (llama, mamba)}
 
 
 def _mapping_for_type(model_type: str):

@@ -18,6 +18,9 @@ TINY_HF = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)),
+    "mamba": lambda: transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=320, hidden_size=64, state_size=8, num_hidden_layers=3, expand=2, conv_kernel=4,
+        time_step_rank=4, use_bias=False, use_conv_bias=True, tie_word_embeddings=True, layer_norm_epsilon=1e-5)),
 }
 
 
