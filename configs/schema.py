@@ -280,6 +280,9 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
     if set("mM") & set(m.layers) and (m.ssm_expand * m.d_model) % tp:
         raise UserError(f"parallel.tensor={tp} does not divide the Mamba inner width "
                         f"model.ssm_expand x model.d_model = {m.ssm_expand * m.d_model}")
+    if "M" in m.layers and (m.ssm_expand * m.d_model // m.ssm_head_dim) % tp:
+        raise UserError(f"parallel.tensor={tp} does not divide the Mamba-2 heads "
+                        f"(ssm_expand x d_model / ssm_head_dim = {m.ssm_expand * m.d_model // m.ssm_head_dim})")
     if attention and m.num_kv_heads % tp and tp % m.num_kv_heads:
         raise UserError(
             f"parallel.tensor={tp} and model.num_kv_heads={m.num_kv_heads}: one must divide the other"

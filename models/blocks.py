@@ -14,6 +14,7 @@ from torch import nn
 from chimera.configs.schema import ModelConfig
 from chimera.models.mixers.attention import Attention
 from chimera.models.mixers.mamba import MambaMixer
+from chimera.models.mixers.mamba2 import Mamba2Mixer
 from chimera.models.mixers.rglru import RecurrentBlock
 from chimera.models.mlp import GatedMLP
 from chimera.models.norms import RMSNorm
@@ -33,6 +34,10 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
     if symbol == "m":
         return MambaMixer(cfg.d_model, cfg.ssm_state, cfg.conv_kernel, cfg.ssm_expand, cfg.ssm_dt_rank or "auto",
                           init_std=std, out_std=out_std, tp=tp)
+    if symbol == "M":
+        return Mamba2Mixer(cfg.d_model, d_state=cfg.ssm_state, d_conv=cfg.conv_kernel, expand=cfg.ssm_expand,
+                           head_dim=cfg.ssm_head_dim, n_groups=cfg.ssm_groups, chunk_size=cfg.ssm_chunk,
+                           norm_eps=cfg.norm_eps, init_std=std, out_std=out_std, tp=tp)
     if symbol == "-":
         return GatedMLP(cfg.d_model, cfg.mlp_hidden, init_std=std, out_std=out_std,
                         sequence_parallel=tp.sequence_parallel, activation=cfg.mlp_activation)

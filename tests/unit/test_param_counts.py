@@ -18,6 +18,9 @@ HF_CONFIGS = {
     "mamba-130m": lambda: transformers.MambaConfig(
         vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24, expand=2, conv_kernel=4,
         time_step_rank=48, use_bias=False, use_conv_bias=True, tie_word_embeddings=True),
+    "mamba2-130m": lambda: transformers.Mamba2Config(
+        vocab_size=50288, hidden_size=768, state_size=128, num_hidden_layers=24, expand=2, head_dim=64, num_heads=24,
+        n_groups=1, conv_kernel=4, use_bias=False, use_conv_bias=True, tie_word_embeddings=True),
 }
 
 

@@ -1,0 +1,266 @@
+"""Mamba-2: the SSD (state space duality) mixer (Dao & Gu, arXiv 2405.21060).
+
+Block (Sec. 7.1, Fig. 6: "parallel" projections), with ``d_inner = expand * d_model`` split into
+``H = d_inner / P`` heads of ``P = head_dim`` channels, and ``G = n_groups`` groups of heads sharing
+``B`` and ``C`` (the grouped multi-value pattern of Sec. 7.2, like grouped-query attention)::
+
+    z, x, B, C, dt = W_z u, W_x u, W_B u, W_C u, W_dt u     # in_proj: [d_inner | d_inner | G N | G N | H]
+    x, B, C = SiLU(Conv1D_k(x, B, C))                        # depthwise causal conv of width k = d_conv
+    y   = SSD(x, dt, A, B, C) + D * x                        # below, per head
+    out = W_out (w * RMSNorm_G(y * SiLU(z)))                 # gated RMSNorm over each group's channels
+
+SSD per head ``h`` (Sec. 2-3: the SSM recurrence (1) with scalar-times-identity ``A_t``), state
+``[P, N]`` with ``N = d_state``, ``B_t, C_t`` those of the head's group::
+
+    dt_t = softplus(W_dt u_t + dt_bias)                      # [H]
+    A    = -exp(A_log)                                       # one scalar per head
+    h_t  = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T              # [P, N]
+    y_t  = h_t C_t + D x_t
+
+The parameterisation is HF transformers' ``Mamba2Mixer`` (``torch_forward``; ``time_step_limit``
+left at its default ``(0, inf)``, i.e. no clamp; ``norm_before_gate=False``) and its
+initialisation: ``A_log = log(1..H)``, ``D = 1``, ``dt_bias = softplus^-1(dt)`` with
+``dt ~ log-uniform[1e-3, 1e-1]``. Names differ: HF's ``in_proj`` is split here into ``in_proj_z``,
+``in_proj_x``, ``in_proj_bc``, ``in_proj_dt``, its ``conv1d`` over ``concat(x, B, C)`` into
+``conv_x`` and ``conv_bc`` (weights ``[channels, k]``, HF's are ``[channels, 1, k]``), its
+``norm.weight`` is ``norm_weight``. ``in_proj_bc``'s output (and ``conv_bc``'s channels) is ordered
+group-major, ``[G, (B, C), N]``, so that a contiguous split is a split by group; HF's order is
+``[B (G, N), C (G, N)]``.
+
+Tensor parallelism splits heads: ``in_proj_z``, ``in_proj_x``, ``in_proj_dt`` (column parallel),
+``conv_x``, ``dt_bias``, ``A_log``, ``D`` and the norm weight split with them; ``out_proj`` is row
+parallel. ``B`` and ``C`` split by group when TP divides ``n_groups``; otherwise every rank holds all
+groups (the rank's heads pick theirs), and their projection's and conv's gradients, partial per rank,
+are summed over TP. The gated norm normalises each group's ``d_inner / G`` channels: when a group
+spans ranks (TP does not divide ``n_groups``), the per-group sums of squares are all-reduced over TP
+(a ``[s, b, G]`` tensor), so every TP size computes the same function. Constraints: ``head_dim``
+divides ``d_inner``, ``n_groups`` divides the number of heads, TP divides the number of heads.
+
+Reference: ``forward`` runs the chunked SSD algorithm (Sec. 6, Listing 1) in fp32: within a chunk
+the quadratic "masked attention" form with a segment-sum decay matrix, between chunks the state
+recurrence by a parallel scan over chunks (``chimera.models.scan``); no loop over tokens. ``step``
+advances one token with O(1) state (conv windows + the ``[H, P, N]`` SSM state).
+
+Packed documents: the convs keep their taps within a document and the SSM's decay is 0 at a
+document's first token (its log is ``-inf``), so the state never crosses a boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel as mtp
+from torch import nn
+
+from chimera.models.conv import CausalConv1d
+from chimera.models.scan import linear_scan
+from chimera.parallel.layers import ColumnParallel, RowParallel, TPLayout
+from chimera.parallel.sharding import declare, normal, ones, zeros
+
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # dt's initial range, as in HF / mamba_ssm
+
+
+def _a_log_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``A_h = -h`` for heads ``h = 1..H``, stored as ``A_log = log h``."""
+    return t.copy_(torch.log(torch.arange(1, t.shape[0] + 1, dtype=t.dtype)))
+
+
+def _dt_bias_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """``softplus(dt_bias) = dt ~ log-uniform[DT_MIN, DT_MAX]`` (floored at DT_FLOOR)."""
+    dt = t.uniform_(math.log(DT_MIN), math.log(DT_MAX), generator=g).exp_().clamp_(min=DT_FLOOR)
+    return t.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The recurrence and the norm run in fp32 (or wider) even when activations are bf16."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _replicate(module: nn.Module, tp: TPLayout) -> None:
+    """Undo the channel split ``module`` declared: every rank holds it whole, with a partial gradient."""
+    for p in module.parameters():
+        p.tensor_model_parallel = False
+        p.partial_grad_over_tp = tp.size > 1
+
+
+def _drop_bias(conv: CausalConv1d) -> None:
+    """``CausalConv1d`` always has a bias; without one it becomes a constant zero (no parameter)."""
+    del conv.bias
+    conv.register_buffer("bias", torch.zeros(conv.weight.shape[0]), persistent=False)
+
+
+def _allreduce_over_tp(t: torch.Tensor) -> torch.Tensor:
+    """Sum over TP ranks, forward and backward: every rank uses the sum, so each holds part of its gradient."""
+    return mtp.reduce_from_tensor_model_parallel_region(mtp.copy_to_tensor_model_parallel_region(t))
+
+
+def segsum(log_a: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, j] = sum_{j < k <= i} log_a[..., k]`` for ``i >= j``, ``-inf`` above the diagonal.
+
+    Masked cumulative sums rather than differences of one cumulative sum: exact when some entries
+    are ``-inf`` (document starts), where a difference would give ``inf - inf``.
+    """
+    q = log_a.shape[-1]
+    lower = torch.ones(q, q, dtype=torch.bool, device=log_a.device).tril()
+    terms = log_a.unsqueeze(-1).expand(*log_a.shape, q)  # [..., i, j] = log_a[..., i]
+    sums = terms.masked_fill(~lower.tril(-1), 0.0).cumsum(-2)
+    return sums.masked_fill(~lower, -math.inf)
+
+
+def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
+        reset: torch.Tensor | None = None) -> torch.Tensor:
+    """``y_t = C_t . h_t`` of ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`` for a whole sequence, chunked.
+
+    ``x [s, b, h, p]``, ``dt [s, b, h]``, ``A [h]``, ``B, C [s, b, h, n]`` -> ``y [s, b, h, p]``;
+    ``reset [s, b]`` marks tokens where ``h_{t-1}`` is dropped (decay 0). The skip ``D x`` is not added.
+    """
+    s = x.shape[0]
+    log_a = dt * A  # log of the decay, <= 0
+    if reset is not None:
+        log_a = log_a.masked_fill(reset.unsqueeze(-1), -math.inf)
+    pad = -s % chunk_size
+
+    def chunks(t):  # [s, ...] -> [c, q, ...]; zero padding at the end: decay 1, no input
+        return F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)).unflatten(0, (-1, chunk_size))
+
+    xdt, B, C = chunks(x * dt.unsqueeze(-1)), chunks(B), chunks(C)
+    log_a = chunks(log_a).permute(0, 2, 3, 1)  # [c, b, h, q]
+    decay = torch.exp(segsum(log_a))  # [c, b, h, l, s]: prod_{s < k <= l} a_k, 0 for s > l
+
+    # 1. Within a chunk (diagonal blocks): y_l = sum_{s <= l} (C_l . B_s) decay[l, s] dt_s x_s.
+    scores = torch.einsum("clbhn,csbhn->cbhls", C, B) * decay
+    y = torch.einsum("cbhls,csbhp->clbhp", scores, xdt)
+
+    # 2. Each chunk's own tokens in the state at its end: sum_s decay[q-1, s] dt_s x_s B_s^T.
+    to_end = decay[..., -1, :].permute(0, 3, 1, 2).unsqueeze(-1)  # [c, s, b, h, 1]
+    chunk_states = torch.einsum("csbhn,csbhp->cbhpn", B * to_end, xdt)
+
+    # 3. Between chunks: h_end[c] = (prod of chunk c's decays) h_end[c-1] + chunk_states[c].
+    cum = log_a.cumsum(-1)  # [c, b, h, q]: log prod_{k <= l} a_k
+    ends = linear_scan(torch.exp(cum[..., -1])[..., None, None], chunk_states)
+    entering = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])  # the state before each chunk
+
+    # 4. The entering state read out inside the chunk: y_l += (prod_{k <= l} a_k) C_l . h_entering.
+    from_start = torch.exp(cum).permute(0, 3, 1, 2).unsqueeze(-1)  # [c, l, b, h, 1]
+    y = y + torch.einsum("clbhn,cbhpn->clbhp", C, entering) * from_start
+    return y.flatten(0, 1)[:s]
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 block: ``[s, b, d_model] -> [s, b, d_model]``, over this rank's heads."""
+
+    def __init__(self, d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: int = 2, head_dim: int = 64,
+                 n_groups: int = 1, chunk_size: int = 64, conv_bias: bool = True, bias: bool = False,
+                 norm_eps: float = 1e-5, init_std: float, out_std: float, tp: TPLayout):
+        super().__init__()
+        d_inner = expand * d_model
+        if d_inner % head_dim:
+            raise ValueError(f"head_dim={head_dim} does not divide d_inner={d_inner} (expand * d_model)")
+        n_heads = d_inner // head_dim
+        if n_heads % n_groups:
+            raise ValueError(f"n_groups={n_groups} does not divide the number of heads {n_heads}")
+        self.head_dim, self.d_state, self.chunk_size, self.norm_eps = head_dim, d_state, chunk_size, norm_eps
+        self.heads_local = tp.local(n_heads, "n_heads")
+        heads_per_group = n_heads // n_groups
+        self.group_width = heads_per_group * head_dim  # channels normalised together
+        groups_split = n_groups % tp.size == 0
+        # A group's norm spans ranks: its sums of squares are summed over TP.
+        self.norm_over_tp = not groups_split and tp.size > 1
+
+        # [d_inner / tp, d_model] (+ bias [d_inner / tp]): split along dim 0, with the heads.
+        self.in_proj_z = ColumnParallel(d_model, d_inner, init=normal(init_std), bias=bias)
+        self.in_proj_x = ColumnParallel(d_model, d_inner, init=normal(init_std), bias=bias)
+        if groups_split:
+            # [2 G N / tp, d_model]: split along dim 0 by group (rows ordered [G, (B, C), N]).
+            self.in_proj_bc = ColumnParallel(d_model, 2 * n_groups * d_state, init=normal(init_std), bias=bias)
+            n_slots, first_group = n_groups // tp.size, tp.rank * n_groups // tp.size
+        else:
+            # [2 G N, d_model]: replicated (fewer groups than ranks); gradient partial per rank.
+            self.in_proj_bc = nn.Linear(d_model, 2 * n_groups * d_state, bias=bias)
+            declare(self.in_proj_bc.weight, init=normal(init_std), partial_grad_over_tp=tp.size > 1)
+            if bias:
+                declare(self.in_proj_bc.bias, init=zeros, partial_grad_over_tp=tp.size > 1)
+            n_slots, first_group = n_groups, 0
+        # [H / tp, d_model] (+ bias [H / tp]): split along dim 0, with the heads.
+        self.in_proj_dt = ColumnParallel(d_model, n_heads, init=normal(init_std), bias=bias)
+
+        # [d_inner / tp, k] and [d_inner / tp]: split along dim 0, with the heads.
+        self.conv_x = CausalConv1d(self.heads_local * head_dim, d_conv)
+        # [2 G N / tp, k] and [2 G N / tp]: split along dim 0 by group, or replicated like in_proj_bc.
+        self.conv_bc = CausalConv1d(2 * n_slots * d_state, d_conv)
+        if not groups_split:
+            _replicate(self.conv_bc, tp)
+        if not conv_bias:
+            _drop_bias(self.conv_x)
+            _drop_bias(self.conv_bc)
+
+        def head_param(init):  # [H / tp]: split along dim 0, with the heads; never weight-decayed
+            return declare(nn.Parameter(torch.empty(self.heads_local)), init=init, split_dim=0, weight_decay=False)
+
+        self.dt_bias = head_param(_dt_bias_init)
+        self.A_log = head_param(_a_log_init)
+        self.D = head_param(ones)
+        # [d_inner / tp]: split along dim 0, with the heads; whole groups of it on a rank unless norm_over_tp.
+        self.norm_weight = declare(nn.Parameter(torch.empty(self.heads_local * head_dim)), init=ones, split_dim=0,
+                                   weight_decay=False)
+        # [d_model, d_inner / tp]: split along dim 1; output all-reduced (or reduce-scattered).
+        self.out_proj = RowParallel(d_inner, d_model, init=normal(out_std), sequence_parallel=tp.sequence_parallel,
+                                    bias=bias)
+
+        global_heads = torch.arange(self.heads_local) + tp.rank * self.heads_local
+        # For each local head, its group among those held here (B/C slot, norm group).
+        self.register_buffer("group_of_head", global_heads // heads_per_group - first_group, persistent=False)
+        self.n_slots = n_slots
+
+    def _project(self, u: torch.Tensor):
+        return self.in_proj_z(u), self.in_proj_x(u), self.in_proj_bc(u), self.in_proj_dt(u)
+
+    def _ssm_inputs(self, x: torch.Tensor, bc: torch.Tensor, dt: torch.Tensor):
+        """Per head, in fp32: ``x [..., h, p]``, ``B, C [..., h, n]``, ``dt = softplus(dt + dt_bias) [..., h]``."""
+        x = _at_least_fp32(x).unflatten(-1, (self.heads_local, self.head_dim))
+        bc = _at_least_fp32(bc).unflatten(-1, (self.n_slots, 2, self.d_state))[..., self.group_of_head, :, :]
+        dt = F.softplus(_at_least_fp32(dt) + self.dt_bias)
+        return x, bc[..., 0, :], bc[..., 1, :], dt
+
+    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``w * RMSNorm(y * SiLU(z))`` over each group's channels (HF ``MambaRMSNormGated``), cast to ``z``'s dtype."""
+        g = (y * F.silu(_at_least_fp32(z))).unflatten(-1, (self.heads_local, self.head_dim))
+        sq = g.pow(2).sum(-1)  # [..., h]
+        per_group = sq.new_zeros(*sq.shape[:-1], self.n_slots).index_add(-1, self.group_of_head, sq)
+        if self.norm_over_tp:
+            per_group = _allreduce_over_tp(per_group)
+        mean_sq = per_group[..., self.group_of_head] / self.group_width
+        g = (g * torch.rsqrt(mean_sq + self.norm_eps).unsqueeze(-1)).flatten(-2)
+        return (g * self.norm_weight).to(z.dtype)
+
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        """``docs``: packed-document layout (``chimera.models.documents``); state never crosses a boundary."""
+        seg, reset = (None, None) if docs is None else (docs.segment_ids, docs.starts)
+        z, xs, bc, dt = self._project(x)
+        xs, bc = F.silu(self.conv_x(xs, seg)), F.silu(self.conv_bc(bc, seg))
+        xh, B, C, dt = self._ssm_inputs(xs, bc, dt)
+        A = -torch.exp(_at_least_fp32(self.A_log))
+        y = ssd(xh, dt, A, B, C, self.chunk_size, reset) + self.D.unsqueeze(-1) * xh
+        return self.out_proj(self._gated_norm(y.flatten(-2), z))
+
+    def init_state(self, batch: int, max_len: int):
+        w = self.conv_x.weight
+        return {
+            "conv_x": self.conv_x.init_state(batch, device=w.device, dtype=w.dtype),
+            "conv_bc": self.conv_bc.init_state(batch, device=w.device, dtype=w.dtype),
+            "ssm": torch.zeros(batch, self.heads_local, self.head_dim, self.d_state, device=w.device,
+                               dtype=torch.promote_types(w.dtype, torch.float32)),
+        }
+
+    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
+        z, xs, bc, dt = (t[0] for t in self._project(x))
+        xs, state["conv_x"] = self.conv_x.step(xs, state["conv_x"])
+        bc, state["conv_bc"] = self.conv_bc.step(bc, state["conv_bc"])
+        xh, B, C, dt = self._ssm_inputs(F.silu(xs), F.silu(bc), dt)
+        A = -torch.exp(_at_least_fp32(self.A_log))
+        h = torch.exp(dt * A)[..., None, None] * state["ssm"] + (dt.unsqueeze(-1) * xh).unsqueeze(-1) * B.unsqueeze(-2)
+        state["ssm"] = h
+        y = torch.einsum("bhpn,bhn->bhp", h, C) + self.D.unsqueeze(-1) * xh
+        return self.out_proj(self._gated_norm(y.flatten(-2), z).unsqueeze(0))

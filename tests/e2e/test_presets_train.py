@@ -1,0 +1,20 @@
+"""Every tiny preset trains on the built-in corpus through `chimera train`, with TP=2 (loss falls)."""
+
+import pytest
+
+from chimera.configs.loader import preset_names
+from helpers import REPO, read_metrics, run_chimera
+
+TINY = REPO / "configs/runs/tiny.yaml"
+
+
+@pytest.mark.parametrize("preset", [p for p in preset_names() if p.endswith("-tiny")])
+def test_tiny_preset_trains_with_tensor_parallelism(tmp_path, preset):
+    proc = run_chimera("train", TINY, "--run-dir", tmp_path, "--nproc", 2, "--set", f"model.preset={preset}",
+                       "--set", "parallel.tensor=2", "--set", "train.steps=30", "--set", "train.lr=0.005",
+                       "--set", "train.warmup_steps=5", "--set", "train.micro_batch_size=8",
+                       "--set", "train.global_batch_size=8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 1.0, (preset, first, last)
