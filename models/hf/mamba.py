@@ -68,7 +68,8 @@ def hf_shapes(cfg) -> dict:
     per_layer = {"norm.weight": (d,), "mixer.A_log": (inner, n), "mixer.D": (inner,),
                  "mixer.conv1d.weight": (inner, 1, k), "mixer.conv1d.bias": (inner,),
                  "mixer.in_proj.weight": (2 * inner, d), "mixer.x_proj.weight": (r + 2 * n, inner),
-                 "mixer.dt_proj.weight": (inner, r), "mixer.dt_proj.bias": (inner,), "mixer.out_proj.weight": (d, inner)}
+                 "mixer.dt_proj.weight": (inner, r), "mixer.dt_proj.bias": (inner,),
+                 "mixer.out_proj.weight": (d, inner)}
     for i in range(len(cfg.layers)):
         shapes.update({f"backbone.layers.{i}.{k}": v for k, v in per_layer.items()})
     return shapes
