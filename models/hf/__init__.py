@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from chimera.errors import UserError
-from chimera.models.hf import llama, mamba
+from chimera.models.hf import llama, mamba, mamba2
 
-ARCHITECTURES = {m.MODEL_TYPE: m for m in (llama, mamba)}
+ARCHITECTURES = {m.MODEL_TYPE: m for m in (llama, mamba, mamba2)}
 
 
 def _mapping_for_type(model_type: str):

@@ -21,6 +21,10 @@ TINY_HF = {
     "mamba": lambda: transformers.MambaForCausalLM(transformers.MambaConfig(
         vocab_size=320, hidden_size=64, state_size=8, num_hidden_layers=3, expand=2, conv_kernel=4,
         time_step_rank=4, use_bias=False, use_conv_bias=True, tie_word_embeddings=True, layer_norm_epsilon=1e-5)),
+    "mamba2": lambda: transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        vocab_size=320, hidden_size=64, state_size=16, num_hidden_layers=3, expand=2, head_dim=16, num_heads=8,
+        n_groups=2, conv_kernel=4, chunk_size=16, use_bias=False, use_conv_bias=True, tie_word_embeddings=True,
+        layer_norm_epsilon=1e-5)),
 }
 
 
