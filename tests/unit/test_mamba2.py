@@ -145,8 +145,8 @@ def test_invalid_shapes_are_rejected(single_process):
 
 @pytest.mark.parametrize("conv_bias,bias", [(True, False), (False, True)])
 def test_matches_hf_transformers(single_process, conv_bias, bias):
-    from transformers.models.mamba2 import modeling_mamba2 as modeling
     from transformers import Mamba2Config
+    from transformers.models.mamba2 import modeling_mamba2 as modeling
 
     m = make_mixer(dtype=torch.float32, conv_bias=conv_bias, bias=bias)
     n_heads = 2 * D_MODEL // HEAD_DIM
