@@ -58,6 +58,14 @@ class ModelConfig(Section):
     norm_eps: float = Field(1e-6, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
+    # Numerics of particular released models (RecurrentGemma sets all of these):
+    scale_embeddings: bool = Field(False, description="multiply embeddings by sqrt(d_model), rounded to bf16")
+    norm_offset: bool = Field(False, description="RMSNorm scales by (1 + w), w initialised to 0")
+    logits_soft_cap: float | None = Field(None, gt=0, description="logits -> cap * tanh(logits / cap)")
+    linear_bias: bool = Field(False, description="biases on recurrent-block, attention-output and MLP projections")
+    rglru_reset_unnormalized: bool = Field(
+        False, description="RG-LRU: at a document's first token the input is not scaled by sqrt(1 - a^2)"
+    )
 
     @model_validator(mode="after")
     def _check(self):

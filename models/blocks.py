@@ -26,11 +26,13 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
     std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * len(cfg.layers))
     if symbol == "R":
         return RecurrentBlock(cfg.d_model, cfg.lru_width, cfg.lru_heads, cfg.conv_kernel, init_std=std,
-                              out_std=out_std, tp=tp)
+                              out_std=out_std, tp=tp, bias=cfg.linear_bias,
+                              reset_unnormalized=cfg.rglru_reset_unnormalized)
     if symbol in ("L", "*"):
         return Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size,
                          window=cfg.window if symbol == "L" else None, rope_base=cfg.rope_base,
-                         rope_fraction=cfg.rope_fraction, init_std=std, out_std=out_std, tp=tp)
+                         rope_fraction=cfg.rope_fraction, init_std=std, out_std=out_std, tp=tp,
+                         out_bias=cfg.linear_bias)
     if symbol == "m":
         return MambaMixer(cfg.d_model, cfg.ssm_state, cfg.conv_kernel, cfg.ssm_expand, cfg.ssm_dt_rank or "auto",
                           init_std=std, out_std=out_std, tp=tp)
@@ -40,7 +42,7 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
                            norm_eps=cfg.norm_eps, init_std=std, out_std=out_std, tp=tp)
     if symbol == "-":
         return GatedMLP(cfg.d_model, cfg.mlp_hidden, init_std=std, out_std=out_std,
-                        sequence_parallel=tp.sequence_parallel, activation=cfg.mlp_activation)
+                        sequence_parallel=tp.sequence_parallel, activation=cfg.mlp_activation, bias=cfg.linear_bias)
     raise ValueError(f"unknown layer symbol {symbol!r}")
 
 
@@ -51,7 +53,7 @@ class Sublayer(nn.Module):
         super().__init__()
         self.symbol = symbol
         self.sequence_parallel = tp.sequence_parallel
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=tp.sequence_parallel)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=tp.sequence_parallel, offset=cfg.norm_offset)
         self.mixer = build_mixer(symbol, cfg, tp)
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:

@@ -40,7 +40,11 @@ class CausalLM(nn.Module):
         self.cfg, self.tp = cfg, tp
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init=normal(cfg.init_std))
         self.layers = nn.ModuleList(Sublayer(symbol, cfg, tp) for symbol in cfg.layers)
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=tp.sequence_parallel)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=tp.sequence_parallel,
+                                  offset=cfg.norm_offset)
+        # RecurrentGemma multiplies embeddings by sqrt(d) as a bf16 constant; the rounding is part of the model
+        self.embed_scale = float(torch.tensor(cfg.d_model**0.5, dtype=torch.bfloat16, device="cpu")) \
+            if cfg.scale_embeddings else None
         self.head = None if cfg.tie_embeddings else ColumnParallel(cfg.d_model, cfg.vocab_size,
                                                                    init=normal(cfg.init_std))
         self.activation_checkpointing = False
@@ -49,16 +53,20 @@ class CausalLM(nn.Module):
     def _logits_local(self, h: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
         """``[s(/tp), b, d]`` -> this rank's vocabulary shard of the logits ``[s, b, V / tp]``."""
         h = enter_tensor_parallel(self.final_norm(h), sequence_parallel)
-        if self.head is None:
-            return torch.matmul(h, self.embed.weight.t())
-        return self.head(h)
+        logits = torch.matmul(h, self.embed.weight.t()) if self.head is None else self.head(h)
+        cap = self.cfg.logits_soft_cap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        return x if self.embed_scale is None else x * self.embed_scale
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``segment_ids`` / ``position_ids`` ``[b, s]`` (optional): several documents packed per sequence,
         kept apart (see ``chimera.models.documents``)."""
         docs = None if segment_ids is None else PackedDocuments.from_batch(segment_ids, position_ids)
-        x = self.embed(input_ids).transpose(0, 1).contiguous()  # [b, s, d] -> [s, b, d]
+        x = self._embed(input_ids).transpose(0, 1).contiguous()  # [b, s, d] -> [s, b, d]
         if self.tp.sequence_parallel:
             x = scatter_sequence(x)
         for layer in self.layers:
@@ -82,7 +90,7 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: list, pos: int) -> torch.Tensor:
         """One token per sequence ``[b]`` at position ``pos`` -> logits ``[b, V]``; updates ``state``."""
-        x = self.embed(tokens[None, :])  # [1, b, d]
+        x = self._embed(tokens[None, :])  # [1, b, d]
         for layer, layer_state in zip(self.layers, state):
             x = layer.step(x, layer_state, pos)
         return gather_vocab(self._logits_local(x, False))[0]

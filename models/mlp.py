@@ -19,12 +19,12 @@ ACTIVATIONS = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.s
 
 class GatedMLP(nn.Module):
     def __init__(self, d_model: int, hidden: int, *, init_std: float, out_std: float, sequence_parallel: bool,
-                 activation: str = "gelu_tanh"):
+                 activation: str = "gelu_tanh", bias: bool = False):
         super().__init__()
         self.act = ACTIVATIONS[activation]
-        self.gate = ColumnParallel(d_model, hidden, init=normal(init_std))
-        self.up = ColumnParallel(d_model, hidden, init=normal(init_std))
-        self.down = RowParallel(hidden, d_model, init=normal(out_std), sequence_parallel=sequence_parallel)
+        self.gate = ColumnParallel(d_model, hidden, init=normal(init_std), bias=bias)
+        self.up = ColumnParallel(d_model, hidden, init=normal(init_std), bias=bias)
+        self.down = RowParallel(hidden, d_model, init=normal(out_std), sequence_parallel=sequence_parallel, bias=bias)
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d], per position
         return self.down(self.act(self.gate(x)) * self.up(x))

@@ -1,20 +1,25 @@
-"""RMSNorm (Zhang & Sennrich 2019): ``y = x / sqrt(mean(x^2) + eps) * w``, computed in fp32."""
+"""RMSNorm (Zhang & Sennrich 2019): ``y = x / sqrt(mean(x^2) + eps) * w``, computed in fp32.
+
+With ``offset`` (Gemma, RecurrentGemma) the scale is ``1 + w`` and ``w`` starts at 0.
+"""
 
 import torch
 from torch import nn
 
-from chimera.parallel.sharding import declare, ones
+from chimera.parallel.sharding import declare, ones, zeros
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6, sequence_parallel: bool = False):
+    def __init__(self, dim: int, eps: float = 1e-6, sequence_parallel: bool = False, offset: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         # Replicated on TP ranks; under sequence parallelism each rank sees only its sequence
         # shard, so the weight's gradient is partial and is summed over TP.
-        self.weight = declare(nn.Parameter(torch.empty(dim)), init=ones, partial_grad_over_tp=sequence_parallel)
+        self.weight = declare(nn.Parameter(torch.empty(dim)), init=zeros if offset else ones,
+                              partial_grad_over_tp=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        scale = 1.0 + self.weight.float() if self.offset else self.weight.float()
+        return (y * scale).to(x.dtype)

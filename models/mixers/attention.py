@@ -45,7 +45,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int | None,
-                 rope_base: float, rope_fraction: float, init_std: float, out_std: float, tp: TPLayout):
+                 rope_base: float, rope_fraction: float, init_std: float, out_std: float, tp: TPLayout,
+                 out_bias: bool = False):
         super().__init__()
         self.head_dim, self.window = head_dim, window
         self.heads_local = tp.local(num_heads, "num_heads")
@@ -66,7 +67,7 @@ class Attention(nn.Module):
         global_heads = torch.arange(self.heads_local) + tp.rank * self.heads_local
         self.register_buffer("kv_of_head", global_heads // group - first_kv, persistent=False)
         self.o_proj = RowParallel(num_heads * head_dim, d_model, init=normal(out_std),
-                                  sequence_parallel=tp.sequence_parallel)
+                                  sequence_parallel=tp.sequence_parallel, bias=out_bias)
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         """``x [s, b, d]`` -> q, k, v as ``[b, heads, s, d_head]`` with RoPE applied to q and k."""

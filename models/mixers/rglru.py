@@ -13,7 +13,8 @@ RG-LRU (Eqs. 1-4), per channel, with block-diagonal gate weights (one block per 
     a_t = a^(c r_t),  a = sigma(Lambda)      # c = 8, in log space        (3)
     h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * u_t)                   (4)
 
-``Lambda`` is initialised so that ``a^c`` is uniform in [0.9, 0.999] (Sec. 2.4).
+``Lambda`` is initialised so that ``a^c`` is uniform in [0.9, 0.999] (Sec. 2.4). RecurrentGemma
+(``reset_unnormalized``) feeds a document's first token unscaled: ``h_t = i_t * u_t`` there.
 
 Tensor parallelism splits channels by whole heads: ``W_y``, ``W_x`` are column parallel, the
 gates' blocks, ``Lambda`` and the conv split with them, ``W_out`` is row parallel. The recurrence is
@@ -53,8 +54,9 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 class RGLRU(nn.Module):
     """The gated recurrence of Eqs. (1)-(4) over this rank's heads."""
 
-    def __init__(self, width: int, heads: int, tp: TPLayout):
+    def __init__(self, width: int, heads: int, tp: TPLayout, reset_unnormalized: bool = False):
         super().__init__()
+        self.reset_unnormalized = reset_unnormalized
         self.heads_local = tp.local(heads, "rnn_heads")
         self.block = width // heads
         std = 1.0 / math.sqrt(self.block)
@@ -73,40 +75,49 @@ class RGLRU(nn.Module):
         uh = u.unflatten(-1, (self.heads_local, self.block))
         return (torch.einsum("...hi,hij->...hj", uh, w.to(u.dtype)) + b.to(u.dtype)).flatten(-2)
 
-    def coefficients(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(a_t, sqrt(1 - a_t^2) * i_t * u_t)``: the recurrence is then ``h_t = a_t h_{t-1} + b_t``."""
+    def coefficients(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a_t, sqrt(1 - a_t^2) * i_t * u_t)``: the recurrence is then ``h_t = a_t h_{t-1} + b_t``.
+
+        ``reset`` (broadcastable to ``u`` without its last dim) marks documents' first tokens."""
         r = torch.sigmoid(self._blockdiag(u, self.gate_a_weight, self.gate_a_bias))  # (1)
         i = torch.sigmoid(self._blockdiag(u, self.gate_x_weight, self.gate_x_bias))  # (2)
         log_a = -GATE_C * r * F.softplus(-self.a_param.to(u.dtype))  # (3): log a_t = c r_t log sigma(Lambda)
         a = torch.exp(log_a)
         multiplier = torch.sqrt(-torch.expm1(2 * log_a))  # sqrt(1 - a_t^2), accurate near a_t = 1
+        if self.reset_unnormalized and reset is not None:
+            multiplier = torch.where(reset.unsqueeze(-1), torch.ones_like(multiplier), multiplier)
         return a, multiplier * i * u
 
-    def forward(self, u: torch.Tensor, h0: torch.Tensor | None = None,
-                reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, w]
-        """All states; ``reset [s, b]`` marks a document's first token, where ``h_{t-1}`` is dropped."""
-        a, b = self.coefficients(_at_least_fp32(u))
-        if reset is not None:
-            a = a.masked_fill(reset.unsqueeze(-1), 0.0)
-        return linear_scan(a, b, h0).to(u.dtype)  # (4)
+    def forward(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, w]
+        """All states; ``reset [s, b]`` marks a document's first token, where ``h_{t-1}`` is dropped.
 
-    def step(self, u: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # [b, w] -> new h [b, w]
-        a, b = self.coefficients(_at_least_fp32(u))
-        return a * h + b
+        The sequence's first token always starts a document."""
+        first = torch.zeros(u.shape[:2], dtype=torch.bool, device=u.device)
+        first[0] = True
+        reset = first if reset is None else reset | first
+        a, b = self.coefficients(_at_least_fp32(u), reset)
+        a = a.masked_fill(reset.unsqueeze(-1), 0.0)
+        return linear_scan(a, b).to(u.dtype)  # (4)
+
+    def step(self, u: torch.Tensor, h: torch.Tensor, first: bool = False) -> torch.Tensor:  # [b, w] -> [b, w]
+        reset = torch.full(u.shape[:1], first, dtype=torch.bool, device=u.device)
+        a, b = self.coefficients(_at_least_fp32(u), reset)
+        return b if first else a * h + b
 
 
 class RecurrentBlock(nn.Module):
     """Symbol ``R``: the recurrent temporal-mixing block of Griffin and Hawk."""
 
     def __init__(self, d_model: int, width: int, heads: int, conv_kernel: int, *, init_std: float,
-                 out_std: float, tp: TPLayout):
+                 out_std: float, tp: TPLayout, bias: bool = False, reset_unnormalized: bool = False):
         super().__init__()
         width_local = tp.local(width, "rnn_width")
-        self.linear_y = ColumnParallel(d_model, width, init=normal(init_std))
-        self.linear_x = ColumnParallel(d_model, width, init=normal(init_std))
+        self.linear_y = ColumnParallel(d_model, width, init=normal(init_std), bias=bias)
+        self.linear_x = ColumnParallel(d_model, width, init=normal(init_std), bias=bias)
         self.conv = CausalConv1d(width_local, conv_kernel)
-        self.rglru = RGLRU(width, heads, tp)
-        self.linear_out = RowParallel(width, d_model, init=normal(out_std), sequence_parallel=tp.sequence_parallel)
+        self.rglru = RGLRU(width, heads, tp, reset_unnormalized)
+        self.linear_out = RowParallel(width, d_model, init=normal(out_std), sequence_parallel=tp.sequence_parallel,
+                                      bias=bias)
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
         """``docs``: packed-document layout (``chimera.models.documents``); state never crosses a boundary."""
@@ -127,5 +138,5 @@ class RecurrentBlock(nn.Module):
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         y = F.gelu(self.linear_y(x), approximate="tanh")
         u, state["conv"] = self.conv.step(self.linear_x(x)[0], state["conv"])
-        state["h"] = self.rglru.step(u, state["h"])
+        state["h"] = self.rglru.step(u, state["h"], first=pos == 0)
         return self.linear_out(y * state["h"].to(x.dtype).unsqueeze(0))

@@ -25,6 +25,11 @@ TINY_HF = {
         vocab_size=320, hidden_size=64, state_size=16, num_hidden_layers=3, expand=2, head_dim=16, num_heads=8,
         n_groups=2, conv_kernel=4, chunk_size=16, use_bias=False, use_conv_bias=True, tie_word_embeddings=True,
         layer_norm_epsilon=1e-5)),
+    "recurrent_gemma": lambda: transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, lru_width=64, attention_window_size=16, conv1d_width=4,
+        logits_soft_cap=30.0, rms_norm_eps=1e-6, partial_rotary_factor=0.5,
+        block_types=["recurrent", "recurrent", "attention"])),
 }
 
 

@@ -21,6 +21,10 @@ HF_CONFIGS = {
     "mamba2-130m": lambda: transformers.Mamba2Config(
         vocab_size=50288, hidden_size=768, state_size=128, num_hidden_layers=24, expand=2, head_dim=64, num_heads=24,
         n_groups=1, conv_kernel=4, use_bias=False, use_conv_bias=True, tie_word_embeddings=True),
+    "recurrentgemma-2b": lambda: transformers.RecurrentGemmaConfig(  # google/recurrentgemma-2b's config.json
+        vocab_size=256000, hidden_size=2560, intermediate_size=15360, num_hidden_layers=26, num_attention_heads=10,
+        num_key_value_heads=1, head_dim=256, lru_width=2560, attention_window_size=2048, conv1d_width=4,
+        logits_soft_cap=30.0, partial_rotary_factor=0.5, block_types=["recurrent", "recurrent", "attention"]),
 }
 
 

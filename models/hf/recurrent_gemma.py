@@ -1,0 +1,141 @@
+"""transformers ``RecurrentGemmaForCausalLM`` <-> Chimera's Griffin blocks with RecurrentGemma numerics.
+
+HF layer ``i`` (a recurrent or local-attention temporal block, then the MLP) is Chimera sublayers
+``2i`` (``R`` or ``L``) and ``2i + 1`` (``-``). Known traps, handled here:
+
+* the RG-LRU gates are block-diagonal, stored ``[heads, in, out]`` and applied ``x @ W`` - the
+  same layout as ours, so they copy unchanged;
+* HF's ``recurrent_param`` is ``-Lambda``: it computes ``log a = -8 r softplus(recurrent_param)``
+  where the paper (and we) write ``a = sigma(Lambda)``, ``log a = -softplus(-Lambda)``;
+* the temporal conv is ``[width, 1, k]`` there, ``[width, k]`` here;
+* numerics: RMSNorm scales by ``1 + w``, embeddings are multiplied by ``sqrt(d)`` rounded to bf16,
+  logits are soft-capped, the first token of a sequence enters the RG-LRU unscaled, and the
+  recurrent block, attention output and MLP projections carry biases.
+"""
+
+from __future__ import annotations
+
+from chimera.errors import UserError
+
+MODEL_TYPE = "recurrent_gemma"
+RECURRENT = ("linear_y.weight", "linear_y.bias", "linear_x.weight", "linear_x.bias", "linear_out.weight",
+             "linear_out.bias", "conv.bias")
+GATES = {"rg_lru.input_gate_weight": "rglru.gate_x_weight", "rg_lru.input_gate_bias": "rglru.gate_x_bias",
+         "rg_lru.recurrent_gate_weight": "rglru.gate_a_weight", "rg_lru.recurrent_gate_bias": "rglru.gate_a_bias"}
+ATTENTION = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "o_proj.bias")
+
+
+def _block_symbols(block_types: list[str], layers: int) -> str:
+    symbols = {"recurrent": "R", "attention": "L"}
+    if any(b not in symbols for b in block_types):
+        raise UserError(f"unknown RecurrentGemma block types {block_types}")
+    return "".join(symbols[block_types[i % len(block_types)]] + "-" for i in range(layers))
+
+
+def config_from_hf(hf: dict) -> dict:
+    if hf.get("attention_bias") or hf.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise UserError("this RecurrentGemma variant (attention bias or another activation) is not supported yet")
+    if not hf.get("embeddings_scale_by_sqrt_dim", True) or not hf.get("tie_word_embeddings", True):
+        raise UserError("RecurrentGemma without embedding scaling or with an untied head is not supported yet")
+    layers = _block_symbols(hf["block_types"], hf["num_hidden_layers"])
+    return {
+        "name": "recurrent_gemma",
+        "family": MODEL_TYPE,
+        "pattern": layers,
+        "vocab_size": hf["vocab_size"],
+        "d_model": hf["hidden_size"],
+        "num_heads": hf["num_attention_heads"],
+        "num_kv_heads": hf["num_key_value_heads"],
+        "head_dim": hf["head_dim"],
+        "window": hf["attention_window_size"],
+        "rope_base": float(hf.get("rope_theta", 10000.0)),
+        "rope_fraction": hf.get("partial_rotary_factor", 0.5),
+        "mlp_hidden": hf["intermediate_size"] // 2,
+        "mlp_activation": "gelu_tanh",
+        "rnn_width": hf["lru_width"] or hf["hidden_size"],
+        "rnn_heads": hf["num_attention_heads"],
+        "conv_kernel": hf["conv1d_width"],
+        "norm_eps": hf["rms_norm_eps"],
+        "tie_embeddings": True,
+        "scale_embeddings": True,
+        "norm_offset": True,
+        "logits_soft_cap": hf["logits_soft_cap"],
+        "linear_bias": True,
+        "rglru_reset_unnormalized": True,
+    }
+
+
+def config_to_hf(cfg) -> dict:
+    blocks = ["recurrent" if s == "R" else "attention" for s in cfg.layers[::2]]
+    return {
+        "architectures": ["RecurrentGemmaForCausalLM"],
+        "model_type": MODEL_TYPE,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": 2 * cfg.mlp_hidden,
+        "num_hidden_layers": len(blocks),
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_size,
+        "lru_width": cfg.lru_width,
+        "attention_window_size": cfg.window,
+        "conv1d_width": cfg.conv_kernel,
+        "logits_soft_cap": cfg.logits_soft_cap,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_base,
+        "partial_rotary_factor": cfg.rope_fraction,
+        "block_types": blocks,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "embeddings_scale_by_sqrt_dim": True,
+        "attention_bias": False,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def _check(cfg) -> None:
+    ok = len(cfg.layers) % 2 == 0 and set(cfg.layers[::2]) <= {"R", "L"} and set(cfg.layers[1::2]) == {"-"}
+    numerics = cfg.scale_embeddings and cfg.norm_offset and cfg.linear_bias and cfg.rglru_reset_unnormalized
+    if not ok or not numerics or cfg.logits_soft_cap is None or cfg.lru_heads != cfg.num_heads:
+        raise UserError("this model is not a RecurrentGemma: it needs (R|L)- blocks, rnn_heads = num_heads and "
+                        "RecurrentGemma's numerics (scale_embeddings, norm_offset, linear_bias, logits_soft_cap, "
+                        "rglru_reset_unnormalized)")
+
+
+def names(cfg) -> list[tuple[str, str, str]]:
+    """(HF name, Chimera name, transform) of every parameter; transform is "", "neg" or "conv"."""
+    _check(cfg)
+    out = [("model.embed_tokens.weight", "embed.weight", ""), ("model.final_norm.weight", "final_norm.weight", "")]
+    for i, symbol in enumerate(cfg.layers[::2]):
+        hf, mix, mlp = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
+        out += [(f"{hf}.temporal_pre_norm.weight", f"{mix}.norm.weight", ""),
+                (f"{hf}.channel_pre_norm.weight", f"{mlp}.norm.weight", "")]
+        out += [(f"{hf}.mlp_block.{p}_proj.{w}", f"{mlp}.mixer.{p}.{w}", "")
+                for p in ("gate", "up", "down") for w in ("weight", "bias")]
+        block = f"{hf}.temporal_block"
+        if symbol == "R":
+            out += [(f"{block}.{n.replace('conv.', 'conv_1d.')}", f"{mix}.mixer.{n}", "") for n in RECURRENT]
+            out += [(f"{block}.conv_1d.weight", f"{mix}.mixer.conv.weight", "conv"),
+                    (f"{block}.rg_lru.recurrent_param", f"{mix}.mixer.rglru.a_param", "neg")]
+            out += [(f"{block}.{h}", f"{mix}.mixer.{c}", "") for h, c in GATES.items()]
+        else:
+            out += [(f"{block}.{n}", f"{mix}.mixer.{n}", "") for n in ATTENTION]
+    return out
+
+
+def hf_shapes(cfg) -> dict:
+    from chimera.models.hf import expected_shapes
+
+    ours = expected_shapes(cfg)
+    shape = {"": lambda s: s, "neg": lambda s: s, "conv": lambda s: (s[0], 1, s[1])}
+    return {hf: tuple(shape[t](tuple(ours[c]))) for hf, c, t in names(cfg)}
+
+
+def to_chimera(t: dict, cfg) -> dict:
+    convert = {"": lambda x: x, "neg": lambda x: -x, "conv": lambda x: x[:, 0]}
+    return {c: convert[k](t[hf]) for hf, c, k in names(cfg)}
+
+
+def to_hf(s: dict, cfg) -> dict:
+    convert = {"": lambda x: x, "neg": lambda x: -x, "conv": lambda x: x.unsqueeze(1)}
+    return {hf: convert[k](s[c]) for hf, c, k in names(cfg)}

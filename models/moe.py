@@ -1,0 +1,260 @@
+"""Mixture-of-Experts channel mixer: a router picks ``top_k`` gated MLPs per token.
+
+Drop-in replacement for ``chimera.models.mlp.GatedMLP`` (same ``[s, b, d] -> [s, b, d]`` contract).
+
+Router (Shazeer et al., arXiv 1701.06538; Switch Transformer, Fedus et al., arXiv 2101.03961)::
+
+    logits = x W_r^T                         # W_r [E, d], fp32
+    p      = softmax(logits)                 # over the E experts
+    S(x)   = top-k experts of p, with weights
+             w_i = p_i                       # Jamba (arXiv 2403.19887): softmax, then top-k
+             w_i = p_i / sum_{j in S} p_j    # normalize_top_k: Mixtral (arXiv 2401.04088), Qwen-MoE, Granite
+    y      = sum_{i in S(x)} w_i E_i(x),   E_i(x) = W_down,i( act(W_gate,i x) * (W_up,i x) )
+
+Capacity (GShard, Lepikhin et al., arXiv 2006.16668; Switch Sec. 2.2): with ``capacity_factor``
+each expert takes at most ``C = ceil(capacity_factor * T * k / E)`` of the ``T * k`` (token, slot)
+assignments, first come first served in token order (tokens flattened from ``[s, b]``, position
+major); a dropped assignment contributes zero, the residual connection carries the token.
+``capacity_factor=None`` is dropless (MegaBlocks, Gale et al., arXiv 2211.15841): every
+assignment is computed.
+
+Auxiliary losses, returned in ``last_aux_loss = aux_loss_coef * aux + z_loss_coef * z``:
+
+* load balancing (Switch Eq. 4, generalised to top-k)::
+
+      aux = E * sum_e f_e * P_e,   f_e = #{(t, slot) routed to e} / (T k),   P_e = mean_t p_e(x_t)
+
+  ``f`` is a count (no gradient); the gradient reaches the router through ``P``. It is 1 for a
+  uniform router and ``E`` when everything goes to one expert. This is megatron-core's
+  normalisation (``switch_load_balancing_loss_func``); HF Mixtral's ``load_balancing_loss_func``
+  divides the counts by ``T`` instead of ``T k``, i.e. it is ``k`` times this value.
+* router z-loss (ST-MoE, Zoph et al., arXiv 2202.08906, Eq. 5): ``z = mean_t logsumexp(logits_t)^2``.
+
+The computation is split into small functions so that experts can later live on other ranks
+(expert parallelism)::
+
+    route     -> (probs, weights [T, k], experts [T, k])           replicated
+    dispatch  -> tokens grouped by expert, [N, d] with counts [E]    local
+    [all-to-all: send each expert's group to the rank that owns it; counts travel first]
+    experts   -> expert outputs in the same grouped order [N, d]
+    [all-to-all back]
+    combine   -> y [T, d] = scatter-add of w * expert output onto the tokens
+
+Nothing between ``dispatch`` and ``combine`` looks at token indices, only at the grouped rows and
+per-expert counts, so the two all-to-alls slot in without touching either side.
+
+Tensor parallelism: every expert is split like ``GatedMLP`` -- ``W_gate``, ``W_up`` by output rows
+of the hidden dim, ``W_down`` by input columns -- so each rank computes a partial ``E_i(x)``; the
+weighted sum over experts is linear, so the sum over ranks happens once, at the end (all-reduce,
+or reduce-scatter to sequence shards), exactly as in ``RowParallel``. The router runs replicated
+on every rank on the identical (entered) input and routes identically. Its combine weights
+multiply rank-partial expert outputs, so the gradient reaching them -- and the router weight and
+``x`` through them -- is partial per rank: ``W_r`` is declared ``partial_grad_over_tp`` (like a
+shared kv head) and ``enter_tensor_parallel`` sums ``x``'s gradient. The auxiliary losses are
+computed identically on every rank and every rank backpropagates them; their gradient is scaled
+by ``1 / tp`` (value unchanged) so that those two sums count it once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import (
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+from torch import nn
+
+from chimera.models.mlp import ACTIVATIONS
+from chimera.parallel.layers import TPLayout
+from chimera.parallel.sharding import declare, normal
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The router runs in fp32 (or wider) even when activations are bf16."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _scale_grad(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass."""
+    if scale == 1.0:
+        return t
+    return t.detach() + scale * (t - t.detach())
+
+
+# Routing.
+
+
+@dataclass
+class Routing:
+    logits: torch.Tensor  # [T, E] fp32
+    probs: torch.Tensor  # [T, E] softmax over experts
+    weights: torch.Tensor  # [T, k] combine weights, descending
+    experts: torch.Tensor  # [T, k] expert ids (long)
+
+
+def route(logits: torch.Tensor, top_k: int, normalize_top_k: bool) -> Routing:
+    """Softmax over experts, then top-k; optionally renormalise the k weights to sum to 1."""
+    probs = logits.softmax(dim=-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if normalize_top_k:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return Routing(logits, probs, weights, experts)
+
+
+def expert_load(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``f_e``: fraction of the ``T * k`` (token, slot) assignments routed to each expert (before drops)."""
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts)
+    return counts.to(torch.float32) / experts.numel()
+
+
+def load_balancing_loss(probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+    """Switch Eq. 4 for top-k: ``E * sum_e f_e P_e`` (``load`` = f, no gradient; ``P`` = mean probs)."""
+    num_experts = probs.shape[-1]
+    return num_experts * (load.to(probs.dtype) * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE Eq. 5: ``mean_t logsumexp(logits_t)^2``."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def capacity_of(capacity_factor: float | None, tokens: int, top_k: int, num_experts: int) -> int | None:
+    """``ceil(capacity_factor * T * k / E)`` assignments per expert; ``None``: dropless."""
+    if capacity_factor is None:
+        return None
+    return math.ceil(capacity_factor * tokens * top_k / num_experts)
+
+
+# Dispatch / experts / combine.
+
+
+@dataclass
+class Dispatch:
+    """The kept (token, slot) assignments, grouped by expert (expert-major, token order within)."""
+
+    assignment: torch.Tensor  # [N] flat index t * k + slot of each kept assignment
+    token: torch.Tensor  # [N] its token
+    counts: torch.Tensor  # [E] kept assignments per expert (rows of each expert's group)
+    routed: torch.Tensor  # [E] assignments routed to each expert before drops
+
+
+def dispatch_plan(experts: torch.Tensor, num_experts: int, capacity: int | None) -> Dispatch:
+    """Group the assignments by expert; beyond ``capacity`` per expert, drop the later tokens."""
+    top_k = experts.shape[-1]
+    flat = experts.reshape(-1)  # index t * k + slot: token order
+    order = torch.argsort(flat, stable=True)  # expert-major; stable keeps token order within an expert
+    routed = torch.bincount(flat, minlength=num_experts)
+    counts = routed
+    if capacity is not None:
+        starts = torch.cumsum(routed, 0) - routed
+        rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        order = order[rank_in_expert < capacity]
+        counts = routed.clamp(max=capacity)
+    return Dispatch(assignment=order, token=order // top_k, counts=counts, routed=routed)
+
+
+def dispatch(x: torch.Tensor, plan: Dispatch) -> torch.Tensor:
+    """``x [T, d]`` -> the grouped expert inputs ``[N, d]`` (a token appears once per expert it uses)."""
+    return x.index_select(0, plan.token)
+
+
+def run_experts(grouped: torch.Tensor, counts: list[int], gate_weight: torch.Tensor, up_weight: torch.Tensor,
+                down_weight: torch.Tensor, act) -> torch.Tensor:
+    """Each expert's gated MLP on its contiguous group of rows: ``[N, d] -> [N, d]`` (partial over TP).
+
+    Weights ``gate/up [E, h, d]``, ``down [E, d, h]`` (``h`` this rank's hidden shard). A loop over
+    experts; an expert with no rows still runs (empty matmuls) so every weight gets a gradient.
+    """
+    outputs = []
+    for e, rows in enumerate(grouped.split(counts)):
+        hidden = act(rows @ gate_weight[e].to(rows.dtype).T) * (rows @ up_weight[e].to(rows.dtype).T)
+        outputs.append(hidden @ down_weight[e].to(rows.dtype).T)
+    return torch.cat(outputs)
+
+
+def combine(expert_out: torch.Tensor, weights: torch.Tensor, plan: Dispatch, tokens: int) -> torch.Tensor:
+    """``y_t = sum over t's kept assignments of w * expert output``: ``[N, d] -> [T, d]``; dropped ones add 0."""
+    w = weights.reshape(-1).index_select(0, plan.assignment).to(expert_out.dtype)
+    y = expert_out.new_zeros(tokens, expert_out.shape[-1])
+    return y.index_add(0, plan.token, expert_out * w.unsqueeze(-1))
+
+
+class MoE(nn.Module):
+    """Top-k routed gated-MLP experts, the channel mixer of Mixtral / Jamba / Switch-style models."""
+
+    def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, *, init_std: float,
+                 out_std: float, tp: TPLayout, activation: str = "silu", normalize_top_k: bool = False,
+                 capacity_factor: float | None = None, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0,
+                 sequence_parallel: bool = False):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive or None (dropless), got {capacity_factor}")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.normalize_top_k, self.capacity_factor = normalize_top_k, capacity_factor
+        self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
+        self.sequence_parallel = sequence_parallel
+        self.tp_size = tp.size
+        self.act = ACTIVATIONS[activation]
+        hidden_local = tp.local(hidden, "moe hidden")
+
+        # [E, d]: replicated; gradient partial per rank (it weights rank-partial expert outputs).
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        declare(self.router.weight, init=normal(init_std), partial_grad_over_tp=tp.size > 1)
+
+        def expert_param(shape, std, split_dim):
+            return declare(nn.Parameter(torch.empty(shape)), init=normal(std), split_dim=split_dim)
+
+        # [E, hidden / tp, d] (split dim 1) and [E, d, hidden / tp] (split dim 2): the hidden dim.
+        self.gate_weight = expert_param((num_experts, hidden_local, d_model), init_std, 1)
+        self.up_weight = expert_param((num_experts, hidden_local, d_model), init_std, 1)
+        self.down_weight = expert_param((num_experts, d_model, hidden_local), out_std, 2)
+
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_stats: dict[str, float] = {}
+        self.last_load: torch.Tensor | None = None
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., d] -> [..., E]`` in fp32 (or wider)."""
+        x = _at_least_fp32(x)
+        return F.linear(x, self.router.weight.to(x.dtype))
+
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d], per token
+        s, b, d = x.shape
+        flat = x.reshape(s * b, d)
+        routing = route(self.router_logits(flat), self.top_k, self.normalize_top_k)
+        capacity = capacity_of(self.capacity_factor, s * b, self.top_k, self.num_experts)
+        plan = dispatch_plan(routing.experts, self.num_experts, capacity)
+
+        counts = plan.counts.tolist()  # split sizes (one host sync, as in any dropless MoE)
+        expert_out = run_experts(dispatch(flat, plan), counts, self.gate_weight, self.up_weight,
+                                 self.down_weight, self.act)
+        y = combine(expert_out, routing.weights, plan, s * b).view(s, b, d)
+
+        self._record_losses(routing, plan)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(y)
+        return reduce_from_tensor_model_parallel_region(y)
+
+    def _record_losses(self, routing: Routing, plan: Dispatch) -> None:
+        load = plan.routed.to(torch.float32) / routing.experts.numel()
+        aux = load_balancing_loss(routing.probs, load)
+        z = router_z_loss(routing.logits)
+        total = self.aux_loss_coef * aux + self.z_loss_coef * z
+        self.last_aux_loss = _scale_grad(total, 1.0 / self.tp_size)  # see the module docstring (TP)
+        self.last_load = load
+        dropped = 1.0 - plan.counts.sum() / routing.experts.numel()
+        stats = torch.stack([aux.detach().float(), z.detach().float(), load.max(), load.min(), dropped.float()])
+        self.last_stats = dict(zip(("aux_loss", "z_loss", "expert_load_max", "expert_load_min", "dropped_fraction"),
+                                   stats.tolist()))
+
+    def init_state(self, batch: int, max_len: int):
+        return None
+
+    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:
+        return self.forward(x)
