@@ -21,6 +21,8 @@ LAYER_SYMBOLS = {
     "-": "gated MLP",
     "m": "Mamba selective SSM (Mamba-1)",
     "M": "Mamba-2 SSD",
+    "0": "shared block 0 (model.shared_blocks[0]: one set of parameters at every use)",
+    "1": "shared block 1 (model.shared_blocks[1])",
 }
 
 
@@ -48,6 +50,9 @@ class ModelConfig(Section):
     rnn_width: int | None = Field(None, ge=1, description="RG-LRU width (defaults to d_model)")
     rnn_heads: int | None = Field(None, ge=1, description="blocks of the block-diagonal RG-LRU gates")
     conv_kernel: int = Field(4, ge=1)
+    shared_blocks: list[str] = Field(
+        default_factory=list, description="patterns of shared blocks; symbol '0', '1' in `pattern` applies one"
+    )
     mlp_activation: Literal["gelu_tanh", "silu"] = Field("gelu_tanh", description="gate of the gated MLP")
     ssm_state: int = Field(16, ge=1, description="Mamba: state size N per channel (Mamba-2: per head)")
     ssm_expand: int = Field(2, ge=1, description="Mamba: inner width = ssm_expand x d_model")
@@ -71,6 +76,12 @@ class ModelConfig(Section):
     def _check(self):
         if "-" in self.pattern and self.mlp_hidden is None:
             raise ValueError("the pattern has MLP sublayers ('-'): set mlp_hidden")
+        for i, block in enumerate(self.shared_blocks):
+            if set(block) - set(LAYER_SYMBOLS) or set(block) & {"0", "1"}:
+                raise ValueError(f"shared_blocks[{i}] = {block!r}: use the layer symbols, without shared ones")
+        used = {int(c) for c in self.pattern if c in "01"}
+        if used and max(used) >= len(self.shared_blocks):
+            raise ValueError(f"pattern uses shared block {max(used)} but shared_blocks has {len(self.shared_blocks)}")
         bad = sorted(set(self.pattern) - set(LAYER_SYMBOLS) - {"|"})
         if bad:
             allowed = ", ".join(f"'{k}' ({v})" for k, v in LAYER_SYMBOLS.items())

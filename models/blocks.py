@@ -64,3 +64,32 @@ class Sublayer(nn.Module):
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d], no sequence sharding
         return x + self.mixer.step(enter_tensor_parallel(self.norm(x), False), state, pos)
+
+
+class SharedUse(nn.Module):
+    """One use of a shared block (symbols ``0``, ``1``): the block's parameters exist once, in the model's
+    ``shared`` list, and every use runs those same tensors, so their gradients add up over the uses
+    (Zamba's shared attention block). The block is held outside the module tree here, so its parameters
+    have one name; each use keeps its own decoding state."""
+
+    def __init__(self, block: nn.ModuleList, index: int):
+        super().__init__()
+        self.index = index
+        self._block = (block,)  # a tuple: not registered as a child
+
+    @property
+    def block(self) -> nn.ModuleList:
+        return self._block[0]
+
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
+        for sublayer in self.block:
+            x = sublayer(x, docs)
+        return x
+
+    def init_state(self, batch: int, max_len: int):
+        return [sublayer.init_state(batch, max_len) for sublayer in self.block]
+
+    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:
+        for sublayer, sub_state in zip(self.block, state):
+            x = sublayer.step(x, sub_state, pos)
+        return x

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from chimera.configs.schema import ModelConfig
-from chimera.models.blocks import Sublayer
+from chimera.models.blocks import SharedUse, Sublayer
 from chimera.models.documents import PackedDocuments
 from chimera.models.norms import RMSNorm
 from chimera.parallel.layers import (
@@ -39,7 +39,10 @@ class CausalLM(nn.Module):
         tp = tp or TPLayout.current()
         self.cfg, self.tp = cfg, tp
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init=normal(cfg.init_std))
-        self.layers = nn.ModuleList(Sublayer(symbol, cfg, tp) for symbol in cfg.layers)
+        self.shared = nn.ModuleList(nn.ModuleList(Sublayer(symbol, cfg, tp) for symbol in block)
+                                    for block in cfg.shared_blocks)
+        self.layers = nn.ModuleList(SharedUse(self.shared[int(symbol)], int(symbol)) if symbol in "01"
+                                    else Sublayer(symbol, cfg, tp) for symbol in cfg.layers)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=tp.sequence_parallel,
                                   offset=cfg.norm_offset)
         # RecurrentGemma multiplies embeddings by sqrt(d) as a bf16 constant; the rounding is part of the model

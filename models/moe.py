@@ -249,7 +249,7 @@ class MoE(nn.Module):
         self.last_aux_loss = _scale_grad(total, 1.0 / self.tp_size)  # see the module docstring (TP)
         self.last_load = load
         dropped = 1.0 - plan.counts.sum() / routing.experts.numel()
-        stats = torch.stack([aux.detach().float(), z.detach().float(), load.max(), load.min(), dropped.float()])
+        stats = torch.stack([t.detach().to(aux.dtype) for t in (aux, z, load.max(), load.min(), dropped)])
         self.last_stats = dict(zip(("aux_loss", "z_loss", "expert_load_max", "expert_load_min", "dropped_fraction"),
                                    stats.tolist()))
 

@@ -1,0 +1,58 @@
+"""Shared blocks really share: one tensor, used at several depths, whose gradient is the sum of the
+per-use gradients."""
+
+import torch
+
+from helpers import build_model
+
+SHARED = ["pattern=m0m0", "num_layers=null", "shared_blocks=['*-']", "mlp_hidden=128",
+          "num_heads=4"]
+
+
+def test_one_tensor_at_every_use(single_process):
+    model = build_model("mamba-tiny", overrides=SHARED)
+    names = [n for n, _ in model.named_parameters()]
+    assert sum(n.startswith("shared.0.") for n in names) == 9  # 2 norms + q,k,v,o + gate,up,down
+    assert not any(n.startswith(("layers.1.", "layers.3.")) for n in names)
+    assert model.layers[1].block is model.layers[3].block is model.shared[0]
+
+
+def test_gradient_is_the_sum_of_per_use_gradients(single_process):
+    shared = build_model("mamba-tiny", overrides=SHARED).double()
+    ids = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(ids, -1, 1)
+    shared(ids, labels=labels).backward()
+
+    # the same network with a separate copy of the block at each use: pattern m*-m*-, same weights
+    unshared = build_model("mamba-tiny", overrides=SHARED[:2] + ["pattern=m*-m*-", "shared_blocks=[]"] + SHARED[3:])
+    unshared = unshared.double()
+    where = {"layers.0.": ["layers.0."], "layers.2.": ["layers.3."], "shared.0.0.": ["layers.1.", "layers.4."],
+             "shared.0.1.": ["layers.2.", "layers.5."]}
+    mine = dict(shared.named_parameters())
+    theirs = dict(unshared.named_parameters())
+    with torch.no_grad():
+        for name, p in mine.items():
+            for prefix, targets in where.items():
+                if name.startswith(prefix):
+                    for t in targets:
+                        theirs[t + name[len(prefix):]].copy_(p)
+        theirs["embed.weight"].copy_(mine["embed.weight"])
+        theirs["final_norm.weight"].copy_(mine["final_norm.weight"])
+    unshared(ids, labels=labels).backward()
+    for name, p in mine.items():
+        if name.startswith("shared.0."):
+            rest = name[len("shared.0.0."):]
+            uses = ("layers.1.", "layers.4.") if name.startswith("shared.0.0.") else ("layers.2.", "layers.5.")
+            first, second = uses
+            g1, g2 = theirs[first + rest].grad, theirs[second + rest].grad
+            assert g1.abs().max() > 0 and g2.abs().max() > 0
+            torch.testing.assert_close(p.grad, g1 + g2, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_block_decoding_keeps_a_state_per_use(single_process):
+    model = build_model("mamba-tiny", overrides=SHARED).double()
+    ids = torch.randint(0, 257, (1, 24), generator=torch.Generator().manual_seed(1))
+    full = model(ids)
+    state = model.init_state(1, 24)
+    steps = torch.stack([model.step(ids[:, t], state, t) for t in range(24)], dim=1)
+    torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
