@@ -21,6 +21,7 @@ LAYER_SYMBOLS = {
     "-": "gated MLP",
     "m": "Mamba selective SSM (Mamba-1)",
     "M": "Mamba-2 SSD",
+    "E": "mixture of experts (gated-MLP experts, top-k router)",
     "0": "shared block 0 (model.shared_blocks[0]: one set of parameters at every use)",
     "1": "shared block 1 (model.shared_blocks[1])",
 }
@@ -50,6 +51,13 @@ class ModelConfig(Section):
     rnn_width: int | None = Field(None, ge=1, description="RG-LRU width (defaults to d_model)")
     rnn_heads: int | None = Field(None, ge=1, description="blocks of the block-diagonal RG-LRU gates")
     conv_kernel: int = Field(4, ge=1)
+    moe_experts: int = Field(8, ge=1)
+    moe_top_k: int = Field(2, ge=1)
+    moe_hidden: int | None = Field(None, ge=1, description="width of each expert (default mlp_hidden)")
+    moe_normalize_top_k: bool = Field(False, description="renormalise the top-k router weights to sum to 1")
+    moe_capacity_factor: float | None = Field(None, gt=0, description="None: dropless")
+    moe_aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss weight")
+    moe_z_loss_coef: float = Field(0.0, ge=0, description="router z-loss weight")
     shared_blocks: list[str] = Field(
         default_factory=list, description="patterns of shared blocks; symbol '0', '1' in `pattern` applies one"
     )
@@ -76,6 +84,10 @@ class ModelConfig(Section):
     def _check(self):
         if "-" in self.pattern and self.mlp_hidden is None:
             raise ValueError("the pattern has MLP sublayers ('-'): set mlp_hidden")
+        if "E" in self.pattern and (self.moe_hidden or self.mlp_hidden) is None:
+            raise ValueError("the pattern has MoE sublayers ('E'): set moe_hidden or mlp_hidden")
+        if self.moe_top_k > self.moe_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} exceeds moe_experts={self.moe_experts}")
         for i, block in enumerate(self.shared_blocks):
             if set(block) - set(LAYER_SYMBOLS) or set(block) & {"0", "1"}:
                 raise ValueError(f"shared_blocks[{i}] = {block!r}: use the layer symbols, without shared ones")
@@ -288,6 +300,7 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
     for field, value in (
         ("model.num_heads", m.num_heads if attention else tp),
         ("model.mlp_hidden", m.mlp_hidden or tp),
+        ("model.moe_hidden", (m.moe_hidden or m.mlp_hidden or tp) if "E" in m.layers else tp),
         ("model.vocab_size", m.vocab_size),
     ):
         if value % tp:

@@ -17,6 +17,7 @@ from chimera.models.mixers.mamba import MambaMixer
 from chimera.models.mixers.mamba2 import Mamba2Mixer
 from chimera.models.mixers.rglru import RecurrentBlock
 from chimera.models.mlp import GatedMLP
+from chimera.models.moe import MoE
 from chimera.models.norms import RMSNorm
 from chimera.parallel.layers import TPLayout, enter_tensor_parallel
 
@@ -40,6 +41,11 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
         return Mamba2Mixer(cfg.d_model, d_state=cfg.ssm_state, d_conv=cfg.conv_kernel, expand=cfg.ssm_expand,
                            head_dim=cfg.ssm_head_dim, n_groups=cfg.ssm_groups, chunk_size=cfg.ssm_chunk,
                            norm_eps=cfg.norm_eps, init_std=std, out_std=out_std, tp=tp)
+    if symbol == "E":
+        return MoE(cfg.d_model, cfg.moe_hidden or cfg.mlp_hidden, cfg.moe_experts, cfg.moe_top_k, init_std=std,
+                   out_std=out_std, tp=tp, activation=cfg.mlp_activation, normalize_top_k=cfg.moe_normalize_top_k,
+                   capacity_factor=cfg.moe_capacity_factor, aux_loss_coef=cfg.moe_aux_loss_coef,
+                   z_loss_coef=cfg.moe_z_loss_coef, sequence_parallel=tp.sequence_parallel)
     if symbol == "-":
         return GatedMLP(cfg.d_model, cfg.mlp_hidden, init_std=std, out_std=out_std,
                         sequence_parallel=tp.sequence_parallel, activation=cfg.mlp_activation, bias=cfg.linear_bias)

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from chimera.configs.schema import ModelConfig
 from chimera.models.blocks import SharedUse, Sublayer
 from chimera.models.documents import PackedDocuments
+from chimera.models.moe import MoE
 from chimera.models.norms import RMSNorm
 from chimera.parallel.layers import (
     ColumnParallel,
@@ -83,7 +84,23 @@ class CausalLM(nn.Module):
         targets = labels.transpose(0, 1).contiguous()
         mask = targets != IGNORE_INDEX
         losses = vocab_parallel_cross_entropy(logits, torch.where(mask, targets, 0))
-        return (losses * mask).sum() / mask.sum().clamp(min=1)
+        loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+        if self.training:  # router losses train the router; validation reports the language-model loss alone
+            loss = loss + sum((m.last_aux_loss for m in self._moe_layers()), torch.zeros((), device=loss.device))
+        return loss
+
+    def _moe_layers(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def training_metrics(self) -> dict:
+        """What the last forward pass reports beyond the loss: each MoE layer's router losses and expert load."""
+        out = {}
+        for name, module in self.named_modules():
+            if isinstance(module, MoE):
+                layer = name.removesuffix(".mixer")
+                out.update({f"moe/{layer}/{k}": v for k, v in module.last_stats.items()})
+                out[f"moe/{layer}/expert_load"] = [round(float(x), 5) for x in module.last_load]
+        return out
 
     # ---- decoding -----------------------------------------------------------------------------
 

@@ -179,6 +179,9 @@ class Trainer:
                 row["source_sequences"] = data_log["source_sequences"]
             if self.data.bad.total:
                 row["bad_data_skipped"] = dict(self.data.bad.counts)
+            report = getattr(self.engine.module, "training_metrics", None)
+            if report is not None:
+                row.update(report())  # model-defined extras (e.g. MoE router losses, expert load)
             if cfg.data.log_samples and is_main:
                 with open(self.run_dir / "samples.jsonl", "a") as f:
                     f.write(json.dumps({"step": self.step, "samples": data_log["samples"]}) + "\n")

@@ -20,7 +20,9 @@ def run_layout(tmp_path, preset, tp, sp):
     return torch.load(out)
 
 
-@pytest.mark.parametrize("preset", ["griffin-tiny", "transformer-tiny", "llama-tiny", "mamba-tiny", "mamba2-tiny"])
+@pytest.mark.parametrize(
+    "preset", ["griffin-tiny", "transformer-tiny", "llama-tiny", "mamba-tiny", "mamba2-tiny", "hybrid-moe-tiny"]
+)
 def test_tp2_equals_tp1(tmp_path, preset):
     ref = run_layout(tmp_path, preset, 1, False)
     for sp in (False, True):

@@ -15,6 +15,11 @@ def test_tiny_preset_trains_with_tensor_parallelism(tmp_path, preset):
                        "--set", "train.warmup_steps=5", "--set", "train.micro_batch_size=8",
                        "--set", "train.global_batch_size=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    rows = read_metrics(tmp_path)
+    losses = [r["loss"] for r in rows]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 1.0, (preset, first, last)
+    if "moe" in preset:  # per-layer router statistics reach the metrics
+        loads = [v for k, v in rows[-1].items() if k.endswith("/expert_load")]
+        assert loads and all(abs(sum(load) - 1) < 1e-3 for load in loads)
+        assert all(k in rows[-1] for k in ("moe/layers.3/aux_loss", "moe/layers.3/z_loss"))
