@@ -107,6 +107,18 @@ def test_train_tokenizer_then_prepare_with_it(plays, tmp_path):
     assert m["tokenizer"]["sha256"] == sha256_file(tok_path) and m["dtype"] == "uint16"
 
 
+def test_jsonl_gz_with_a_text_field(plays, tmp_path):
+    lines = [json.dumps({"id": i, "body": p.read_text()[:3000]}) for i, p in enumerate(plays[:5])]
+    src = tmp_path / "docs.jsonl.gz"
+    src.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    proc = run_chimera("data", "prepare", src, "--tokenizer", "bytes", "--format", "webdataset",
+                       "--out", tmp_path / "out", "--text-field", "body")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    source = WebDatasetSource(str(tmp_path / "out"), "j", BadData())
+    for i, p in enumerate(plays[:5]):
+        assert ByteTokenizer().decode(source.read(i)) == p.read_text()[:3000]
+
+
 def assert_one_line_error(proc, *expected):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
