@@ -187,13 +187,16 @@ class DataPipeline:
         return batches
 
     def validation_batches(self, source: int, num_batches: int, data_rank: int, data_size: int, rows: int):
-        """The first ``num_batches x data_size x rows`` validation sequences of one source, this rank's share."""
+        """``num_batches x data_size x rows`` validation sequences of one source, spread evenly over its
+        validation stream (a fixed set, whatever the layout), this rank's share."""
         stream, length = self.streams[source], self.cfg.seq_len
         boundaries = self.cfg.packing == "boundaries"
+        total = num_batches * data_size * rows
         for b in range(num_batches):
             first = (b * data_size + data_rank) * rows
             if stream.kind == "text":
-                seqs = [stream.sequence(stream.validation, (first + i) * length, length, boundaries)
+                span = max(0, stream.validation.epoch_tokens - length - 1)
+                seqs = [stream.sequence(stream.validation, (first + i) * span // total, length, boundaries)
                         for i in range(rows)]
             else:
                 seqs = [stream.sample(stream.test_task, 1_000_000_000 + first + i) for i in range(rows)]

@@ -141,7 +141,7 @@ class Trainer:
 
     def _any_rank_stopping(self) -> bool:
         """A preemption signal may reach some ranks only; all ranks must stop at the same step."""
-        flag = torch.tensor([int(self._stop_requested)])
+        flag = torch.tensor([int(self._stop_requested)], device=self.device)  # NCCL reduces GPU tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
