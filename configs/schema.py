@@ -46,7 +46,7 @@ class ModelConfig(Section):
     head_dim: int | None = Field(None, ge=1)
     window: int = Field(1024, ge=1, description="sliding window of local attention (symbol L)")
     rope_base: float = Field(10000.0, gt=0)
-    rope_fraction: float = Field(1.0, gt=0, le=1.0, description="fraction of head dims rotated by RoPE")
+    rope_fraction: float = Field(1.0, ge=0, le=1.0, description="fraction of head dims rotated by RoPE (0: no RoPE)")
     mlp_hidden: int | None = Field(None, ge=1, description="width of each branch of the gated MLP")
     rnn_width: int | None = Field(None, ge=1, description="RG-LRU width (defaults to d_model)")
     rnn_heads: int | None = Field(None, ge=1, description="blocks of the block-diagonal RG-LRU gates")
@@ -65,6 +65,9 @@ class ModelConfig(Section):
     ssm_state: int = Field(16, ge=1, description="Mamba: state size N per channel (Mamba-2: per head)")
     ssm_expand: int = Field(2, ge=1, description="Mamba: inner width = ssm_expand x d_model")
     ssm_dt_rank: int | None = Field(None, ge=1, description="Mamba-1: rank of the dt projection (default d/16)")
+    ssm_dt_bc_norm: bool = Field(
+        False, description="Mamba-1: RMSNorm (eps norm_eps) on dt, B and C after x_proj, as in Jamba"
+    )
     ssm_head_dim: int = Field(64, ge=1, description="Mamba-2: head dimension")
     ssm_groups: int = Field(1, ge=1, description="Mamba-2: groups sharing B and C")
     ssm_chunk: int = Field(64, ge=1, description="Mamba-2: chunk length of the SSD reference")

@@ -36,7 +36,7 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
                          out_bias=cfg.linear_bias)
     if symbol == "m":
         return MambaMixer(cfg.d_model, cfg.ssm_state, cfg.conv_kernel, cfg.ssm_expand, cfg.ssm_dt_rank or "auto",
-                          init_std=std, out_std=out_std, tp=tp)
+                          dt_bc_norm=cfg.ssm_dt_bc_norm, norm_eps=cfg.norm_eps, init_std=std, out_std=out_std, tp=tp)
     if symbol == "M":
         return Mamba2Mixer(cfg.d_model, d_state=cfg.ssm_state, d_conv=cfg.conv_kernel, expand=cfg.ssm_expand,
                            head_dim=cfg.ssm_head_dim, n_groups=cfg.ssm_groups, chunk_size=cfg.ssm_chunk,

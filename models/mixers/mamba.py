@@ -17,6 +17,15 @@ Selective SSM (Algorithm 2; Sec. 2, Eqs. 1a-2b, 4), per channel ``d`` with state
     h_t = A_bar_t * h_{t-1} + B_bar_t x_t            # h: [d_inner, N]                       (2a)
     y_t = h_t C_t + D * x_t                          # D: skip connection                    (2b)
 
+Jamba (Lieber et al., arXiv 2403.19887; ``dt_bc_norm``) normalises the selection inputs
+before they are used, as HF's ``JambaMambaMixer`` does::
+
+    dt_t, B_t, C_t = RMSNorm_dt(dt_t), RMSNorm_B(B_t), RMSNorm_C(C_t)    # right after x_proj's split
+
+each an RMSNorm over its own features (``dt_rank``, ``N``, ``N``) with its own weight, in the
+arithmetic of HF's ``JambaRMSNorm``: normalised in fp32, cast back to the input dtype, then scaled.
+(fp64 stays fp64 here, for reference tests; HF would round it through fp32.)
+
 ``b_dt`` is initialised to softplus^-1 of ``Delta ~ log-uniform[1e-3, 1e-1]`` and ``W_dt`` to
 ``U(-dt_rank^-0.5, dt_rank^-0.5)`` (Sec. 3.6 / the reference code); ``D`` to ones.
 Parameter names follow HF transformers' ``MambaMixer`` except that its ``in_proj`` is split into
@@ -29,7 +38,9 @@ Tensor parallelism splits ``d_inner``: ``in_proj_x``, ``in_proj_z``, the conv, `
 channels), so it is a row-parallel projection whose output is all-reduced; the result is then
 consumed by rank-local channels only, so it re-enters the TP region (``enter_tensor_parallel``:
 identity forward, all-reduce of the gradient backward). The scan itself is per channel: no
-communication.
+communication. Jamba's dt/B/C norm weights (``[dt_rank]``, ``[N]``, ``[N]``) are replicated: they act
+on that full, re-entered output, whose gradient is partial per rank (each rank's channels consume
+it), so their gradients are partial too and are declared ``partial_grad_over_tp`` (summed over TP).
 
 Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.models.scan``) over
 ``[s, b, d_inner, N]`` in fp32; ``step`` advances one token with O(1) state (conv window + h).
@@ -84,12 +95,30 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+class SelectionNorm(nn.Module):
+    """RMSNorm of dt, B or C (Jamba), with HF ``JambaRMSNorm``'s arithmetic: ``w * (x / rms(x))``, the
+    normalisation in fp32 (or wider), the result cast to ``x``'s dtype before the scale (applied in it).
+
+    The weight ``[dim]`` is replicated on TP ranks; its gradient is partial there (see the module docstring).
+    """
+
+    def __init__(self, dim: int, eps: float, tp: TPLayout):
+        super().__init__()
+        self.eps = eps
+        self.weight = declare(nn.Parameter(torch.empty(dim)), init=ones, partial_grad_over_tp=tp.size > 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = _at_least_fp32(x)
+        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight.to(x.dtype) * y
+
+
 class MambaMixer(nn.Module):
     """Symbol ``m``: the Mamba-1 selective SSM mixer, ``[s, b, d_model] -> [s, b, d_model]``."""
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", *, conv_bias: bool = True, bias: bool = False,
-                 init_std: float, out_std: float, tp: TPLayout):
+                 dt_bc_norm: bool = False, norm_eps: float = 1e-6, init_std: float, out_std: float, tp: TPLayout):
         super().__init__()
         self.d_inner = expand * d_model
         self.d_state = d_state
@@ -115,6 +144,12 @@ class MambaMixer(nn.Module):
         self.A_log = declare(nn.Parameter(torch.empty(inner_local, d_state)), init=_a_log_init, split_dim=0,
                              weight_decay=False)
         self.D = declare(nn.Parameter(torch.empty(inner_local)), init=ones, split_dim=0, weight_decay=False)
+        # Jamba: [dt_rank], [N], [N], replicated (gradient partial per TP rank, summed over TP)
+        self.dt_bc_norm = dt_bc_norm
+        if dt_bc_norm:
+            self.dt_layernorm = SelectionNorm(self.dt_rank, norm_eps, tp)
+            self.b_layernorm = SelectionNorm(d_state, norm_eps, tp)
+            self.c_layernorm = SelectionNorm(d_state, norm_eps, tp)
         # [d_model, d_inner / tp]: split along dim 1 (d_inner); all-reduce / reduce-scatter of the output
         self.out_proj = RowParallel(self.d_inner, d_model, init=normal(out_std), bias=bias,
                                     sequence_parallel=tp.sequence_parallel)
@@ -123,6 +158,8 @@ class MambaMixer(nn.Module):
         """``x [..., d_inner/tp] -> (Delta [..., d_inner/tp], B [..., N], C [..., N])``, fp32 or wider."""
         x_dbl = enter_tensor_parallel(self.x_proj(x), False)  # full on every rank; gradient summed
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.dt_bc_norm:  # Jamba; after the re-entry, so the gradient reaching the norm weights is partial
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         dt = F.softplus(_at_least_fp32(self.dt_proj(dt)))  # Delta, from here on fp32
         return dt, _at_least_fp32(B), _at_least_fp32(C)
 

@@ -20,7 +20,9 @@ def make_mixer(seed=0, dtype=torch.float64, **overrides):
     initialize_parameters(mixer, seed)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():  # move off the structured init so that every term of the equations matters
-        for p in (mixer.A_log, mixer.D, mixer.dt_proj.bias, mixer.conv1d.bias):
+        norms = (mixer.dt_layernorm.weight, mixer.b_layernorm.weight, mixer.c_layernorm.weight) \
+            if mixer.dt_bc_norm else ()
+        for p in (mixer.A_log, mixer.D, mixer.dt_proj.bias, mixer.conv1d.bias, *norms):
             if isinstance(p, torch.nn.Parameter):
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
         mixer.dt_proj.bias.add_(2.0)  # Delta ~ 0.01..1: the state decays noticeably within 40 tokens
@@ -31,8 +33,13 @@ def x_seq(s=40, b=2, d=D_MODEL, seed=1, dtype=torch.float64):
     return torch.randn(s, b, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def rms_norm(v: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def per_token_reference(m: MambaMixer, x: torch.Tensor) -> torch.Tensor:
-    """Algorithm 2 of arXiv 2312.00752 (as in HF's slow path), one token at a time, from the weights."""
+    """Algorithm 2 of arXiv 2312.00752 (as in HF's slow path), one token at a time, from the weights;
+    with ``dt_bc_norm``, Jamba's RMSNorms of dt, B and C (arXiv 2403.19887) right after x_proj."""
     s, b, _ = x.shape
     c, k = m.conv1d.weight.shape
     R, N = m.dt_rank, m.d_state
@@ -46,6 +53,9 @@ def per_token_reference(m: MambaMixer, x: torch.Tensor) -> torch.Tensor:
         window = torch.cat([window[..., 1:], xt.unsqueeze(-1)], dim=-1)
         u = F.silu((window * m.conv1d.weight).sum(-1) + m.conv1d.bias)  # [b, c]
         dt, B, C = torch.split(u @ m.x_proj.weight.t(), [R, N, N], dim=-1)
+        if m.dt_bc_norm:
+            dt, B, C = (rms_norm(v, norm.weight, norm.eps) for v, norm in
+                        ((dt, m.dt_layernorm), (B, m.b_layernorm), (C, m.c_layernorm)))
         delta = F.softplus(dt @ m.dt_proj.weight.t() + m.dt_proj.bias)  # [b, c]
         for d in range(c):  # every channel its own N-dimensional SSM
             A_bar = torch.exp(delta[:, d, None] * A[d])  # [b, N]
@@ -55,14 +65,16 @@ def per_token_reference(m: MambaMixer, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def test_forward_follows_the_equations(single_process):
-    mixer = make_mixer()
+@pytest.mark.parametrize("dt_bc_norm", [False, True])
+def test_forward_follows_the_equations(single_process, dt_bc_norm):
+    mixer = make_mixer(dt_bc_norm=dt_bc_norm, norm_eps=1e-5)
     x = x_seq(s=12)
     torch.testing.assert_close(mixer(x), per_token_reference(mixer, x), rtol=1e-9, atol=1e-9)
 
 
-def test_decoding_steps_equal_full_forward(single_process):
-    mixer = make_mixer()
+@pytest.mark.parametrize("dt_bc_norm", [False, True])
+def test_decoding_steps_equal_full_forward(single_process, dt_bc_norm):
+    mixer = make_mixer(dt_bc_norm=dt_bc_norm)
     x = x_seq()
     full = mixer(x)
     state = mixer.init_state(batch=2, max_len=40)
@@ -162,3 +174,47 @@ def test_matches_hf_transformers(single_process, bias, conv_bias):
         got = mixer(x)
     assert expected.abs().max() > 0.1
     assert (got - expected).abs().max() <= 1e-5
+
+
+def test_matches_hf_jamba_mamba_mixer(single_process):
+    """``dt_bc_norm``: HF's ``JambaMambaMixer`` (dt/B/C RMSNorms after x_proj), forward and decoding."""
+    import transformers
+    from transformers.models.jamba.modeling_jamba import JambaMambaMixer
+
+    dt_rank, eps = 4, 1e-5
+    mixer = make_mixer(dtype=torch.float32, dt_rank=dt_rank, dt_bc_norm=True, norm_eps=eps)
+    config = transformers.JambaConfig(hidden_size=D_MODEL, mamba_d_state=D_STATE, mamba_expand=EXPAND,
+                                      mamba_d_conv=D_CONV, mamba_dt_rank=dt_rank, rms_norm_eps=eps,
+                                      num_hidden_layers=1, num_experts=1)
+    hf = JambaMambaMixer(config, layer_idx=0).eval()
+    ours = {k: v for k, v in mixer.named_parameters() if not k.startswith(("in_proj", "conv1d.weight"))}
+    ours["in_proj.weight"] = torch.cat([mixer.in_proj_x.weight, mixer.in_proj_z.weight])
+    ours["conv1d.weight"] = mixer.conv1d.weight.unsqueeze(1)
+    hf.load_state_dict({k: v.detach().clone() for k, v in ours.items()}, strict=True)
+
+    x = x_seq(s=24, dtype=torch.float32)
+    with torch.no_grad():
+        expected = hf(x.transpose(0, 1)).transpose(0, 1)  # HF: [b, s, d]
+        got = mixer(x)
+        state = mixer.init_state(batch=2, max_len=24)
+        steps = torch.cat([mixer.step(x[t : t + 1], state, t) for t in range(24)])
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max() <= 1e-5
+    assert (steps - expected).abs().max() <= 1e-5
+
+
+def test_dt_bc_norm_has_hf_arithmetic_in_bf16(single_process):
+    """Normalised in fp32, cast to bf16, then scaled in bf16 (HF ``JambaRMSNorm``): bit for bit."""
+    from transformers.models.jamba.modeling_jamba import JambaRMSNorm
+
+    mixer = make_mixer(dtype=torch.bfloat16, dt_bc_norm=True, norm_eps=1e-6)
+    norm = mixer.b_layernorm
+    hf = JambaRMSNorm(D_STATE, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(norm.weight)
+    v = torch.randn(64, D_STATE, generator=torch.Generator().manual_seed(2)).mul(3).bfloat16()
+    with torch.no_grad():
+        assert norm(v).dtype == torch.bfloat16
+        assert torch.equal(norm(v), hf(v))
+    assert all(getattr(n.weight, "partial_grad_over_tp", None) is False  # replicated; partial only when tp > 1
+               for n in (mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm))

@@ -25,6 +25,11 @@ HF_CONFIGS = {
         vocab_size=256000, hidden_size=2560, intermediate_size=15360, num_hidden_layers=26, num_attention_heads=10,
         num_key_value_heads=1, head_dim=256, lru_width=2560, attention_window_size=2048, conv1d_width=4,
         logits_soft_cap=30.0, partial_rotary_factor=0.5, block_types=["recurrent", "recurrent", "attention"]),
+    "jamba-v0.1": lambda: transformers.JambaConfig(  # ai21labs/Jamba-v0.1's config.json: 52B total, 12B active
+        vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_experts=16, num_experts_per_tok=2, attn_layer_period=8, attn_layer_offset=4,
+        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+        mamba_dt_rank=256, mamba_conv_bias=True, mamba_proj_bias=False, tie_word_embeddings=False),
 }
 
 
