@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 import warnings
 from datetime import date
@@ -65,12 +66,18 @@ def pair(arch: str, size: str, vocab: int):
     return hf, ours
 
 
-def step_time(run_step, steps: int) -> float:
-    run_step()  # warm-up
-    start = time.perf_counter()
+def interleaved_step_times(steps: int, *runs) -> list[float]:
+    """Median seconds per step of each run, the runs alternating step by step (A B A B ...), so a change
+    in machine load during the measurement hits all of them alike."""
+    for run in runs:
+        run()  # warm-up
+    times = [[] for _ in runs]
     for _ in range(steps):
-        run_step()
-    return (time.perf_counter() - start) / steps
+        for run, bucket in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -86,7 +93,7 @@ def main() -> None:
     labels = torch.roll(ids, -1, 1)
     print(f"# {date.today()} | {platform.machine()} | torch {torch.__version__} | transformers "
           f"{transformers.__version__} | threads {torch.get_num_threads()} | batch {args.batch} x seq {args.seq}, "
-          f"fp32, forward + backward + AdamW, {args.steps} steps after 1 warm-up")
+          f"fp32, forward + backward + AdamW, median of {args.steps} interleaved steps after 1 warm-up")
     print("| architecture | size | transformers ms/step | Chimera ms/step | speed-up (HF / Chimera) |")
     print("|---|---|---:|---:|---:|")
     for arch in args.archs.split(","):
@@ -104,7 +111,7 @@ def main() -> None:
                 model(ids, labels=labels).backward()
                 opt.step()
 
-            t_hf, t_ours = step_time(hf_step, args.steps), step_time(our_step, args.steps)
+            t_hf, t_ours = interleaved_step_times(args.steps, hf_step, our_step)
             print(f"| {arch} | {size} | {1000 * t_hf:,.0f} | {1000 * t_ours:,.0f} | {t_hf / t_ours:.2f}x |",
                   flush=True)
 
