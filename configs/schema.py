@@ -21,7 +21,8 @@ LAYER_SYMBOLS = {
     "-": "gated MLP",
     "m": "Mamba selective SSM (Mamba-1)",
     "M": "Mamba-2 SSD",
-    "E": "mixture of experts (gated-MLP experts, top-k router)",
+    "E": "mixture of experts (gated-MLP experts, top-k router; with moe_shared_hidden also an always-on shared "
+         "expert whose output is added to the routed experts', as in Granite-4.0-H / Qwen-MoE / DeepSeek-MoE)",
     "0": "shared block 0 (model.shared_blocks[0]: one set of parameters at every use)",
     "1": "shared block 1 (model.shared_blocks[1])",
 }
@@ -58,6 +59,10 @@ class ModelConfig(Section):
     moe_capacity_factor: float | None = Field(None, gt=0, description="None: dropless")
     moe_aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss weight")
     moe_z_loss_coef: float = Field(0.0, ge=0, description="router z-loss weight")
+    moe_shared_hidden: int | None = Field(
+        None, ge=1, description="width of a shared expert (gated MLP) in every 'E' sublayer, run on every token and "
+        "added to the routed output (Granite's shared_mlp, Megatron's moe_shared_expert_intermediate_size); None: none"
+    )
     shared_blocks: list[str] = Field(
         default_factory=list, description="patterns of shared blocks; symbol '0', '1' in `pattern` applies one"
     )
@@ -82,6 +87,16 @@ class ModelConfig(Section):
     rglru_reset_unnormalized: bool = Field(
         False, description="RG-LRU: at a document's first token the input is not scaled by sqrt(1 - a^2)"
     )
+    # muP-style multipliers (Granite sets all of these; the defaults leave a model unchanged):
+    embedding_multiplier: float = Field(1.0, gt=0, description="embeddings are multiplied by this")
+    residual_multiplier: float = Field(
+        1.0, gt=0, description="each sublayer's output is multiplied by this before the residual add"
+    )
+    attention_scale: float | None = Field(
+        None, gt=0, description="softmax scale of attention scores (None: 1 / sqrt(head_dim))"
+    )
+    logits_divisor: float = Field(1.0, gt=0, description="logits are divided by this (Granite's logits_scaling)")
+    attention_bias: bool = Field(False, description="biases on the q, k, v and o projections of attention")
 
     @model_validator(mode="after")
     def _check(self):
@@ -304,6 +319,7 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
         ("model.num_heads", m.num_heads if attention else tp),
         ("model.mlp_hidden", m.mlp_hidden or tp),
         ("model.moe_hidden", (m.moe_hidden or m.mlp_hidden or tp) if "E" in m.layers else tp),
+        ("model.moe_shared_hidden", (m.moe_shared_hidden or tp) if "E" in m.layers else tp),
         ("model.vocab_size", m.vocab_size),
     ):
         if value % tp:

@@ -33,7 +33,8 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
         return Attention(cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_size,
                          window=cfg.window if symbol == "L" else None, rope_base=cfg.rope_base,
                          rope_fraction=cfg.rope_fraction, init_std=std, out_std=out_std, tp=tp,
-                         out_bias=cfg.linear_bias)
+                         out_bias=cfg.linear_bias or cfg.attention_bias, qkv_bias=cfg.attention_bias,
+                         scale=cfg.attention_scale)
     if symbol == "m":
         return MambaMixer(cfg.d_model, cfg.ssm_state, cfg.conv_kernel, cfg.ssm_expand, cfg.ssm_dt_rank or "auto",
                           dt_bc_norm=cfg.ssm_dt_bc_norm, norm_eps=cfg.norm_eps, init_std=std, out_std=out_std, tp=tp)
@@ -45,7 +46,8 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
         return MoE(cfg.d_model, cfg.moe_hidden or cfg.mlp_hidden, cfg.moe_experts, cfg.moe_top_k, init_std=std,
                    out_std=out_std, tp=tp, activation=cfg.mlp_activation, normalize_top_k=cfg.moe_normalize_top_k,
                    capacity_factor=cfg.moe_capacity_factor, aux_loss_coef=cfg.moe_aux_loss_coef,
-                   z_loss_coef=cfg.moe_z_loss_coef, sequence_parallel=tp.sequence_parallel)
+                   z_loss_coef=cfg.moe_z_loss_coef, sequence_parallel=tp.sequence_parallel,
+                   shared_hidden=cfg.moe_shared_hidden)
     if symbol == "-":
         return GatedMLP(cfg.d_model, cfg.mlp_hidden, init_std=std, out_std=out_std,
                         sequence_parallel=tp.sequence_parallel, activation=cfg.mlp_activation, bias=cfg.linear_bias)
@@ -53,7 +55,8 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
 
 
 class Sublayer(nn.Module):
-    """``x + mixer(norm(x))`` on the residual stream ``[s(/tp), b, d]``."""
+    """``x + r * mixer(norm(x))`` on the residual stream ``[s(/tp), b, d]``; ``r = cfg.residual_multiplier``
+    (1 but in Granite)."""
 
     def __init__(self, symbol: str, cfg: ModelConfig, tp: TPLayout):
         super().__init__()
@@ -61,15 +64,19 @@ class Sublayer(nn.Module):
         self.sequence_parallel = tp.sequence_parallel
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=tp.sequence_parallel, offset=cfg.norm_offset)
         self.mixer = build_mixer(symbol, cfg, tp)
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def _add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return x + (out if self.residual_multiplier == 1.0 else out * self.residual_multiplier)
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
-        return x + self.mixer(enter_tensor_parallel(self.norm(x), self.sequence_parallel), docs)
+        return self._add(x, self.mixer(enter_tensor_parallel(self.norm(x), self.sequence_parallel), docs))
 
     def init_state(self, batch: int, max_len: int):
         return self.mixer.init_state(batch, max_len)
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d], no sequence sharding
-        return x + self.mixer.step(enter_tensor_parallel(self.norm(x), False), state, pos)
+        return self._add(x, self.mixer.step(enter_tensor_parallel(self.norm(x), False), state, pos))
 
 
 class SharedUse(nn.Module):

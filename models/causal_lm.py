@@ -58,11 +58,15 @@ class CausalLM(nn.Module):
         """``[s(/tp), b, d]`` -> this rank's vocabulary shard of the logits ``[s, b, V / tp]``."""
         h = enter_tensor_parallel(self.final_norm(h), sequence_parallel)
         logits = torch.matmul(h, self.embed.weight.t()) if self.head is None else self.head(h)
+        if self.cfg.logits_divisor != 1.0:  # Granite's logits_scaling: a division, as there
+            logits = logits / self.cfg.logits_divisor
         cap = self.cfg.logits_soft_cap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)
+        if self.cfg.embedding_multiplier != 1.0:  # Granite
+            x = x * self.cfg.embedding_multiplier
         return x if self.embed_scale is None else x * self.embed_scale
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,

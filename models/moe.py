@@ -10,6 +10,9 @@ Router (Shazeer et al., arXiv 1701.06538; Switch Transformer, Fedus et al., arXi
              w_i = p_i                       # Jamba (arXiv 2403.19887): softmax, then top-k
              w_i = p_i / sum_{j in S} p_j    # normalize_top_k: Mixtral (arXiv 2401.04088), Qwen-MoE, Granite
     y      = sum_{i in S(x)} w_i E_i(x),   E_i(x) = W_down,i( act(W_gate,i x) * (W_up,i x) )
+    y     += E_shared(x)                     # shared_hidden: an always-on shared expert, a gated MLP
+                                             # run on every token (Granite-4.0-H's shared_mlp; the shared
+                                             # experts of DeepSeek-MoE, arXiv 2401.06066, and Qwen-MoE)
 
 Capacity (GShard, Lepikhin et al., arXiv 2006.16668; Switch Sec. 2.2): with ``capacity_factor``
 each expert takes at most ``C = ceil(capacity_factor * T * k / E)`` of the ``T * k`` (token, slot)
@@ -52,7 +55,9 @@ multiply rank-partial expert outputs, so the gradient reaching them -- and the r
 ``x`` through them -- is partial per rank: ``W_r`` is declared ``partial_grad_over_tp`` (like a
 shared kv head) and ``enter_tensor_parallel`` sums ``x``'s gradient. The auxiliary losses are
 computed identically on every rank and every rank backpropagates them; their gradient is scaled
-by ``1 / tp`` (value unchanged) so that those two sums count it once.
+by ``1 / tp`` (value unchanged) so that those two sums count it once. The shared expert is a
+``GatedMLP`` on the same entered input, split like any MLP; its own row-parallel reduction gives
+its output in the routed output's layout, and the two are added.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ from megatron.core.tensor_parallel import (
 )
 from torch import nn
 
-from chimera.models.mlp import ACTIVATIONS
+from chimera.models.mlp import ACTIVATIONS, GatedMLP
 from chimera.parallel.layers import TPLayout
 from chimera.parallel.sharding import declare, normal
 
@@ -189,7 +194,7 @@ class MoE(nn.Module):
     def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, *, init_std: float,
                  out_std: float, tp: TPLayout, activation: str = "silu", normalize_top_k: bool = False,
                  capacity_factor: float | None = None, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0,
-                 sequence_parallel: bool = False):
+                 sequence_parallel: bool = False, shared_hidden: int | None = None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
@@ -214,6 +219,10 @@ class MoE(nn.Module):
         self.gate_weight = expert_param((num_experts, hidden_local, d_model), init_std, 1)
         self.up_weight = expert_param((num_experts, hidden_local, d_model), init_std, 1)
         self.down_weight = expert_param((num_experts, d_model, hidden_local), out_std, 2)
+        # The always-on shared expert (None: none): a gated MLP of width shared_hidden, split as such.
+        self.shared_expert = None if shared_hidden is None else GatedMLP(
+            d_model, shared_hidden, init_std=init_std, out_std=out_std, sequence_parallel=sequence_parallel,
+            activation=activation)
 
         self.last_aux_loss: torch.Tensor | None = None
         self.last_stats: dict[str, float] = {}
@@ -238,8 +247,10 @@ class MoE(nn.Module):
 
         self._record_losses(routing, plan)
         if self.sequence_parallel:
-            return reduce_scatter_to_sequence_parallel_region(y)
-        return reduce_from_tensor_model_parallel_region(y)
+            y = reduce_scatter_to_sequence_parallel_region(y)
+        else:
+            y = reduce_from_tensor_model_parallel_region(y)
+        return y if self.shared_expert is None else y + self.shared_expert(x)
 
     def _record_losses(self, routing: Routing, plan: Dispatch) -> None:
         load = plan.routed.to(torch.float32) / routing.experts.numel()

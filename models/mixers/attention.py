@@ -8,6 +8,8 @@ Symbols ``*`` (global) and ``L`` (local, Griffin Sec. 2.4: each position attends
     out = W_o [o_1; ...; o_H]
 
 RoPE (Su et al., arXiv 2104.09864) rotates the first ``rope_fraction`` of each head's dims.
+``scale`` replaces ``1 / sqrt(d_head)`` where a model sets its own (Granite's
+``attention_multiplier``); ``qkv_bias`` adds biases to ``W_q``, ``W_k``, ``W_v`` (``out_bias`` to ``W_o``).
 
 TP: query heads split over ranks (``W_q`` column parallel, ``W_o`` row parallel). Key/value heads
 split too when TP divides their number; otherwise (MQA: one kv head) every rank holds all kv
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chimera.parallel.layers import ColumnParallel, RowParallel, TPLayout
-from chimera.parallel.sharding import declare, normal
+from chimera.parallel.sharding import declare, normal, zeros
 
 
 def rope_tables(positions: torch.Tensor, rot_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,23 +48,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int | None,
                  rope_base: float, rope_fraction: float, init_std: float, out_std: float, tp: TPLayout,
-                 out_bias: bool = False):
+                 out_bias: bool = False, qkv_bias: bool = False, scale: float | None = None):
         super().__init__()
-        self.head_dim, self.window = head_dim, window
+        self.head_dim, self.window, self.scale = head_dim, window, scale
         self.heads_local = tp.local(num_heads, "num_heads")
         self.rope_base = rope_base
         self.rot_dim = int(head_dim * rope_fraction) // 2 * 2
         group = num_heads // num_kv_heads  # query heads per kv head
-        self.q_proj = ColumnParallel(d_model, num_heads * head_dim, init=normal(init_std))
+        self.q_proj = ColumnParallel(d_model, num_heads * head_dim, init=normal(init_std), bias=qkv_bias)
         if num_kv_heads % tp.size == 0:  # kv heads split with their query heads
-            self.k_proj = ColumnParallel(d_model, num_kv_heads * head_dim, init=normal(init_std))
-            self.v_proj = ColumnParallel(d_model, num_kv_heads * head_dim, init=normal(init_std))
+            self.k_proj = ColumnParallel(d_model, num_kv_heads * head_dim, init=normal(init_std), bias=qkv_bias)
+            self.v_proj = ColumnParallel(d_model, num_kv_heads * head_dim, init=normal(init_std), bias=qkv_bias)
             first_kv = tp.rank * num_kv_heads // tp.size
         else:  # fewer kv heads than ranks: all kv heads on every rank, gradient partial per rank
-            self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
-            self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=False)
-            for p in (self.k_proj.weight, self.v_proj.weight):
-                declare(p, init=normal(init_std), partial_grad_over_tp=tp.size > 1)
+            self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
+            self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
+            for proj in (self.k_proj, self.v_proj):
+                declare(proj.weight, init=normal(init_std), partial_grad_over_tp=tp.size > 1)
+                if qkv_bias:
+                    declare(proj.bias, init=zeros, partial_grad_over_tp=tp.size > 1)
             first_kv = 0
         global_heads = torch.arange(self.heads_local) + tp.rank * self.heads_local
         self.register_buffer("kv_of_head", global_heads // group - first_kv, persistent=False)
@@ -81,7 +85,7 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
         """Attention of local query heads over their kv heads; ``allowed`` [s_q, s_k] is True where visible."""
         k, v = k[:, self.kv_of_head], v[:, self.kv_of_head]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # scale 1/sqrt(d_head)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)  # None: 1/sqrt(d_head)
         return o.permute(2, 0, 1, 3).flatten(-2)  # [s, b, heads * d_head]
 
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
