@@ -39,6 +39,46 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     return write_weights_checkpoint(out, cfg, state, source=f"transformers {hf['model_type']} from {hf_dir}")
 
 
+# Fields that do not change what a model computes at inference (training settings, names).
+NOT_COMPUTED = {"name", "preset", "family", "init_std", "moe_aux_loss_coef", "moe_z_loss_coef", "ssm_chunk",
+                "pattern", "num_layers"}
+
+
+def check_expressible(mapping, cfg: ModelConfig) -> None:
+    """The HF config written for ``cfg`` must describe the same model: read it back and compare.
+
+    A Chimera model may use settings its HF architecture cannot hold (say a residual multiplier in a
+    Llama); exporting it would silently change the function, so it is refused, naming the fields."""
+    back = validated(ModelConfig, mapping.config_from_hf(json.loads(json.dumps(mapping.config_to_hf(cfg)))))
+    used = set(cfg.layers)
+    differ = [k for k in ModelConfig.model_fields if k not in NOT_COMPUTED
+              and _effective(back, k) != _effective(cfg, k) and _matters(k, used)]
+    if back.layers != cfg.layers:
+        differ.insert(0, "layers")
+    if differ:
+        raise UserError(f"a {mapping.MODEL_TYPE} checkpoint cannot express this model's "
+                        f"{', '.join(differ)}; export refused (it would change what the model computes)")
+
+
+def _effective(cfg: ModelConfig, field: str):
+    """A field's value as the model uses it (defaults that derive from other fields resolved)."""
+    derived = {"head_dim": cfg.head_size, "rnn_width": cfg.lru_width, "rnn_heads": cfg.lru_heads,
+               "moe_hidden": cfg.moe_hidden or cfg.mlp_hidden, "ssm_dt_rank": cfg.ssm_dt_rank or -(-cfg.d_model // 16)}
+    return derived.get(field, getattr(cfg, field))
+
+
+def _matters(field: str, symbols: set[str]) -> bool:
+    """Whether a field is used by any sublayer kind of the model (e.g. the window only with 'L')."""
+    needs = {"window": "L", "rope_base": "L*", "rope_fraction": "L*", "num_heads": "L*", "num_kv_heads": "L*",
+             "head_dim": "L*", "attention_scale": "L*", "attention_bias": "L*", "mlp_hidden": "-",
+             "rnn_width": "R", "rnn_heads": "R", "rglru_reset_unnormalized": "R", "ssm_dt_rank": "m",
+             "ssm_dt_bc_norm": "m", "ssm_head_dim": "M", "ssm_groups": "M", "ssm_state": "mM", "ssm_expand": "mM",
+             "conv_kernel": "RmM", "moe_experts": "E", "moe_top_k": "E", "moe_hidden": "E",
+             "moe_normalize_top_k": "E", "moe_capacity_factor": "E", "moe_shared_hidden": "E",
+             "mlp_activation": "-E"}
+    return field not in needs or bool(set(needs[field]) & symbols)
+
+
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """A Chimera checkpoint -> safetensors + config.json that ``AutoModelForCausalLM`` loads natively."""
     from safetensors.torch import save_file
@@ -53,6 +93,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         raise UserError(f"model {cfg.name!r} (family {cfg.family!r}) has no transformers counterpart; "
                         f"exportable families: {', '.join(sorted(ARCHITECTURES))}")
     mapping = ARCHITECTURES[cfg.family]
+    check_expressible(mapping, cfg)
     state = torch.load(ckpt / WEIGHTS, map_location="cpu", weights_only=True)
     tensors = {k: v.contiguous() for k, v in mapping.to_hf(state, cfg).items()}
     tmp = out.with_name(f".{out.name}.tmp")

@@ -10,7 +10,9 @@ import transformers
 
 import chimera
 from chimera.trainer.generate import generate
-from helpers import run_chimera
+from helpers import REPO, run_chimera
+
+TINY = REPO / "configs/runs/tiny.yaml"
 
 torch.manual_seed(0)
 
@@ -93,3 +95,22 @@ def test_bad_hf_input(tmp_path):
     one_line(run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "o3"), "has shape (160, 64)")
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
     assert not list(tmp_path.glob(".o*"))
+
+
+def test_export_refuses_what_the_hf_config_cannot_express(tmp_path):
+    """A Llama with Granite's residual multiplier is not a Llama: export must not drop the multiplier."""
+    TINY_HF["llama"]().save_pretrained(tmp_path / "hf")
+    assert run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run").returncode == 0
+    proc = run_chimera("train", tmp_path / "run/run.yaml", "--run-dir", tmp_path / "run", "--set", "train.steps=1",
+                       "--set", "model.residual_multiplier=0.5", "--set", "train.micro_batch_size=1",
+                       "--set", "train.global_batch_size=1", "--set", "data.seq_len=16",
+                       "--set", "logging.wandb=disabled", "--set", "train.eval_every=0")
+    # the imported weights define a plain Llama, so a run that changes the model is refused
+    assert proc.returncode == 2 and "residual_multiplier" in proc.stderr
+    proc = run_chimera("train", TINY, "--run-dir", tmp_path / "other", "--set", "model.preset=llama-tiny",
+                       "--set", "model.residual_multiplier=0.5", "--set", "train.steps=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_chimera("export", tmp_path / "other", "--format", "hf", "--out", tmp_path / "exported")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "cannot express this model's residual_multiplier" in lines[0]
+    assert not (tmp_path / "exported").exists()
