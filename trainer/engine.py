@@ -7,10 +7,14 @@ this module is the only one that wraps them.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+# DeepSpeed JIT-builds a shared-memory all-reduce op on first use; keep its build cache (and build
+# lock) inside this environment, so one venv's interrupted build can never block another's.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import deepspeed  # noqa: E402  (reads DS_ACCELERATOR at import)
 
