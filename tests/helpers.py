@@ -35,3 +35,27 @@ def read_metrics(run_dir) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_tp_layout(tmp_path, preset: str, tp: int, sequence_parallel: bool) -> dict:
+    """Logits, loss and full gradients of ``preset`` computed by ``tests/distributed/tp_worker.py`` on ``tp`` ranks."""
+    import torch
+
+    from chimera.launch.local import launch
+
+    out = tmp_path / f"{preset}-tp{tp}-sp{int(sequence_parallel)}.pt"
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    worker = str(REPO / "tests/distributed/tp_worker.py")
+    assert launch(tp, [sys.executable, worker, preset, str(tp), str(int(sequence_parallel)), str(out)]) == 0
+    return torch.load(out)
+
+
+def assert_same_numbers(got: dict, ref: dict) -> None:
+    """fp32, same weights: layouts differ only in summation order."""
+    import torch
+
+    torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-6, atol=1e-6)
+    assert got["grads"].keys() == ref["grads"].keys()
+    for name in ref["grads"]:
+        torch.testing.assert_close(got["grads"][name], ref["grads"][name], rtol=1e-4, atol=1e-6, msg=name)
