@@ -59,3 +59,17 @@ def assert_same_numbers(got: dict, ref: dict) -> None:
     assert got["grads"].keys() == ref["grads"].keys()
     for name in ref["grads"]:
         torch.testing.assert_close(got["grads"][name], ref["grads"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def assert_causal(mixer, x, t: int = 23) -> tuple:
+    """Changing token ``t`` of ``x [s, b, d]`` changes no output before ``t`` and does change output ``t``.
+
+    Returns the two outputs for further checks."""
+    import torch
+
+    x2 = x.clone()
+    x2[t] += torch.randn_like(x2[t])
+    y, y2 = mixer(x), mixer(x2)
+    torch.testing.assert_close(y[:t], y2[:t], rtol=0, atol=0)
+    assert (y[t] - y2[t]).abs().max() > 1e-6
+    return y, y2
