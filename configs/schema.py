@@ -26,6 +26,9 @@ LAYER_SYMBOLS = {
     "0": "shared block 0 (model.shared_blocks[0]: one set of parameters at every use)",
     "1": "shared block 1 (model.shared_blocks[1])",
 }
+# With shared_block_style "zamba" a shared symbol is not a sublayer of its own: its output feeds the next one.
+SHARED_SYMBOLS = "01"
+ZAMBA_SHARED_BLOCK = "*-"  # the only block a Zamba-style use runs: attention, then the MLP
 
 
 class Section(BaseModel):
@@ -66,16 +69,31 @@ class ModelConfig(Section):
     shared_blocks: list[str] = Field(
         default_factory=list, description="patterns of shared blocks; symbol '0', '1' in `pattern` applies one"
     )
-    mlp_activation: Literal["gelu_tanh", "silu"] = Field("gelu_tanh", description="gate of the gated MLP")
+    shared_block_style: Literal["residual", "zamba"] = Field(
+        "residual", description="residual: a shared block's sublayers are ordinary pre-norm residual sublayers. "
+        "zamba (Zamba, Zamba2): the block ('*-') reads concat(h, token embeddings), has no residual of its own, "
+        "and its output, through a per-use linear, is added to the input (not the residual) of the next sublayer"
+    )
+    shared_lora_rank: int | None = Field(
+        None, ge=1, description="zamba style: rank of per-use LoRA adapters on the shared MLP's gate/up (Zamba2)"
+    )
+    shared_lora_attention: bool = Field(False, description="zamba style: per-use LoRA on the shared q, k, v too")
+    mlp_activation: Literal["gelu_tanh", "gelu", "silu"] = Field("gelu_tanh", description="gate of the gated MLP")
     ssm_state: int = Field(16, ge=1, description="Mamba: state size N per channel (Mamba-2: per head)")
     ssm_expand: int = Field(2, ge=1, description="Mamba: inner width = ssm_expand x d_model")
     ssm_dt_rank: int | None = Field(None, ge=1, description="Mamba-1: rank of the dt projection (default d/16)")
+    ssm_heads: int = Field(
+        1, ge=1, description="Mamba-1: independent heads over d_inner / ssm_heads channels each, with their own "
+        "x_proj and dt_proj (Zamba's n_mamba_heads)"
+    )
     ssm_dt_bc_norm: bool = Field(
         False, description="Mamba-1: RMSNorm (eps norm_eps) on dt, B and C after x_proj, as in Jamba"
     )
     ssm_head_dim: int = Field(64, ge=1, description="Mamba-2: head dimension")
     ssm_groups: int = Field(1, ge=1, description="Mamba-2: groups sharing B and C")
     ssm_chunk: int = Field(64, ge=1, description="Mamba-2: chunk length of the SSD reference")
+    ssm_dt_min: float = Field(0.0, ge=0, description="Mamba-2: dt is clamped to at least this (Zamba2: 1e-3)")
+    ssm_norm_eps: float | None = Field(None, gt=0, description="Mamba-2: eps of the gated RMSNorm (default norm_eps)")
     norm_eps: float = Field(1e-6, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
@@ -109,6 +127,10 @@ class ModelConfig(Section):
         for i, block in enumerate(self.shared_blocks):
             if set(block) - set(LAYER_SYMBOLS) or set(block) & {"0", "1"}:
                 raise ValueError(f"shared_blocks[{i}] = {block!r}: use the layer symbols, without shared ones")
+        if self.shared_block_style == "zamba":
+            self._check_zamba_style()
+        elif self.shared_lora_rank or self.shared_lora_attention:
+            raise ValueError("shared_lora_rank / shared_lora_attention need shared_block_style: zamba")
         used = {int(c) for c in self.pattern if c in "01"}
         if used and max(used) >= len(self.shared_blocks):
             raise ValueError(f"pattern uses shared block {max(used)} but shared_blocks has {len(self.shared_blocks)}")
@@ -123,6 +145,20 @@ class ModelConfig(Section):
         if self.rnn_width is not None and self.rnn_heads is not None and self.rnn_width % self.rnn_heads:
             raise ValueError(f"rnn_heads={self.rnn_heads} must divide rnn_width={self.rnn_width}")
         return self
+
+    def _check_zamba_style(self) -> None:
+        if any(block != ZAMBA_SHARED_BLOCK for block in self.shared_blocks):
+            raise ValueError(f"shared_block_style zamba runs an attention+MLP block: every entry of shared_blocks must "
+                             f"be {ZAMBA_SHARED_BLOCK!r}, not {self.shared_blocks}")
+        layers = self.layers
+        for i, symbol in enumerate(layers):
+            if symbol in SHARED_SYMBOLS and (i + 1 == len(layers) or layers[i + 1] in SHARED_SYMBOLS):
+                raise ValueError(f"shared_block_style zamba: shared symbol {symbol!r} at position {i} of "
+                                 f"{layers!r} must be followed by the sublayer it feeds (e.g. '0m')")
+        if self.mlp_hidden is None:
+            raise ValueError("shared_block_style zamba: set mlp_hidden (the shared block's MLP)")
+        if self.shared_lora_attention and not self.shared_lora_rank:
+            raise ValueError("shared_lora_attention needs shared_lora_rank")
 
     @property
     def layers(self) -> str:

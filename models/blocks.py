@@ -37,11 +37,13 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
                          scale=cfg.attention_scale)
     if symbol == "m":
         return MambaMixer(cfg.d_model, cfg.ssm_state, cfg.conv_kernel, cfg.ssm_expand, cfg.ssm_dt_rank or "auto",
-                          dt_bc_norm=cfg.ssm_dt_bc_norm, norm_eps=cfg.norm_eps, init_std=std, out_std=out_std, tp=tp)
+                          dt_bc_norm=cfg.ssm_dt_bc_norm, heads=cfg.ssm_heads, norm_eps=cfg.norm_eps, init_std=std,
+                          out_std=out_std, tp=tp)
     if symbol == "M":
         return Mamba2Mixer(cfg.d_model, d_state=cfg.ssm_state, d_conv=cfg.conv_kernel, expand=cfg.ssm_expand,
                            head_dim=cfg.ssm_head_dim, n_groups=cfg.ssm_groups, chunk_size=cfg.ssm_chunk,
-                           norm_eps=cfg.norm_eps, init_std=std, out_std=out_std, tp=tp)
+                           norm_eps=cfg.ssm_norm_eps or cfg.norm_eps, dt_min=cfg.ssm_dt_min, init_std=std,
+                           out_std=out_std, tp=tp)
     if symbol == "E":
         return MoE(cfg.d_model, cfg.moe_hidden or cfg.mlp_hidden, cfg.moe_experts, cfg.moe_top_k, init_std=std,
                    out_std=out_std, tp=tp, activation=cfg.mlp_activation, normalize_top_k=cfg.moe_normalize_top_k,
@@ -56,7 +58,8 @@ def build_mixer(symbol: str, cfg: ModelConfig, tp: TPLayout) -> nn.Module:
 
 class Sublayer(nn.Module):
     """``x + r * mixer(norm(x))`` on the residual stream ``[s(/tp), b, d]``; ``r = cfg.residual_multiplier``
-    (1 but in Granite)."""
+    (1 but in Granite). ``injected`` (a Zamba shared block's output) is added to the mixer's input only:
+    ``x + r * mixer(norm(x + injected))``."""
 
     def __init__(self, symbol: str, cfg: ModelConfig, tp: TPLayout):
         super().__init__()
@@ -69,14 +72,16 @@ class Sublayer(nn.Module):
     def _add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return x + (out if self.residual_multiplier == 1.0 else out * self.residual_multiplier)
 
-    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
-        return self._add(x, self.mixer(enter_tensor_parallel(self.norm(x), self.sequence_parallel), docs))
+    def forward(self, x: torch.Tensor, docs=None, embeddings=None, injected=None) -> torch.Tensor:
+        u = x if injected is None else x + injected
+        return self._add(x, self.mixer(enter_tensor_parallel(self.norm(u), self.sequence_parallel), docs))
 
     def init_state(self, batch: int, max_len: int):
         return self.mixer.init_state(batch, max_len)
 
-    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d], no sequence sharding
-        return self._add(x, self.mixer.step(enter_tensor_parallel(self.norm(x), False), state, pos))
+    def step(self, x: torch.Tensor, state, pos: int, embeddings=None, injected=None) -> torch.Tensor:
+        u = x if injected is None else x + injected  # x: [1, b, d], no sequence sharding
+        return self._add(x, self.mixer.step(enter_tensor_parallel(self.norm(u), False), state, pos))
 
 
 class SharedUse(nn.Module):
@@ -94,7 +99,7 @@ class SharedUse(nn.Module):
     def block(self) -> nn.ModuleList:
         return self._block[0]
 
-    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs=None, embeddings=None) -> torch.Tensor:
         for sublayer in self.block:
             x = sublayer(x, docs)
         return x
@@ -102,7 +107,7 @@ class SharedUse(nn.Module):
     def init_state(self, batch: int, max_len: int):
         return [sublayer.init_state(batch, max_len) for sublayer in self.block]
 
-    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state, pos: int, embeddings=None) -> torch.Tensor:
         for sublayer, sub_state in zip(self.block, state):
             x = sublayer.step(x, sub_state, pos)
         return x

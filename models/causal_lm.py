@@ -14,11 +14,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from chimera.configs.schema import ModelConfig
+from chimera.configs.schema import SHARED_SYMBOLS, ModelConfig
 from chimera.models.blocks import SharedUse, Sublayer
 from chimera.models.documents import PackedDocuments
 from chimera.models.moe import MoE
 from chimera.models.norms import RMSNorm
+from chimera.models.shared_transformer import SharedTransformer, ZambaUse
 from chimera.parallel.layers import (
     ColumnParallel,
     TPLayout,
@@ -40,10 +41,12 @@ class CausalLM(nn.Module):
         tp = tp or TPLayout.current()
         self.cfg, self.tp = cfg, tp
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, init=normal(cfg.init_std))
-        self.shared = nn.ModuleList(nn.ModuleList(Sublayer(symbol, cfg, tp) for symbol in block)
-                                    for block in cfg.shared_blocks)
-        self.layers = nn.ModuleList(SharedUse(self.shared[int(symbol)], int(symbol)) if symbol in "01"
-                                    else Sublayer(symbol, cfg, tp) for symbol in cfg.layers)
+        if cfg.shared_block_style == "zamba":
+            self.shared = nn.ModuleList(SharedTransformer(cfg, tp) for _ in cfg.shared_blocks)
+        else:
+            self.shared = nn.ModuleList(nn.ModuleList(Sublayer(symbol, cfg, tp) for symbol in block)
+                                        for block in cfg.shared_blocks)
+        self.layers = nn.ModuleList(self._build_layers(cfg, tp))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=tp.sequence_parallel,
                                   offset=cfg.norm_offset)
         # RecurrentGemma multiplies embeddings by sqrt(d) as a bf16 constant; the rounding is part of the model
@@ -53,6 +56,19 @@ class CausalLM(nn.Module):
                                                                    init=normal(cfg.init_std))
         self.activation_checkpointing = False
         register_partial_grad_hooks(self)
+
+    def _build_layers(self, cfg: ModelConfig, tp: TPLayout) -> list[nn.Module]:
+        """One module per sublayer; a Zamba-style shared symbol and the sublayer it feeds make one module."""
+        layers, symbols = [], iter(cfg.layers)
+        for symbol in symbols:
+            if symbol not in SHARED_SYMBOLS:
+                layers.append(Sublayer(symbol, cfg, tp))
+            elif cfg.shared_block_style == "zamba":
+                block = self.shared[int(symbol)]
+                layers.append(ZambaUse(block, int(symbol), Sublayer(next(symbols), cfg, tp), cfg, tp))
+            else:
+                layers.append(SharedUse(self.shared[int(symbol)], int(symbol)))
+        return layers
 
     def _logits_local(self, h: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
         """``[s(/tp), b, d]`` -> this rank's vocabulary shard of the logits ``[s, b, V / tp]``."""
@@ -77,11 +93,12 @@ class CausalLM(nn.Module):
         x = self._embed(input_ids).transpose(0, 1).contiguous()  # [b, s, d] -> [s, b, d]
         if self.tp.sequence_parallel:
             x = scatter_sequence(x)
+        embeddings = x  # Zamba's shared blocks read them again
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, docs, use_reentrant=False)
+                x = checkpoint(layer, x, docs, embeddings, use_reentrant=False)
             else:
-                x = layer(x, docs)
+                x = layer(x, docs, embeddings)
         logits = self._logits_local(x, self.tp.sequence_parallel)  # [s, b, V / tp]
         if labels is None:
             return gather_vocab(logits).transpose(0, 1)  # [b, s, V]
@@ -114,9 +131,9 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: list, pos: int) -> torch.Tensor:
         """One token per sequence ``[b]`` at position ``pos`` -> logits ``[b, V]``; updates ``state``."""
-        x = self._embed(tokens[None, :])  # [1, b, d]
+        x = embeddings = self._embed(tokens[None, :])  # [1, b, d]
         for layer, layer_state in zip(self.layers, state):
-            x = layer.step(x, layer_state, pos)
+            x = layer.step(x, layer_state, pos, embeddings)
         return gather_vocab(self._logits_local(x, False))[0]
 
     def num_parameters(self) -> int:

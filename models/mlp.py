@@ -1,7 +1,8 @@
 """Gated MLP: ``W_down( act(W_gate x) * (W_up x) )``.
 
-``act`` is GeLU (tanh form) in Griffin (arXiv 2402.19427, Sec. 2.2) and SiLU in SwiGLU models
-(Llama; Shazeer, arXiv 2002.05202).
+``act`` is GeLU (tanh form) in Griffin (arXiv 2402.19427, Sec. 2.2), exact GeLU in Zamba and SiLU
+in SwiGLU models (Llama; Shazeer, arXiv 2002.05202). A use of a shared block may pass a
+``chimera.models.lora.LoRA`` with two outputs: ``W_gate x + B_gate A x`` and ``W_up x + B_up A x``.
 
 TP: ``W_gate`` and ``W_up`` split their output features (column parallel), ``W_down`` its input
 features (row parallel); the hidden activations never leave their rank.
@@ -14,7 +15,7 @@ from torch import nn
 from chimera.parallel.layers import ColumnParallel, RowParallel
 from chimera.parallel.sharding import normal
 
-ACTIVATIONS = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
+ACTIVATIONS = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "silu": F.silu}
 
 
 class GatedMLP(nn.Module):
@@ -26,11 +27,15 @@ class GatedMLP(nn.Module):
         self.up = ColumnParallel(d_model, hidden, init=normal(init_std), bias=bias)
         self.down = RowParallel(hidden, d_model, init=normal(out_std), sequence_parallel=sequence_parallel, bias=bias)
 
-    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d], per position
-        return self.down(self.act(self.gate(x)) * self.up(x))
+    def forward(self, x: torch.Tensor, docs=None, lora=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        gate, up = self.gate(x), self.up(x)
+        if lora is not None:
+            delta_gate, delta_up = lora(x)
+            gate, up = gate + delta_gate, up + delta_up
+        return self.down(self.act(gate) * up)
 
     def init_state(self, batch: int, max_len: int):
         return None
 
-    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:
-        return self.forward(x)
+    def step(self, x: torch.Tensor, state, pos: int, lora=None) -> torch.Tensor:
+        return self.forward(x, lora=lora)

@@ -33,7 +33,9 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     mapping = mapping_for(hf.get("model_type", "?"))
     tensors = read_hf_tensors(hf_dir)
     cfg = validated(ModelConfig, mapping.config_from_hf(hf), prefix=f"{hf_dir / 'config.json'} -> model.")
-    check_shapes(tensors, mapping.hf_shapes(cfg), str(hf_dir), optional=frozenset({"lm_head.weight"}))
+    optional = frozenset({"lm_head.weight"}) | (mapping.optional_names(cfg) if hasattr(mapping, "optional_names")
+                                                 else frozenset())
+    check_shapes(tensors, mapping.hf_shapes(cfg), str(hf_dir), optional=optional)
     state = {k: v.float() for k, v in mapping.to_chimera(tensors, cfg).items()}
     check_shapes(state, expected_shapes(cfg), f"{hf_dir} (mapped)")
     return write_weights_checkpoint(out, cfg, state, source=f"transformers {hf['model_type']} from {hf_dir}")
@@ -50,7 +52,7 @@ def check_expressible(mapping, cfg: ModelConfig) -> None:
     A Chimera model may use settings its HF architecture cannot hold (say a residual multiplier in a
     Llama); exporting it would silently change the function, so it is refused, naming the fields."""
     back = validated(ModelConfig, mapping.config_from_hf(json.loads(json.dumps(mapping.config_to_hf(cfg)))))
-    used = set(cfg.layers)
+    used = set(cfg.layers) | set("".join(cfg.shared_blocks))
     differ = [k for k in ModelConfig.model_fields if k not in NOT_COMPUTED
               and _effective(back, k) != _effective(cfg, k) and _matters(k, used)]
     if back.layers != cfg.layers:
@@ -63,7 +65,8 @@ def check_expressible(mapping, cfg: ModelConfig) -> None:
 def _effective(cfg: ModelConfig, field: str):
     """A field's value as the model uses it (defaults that derive from other fields resolved)."""
     derived = {"head_dim": cfg.head_size, "rnn_width": cfg.lru_width, "rnn_heads": cfg.lru_heads,
-               "moe_hidden": cfg.moe_hidden or cfg.mlp_hidden, "ssm_dt_rank": cfg.ssm_dt_rank or -(-cfg.d_model // 16)}
+               "moe_hidden": cfg.moe_hidden or cfg.mlp_hidden, "ssm_dt_rank": cfg.ssm_dt_rank or -(-cfg.d_model // 16),
+               "ssm_norm_eps": cfg.ssm_norm_eps or cfg.norm_eps}
     return derived.get(field, getattr(cfg, field))
 
 
@@ -75,7 +78,8 @@ def _matters(field: str, symbols: set[str]) -> bool:
              "ssm_dt_bc_norm": "m", "ssm_head_dim": "M", "ssm_groups": "M", "ssm_state": "mM", "ssm_expand": "mM",
              "conv_kernel": "RmM", "moe_experts": "E", "moe_top_k": "E", "moe_hidden": "E",
              "moe_normalize_top_k": "E", "moe_capacity_factor": "E", "moe_shared_hidden": "E",
-             "mlp_activation": "-E"}
+             "mlp_activation": "-E", "ssm_heads": "m", "ssm_dt_min": "M", "ssm_norm_eps": "M",
+             "shared_block_style": "01", "shared_lora_rank": "01", "shared_lora_attention": "01"}
     return field not in needs or bool(set(needs[field]) & symbols)
 
 

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from chimera.errors import UserError
-from chimera.models.hf import granitemoehybrid, jamba, llama, mamba, mamba2, recurrent_gemma
+from chimera.models.hf import granitemoehybrid, jamba, llama, mamba, mamba2, recurrent_gemma, zamba, zamba2
 
-ARCHITECTURES = {m.MODEL_TYPE: m for m in (llama, mamba, mamba2, recurrent_gemma, jamba, granitemoehybrid)}
+ARCHITECTURES = {m.MODEL_TYPE: m for m in (llama, mamba, mamba2, recurrent_gemma, jamba, granitemoehybrid, zamba,
+                                           zamba2)}
 
 
 def _mapping_for_type(model_type: str):

@@ -41,10 +41,9 @@ from __future__ import annotations
 import torch
 
 from chimera.errors import UserError
-from chimera.models.hf.mamba2 import _bc_from_hf, _bc_to_hf, _number
+from chimera.models.hf.mamba2 import _number, mixer_hf_shapes, mixer_to_chimera, mixer_to_hf
 
 MODEL_TYPE = "granitemoehybrid"
-MAMBA_SAME = ("dt_bias", "A_log", "D", "out_proj.weight")
 MIXERS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*"}
 HF_MIXERS = {"M": "mamba", "*": "attention"}  # the names of released config.json files; transformers 5 remaps them
 
@@ -195,11 +194,6 @@ def config_to_hf(cfg) -> dict:
     }
 
 
-def _dims(cfg):
-    inner = cfg.ssm_expand * cfg.d_model
-    return inner, cfg.ssm_groups, cfg.ssm_state, inner // cfg.ssm_head_dim
-
-
 def names(cfg) -> list[tuple[str, str]]:
     """(HF name, Chimera name) of the parameters that are renamed only."""
     _check(cfg)
@@ -211,9 +205,6 @@ def names(cfg) -> list[tuple[str, str]]:
                   (f"{hf}.post_attention_layernorm.weight", f"{ffn}.norm.weight")]
         if cfg.layers[2 * i] == "*":
             pairs += [(f"{hf}.self_attn.{p}_proj.{w}", f"{mix}.mixer.{p}_proj.{w}") for p in "qkvo" for w in parts]
-        else:
-            pairs += [(f"{hf}.mamba.{k}", f"{mix}.mixer.{k}") for k in MAMBA_SAME]
-            pairs.append((f"{hf}.mamba.norm.weight", f"{mix}.mixer.norm_weight"))
         if cfg.layers[2 * i + 1] == "E":
             pairs += [(f"{hf}.block_sparse_moe.router.layer.weight", f"{ffn}.mixer.router.weight"),
                       (f"{hf}.block_sparse_moe.output_linear.weight", f"{ffn}.mixer.down_weight"),
@@ -227,15 +218,12 @@ def names(cfg) -> list[tuple[str, str]]:
 
 def hf_shapes(cfg) -> dict:
     _check(cfg)
-    inner, g, n, h = _dims(cfg)
-    d, v, hd, k = cfg.d_model, cfg.vocab_size, cfg.head_size, cfg.conv_kernel
+    d, v, hd = cfg.d_model, cfg.vocab_size, cfg.head_size
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (v, d)
-    conv = inner + 2 * g * n
-    mamba = {"dt_bias": (h,), "A_log": (h,), "D": (h,), "conv1d.weight": (conv, 1, k), "conv1d.bias": (conv,),
-             "in_proj.weight": (2 * inner + 2 * g * n + h, d), "norm.weight": (inner,), "out_proj.weight": (d, inner)}
+    mamba = mixer_hf_shapes(cfg)
     attention = {"q_proj.weight": (q, d), "k_proj.weight": (kv, d), "v_proj.weight": (kv, d), "o_proj.weight": (d, q)}
     if cfg.attention_bias:
         attention.update({"q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj.bias": (d,)})
@@ -263,19 +251,10 @@ def to_chimera(t: dict, cfg) -> dict:
     if cfg.tie_embeddings:
         t.pop("lm_head.weight", None)  # tied: the embedding serves as the head
     out = {ours: t[hf] for hf, ours in names(cfg)}
-    inner, g, n, h = _dims(cfg)
     for i in range(len(cfg.layers) // 2):
         hf, mix, ffn = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
         if cfg.layers[2 * i] == "M":
-            z, x, bc, dt = t[f"{hf}.mamba.in_proj.weight"].split([inner, inner, 2 * g * n, h])
-            out.update({f"{mix}.mixer.in_proj_z.weight": z, f"{mix}.mixer.in_proj_x.weight": x,
-                        f"{mix}.mixer.in_proj_bc.weight": _bc_from_hf(bc, g, n),
-                        f"{mix}.mixer.in_proj_dt.weight": dt})
-            for part in ("weight", "bias"):
-                conv = t[f"{hf}.mamba.conv1d.{part}"]
-                conv = conv[:, 0] if part == "weight" else conv
-                out[f"{mix}.mixer.conv_x.{part}"] = conv[:inner]
-                out[f"{mix}.mixer.conv_bc.{part}"] = _bc_from_hf(conv[inner:], g, n)
+            out.update(mixer_to_chimera(t, f"{hf}.mamba.", f"{mix}.mixer.", cfg))
         gate, up = t[f"{hf}.shared_mlp.input_linear.weight"].chunk(2, dim=0)
         if cfg.layers[2 * i + 1] == "E":
             out[f"{ffn}.mixer.shared_expert.gate.weight"], out[f"{ffn}.mixer.shared_expert.up.weight"] = gate, up
@@ -288,16 +267,10 @@ def to_chimera(t: dict, cfg) -> dict:
 
 def to_hf(s: dict, cfg) -> dict:
     out = {hf: s[ours] for hf, ours in names(cfg)}
-    inner, g, n, h = _dims(cfg)
     for i in range(len(cfg.layers) // 2):
         hf, mix, ffn = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
         if cfg.layers[2 * i] == "M":
-            out[f"{hf}.mamba.in_proj.weight"] = torch.cat([
-                s[f"{mix}.mixer.in_proj_z.weight"], s[f"{mix}.mixer.in_proj_x.weight"],
-                _bc_to_hf(s[f"{mix}.mixer.in_proj_bc.weight"], g, n), s[f"{mix}.mixer.in_proj_dt.weight"]])
-            for part in ("weight", "bias"):
-                conv = torch.cat([s[f"{mix}.mixer.conv_x.{part}"], _bc_to_hf(s[f"{mix}.mixer.conv_bc.{part}"], g, n)])
-                out[f"{hf}.mamba.conv1d.{part}"] = conv.unsqueeze(1) if part == "weight" else conv
+            out.update(mixer_to_hf(s, f"{hf}.mamba.", f"{mix}.mixer.", cfg))
         mlp = f"{ffn}.mixer.shared_expert" if cfg.layers[2 * i + 1] == "E" else f"{ffn}.mixer"
         out[f"{hf}.shared_mlp.input_linear.weight"] = torch.cat([s[f"{mlp}.gate.weight"], s[f"{mlp}.up.weight"]])
         if cfg.layers[2 * i + 1] == "E":

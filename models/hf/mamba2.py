@@ -15,7 +15,6 @@ import torch
 from chimera.errors import UserError
 
 MODEL_TYPE = "mamba2"
-SAME = ("norm.weight", "mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.out_proj.weight")
 
 
 def config_from_hf(hf: dict) -> dict:
@@ -78,6 +77,11 @@ def config_to_hf(cfg) -> dict:
 def _dims(cfg):
     if set(cfg.layers) != {"M"}:
         raise UserError(f"a Mamba-2 model has the pattern 'M' repeated, not {cfg.layers!r}")
+    return mixer_dims(cfg)
+
+
+def mixer_dims(cfg) -> tuple[int, int, int, int]:
+    """``(d_inner, groups, d_state, heads)`` of a config's Mamba-2 mixers."""
     inner = cfg.ssm_expand * cfg.d_model
     return inner, cfg.ssm_groups, cfg.ssm_state, inner // cfg.ssm_head_dim
 
@@ -92,49 +96,70 @@ def _bc_from_hf(t: torch.Tensor, g: int, n: int) -> torch.Tensor:
     return torch.stack([b, c], dim=1).flatten(0, 2)
 
 
+# One HF Mamba-2 mixer (HF ``Mamba2Mixer`` and the copies of it in Granite-4.0-H and Zamba2) <-> ours. ``hf``
+# and ``ours`` are the mixers' name prefixes, e.g. ``backbone.layers.3.mixer.`` and ``layers.3.mixer.``.
+MIXER_SAME = ("dt_bias", "A_log", "D", "out_proj.weight")
+
+
+def mixer_hf_shapes(cfg) -> dict:
+    inner, g, n, h = mixer_dims(cfg)
+    d, k, conv = cfg.d_model, cfg.conv_kernel, inner + 2 * g * n
+    return {"dt_bias": (h,), "A_log": (h,), "D": (h,), "conv1d.weight": (conv, 1, k), "conv1d.bias": (conv,),
+            "in_proj.weight": (2 * inner + 2 * g * n + h, d), "norm.weight": (inner,), "out_proj.weight": (d, inner)}
+
+
+def mixer_to_chimera(t: dict, hf: str, ours: str, cfg) -> dict:
+    inner, g, n, h = mixer_dims(cfg)
+    out = {ours + k: t[hf + k] for k in MIXER_SAME}
+    z, x, bc, dt = t[hf + "in_proj.weight"].split([inner, inner, 2 * g * n, h])
+    out.update({ours + "in_proj_z.weight": z, ours + "in_proj_x.weight": x,
+                ours + "in_proj_bc.weight": _bc_from_hf(bc, g, n), ours + "in_proj_dt.weight": dt})
+    for part in ("weight", "bias"):
+        conv = t[f"{hf}conv1d.{part}"]
+        conv = conv[:, 0] if part == "weight" else conv
+        out[f"{ours}conv_x.{part}"], out[f"{ours}conv_bc.{part}"] = conv[:inner], _bc_from_hf(conv[inner:], g, n)
+    out[ours + "norm_weight"] = t[hf + "norm.weight"]
+    return out
+
+
+def mixer_to_hf(s: dict, hf: str, ours: str, cfg) -> dict:
+    _, g, n, _ = mixer_dims(cfg)
+    out = {hf + k: s[ours + k] for k in MIXER_SAME}
+    out[hf + "in_proj.weight"] = torch.cat([s[ours + "in_proj_z.weight"], s[ours + "in_proj_x.weight"],
+                                            _bc_to_hf(s[ours + "in_proj_bc.weight"], g, n),
+                                            s[ours + "in_proj_dt.weight"]])
+    for part in ("weight", "bias"):
+        conv = torch.cat([s[f"{ours}conv_x.{part}"], _bc_to_hf(s[f"{ours}conv_bc.{part}"], g, n)])
+        out[f"{hf}conv1d.{part}"] = conv.unsqueeze(1) if part == "weight" else conv
+    out[hf + "norm.weight"] = s[ours + "norm_weight"]
+    return out
+
+
 def hf_shapes(cfg) -> dict:
-    inner, g, n, h = _dims(cfg)
-    d, k = cfg.d_model, cfg.conv_kernel
-    conv = inner + 2 * g * n
+    _dims(cfg)
+    d = cfg.d_model
     shapes = {"backbone.embeddings.weight": (cfg.vocab_size, d), "backbone.norm_f.weight": (d,)}
-    per_layer = {"norm.weight": (d,), "mixer.dt_bias": (h,), "mixer.A_log": (h,), "mixer.D": (h,),
-                 "mixer.conv1d.weight": (conv, 1, k), "mixer.conv1d.bias": (conv,),
-                 "mixer.in_proj.weight": (2 * inner + 2 * g * n + h, d), "mixer.norm.weight": (inner,),
-                 "mixer.out_proj.weight": (d, inner)}
     for i in range(len(cfg.layers)):
-        shapes.update({f"backbone.layers.{i}.{k}": v for k, v in per_layer.items()})
+        shapes[f"backbone.layers.{i}.norm.weight"] = (d,)
+        shapes.update({f"backbone.layers.{i}.mixer.{k}": v for k, v in mixer_hf_shapes(cfg).items()})
     return shapes
 
 
 def to_chimera(t: dict, cfg) -> dict:
-    inner, g, n, h = _dims(cfg)
+    _dims(cfg)
     out = {"embed.weight": t["backbone.embeddings.weight"], "final_norm.weight": t["backbone.norm_f.weight"]}
     for i in range(len(cfg.layers)):
         hf, ours = f"backbone.layers.{i}.", f"layers.{i}."
-        out.update({ours + k: t[hf + k] for k in SAME})
-        z, x, bc, dt = t[hf + "mixer.in_proj.weight"].split([inner, inner, 2 * g * n, h])
-        out.update({ours + "mixer.in_proj_z.weight": z, ours + "mixer.in_proj_x.weight": x,
-                    ours + "mixer.in_proj_bc.weight": _bc_from_hf(bc, g, n), ours + "mixer.in_proj_dt.weight": dt})
-        for part in ("weight", "bias"):
-            conv = t[f"{hf}mixer.conv1d.{part}"]
-            conv = conv[:, 0] if part == "weight" else conv
-            out[f"{ours}mixer.conv_x.{part}"], bc_conv = conv[:inner], conv[inner:]
-            out[f"{ours}mixer.conv_bc.{part}"] = _bc_from_hf(bc_conv, g, n)
-        out[ours + "mixer.norm_weight"] = t[hf + "mixer.norm.weight"]
+        out[ours + "norm.weight"] = t[hf + "norm.weight"]
+        out.update(mixer_to_chimera(t, hf + "mixer.", ours + "mixer.", cfg))
     return out
 
 
 def to_hf(s: dict, cfg) -> dict:
-    inner, g, n, h = _dims(cfg)
+    _dims(cfg)
     out = {"backbone.embeddings.weight": s["embed.weight"], "backbone.norm_f.weight": s["final_norm.weight"]}
     for i in range(len(cfg.layers)):
         hf, ours = f"backbone.layers.{i}.", f"layers.{i}."
-        out.update({hf + k: s[ours + k] for k in SAME})
-        out[hf + "mixer.in_proj.weight"] = torch.cat([
-            s[ours + "mixer.in_proj_z.weight"], s[ours + "mixer.in_proj_x.weight"],
-            _bc_to_hf(s[ours + "mixer.in_proj_bc.weight"], g, n), s[ours + "mixer.in_proj_dt.weight"]])
-        for part in ("weight", "bias"):
-            conv = torch.cat([s[f"{ours}mixer.conv_x.{part}"], _bc_to_hf(s[f"{ours}mixer.conv_bc.{part}"], g, n)])
-            out[f"{hf}mixer.conv1d.{part}"] = conv.unsqueeze(1) if part == "weight" else conv
-        out[hf + "mixer.norm.weight"] = s[ours + "mixer.norm_weight"]
+        out[hf + "norm.weight"] = s[ours + "norm.weight"]
+        out.update(mixer_to_hf(s, hf + "mixer.", ours + "mixer.", cfg))
     return out

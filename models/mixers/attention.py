@@ -10,6 +10,9 @@ Symbols ``*`` (global) and ``L`` (local, Griffin Sec. 2.4: each position attends
 RoPE (Su et al., arXiv 2104.09864) rotates the first ``rope_fraction`` of each head's dims.
 ``scale`` replaces ``1 / sqrt(d_head)`` where a model sets its own (Granite's
 ``attention_multiplier``); ``qkv_bias`` adds biases to ``W_q``, ``W_k``, ``W_v`` (``out_bias`` to ``W_o``).
+``in_features`` is the input width when it is not ``d_model`` (Zamba's shared block reads
+``concat(h, embeddings)``, ``2 d_model``); a use of a shared block may pass per-use LoRA adapters
+(``lora = {"q": ..., "k": ..., "v": ...}``, ``chimera.models.lora``) added to ``W_q x``, ``W_k x``, ``W_v x``.
 
 TP: query heads split over ranks (``W_q`` column parallel, ``W_o`` row parallel). Key/value heads
 split too when TP divides their number; otherwise (MQA: one kv head) every rank holds all kv
@@ -48,21 +51,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int | None,
                  rope_base: float, rope_fraction: float, init_std: float, out_std: float, tp: TPLayout,
-                 out_bias: bool = False, qkv_bias: bool = False, scale: float | None = None):
+                 out_bias: bool = False, qkv_bias: bool = False, scale: float | None = None,
+                 in_features: int | None = None):
         super().__init__()
+        d_in = in_features or d_model
         self.head_dim, self.window, self.scale = head_dim, window, scale
         self.heads_local = tp.local(num_heads, "num_heads")
         self.rope_base = rope_base
         self.rot_dim = int(head_dim * rope_fraction) // 2 * 2
         group = num_heads // num_kv_heads  # query heads per kv head
-        self.q_proj = ColumnParallel(d_model, num_heads * head_dim, init=normal(init_std), bias=qkv_bias)
-        if num_kv_heads % tp.size == 0:  # kv heads split with their query heads
-            self.k_proj = ColumnParallel(d_model, num_kv_heads * head_dim, init=normal(init_std), bias=qkv_bias)
-            self.v_proj = ColumnParallel(d_model, num_kv_heads * head_dim, init=normal(init_std), bias=qkv_bias)
+        self.q_proj = ColumnParallel(d_in, num_heads * head_dim, init=normal(init_std), bias=qkv_bias)
+        self.kv_split = num_kv_heads % tp.size == 0
+        if self.kv_split:  # kv heads split with their query heads
+            self.k_proj = ColumnParallel(d_in, num_kv_heads * head_dim, init=normal(init_std), bias=qkv_bias)
+            self.v_proj = ColumnParallel(d_in, num_kv_heads * head_dim, init=normal(init_std), bias=qkv_bias)
             first_kv = tp.rank * num_kv_heads // tp.size
         else:  # fewer kv heads than ranks: all kv heads on every rank, gradient partial per rank
-            self.k_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
-            self.v_proj = nn.Linear(d_model, num_kv_heads * head_dim, bias=qkv_bias)
+            self.k_proj = nn.Linear(d_in, num_kv_heads * head_dim, bias=qkv_bias)
+            self.v_proj = nn.Linear(d_in, num_kv_heads * head_dim, bias=qkv_bias)
             for proj in (self.k_proj, self.v_proj):
                 declare(proj.weight, init=normal(init_std), partial_grad_over_tp=tp.size > 1)
                 if qkv_bias:
@@ -73,12 +79,15 @@ class Attention(nn.Module):
         self.o_proj = RowParallel(num_heads * head_dim, d_model, init=normal(out_std),
                                   sequence_parallel=tp.sequence_parallel, bias=out_bias)
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+    def _project(self, x: torch.Tensor, positions: torch.Tensor, lora=None):
         """``x [s, b, d]`` -> q, k, v as ``[b, heads, s, d_head]`` with RoPE applied to q and k."""
         def heads(t):
             return t.unflatten(-1, (-1, self.head_dim)).permute(1, 2, 0, 3)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if lora is not None:
+            q, k, v = (t + lora[name](x)[0] for t, name in ((q, "q"), (k, "k"), (v, "v")))
+        q, k, v = heads(q), heads(k), heads(v)
         cos, sin = rope_tables(positions, self.rot_dim, self.rope_base)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -96,13 +105,13 @@ class Attention(nn.Module):
             allowed &= diff < self.window
         return allowed
 
-    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+    def forward(self, x: torch.Tensor, docs=None, lora=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
         """``docs``: packed-document layout; a token then sees only its own document, at in-document positions."""
         pos = torch.arange(x.shape[0], device=x.device)
         if docs is None:
-            q, k, v = self._project(x, pos)
+            q, k, v = self._project(x, pos, lora)
             return self.o_proj(self._attend(q, k, v, self.visible(pos, pos)))
-        q, k, v = self._project(x, docs.position_ids.t().unsqueeze(1))  # positions [b, 1, s]
+        q, k, v = self._project(x, docs.position_ids.t().unsqueeze(1), lora)  # positions [b, 1, s]
         seg = docs.segment_ids.t()  # [b, s]
         allowed = self.visible(pos, pos) & (seg[:, :, None] == seg[:, None, :])  # [b, s, s]
         return self.o_proj(self._attend(q, k, v, allowed.unsqueeze(1)))
@@ -118,8 +127,8 @@ class Attention(nn.Module):
             "pos": torch.full((slots,), -1, dtype=torch.long, device=w.device),  # position held by each slot
         }
 
-    def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
-        q, k, v = self._project(x, torch.tensor([pos], device=x.device))
+    def step(self, x: torch.Tensor, state, pos: int, lora=None) -> torch.Tensor:  # x: [1, b, d]
+        q, k, v = self._project(x, torch.tensor([pos], device=x.device), lora)
         slot = pos % state["pos"].shape[0]  # ring buffer: overwrite the oldest position
         state["k"][:, :, slot], state["v"][:, :, slot] = k[:, :, 0], v[:, :, 0]
         state["pos"][slot] = pos

@@ -26,6 +26,14 @@ each an RMSNorm over its own features (``dt_rank``, ``N``, ``N``) with its own w
 arithmetic of HF's ``JambaRMSNorm``: normalised in fp32, cast back to the input dtype, then scaled.
 (fp64 stays fp64 here, for reference tests; HF would round it through fp32.)
 
+Zamba (Glorioso et al., arXiv 2405.16712; ``heads`` > 1) splits ``d_inner`` into ``H`` heads of
+``P = d_inner / H`` channels, each an independent Mamba with its own selection projections::
+
+    dt_t^h, B_t^h, C_t^h = split(W_xp^h x_t^h)       # x_proj_weight [H, dt_rank + 2N, P]
+    Delta_t^h = softplus(W_dt^h dt_t^h + b_dt^h)     # dt_proj: [H P, dt_rank], applied per head
+
+and the recurrence above per channel, with its head's ``B``, ``C``. One head is Mamba-1 itself.
+
 ``b_dt`` is initialised to softplus^-1 of ``Delta ~ log-uniform[1e-3, 1e-1]`` and ``W_dt`` to
 ``U(-dt_rank^-0.5, dt_rank^-0.5)`` (Sec. 3.6 / the reference code); ``D`` to ones.
 Parameter names follow HF transformers' ``MambaMixer`` except that its ``in_proj`` is split into
@@ -41,6 +49,9 @@ identity forward, all-reduce of the gradient backward). The scan itself is per c
 communication. Jamba's dt/B/C norm weights (``[dt_rank]``, ``[N]``, ``[N]``) are replicated: they act
 on that full, re-entered output, whose gradient is partial per rank (each rank's channels consume
 it), so their gradients are partial too and are declared ``partial_grad_over_tp`` (summed over TP).
+
+With heads, TP splits them (TP divides ``H``): a rank's channels are whole heads, so each head's
+``x_proj_weight`` lives on that rank (split along dim 0) and no communication is needed at all.
 
 Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.models.scan``) over
 ``[s, b, d_inner, N]`` in fp32; ``step`` advances one token with O(1) state (conv window + h).
@@ -118,12 +129,20 @@ class MambaMixer(nn.Module):
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", *, conv_bias: bool = True, bias: bool = False,
-                 dt_bc_norm: bool = False, norm_eps: float = 1e-6, init_std: float, out_std: float, tp: TPLayout):
+                 dt_bc_norm: bool = False, heads: int = 1, norm_eps: float = 1e-6, init_std: float, out_std: float,
+                 tp: TPLayout):
         super().__init__()
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         inner_local = tp.local(self.d_inner, "d_inner")
+        if self.d_inner % heads:
+            raise ValueError(f"ssm_heads={heads} does not divide d_inner={self.d_inner} (expand * d_model)")
+        if heads > 1 and dt_bc_norm:
+            raise ValueError("Mamba-1 with several heads and dt/B/C norms is not a published model; pick one")
+        self.multi_head = heads > 1
+        self.heads_local = tp.local(heads, "ssm_heads") if self.multi_head else 1
+        self.head_dim = inner_local // self.heads_local
 
         # weight [d_inner / tp, d_model] (bias [d_inner / tp]) each: split along dim 0 (d_inner)
         self.in_proj_x = _column_parallel(d_model, self.d_inner, tp, init=normal(init_std), bias=bias)
@@ -133,10 +152,15 @@ class MambaMixer(nn.Module):
         if not conv_bias:  # CausalConv1d always has a bias: make it a constant zero, not a parameter
             del self.conv1d.bias
             self.conv1d.register_buffer("bias", torch.zeros(inner_local), persistent=False)
-        # [dt_rank + 2 N, d_inner / tp]: split along dim 1 (d_inner); output all-reduced over TP. The
-        # input is this rank's full sequence (inside the mixer), so no sequence-parallel reduce-scatter.
-        self.x_proj = RowParallel(self.d_inner, self.dt_rank + 2 * d_state, init=normal(init_std),
-                                  sequence_parallel=False)
+        if not self.multi_head:
+            # [dt_rank + 2 N, d_inner / tp]: split along dim 1 (d_inner); output all-reduced over TP. The
+            # input is this rank's full sequence (inside the mixer), so no sequence-parallel reduce-scatter.
+            self.x_proj = RowParallel(self.d_inner, self.dt_rank + 2 * d_state, init=normal(init_std),
+                                      sequence_parallel=False)
+        else:
+            # [H / tp, dt_rank + 2 N, P]: split along dim 0 (heads); rank-local
+            self.x_proj_weight = declare(nn.Parameter(torch.empty(self.heads_local, self.dt_rank + 2 * d_state,
+                                                                  self.head_dim)), init=normal(init_std), split_dim=0)
         # weight [d_inner / tp, dt_rank], bias [d_inner / tp]: split along dim 0 (d_inner)
         self.dt_proj = _column_parallel(self.dt_rank, self.d_inner, tp, init=_uniform(self.dt_rank**-0.5), bias=True,
                                         bias_init=_dt_bias_init)
@@ -155,13 +179,23 @@ class MambaMixer(nn.Module):
                                     sequence_parallel=tp.sequence_parallel)
 
     def _selection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [..., d_inner/tp] -> (Delta [..., d_inner/tp], B [..., N], C [..., N])``, fp32 or wider."""
-        x_dbl = enter_tensor_parallel(self.x_proj(x), False)  # full on every rank; gradient summed
+        """``x [..., d_inner/tp] -> (Delta [..., d_inner/tp], B, C [..., c, N])``, fp32 or wider; ``c`` is 1
+        (one head: every channel shares B, C) or ``d_inner/tp`` (each channel its head's)."""
+        if not self.multi_head:
+            x_dbl = enter_tensor_parallel(self.x_proj(x), False)  # full on every rank; gradient summed
+            dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            if self.dt_bc_norm:  # Jamba; after the re-entry, so the gradient reaching the norm weights is partial
+                dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+            dt = F.softplus(_at_least_fp32(self.dt_proj(dt)))  # Delta, from here on fp32
+            return dt, _at_least_fp32(B).unsqueeze(-2), _at_least_fp32(C).unsqueeze(-2)
+        # heads: [..., H/tp, P] -> per head [..., H/tp, dt_rank + 2N]
+        x_dbl = torch.einsum("...hp,hkp->...hk", x.unflatten(-1, (self.heads_local, self.head_dim)), self.x_proj_weight)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if self.dt_bc_norm:  # Jamba; after the re-entry, so the gradient reaching the norm weights is partial
-            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-        dt = F.softplus(_at_least_fp32(self.dt_proj(dt)))  # Delta, from here on fp32
-        return dt, _at_least_fp32(B), _at_least_fp32(C)
+        w_dt = self.dt_proj.weight.unflatten(0, (self.heads_local, self.head_dim))  # [H/tp, P, dt_rank]
+        dt = torch.einsum("...hr,hpr->...hp", dt, w_dt).flatten(-2) + self.dt_proj.bias
+        per_channel = (*B.shape[:-2], self.heads_local, self.head_dim, self.d_state)
+        B, C = (_at_least_fp32(t).unsqueeze(-2).expand(per_channel).flatten(-3, -2) for t in (B, C))
+        return F.softplus(_at_least_fp32(dt)), B, C
 
     def _ssm_inputs(self, x: torch.Tensor):
         """Discretised ``(A_bar, B_bar x, C, x)`` for every position of ``x [..., d_inner/tp]``."""
@@ -169,11 +203,11 @@ class MambaMixer(nn.Module):
         xf = _at_least_fp32(x)
         A = -torch.exp(self.A_log.to(xf.dtype))  # [d_inner/tp, N]
         dA = torch.exp(dt.unsqueeze(-1) * A)  # [..., d_inner/tp, N]
-        dBx = (dt * xf).unsqueeze(-1) * B.unsqueeze(-2)  # [..., d_inner/tp, N]
+        dBx = (dt * xf).unsqueeze(-1) * B  # [..., d_inner/tp, N]
         return dA, dBx, C, xf
 
     def _output(self, h: torch.Tensor, C: torch.Tensor, xf: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = (h * C.unsqueeze(-2)).sum(-1) + self.D.to(xf.dtype) * xf  # (2b) with the D skip
+        y = (h * C).sum(-1) + self.D.to(xf.dtype) * xf  # (2b) with the D skip
         return self.out_proj(y.to(z.dtype) * F.silu(z))
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]

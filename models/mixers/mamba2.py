@@ -18,7 +18,7 @@ SSD per head ``h`` (Sec. 2-3: the SSM recurrence (1) with scalar-times-identity 
     y_t  = h_t C_t + D x_t
 
 The parameterisation is HF transformers' ``Mamba2Mixer`` (``torch_forward``; ``time_step_limit``
-left at its default ``(0, inf)``, i.e. no clamp; ``norm_before_gate=False``) and its
+``(dt_min, inf)``: 0 by default, i.e. no clamp; Zamba2 clamps at 1e-3; ``norm_before_gate=False``) and its
 initialisation: ``A_log = log(1..H)``, ``D = 1``, ``dt_bias = softplus^-1(dt)`` with
 ``dt ~ log-uniform[1e-3, 1e-1]``. Names differ: HF's ``in_proj`` is split here into ``in_proj_z``,
 ``in_proj_x``, ``in_proj_bc``, ``in_proj_dt``, its ``conv1d`` over ``concat(x, B, C)`` into
@@ -153,7 +153,7 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: int = 2, head_dim: int = 64,
                  n_groups: int = 1, chunk_size: int = 64, conv_bias: bool = True, bias: bool = False,
-                 norm_eps: float = 1e-5, init_std: float, out_std: float, tp: TPLayout):
+                 norm_eps: float = 1e-5, dt_min: float = 0.0, init_std: float, out_std: float, tp: TPLayout):
         super().__init__()
         d_inner = expand * d_model
         if d_inner % head_dim:
@@ -162,6 +162,7 @@ class Mamba2Mixer(nn.Module):
         if n_heads % n_groups:
             raise ValueError(f"n_groups={n_groups} does not divide the number of heads {n_heads}")
         self.head_dim, self.d_state, self.chunk_size, self.norm_eps = head_dim, d_state, chunk_size, norm_eps
+        self.dt_min = dt_min
         self.heads_local = tp.local(n_heads, "n_heads")
         heads_per_group = n_heads // n_groups
         self.group_width = heads_per_group * head_dim  # channels normalised together
@@ -218,10 +219,12 @@ class Mamba2Mixer(nn.Module):
         return self.in_proj_z(u), self.in_proj_x(u), self.in_proj_bc(u), self.in_proj_dt(u)
 
     def _ssm_inputs(self, x: torch.Tensor, bc: torch.Tensor, dt: torch.Tensor):
-        """Per head, in fp32: ``x [..., h, p]``, ``B, C [..., h, n]``, ``dt = softplus(dt + dt_bias) [..., h]``."""
+        """Per head, in fp32: ``x [..., h, p]``, ``B, C [..., h, n]``, ``dt = max(softplus(dt + dt_bias), dt_min)``."""
         x = _at_least_fp32(x).unflatten(-1, (self.heads_local, self.head_dim))
         bc = _at_least_fp32(bc).unflatten(-1, (self.n_slots, 2, self.d_state))[..., self.group_of_head, :, :]
         dt = F.softplus(_at_least_fp32(dt) + self.dt_bias)
+        if self.dt_min > 0:
+            dt = dt.clamp(min=self.dt_min)
         return x, bc[..., 0, :], bc[..., 1, :], dt
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The Mamba-1 mixer: the equations token by token, decoding, causality, packing, and HF transformers."""
+"""The Mamba-1 mixer: the equations token by token, decoding, causality, packing, and HF transformers; plain,
+with Jamba's dt/B/C norms, and with Zamba's independent heads."""
 
 import math
 
@@ -13,6 +14,7 @@ from chimera.parallel.sharding import initialize_parameters
 from helpers import assert_causal
 
 D_MODEL, D_STATE, D_CONV, EXPAND = 32, 8, 4, 2
+VARIANTS = {"mamba": {}, "jamba": dict(dt_bc_norm=True, norm_eps=1e-5), "zamba": dict(heads=4)}
 
 
 def make_mixer(seed=0, dtype=torch.float64, **overrides):
@@ -38,12 +40,20 @@ def rms_norm(v: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def selection(m: MambaMixer, u: torch.Tensor, head: int):
+    """dt (before dt_proj), B, C of one head's channels ``u [b, P]``, from the weights."""
+    if not m.multi_head:
+        return torch.split(u @ m.x_proj.weight.t(), [m.dt_rank, m.d_state, m.d_state], dim=-1)
+    return torch.split(u @ m.x_proj_weight[head].t(), [m.dt_rank, m.d_state, m.d_state], dim=-1)
+
+
 def per_token_reference(m: MambaMixer, x: torch.Tensor) -> torch.Tensor:
     """Algorithm 2 of arXiv 2312.00752 (as in HF's slow path), one token at a time, from the weights;
-    with ``dt_bc_norm``, Jamba's RMSNorms of dt, B and C (arXiv 2403.19887) right after x_proj."""
+    with ``dt_bc_norm``, Jamba's RMSNorms of dt, B and C (arXiv 2403.19887) right after x_proj; with heads,
+    Zamba's (arXiv 2405.16712): each head's channels an independent Mamba with its own x_proj and dt_proj."""
     s, b, _ = x.shape
     c, k = m.conv1d.weight.shape
-    R, N = m.dt_rank, m.d_state
+    N, P = m.d_state, m.head_dim
     A = -torch.exp(m.A_log)  # [c, N]
     window = torch.zeros(b, c, k, dtype=x.dtype)
     h = torch.zeros(b, c, N, dtype=x.dtype)
@@ -53,29 +63,32 @@ def per_token_reference(m: MambaMixer, x: torch.Tensor) -> torch.Tensor:
         zt = x[t] @ m.in_proj_z.weight.t()
         window = torch.cat([window[..., 1:], xt.unsqueeze(-1)], dim=-1)
         u = F.silu((window * m.conv1d.weight).sum(-1) + m.conv1d.bias)  # [b, c]
-        dt, B, C = torch.split(u @ m.x_proj.weight.t(), [R, N, N], dim=-1)
-        if m.dt_bc_norm:
-            dt, B, C = (rms_norm(v, norm.weight, norm.eps) for v, norm in
-                        ((dt, m.dt_layernorm), (B, m.b_layernorm), (C, m.c_layernorm)))
-        delta = F.softplus(dt @ m.dt_proj.weight.t() + m.dt_proj.bias)  # [b, c]
-        for d in range(c):  # every channel its own N-dimensional SSM
-            A_bar = torch.exp(delta[:, d, None] * A[d])  # [b, N]
-            h[:, d] = A_bar * h[:, d] + delta[:, d, None] * B * u[:, d, None]
-        y = (h * C[:, None, :]).sum(-1) + m.D * u
+        y = torch.zeros_like(u)
+        for head in range(c // P):
+            ch = slice(head * P, (head + 1) * P)
+            dt, B, C = selection(m, u[:, ch], head)
+            if m.dt_bc_norm:
+                dt, B, C = (rms_norm(v, norm.weight, norm.eps) for v, norm in
+                            ((dt, m.dt_layernorm), (B, m.b_layernorm), (C, m.c_layernorm)))
+            delta = F.softplus(dt @ m.dt_proj.weight[ch].t() + m.dt_proj.bias[ch])  # [b, P]
+            for i, d in enumerate(range(ch.start, ch.stop)):  # every channel its own N-dimensional SSM
+                A_bar = torch.exp(delta[:, i, None] * A[d])  # [b, N]
+                h[:, d] = A_bar * h[:, d] + delta[:, i, None] * B * u[:, d, None]
+            y[:, ch] = (h[:, ch] * C[:, None, :]).sum(-1) + m.D[ch] * u[:, ch]
         out.append((y * F.silu(zt)) @ m.out_proj.weight.t())
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("dt_bc_norm", [False, True])
-def test_forward_follows_the_equations(single_process, dt_bc_norm):
-    mixer = make_mixer(dt_bc_norm=dt_bc_norm, norm_eps=1e-5)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_follows_the_equations(single_process, variant):
+    mixer = make_mixer(**VARIANTS[variant])
     x = x_seq(s=12)
     torch.testing.assert_close(mixer(x), per_token_reference(mixer, x), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("dt_bc_norm", [False, True])
-def test_decoding_steps_equal_full_forward(single_process, dt_bc_norm):
-    mixer = make_mixer(dt_bc_norm=dt_bc_norm)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decoding_steps_equal_full_forward(single_process, variant):
+    mixer = make_mixer(**VARIANTS[variant])
     x = x_seq()
     full = mixer(x)
     state = mixer.init_state(batch=2, max_len=40)
@@ -84,12 +97,14 @@ def test_decoding_steps_equal_full_forward(single_process, dt_bc_norm):
     assert state["h"].shape == (2, EXPAND * D_MODEL, D_STATE) and state["conv"].shape == (2, EXPAND * D_MODEL, 3)
 
 
-def test_causality(single_process):
-    assert_causal(make_mixer(), x_seq())
+@pytest.mark.parametrize("variant", ["mamba", "zamba"])
+def test_causality(single_process, variant):
+    assert_causal(make_mixer(**VARIANTS[variant]), x_seq())
 
 
-def test_packed_documents_equal_separate_runs(single_process):
-    mixer = make_mixer()
+@pytest.mark.parametrize("variant", ["mamba", "zamba"])
+def test_packed_documents_equal_separate_runs(single_process, variant):
+    mixer = make_mixer(**VARIANTS[variant])
     lengths = [[5, 17, 1, 9], [12, 2, 18]]  # two sequences of 32, documents packed differently
     x = x_seq(s=32)
     seg = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths])
@@ -212,3 +227,30 @@ def test_dt_bc_norm_has_hf_arithmetic_in_bf16(single_process):
         assert torch.equal(norm(v), hf(v))
     assert all(getattr(n.weight, "partial_grad_over_tp", None) is False  # replicated; partial only when tp > 1
                for n in (mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm))
+
+
+def test_matches_hf_zamba_mamba_mixer(single_process):
+    """``heads``: HF's ``ZambaMambaMixer`` (per-head x_proj/dt_proj, in_proj rows interleaving x and z)."""
+    import transformers
+    from transformers.models.zamba.modeling_zamba import ZambaMambaMixer
+
+    heads, dt_rank = 4, 4
+    mixer = make_mixer(dtype=torch.float32, dt_rank=dt_rank, heads=heads)
+    config = transformers.ZambaConfig(hidden_size=D_MODEL, mamba_d_state=D_STATE, mamba_expand=EXPAND,
+                                      mamba_d_conv=D_CONV, mamba_dt_rank=dt_rank, n_mamba_heads=heads,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+    hf = ZambaMambaMixer(config, layer_idx=0).eval()
+    per_head = lambda t: t.detach().unflatten(0, (heads, -1)).clone()  # noqa: E731  [H P, ...] -> [H, P, ...]
+    hf.load_state_dict({
+        "in_proj.weight": torch.stack([mixer.in_proj_x.weight, mixer.in_proj_z.weight], dim=1).flatten(0, 1).detach(),
+        "conv1d.weight": mixer.conv1d.weight.detach().unsqueeze(1), "conv1d.bias": mixer.conv1d.bias.detach(),
+        "x_proj_weight": mixer.x_proj_weight.detach(), "dt_proj_weight": per_head(mixer.dt_proj.weight),
+        "dt_proj_bias": per_head(mixer.dt_proj.bias), "A_log": per_head(mixer.A_log), "D": per_head(mixer.D),
+        "out_proj.weight": mixer.out_proj.weight.detach(),
+    }, strict=True)
+    x = x_seq(s=24, dtype=torch.float32)
+    with torch.no_grad():
+        expected = hf(x.transpose(0, 1)).transpose(0, 1)  # HF: [b, s, d]
+        got = mixer(x)
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max() <= 1e-5

@@ -36,6 +36,14 @@ HF_CONFIGS = {
         num_experts_per_tok=6, layer_types=["attention" if i % 10 == 5 else "mamba" for i in range(40)],
         mamba_n_heads=48, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4,
         mamba_expand=2, mamba_chunk_size=256, mamba_conv_bias=True, mamba_proj_bias=False, tie_word_embeddings=True),
+    "zamba-7b": lambda: transformers.ZambaConfig(  # Zyphra/Zamba-7B-v1 (ZambaConfig's defaults are its config)
+        vocab_size=32000, hidden_size=3712, intermediate_size=14848, num_hidden_layers=76, num_attention_heads=16,
+        num_key_value_heads=16, n_mamba_heads=2, attn_layer_period=6, attn_layer_offset=4, mamba_d_state=16,
+        mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=232, tie_word_embeddings=True),
+    "zamba2-2.7b": lambda: transformers.Zamba2Config(  # Zyphra/Zamba2-2.7B: 54 layers, 2 shared blocks, LoRA 128
+        vocab_size=32000, hidden_size=2560, intermediate_size=10240, num_hidden_layers=54, num_attention_heads=32,
+        mamba_d_state=64, n_mamba_heads=80, mamba_ngroups=1, num_mem_blocks=2, adapter_rank=128,
+        use_shared_attention_adapter=False, use_mem_rope=False, tie_word_embeddings=True),
 }
 
 

@@ -56,3 +56,42 @@ def test_shared_block_decoding_keeps_a_state_per_use(single_process):
     state = model.init_state(1, 24)
     steps = torch.stack([model.step(ids[:, t], state, t) for t in range(24)], dim=1)
     torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
+
+
+# ---- Zamba style: the block reads concat(h, embeddings) and feeds the next sublayer's input -----------------
+
+def test_zamba_block_gradient_is_the_sum_of_per_use_gradients(single_process):
+    """zamba2-tiny uses block 0 at two depths: give each use its own copy of the block (same weights: the
+    block of another model built from the same seed) and the shared tensor's gradient is the sum of the
+    copies' gradients."""
+    model = build_model("zamba2-tiny").double()
+    ids = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(ids, -1, 1)
+    model(ids, labels=labels).backward()
+    shared = {n: p.grad.clone() for n, p in model.shared[0].named_parameters()}
+    uses = [layer for layer in model.layers if getattr(layer, "index", None) == 0 and hasattr(layer, "linear")]
+    assert len(uses) == 2 and uses[0].block is uses[1].block
+
+    model.zero_grad()
+    copies = []
+    for use in uses:
+        use._block = (build_model("zamba2-tiny").double().shared[0],)
+        copies.append(use.block)
+        for name, p in use.block.named_parameters():
+            assert torch.equal(p, dict(model.shared[0].named_parameters())[name])
+    model(ids, labels=labels).backward()
+    for name, grad in shared.items():
+        g1, g2 = (dict(c.named_parameters())[name].grad for c in copies)
+        assert g1.abs().max() > 0 and g2.abs().max() > 0
+        torch.testing.assert_close(grad, g1 + g2, rtol=1e-10, atol=1e-12)
+    assert model.shared[0].input_norm.weight.grad is None  # the copies took every use
+
+
+def test_zamba_style_decoding_equals_full_forward(single_process):
+    for preset in ("zamba-tiny", "zamba2-tiny"):
+        model = build_model(preset).double()
+        ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(1))
+        full = model(ids)
+        state = model.init_state(2, 24)
+        steps = torch.stack([model.step(ids[:, t], state, t) for t in range(24)], dim=1)
+        torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
