@@ -3,7 +3,7 @@
 For each architecture and size, a transformers model is built from a config, its weights are
 imported into Chimera through the HF mapping (so both compute the same function), and both run
 forward + backward + AdamW step on the same random batch. transformers runs its CPU paths (the
-torch fallbacks of Mamba-2 and RecurrentGemma; no CUDA kernels here). Chimera runs the model module
+torch fallbacks of Mamba, Mamba-2, RecurrentGemma, Jamba and Zamba2; no CUDA kernels here). Chimera runs the model module
 directly (no DeepSpeed engine), so the comparison is of the model implementations.
 
 usage: python benchmarks/hf_step_time.py [--steps N] [--batch B] [--seq S] [--archs a,b]
@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import tempfile
 import time
 import warnings
 from datetime import date
+from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
@@ -25,7 +27,7 @@ import transformers  # noqa: E402
 
 from chimera.configs.schema import ModelConfig  # noqa: E402
 from chimera.models.causal_lm import CausalLM  # noqa: E402
-from chimera.models.hf import ARCHITECTURES  # noqa: E402
+from chimera.models.hf import ARCHITECTURES, read_hf_tensors  # noqa: E402
 from chimera.parallel import topology  # noqa: E402
 from chimera.parallel.sharding import load_full_state_dict  # noqa: E402
 
@@ -46,12 +48,31 @@ SIZES = {
         "tiny": dict(hidden_size=64, state_size=8, num_hidden_layers=4, expand=2),
         "small": dict(hidden_size=256, state_size=16, num_hidden_layers=8, expand=2),
     },
+    "jamba": {  # Mamba-1 with dt/B/C norms, attention every 4th layer, MoE (top-2) every 2nd
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, attn_layer_period=4,
+                     attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8,
+                     mamba_dt_rank=4),
+        "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, attn_layer_period=4,
+                      attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16),
+    },
+    "zamba2": {  # Mamba-2 with two shared blocks used in turn, per-use LoRA on the MLP
+        "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                     layers_block_type=["mamba", "mamba", "hybrid"] * 2, n_mamba_heads=8, mamba_d_state=16,
+                     num_mem_blocks=2, adapter_rank=8, chunk_size=64),
+        "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=12, num_attention_heads=8,
+                      layers_block_type=["mamba", "mamba", "hybrid"] * 4, n_mamba_heads=16, mamba_d_state=64,
+                      num_mem_blocks=2, adapter_rank=32, chunk_size=64),
+    },
 }
 HF_CLASSES = {
     "mamba2": (transformers.Mamba2Config, transformers.Mamba2ForCausalLM, dict(use_bias=False, use_conv_bias=True)),
     "recurrent_gemma": (transformers.RecurrentGemmaConfig, transformers.RecurrentGemmaForCausalLM,
                         dict(block_types=["recurrent", "recurrent", "attention"])),
     "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM, dict(use_bias=False, use_conv_bias=True)),
+    "jamba": (transformers.JambaConfig, transformers.JambaForCausalLM, {}),
+    "zamba2": (transformers.Zamba2Config, transformers.Zamba2ForCausalLM, {}),
 }
 
 
@@ -61,7 +82,9 @@ def pair(arch: str, size: str, vocab: int):
     mapping = ARCHITECTURES[arch]
     cfg = ModelConfig.model_validate(mapping.config_from_hf(hf.config.to_dict()))
     ours = CausalLM(cfg)
-    state = {k: v.detach() for k, v in hf.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:  # the names on disk, which the mappings read (experts unfused)
+        hf.save_pretrained(tmp)
+        state = read_hf_tensors(Path(tmp))
     load_full_state_dict(ours, {k: v.float() for k, v in mapping.to_chimera(state, cfg).items()})
     return hf, ours
 
@@ -85,7 +108,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--archs", default="mamba2,recurrent_gemma,mamba")
+    parser.add_argument("--archs", default="jamba,zamba2,mamba2,recurrent_gemma,mamba")
     args = parser.parse_args()
     topology.initialize(1, 1)
     vocab = 320

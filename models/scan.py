@@ -1,29 +1,109 @@
-"""The first-order linear recurrence ``h_t = a_t * h_{t-1} + b_t``, vectorised over time.
+"""The first-order linear recurrence ``h_t = a_t * h_{t-1} + b_t``, along dim 0 (time).
 
-Used by every diagonal linear recurrence (RG-LRU; selective SSMs later). The reference is a
-Hillis-Steele parallel scan: ``ceil(log2 T)`` rounds of whole-tensor ops, each combining position
-``t`` with ``t - k`` under the associative operator
-``(a_1, b_1) . (a_2, b_2) = (a_1 a_2, a_2 b_1 + b_2)``. It only multiplies decays (|a| <= 1), so
-it is stable for any length, unlike a cumulative-log formulation.
+Used by every diagonal linear recurrence (RG-LRU, Mamba-1, Mamba-2 between chunks). Two forward
+algorithms compute the same states:
+
+* ``HillisSteele``: ``ceil(log2 T)`` rounds of whole-tensor ops, each combining position ``t``
+  with ``t - k`` under the associative operator ``(a_1, b_1) . (a_2, b_2) = (a_1 a_2, a_2 b_1 + b_2)``;
+  few, large ops (the right shape for an accelerator), ``O(T log T)`` work.
+* ``Sequential``: one in-place multiply-add per time step, ``O(T)`` work; on a CPU, where an op on a
+  ``[b, d, N]`` slice is cheap to launch, this does ``log2 T`` times less work and wins.
+
+Both only multiply decays (|a| <= 1), so they are stable for any length, unlike a cumulative-log
+formulation. ``linear_scan`` runs one of them without recording an autograd graph and differentiates
+through the adjoint recurrence, itself a linear scan run backwards in time::
+
+    lambda_t = g_t + a_{t+1} lambda_{t+1}          (g = dL/dh, lambda = dL/db)
+    dL/da_t  = lambda_t h_{t-1},   dL/dh0 = a_0 lambda_0
+
+so the backward pass stores ``a`` and ``h`` only, instead of every round's intermediates.
 """
+
+from __future__ import annotations
 
 import torch
 
 
+class HillisSteele:
+    @staticmethod
+    def states(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """All states of ``h_t = a_t h_{t-1} + b_t``, ``h_{-1} = 0``: the parallel (log-depth) form."""
+        b = b.expand(torch.broadcast_shapes(a.shape, b.shape))
+        T, k = a.shape[0], 1
+        while k < T:
+            b = torch.cat([b[:k], b[k:] + a[k:] * b[:-k]])
+            a = torch.cat([a[:k], a[k:] * a[:-k]])
+            k *= 2
+        return b
+
+    @staticmethod
+    def adjoint(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``lambda_t = g_t + a_{t+1} lambda_{t+1}``: the forward scan on time-reversed inputs."""
+        a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])
+        return HillisSteele.states(a_next.flip(0), g.flip(0)).flip(0)
+
+
+class Sequential:
+    @staticmethod
+    def states(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """All states of ``h_t = a_t h_{t-1} + b_t``, ``h_{-1} = 0``: one fused multiply-add per step."""
+        h = b.expand(torch.broadcast_shapes(a.shape, b.shape)).clone()
+        for t in range(1, h.shape[0]):
+            h[t].addcmul_(a[t], h[t - 1])
+        return h
+
+    @staticmethod
+    def adjoint(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``lambda_t = g_t + a_{t+1} lambda_{t+1}``, from the last step back."""
+        lam = g.clone()
+        for t in range(lam.shape[0] - 2, -1, -1):
+            lam[t].addcmul_(a[t + 1], lam[t + 1])
+        return lam
+
+
+def algorithm(device: torch.device):
+    return Sequential if device.type == "cpu" else HillisSteele
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a broadcast gradient to ``shape`` (sum over the dims that were expanded)."""
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape, strict=True)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+class _LinearScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0):
+        ctx.b_shape = b.shape
+        if h0 is not None:  # h_0 = a_0 h0 + b_0
+            b = b.expand(torch.broadcast_shapes(a.shape, b.shape, (1, *h0.shape)))
+            b = torch.cat([b[:1] + a[:1] * h0, b[1:]])
+        h = algorithm(a.device).states(a, b)
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    def backward(ctx, g):
+        a, h, h0 = ctx.saved_tensors
+        lam = algorithm(a.device).adjoint(a, g.contiguous())
+        h_prev = torch.cat([(torch.zeros_like(h[:1]) if h0 is None else h0.unsqueeze(0).expand_as(h[:1])), h[:-1]])
+        grad_a = _sum_to(lam * h_prev, a.shape) if ctx.needs_input_grad[0] else None
+        grad_b = _sum_to(lam, ctx.b_shape) if ctx.needs_input_grad[1] else None
+        grad_h0 = _sum_to(a[0] * lam[0], h0.shape) if h0 is not None and ctx.needs_input_grad[2] else None
+        return grad_a, grad_b, grad_h0
+
+
 def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
-    """All states ``h_0..h_{T-1}`` of ``h_t = a_t h_{t-1} + b_t`` along dim 0; ``h_{-1} = h0`` (or 0)."""
-    if h0 is not None:
-        b = torch.cat([b[:1] + a[:1] * h0.unsqueeze(0), b[1:]])
-    T, k = a.shape[0], 1
-    while k < T:
-        b = torch.cat([b[:k], b[k:] + a[k:] * b[:-k]])
-        a = torch.cat([a[:k], a[k:] * a[:-k]])
-        k *= 2
-    return b
+    """All states ``h_0..h_{T-1}`` of ``h_t = a_t h_{t-1} + b_t`` along dim 0; ``h_{-1} = h0`` (or 0).
+
+    ``a`` and ``b`` have the same number of dims and broadcast against each other (a decay shared
+    by channels may have size 1 there)."""
+    return _LinearScan.apply(a, b, h0)
 
 
 def linear_recurrence_loop(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
-    """The same recurrence one step at a time: the oracle the scan is tested against."""
+    """The same recurrence one step at a time with autograd recording every step: the oracle the scan is
+    tested against."""
     h = torch.zeros_like(b[0]) if h0 is None else h0
     out = []
     for t in range(a.shape[0]):

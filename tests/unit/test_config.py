@@ -39,6 +39,10 @@ def test_pattern_expansion():
         (["model.pattern=RXQ"], "unknown layer symbol(s) ['Q', 'X']"),
         (["train.precision=fp8"], "'fp32' or 'bf16'"),
         (["model.preset=griffin-huge"], "unknown model preset 'griffin-huge'"),
+        (["model.preset=zamba-tiny", "model.pattern=mm0"], "must be followed by the sublayer it feeds"),
+        (["model.preset=zamba-tiny", "model.shared_blocks=['*-m']"], "every entry of shared_blocks must be '*-'"),
+        (["model.preset=mamba-tiny", "model.shared_lora_rank=4"], "need shared_block_style: zamba"),
+        (["model.preset=zamba-tiny", "model.shared_lora_attention=true"], "shared_lora_attention needs"),
     ],
 )
 def test_bad_values_are_named(override, expected):
