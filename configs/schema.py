@@ -350,7 +350,8 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
             f"gives {dp}; set --nproc {par.data * model_parallel} or parallel.data={dp}"
         )
     tp = par.tensor
-    attention = bool(set("L*") & set(m.layers))
+    symbols = set(m.layers) | set("".join(m.shared_blocks))  # the sublayer kinds, shared blocks' included
+    attention = bool(set("L*") & symbols)
     for field, value in (
         ("model.num_heads", m.num_heads if attention else tp),
         ("model.mlp_hidden", m.mlp_hidden or tp),
@@ -367,6 +368,11 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
     if set("mM") & set(m.layers) and (m.ssm_expand * m.d_model) % tp:
         raise UserError(f"parallel.tensor={tp} does not divide the Mamba inner width "
                         f"model.ssm_expand x model.d_model = {m.ssm_expand * m.d_model}")
+    if "m" in m.layers and m.ssm_heads > 1 and m.ssm_heads % tp:
+        raise UserError(f"parallel.tensor={tp} does not divide model.ssm_heads={m.ssm_heads} (Mamba heads stay whole)")
+    if m.shared_lora_attention and m.num_kv_heads % tp:
+        raise UserError(f"parallel.tensor={tp} does not divide model.num_kv_heads={m.num_kv_heads}, which LoRA on "
+                        f"the shared k/v needs")
     if "M" in m.layers and (m.ssm_expand * m.d_model // m.ssm_head_dim) % tp:
         raise UserError(f"parallel.tensor={tp} does not divide the Mamba-2 heads "
                         f"(ssm_expand x d_model / ssm_head_dim = {m.ssm_expand * m.d_model // m.ssm_head_dim})")

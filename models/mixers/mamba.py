@@ -179,35 +179,35 @@ class MambaMixer(nn.Module):
                                     sequence_parallel=tp.sequence_parallel)
 
     def _selection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x [..., d_inner/tp] -> (Delta [..., d_inner/tp], B, C [..., c, N])``, fp32 or wider; ``c`` is 1
-        (one head: every channel shares B, C) or ``d_inner/tp`` (each channel its head's)."""
+        """``x [..., d_inner/tp] -> (Delta [..., H, P], B, C [..., H, 1, N])``, fp32 or wider: channels viewed as
+        ``H`` heads of ``P`` (one head, ``P = d_inner/tp``, when every channel shares B and C)."""
         if not self.multi_head:
             x_dbl = enter_tensor_parallel(self.x_proj(x), False)  # full on every rank; gradient summed
             dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
             if self.dt_bc_norm:  # Jamba; after the re-entry, so the gradient reaching the norm weights is partial
                 dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-            dt = F.softplus(_at_least_fp32(self.dt_proj(dt)))  # Delta, from here on fp32
-            return dt, _at_least_fp32(B).unsqueeze(-2), _at_least_fp32(C).unsqueeze(-2)
+            dt = F.softplus(_at_least_fp32(self.dt_proj(dt))).unsqueeze(-2)  # Delta, from here on fp32
+            return dt, _at_least_fp32(B)[..., None, None, :], _at_least_fp32(C)[..., None, None, :]
         # heads: [..., H/tp, P] -> per head [..., H/tp, dt_rank + 2N]
         x_dbl = torch.einsum("...hp,hkp->...hk", x.unflatten(-1, (self.heads_local, self.head_dim)), self.x_proj_weight)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         w_dt = self.dt_proj.weight.unflatten(0, (self.heads_local, self.head_dim))  # [H/tp, P, dt_rank]
-        dt = torch.einsum("...hr,hpr->...hp", dt, w_dt).flatten(-2) + self.dt_proj.bias
-        per_channel = (*B.shape[:-2], self.heads_local, self.head_dim, self.d_state)
-        B, C = (_at_least_fp32(t).unsqueeze(-2).expand(per_channel).flatten(-3, -2) for t in (B, C))
-        return F.softplus(_at_least_fp32(dt)), B, C
+        b_dt = self.dt_proj.bias.unflatten(0, (self.heads_local, self.head_dim))
+        dt = F.softplus(_at_least_fp32(torch.einsum("...hr,hpr->...hp", dt, w_dt) + b_dt))
+        return dt, _at_least_fp32(B).unsqueeze(-2), _at_least_fp32(C).unsqueeze(-2)
 
     def _ssm_inputs(self, x: torch.Tensor):
-        """Discretised ``(A_bar, B_bar x, C, x)`` for every position of ``x [..., d_inner/tp]``."""
+        """Discretised ``(A_bar, B_bar x [..., H, P, N], C [..., H, 1, N], x [..., H, P])`` at every position of
+        ``x [..., d_inner/tp]``."""
         dt, B, C = self._selection(x)
-        xf = _at_least_fp32(x)
-        A = -torch.exp(self.A_log.to(xf.dtype))  # [d_inner/tp, N]
-        dA = torch.exp(dt.unsqueeze(-1) * A)  # [..., d_inner/tp, N]
-        dBx = (dt * xf).unsqueeze(-1) * B  # [..., d_inner/tp, N]
+        xf = _at_least_fp32(x).unflatten(-1, dt.shape[-2:])
+        A = -torch.exp(self.A_log.to(xf.dtype)).unflatten(0, dt.shape[-2:])  # [H, P, N]
+        dA = torch.exp(dt.unsqueeze(-1) * A)  # [..., H, P, N]
+        dBx = (dt * xf).unsqueeze(-1) * B  # [..., H, P, N]
         return dA, dBx, C, xf
 
     def _output(self, h: torch.Tensor, C: torch.Tensor, xf: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = (h * C).sum(-1) + self.D.to(xf.dtype) * xf  # (2b) with the D skip
+        y = ((h * C).sum(-1) + self.D.to(xf.dtype).unflatten(0, xf.shape[-2:]) * xf).flatten(-2)  # (2b), D skip
         return self.out_proj(y.to(z.dtype) * F.silu(z))
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
@@ -215,9 +215,9 @@ class MambaMixer(nn.Module):
         z = self.in_proj_z(x)
         xi = self.in_proj_x(x)
         xc = F.silu(self.conv1d(xi) if docs is None else self.conv1d(xi, docs.segment_ids))
-        dA, dBx, C, xf = self._ssm_inputs(xc)  # [s, b, d_inner/tp, N]
+        dA, dBx, C, xf = self._ssm_inputs(xc)  # [s, b, H, P, N]
         if docs is not None:
-            dA = dA.masked_fill(docs.starts[..., None, None], 0.0)  # h_{t-1} dropped at a document's start
+            dA = dA.masked_fill(docs.starts[..., None, None, None], 0.0)  # h_{t-1} dropped at a document's start
         h = linear_scan(dA, dBx)  # (2a) for all t
         return self._output(h, C, xf, z)
 
@@ -231,6 +231,7 @@ class MambaMixer(nn.Module):
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         z = self.in_proj_z(x)
         xc, state["conv"] = self.conv1d.step(self.in_proj_x(x)[0], state["conv"])
-        dA, dBx, C, xf = self._ssm_inputs(F.silu(xc).unsqueeze(0))  # [1, b, d_inner/tp, N]
-        state["h"] = dA[0] * state["h"] + dBx[0]
-        return self._output(state["h"].unsqueeze(0), C, xf, z)
+        dA, dBx, C, xf = self._ssm_inputs(F.silu(xc).unsqueeze(0))  # [1, b, H, P, N]
+        h = dA[0] * state["h"].view_as(dA[0]) + dBx[0]
+        state["h"] = h.flatten(1, 2)  # [b, d_inner/tp, N]
+        return self._output(h.unsqueeze(0), C, xf, z)

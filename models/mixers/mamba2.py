@@ -115,6 +115,8 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
 
     ``x [s, b, h, p]``, ``dt [s, b, h]``, ``A [h]``, ``B, C [s, b, h, n]`` -> ``y [s, b, h, p]``;
     ``reset [s, b]`` marks tokens where ``h_{t-1}`` is dropped (decay 0). The skip ``D x`` is not added.
+    Inside, tensors are ``[b, h, c, q, ...]`` (chunk ``c``, position ``q`` in it), so that every contraction
+    is a batched matmul over ``(b, h, c)`` without further copies; states are held as ``[n, p]``.
     """
     s = x.shape[0]
     log_a = dt * A  # log of the decay, <= 0
@@ -122,30 +124,28 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         log_a = log_a.masked_fill(reset.unsqueeze(-1), -math.inf)
     pad = -s % chunk_size
 
-    def chunks(t):  # [s, ...] -> [c, q, ...]; zero padding at the end: decay 1, no input
-        return F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)).unflatten(0, (-1, chunk_size))
+    def chunks(t):  # [s, b, h, ...] -> [b, h, c, q, ...]; zero padding at the end: decay 1, no input
+        t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)).movedim(0, 2).contiguous()
+        return t.unflatten(2, (-1, chunk_size))
 
     xdt, B, C = chunks(x * dt.unsqueeze(-1)), chunks(B), chunks(C)
-    log_a = chunks(log_a).permute(0, 2, 3, 1)  # [c, b, h, q]
-    decay = torch.exp(segsum(log_a))  # [c, b, h, l, s]: prod_{s < k <= l} a_k, 0 for s > l
+    log_a = chunks(log_a)  # [b, h, c, q]
+    decay = torch.exp(segsum(log_a))  # [b, h, c, l, s]: prod_{s < k <= l} a_k, 0 for s > l
 
     # 1. Within a chunk (diagonal blocks): y_l = sum_{s <= l} (C_l . B_s) decay[l, s] dt_s x_s.
-    scores = torch.einsum("clbhn,csbhn->cbhls", C, B) * decay
-    y = torch.einsum("cbhls,csbhp->clbhp", scores, xdt)
+    y = (torch.matmul(C, B.transpose(-1, -2)) * decay) @ xdt  # [b, h, c, l, p]
 
-    # 2. Each chunk's own tokens in the state at its end: sum_s decay[q-1, s] dt_s x_s B_s^T.
-    to_end = decay[..., -1, :].permute(0, 3, 1, 2).unsqueeze(-1)  # [c, s, b, h, 1]
-    chunk_states = torch.einsum("csbhn,csbhp->cbhpn", B * to_end, xdt)
+    # 2. Each chunk's own tokens in the state at its end: sum_s decay[q-1, s] B_s (dt_s x_s)^T.
+    chunk_states = (B * decay[..., -1, :].unsqueeze(-1)).transpose(-1, -2) @ xdt  # [b, h, c, n, p]
 
     # 3. Between chunks: h_end[c] = (prod of chunk c's decays) h_end[c-1] + chunk_states[c].
-    cum = log_a.cumsum(-1)  # [c, b, h, q]: log prod_{k <= l} a_k
-    ends = linear_scan(torch.exp(cum[..., -1])[..., None, None], chunk_states)
-    entering = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]])  # the state before each chunk
+    cum = log_a.cumsum(-1)  # [b, h, c, q]: log prod_{k <= l} a_k
+    ends = linear_scan(torch.exp(cum[..., -1]).movedim(2, 0)[..., None, None], chunk_states.movedim(2, 0))
+    entering = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]]).movedim(0, 2)  # the state before each chunk
 
     # 4. The entering state read out inside the chunk: y_l += (prod_{k <= l} a_k) C_l . h_entering.
-    from_start = torch.exp(cum).permute(0, 3, 1, 2).unsqueeze(-1)  # [c, l, b, h, 1]
-    y = y + torch.einsum("clbhn,cbhpn->clbhp", C, entering) * from_start
-    return y.flatten(0, 1)[:s]
+    y = y + (C @ entering) * torch.exp(cum).unsqueeze(-1)
+    return y.flatten(2, 3).movedim(2, 0)[:s]
 
 
 class Mamba2Mixer(nn.Module):
@@ -213,7 +213,9 @@ class Mamba2Mixer(nn.Module):
         global_heads = torch.arange(self.heads_local) + tp.rank * self.heads_local
         # For each local head, its group among those held here (B/C slot, norm group).
         self.register_buffer("group_of_head", global_heads // heads_per_group - first_group, persistent=False)
-        self.n_slots = n_slots
+        self.n_slots, self.heads_per_group = n_slots, heads_per_group
+        # This rank's heads among the heads of the groups held here: a contiguous range from this offset.
+        self.first_head_slot = tp.rank * self.heads_local - first_group * heads_per_group
 
     def _project(self, u: torch.Tensor):
         return self.in_proj_z(u), self.in_proj_x(u), self.in_proj_bc(u), self.in_proj_dt(u)
@@ -221,7 +223,10 @@ class Mamba2Mixer(nn.Module):
     def _ssm_inputs(self, x: torch.Tensor, bc: torch.Tensor, dt: torch.Tensor):
         """Per head, in fp32: ``x [..., h, p]``, ``B, C [..., h, n]``, ``dt = max(softplus(dt + dt_bias), dt_min)``."""
         x = _at_least_fp32(x).unflatten(-1, (self.heads_local, self.head_dim))
-        bc = _at_least_fp32(bc).unflatten(-1, (self.n_slots, 2, self.d_state))[..., self.group_of_head, :, :]
+        # each group's B, C repeated for its heads (a broadcast view, not a gather), then this rank's heads
+        bc = _at_least_fp32(bc).unflatten(-1, (self.n_slots, 1, 2, self.d_state))
+        bc = bc.expand(*bc.shape[:-3], self.heads_per_group, 2, self.d_state).flatten(-4, -3)
+        bc = bc.narrow(-3, self.first_head_slot, self.heads_local)
         dt = F.softplus(_at_least_fp32(dt) + self.dt_bias)
         if self.dt_min > 0:
             dt = dt.clamp(min=self.dt_min)

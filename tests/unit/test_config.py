@@ -69,3 +69,10 @@ def test_layout_checks():
     with pytest.raises(UserError, match="global_batch_size=4 is not a multiple"):
         validate_layout(load_run_config(TINY, ["train.micro_batch_size=4"]), 2)
     assert validate_layout(load_run_config(TINY, ["train.micro_batch_size=2"]), 2) == 2
+    zamba = ["model.preset=zamba-tiny", "parallel.tensor=4"]
+    assert validate_layout(load_run_config(TINY, zamba[:1] + ["parallel.tensor=2"]), 2) == 1
+    with pytest.raises(UserError, match="does not divide model.ssm_heads=2"):
+        validate_layout(load_run_config(TINY, zamba), 4)
+    with pytest.raises(UserError, match="does not divide model.num_heads=6"):  # the shared block's attention
+        validate_layout(load_run_config(TINY, zamba + ["model.num_heads=6", "model.num_kv_heads=6",
+                                                       "model.ssm_heads=4"]), 4)
