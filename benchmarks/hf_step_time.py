@@ -3,8 +3,9 @@
 For each architecture and size, a transformers model is built from a config, its weights are
 imported into Chimera through the HF mapping (so both compute the same function), and both run
 forward + backward + AdamW step on the same random batch. transformers runs its CPU paths (the
-torch fallbacks of Mamba, Mamba-2, RecurrentGemma, Jamba and Zamba2; no CUDA kernels here). Chimera runs the model module
-directly (no DeepSpeed engine), so the comparison is of the model implementations.
+torch fallbacks of Mamba, Mamba-2, RecurrentGemma, Jamba and Zamba2; no CUDA kernels here).
+Chimera runs the model module directly (no DeepSpeed engine), so the comparison is of the model
+implementations.
 
 usage: python benchmarks/hf_step_time.py [--steps N] [--batch B] [--seq S] [--archs a,b]
 """

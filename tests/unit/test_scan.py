@@ -6,7 +6,6 @@ import torch
 from chimera.models import scan
 from chimera.models.scan import linear_recurrence_loop, linear_scan
 
-
 ALGORITHMS = [scan.HillisSteele, scan.Sequential]
 
 
