@@ -95,3 +95,17 @@ def test_zamba_style_decoding_equals_full_forward(single_process):
         state = model.init_state(2, 24)
         steps = torch.stack([model.step(ids[:, t], state, t) for t in range(24)], dim=1)
         torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
+
+
+def test_zamba_style_is_causal(single_process):
+    """Changing token t changes no logits before t (the shared attention reads concat(h, embeddings) of every
+    position, the per-use state must not leak the future), and does change them from t on."""
+    for preset in ("zamba-tiny", "zamba2-tiny"):
+        model = build_model(preset).double()
+        ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(2))
+        changed = ids.clone()
+        changed[:, 13] = (changed[:, 13] + 1) % 257
+        with torch.no_grad():
+            a, b = model(ids), model(changed)
+        torch.testing.assert_close(a[:, :13], b[:, :13], rtol=0, atol=0)
+        assert (a[:, 13:] - b[:, 13:]).abs().amax(-1).min() > 1e-9
