@@ -9,14 +9,12 @@ import json
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
 import chimera
 from chimera.configs.loader import load_model_config
 from chimera.errors import UserError
 from chimera.models.hf import granitemoehybrid
-from chimera.trainer.generate import generate
-from helpers import assert_same_numbers, run_chimera, run_tp_layout
+from helpers import assert_same_numbers, hf_round_trip, run_chimera, run_tp_layout
 
 VOCAB = 320
 
@@ -43,49 +41,20 @@ def tiny_granite(**overrides) -> transformers.GraniteMoeHybridForCausalLM:
     return model.eval()
 
 
-def hf_greedy(model, prompt, n):
-    model.generation_config.eos_token_id = None  # 20 tokens, whatever they are
-    out = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[:, : prompt.shape[1] + n]
-
-
 IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
 def test_import_export_round_trip(tmp_path, single_process):
     hf_model = tiny_granite()
-    hf_model.save_pretrained(tmp_path / "hf")
-    on_disk = load_file(str(tmp_path / "hf/model.safetensors"))
+    r = hf_round_trip(tmp_path, hf_model, VOCAB)
     # Granite's own names on disk (transformers fuses and renames the experts only in memory)
-    assert on_disk["model.layers.0.block_sparse_moe.input_linear.weight"].shape == (4, 96, 64)
-    assert "model.layers.0.block_sparse_moe.router.layer.weight" in on_disk and "lm_head.weight" not in on_disk
-    proc = run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    ours = chimera.load_model(tmp_path / "run")
-    assert ours.cfg.layers == "ME*EMEME*EME" and ours.head is None
-    with torch.no_grad():
-        ref = hf_model(IDS).logits
-        got = ours(IDS)
-    assert ref.abs().max() > 0.5
-    assert (got - ref).abs().max() <= 1e-4
-
-    prompt = IDS[:1, :5]
-    expected = hf_greedy(hf_model, prompt, 20)
-    assert expected.shape == (1, 25)
-    assert torch.equal(generate(ours, prompt, 20, temperature=0), expected)
-
-    proc = run_chimera("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(load_file(str(tmp_path / "exported/model.safetensors"))) == set(on_disk)
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
-    assert type(back) is type(hf_model)
-    assert back.config.layer_types == hf_model.config.layer_types
+    assert r.on_disk["model.layers.0.block_sparse_moe.input_linear.weight"].shape == (4, 96, 64)
+    assert "model.layers.0.block_sparse_moe.router.layer.weight" in r.on_disk and "lm_head.weight" not in r.on_disk
+    assert r.ours.cfg.layers == "ME*EMEME*EME" and r.ours.head is None
+    assert r.ref.abs().max() > 0.5
+    assert r.back.config.layer_types == hf_model.config.layer_types
     for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling"):
-        assert getattr(back.config, key) == getattr(hf_model.config, key), key
-    with torch.no_grad():
-        assert (back(IDS).logits - got).abs().max() <= 1e-4
-    assert torch.equal(hf_greedy(back, prompt, 20), expected)
+        assert getattr(r.back.config, key) == getattr(hf_model.config, key), key
 
 
 @pytest.mark.parametrize("variant", [

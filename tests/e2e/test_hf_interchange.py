@@ -8,9 +8,7 @@ import pytest
 import torch
 import transformers
 
-import chimera
-from chimera.trainer.generate import generate
-from helpers import REPO, run_chimera
+from helpers import REPO, hf_round_trip, run_chimera
 
 TINY = REPO / "configs/runs/tiny.yaml"
 
@@ -35,35 +33,9 @@ TINY_HF = {
 }
 
 
-def hf_greedy(model, prompt, n):
-    out = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[:, : prompt.shape[1] + n]
-
-
 @pytest.mark.parametrize("arch", sorted(TINY_HF))
 def test_import_export_round_trip(arch, tmp_path, single_process):
-    hf_model = TINY_HF[arch]().eval()
-    hf_model.save_pretrained(tmp_path / "hf")
-    proc = run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    ours = chimera.load_model(tmp_path / "run")
-    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf_model(ids).logits
-    assert (ours(ids) - ref).abs().max() <= 1e-4
-
-    prompt = ids[:1, :5]
-    expected = hf_greedy(hf_model, prompt, 20)
-    assert torch.equal(generate(ours, prompt, 20, temperature=0), expected)
-
-    proc = run_chimera("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
-    assert type(back) is type(hf_model)
-    with torch.no_grad():
-        assert (back(ids).logits - ours(ids)).abs().max() <= 1e-4
-    assert torch.equal(hf_greedy(back, prompt, 20), expected)
+    hf_round_trip(tmp_path, TINY_HF[arch]().eval(), vocab=320)
 
 
 def test_imported_run_continues_training(tmp_path):

@@ -7,14 +7,11 @@ import json
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
-import chimera
 from chimera.configs.loader import load_model_config
 from chimera.errors import UserError
 from chimera.models.hf import jamba
-from chimera.trainer.generate import generate
-from helpers import assert_same_numbers, run_chimera, run_tp_layout
+from helpers import assert_same_numbers, hf_round_trip, run_tp_layout
 
 VOCAB = 320
 
@@ -38,46 +35,16 @@ def tiny_jamba(**overrides) -> transformers.JambaForCausalLM:
     return model.eval()
 
 
-def hf_greedy(model, prompt, n):
-    model.generation_config.eos_token_id = None  # 20 tokens, whatever they are
-    out = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[:, : prompt.shape[1] + n]
-
-
 def test_import_export_round_trip(tmp_path, single_process):
     hf_model = tiny_jamba()
     assert hf_model.config.layers_block_type.count("attention") == 2
     assert hf_model.config.layers_num_experts.count(4) == 4
-    hf_model.save_pretrained(tmp_path / "hf")
-    on_disk = load_file(str(tmp_path / "hf/model.safetensors"))
-    assert "model.layers.1.feed_forward.experts.3.down_proj.weight" in on_disk  # per expert on disk
-    proc = run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    ours = chimera.load_model(tmp_path / "run")
-    assert ours.cfg.layers == "m-mE*-mEm-mE*-mE" and ours.head is not None
-    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf_model(ids).logits
-        got = ours(ids)
-    assert ref.abs().max() > 0.5
-    assert (got - ref).abs().max() <= 1e-4
-
-    prompt = ids[:1, :5]
-    expected = hf_greedy(hf_model, prompt, 20)
-    assert expected.shape == (1, 25)
-    assert torch.equal(generate(ours, prompt, 20, temperature=0), expected)
-
-    proc = run_chimera("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(load_file(str(tmp_path / "exported/model.safetensors"))) == set(on_disk)
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
-    assert type(back) is type(hf_model)
-    assert back.config.layers_block_type == hf_model.config.layers_block_type
-    assert back.config.layers_num_experts == hf_model.config.layers_num_experts
-    with torch.no_grad():
-        assert (back(ids).logits - got).abs().max() <= 1e-4
-    assert torch.equal(hf_greedy(back, prompt, 20), expected)
+    r = hf_round_trip(tmp_path, hf_model, VOCAB)
+    assert "model.layers.1.feed_forward.experts.3.down_proj.weight" in r.on_disk  # per expert on disk
+    assert r.ours.cfg.layers == "m-mE*-mEm-mE*-mE" and r.ours.head is not None
+    assert r.ref.abs().max() > 0.5
+    assert r.back.config.layers_block_type == hf_model.config.layers_block_type
+    assert r.back.config.layers_num_experts == hf_model.config.layers_num_experts
 
 
 def test_config_round_trip_and_unsupported_variants():

@@ -8,14 +8,11 @@ import json
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
-import chimera
 from chimera.configs.loader import load_model_config
 from chimera.errors import UserError
 from chimera.models.hf import zamba, zamba2
-from chimera.trainer.generate import generate
-from helpers import assert_same_numbers, run_chimera, run_tp_layout
+from helpers import assert_same_numbers, hf_round_trip, run_chimera, run_tp_layout
 
 VOCAB = 320
 MAMBA, HYBRID = "mamba", "hybrid"
@@ -54,43 +51,12 @@ def tiny_zamba2(**overrides) -> transformers.Zamba2ForCausalLM:
     return perturbed(transformers.Zamba2ForCausalLM(transformers.Zamba2Config(**kw | overrides)))
 
 
-def hf_greedy(model, prompt, n):
-    model.generation_config.eos_token_id = None  # 20 tokens, whatever they are
-    out = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[:, : prompt.shape[1] + n]
-
-
 def round_trip(tmp_path, hf_model, layers: str):
-    """Import, compare logits and generation, export, load natively, compare again."""
-    hf_model.save_pretrained(tmp_path / "hf")
-    on_disk = load_file(str(tmp_path / "hf/model.safetensors"))
-    proc = run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    ours = chimera.load_model(tmp_path / "run")
-    assert ours.cfg.layers == layers
-    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf_model(ids).logits
-        got = ours(ids)
-    assert ref.abs().max() > 0.3
-    assert (got - ref).abs().max() <= 1e-4
-
-    prompt = ids[:1, :5]
-    expected = hf_greedy(hf_model, prompt, 20)
-    assert expected.shape == (1, 25)
-    assert torch.equal(generate(ours, prompt, 20, temperature=0), expected)
-
-    proc = run_chimera("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert set(load_file(str(tmp_path / "exported/model.safetensors"))) == set(on_disk)
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
-    assert type(back) is type(hf_model)
-    assert back.config.layers_block_type == hf_model.config.layers_block_type
-    with torch.no_grad():
-        assert (back(ids).logits - got).abs().max() <= 1e-4
-    assert torch.equal(hf_greedy(back, prompt, 20), expected)
-    return ours
+    r = hf_round_trip(tmp_path, hf_model, VOCAB)
+    assert r.ours.cfg.layers == layers
+    assert r.ref.abs().max() > 0.3
+    assert r.back.config.layers_block_type == hf_model.config.layers_block_type
+    return r.ours
 
 
 def test_zamba_import_export_round_trip(tmp_path, single_process):
