@@ -9,6 +9,7 @@ provides::
     config_to_hf(cfg) -> dict      the HF config.json of a ModelConfig
     to_chimera(tensors, cfg)       HF state dict -> Chimera full state dict
     to_hf(state, cfg)              Chimera full state dict -> HF state dict
+    optional_names(cfg)            (optional) names a file may hold beyond hf_shapes, which import ignores
 
 ``read_hf_dir`` reads a checkpoint directory (safetensors, single or sharded) and ``check_shapes``
 holds tensors to a config; ``chimera.trainer.interchange`` turns them into Chimera checkpoints and back.

@@ -12,8 +12,8 @@ Chimera's defaults: the Mamba mixer normalises dt, B and C (``ssm_dt_bc_norm``),
 positional encoding at all (``rope_fraction: 0``), the MoE router takes softmax then top-k without
 renormalising (``moe_normalize_top_k: false``), SiLU gates, and the head is not tied (v0.1).
 
-Layouts: HF's ``mamba.in_proj`` is our ``in_proj_x`` and ``in_proj_z`` concatenated along dim 0, its
-``conv1d.weight [d_inner, 1, k]`` is ours ``[d_inner, k]``. transformers fuses the experts in memory
+Layouts: the Mamba mixer maps as in ``chimera.models.hf.mamba`` (``in_proj`` split, ``conv1d`` squeezed),
+with the dt/B/C norms. transformers fuses the experts in memory
 (``experts.gate_up_proj``, ``experts.down_proj``) but reads and writes them per expert on disk
 (``feed_forward.experts.{j}.{gate,up,down}_proj.weight``, 2-D); the mapping works on the disk names
 and stacks them into our ``gate_weight``/``up_weight [E, hidden, d]`` and ``down_weight [E, d, hidden]``.
@@ -30,10 +30,9 @@ import math
 import torch
 
 from chimera.errors import UserError
+from chimera.models.hf.mamba import mixer_hf_shapes, mixer_to_chimera, mixer_to_hf
 
 MODEL_TYPE = "jamba"
-MAMBA_SAME = ("A_log", "D", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "out_proj.weight",
-              "dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight")
 
 
 def _layout(hf: dict) -> str:
@@ -175,8 +174,6 @@ def names(cfg) -> list[tuple[str, str]]:
                   (f"{hf}.pre_ff_layernorm.weight", f"{ffn}.norm.weight")]
         if cfg.layers[2 * i] == "*":
             pairs += [(f"{hf}.self_attn.{p}_proj.weight", f"{mix}.mixer.{p}_proj.weight") for p in "qkvo"]
-        else:
-            pairs += [(f"{hf}.mamba.{k}", f"{mix}.mixer.{k}") for k in MAMBA_SAME]
         if cfg.layers[2 * i + 1] == "E":
             pairs.append((f"{hf}.feed_forward.router.weight", f"{ffn}.mixer.router.weight"))
         else:
@@ -189,15 +186,11 @@ def names(cfg) -> list[tuple[str, str]]:
 def hf_shapes(cfg) -> dict:
     _check(cfg)
     d, v, m, hd = cfg.d_model, cfg.vocab_size, cfg.mlp_hidden, cfg.head_size
-    n, k, inner, r = cfg.ssm_state, cfg.conv_kernel, cfg.ssm_expand * cfg.d_model, cfg.ssm_dt_rank or -(-d // 16)
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     shapes = {"model.embed_tokens.weight": (v, d), "model.final_layernorm.weight": (d,)}
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (v, d)
-    mamba = {"A_log": (inner, n), "D": (inner,), "conv1d.weight": (inner, 1, k), "conv1d.bias": (inner,),
-             "in_proj.weight": (2 * inner, d), "x_proj.weight": (r + 2 * n, inner), "dt_proj.weight": (inner, r),
-             "dt_proj.bias": (inner,), "out_proj.weight": (d, inner), "dt_layernorm.weight": (r,),
-             "b_layernorm.weight": (n,), "c_layernorm.weight": (n,)}
+    mamba = mixer_hf_shapes(cfg)
     attention = {"q_proj.weight": (q, d), "k_proj.weight": (kv, d), "v_proj.weight": (kv, d), "o_proj.weight": (d, q)}
     mlp = {"gate_proj.weight": (m, d), "up_proj.weight": (m, d), "down_proj.weight": (d, m)}
     for i in range(len(cfg.layers) // 2):
@@ -224,9 +217,7 @@ def to_chimera(t: dict, cfg) -> dict:
     for i in range(len(cfg.layers) // 2):
         hf, mix, ffn = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
         if cfg.layers[2 * i] == "m":
-            out[f"{mix}.mixer.in_proj_x.weight"], out[f"{mix}.mixer.in_proj_z.weight"] = \
-                t[f"{hf}.mamba.in_proj.weight"].chunk(2, dim=0)
-            out[f"{mix}.mixer.conv1d.weight"] = t[f"{hf}.mamba.conv1d.weight"][:, 0]
+            out.update(mixer_to_chimera(t, f"{hf}.mamba.", f"{mix}.mixer.", cfg))
         if cfg.layers[2 * i + 1] == "E":
             for p in ("gate", "up", "down"):
                 out[f"{ffn}.mixer.{p}_weight"] = torch.stack(
@@ -239,9 +230,7 @@ def to_hf(s: dict, cfg) -> dict:
     for i in range(len(cfg.layers) // 2):
         hf, mix, ffn = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
         if cfg.layers[2 * i] == "m":
-            out[f"{hf}.mamba.in_proj.weight"] = torch.cat([s[f"{mix}.mixer.in_proj_x.weight"],
-                                                           s[f"{mix}.mixer.in_proj_z.weight"]])
-            out[f"{hf}.mamba.conv1d.weight"] = s[f"{mix}.mixer.conv1d.weight"].unsqueeze(1)
+            out.update(mixer_to_hf(s, f"{hf}.mamba.", f"{mix}.mixer.", cfg))
         if cfg.layers[2 * i + 1] == "E":
             for p in ("gate", "up", "down"):
                 for j in range(cfg.moe_experts):

@@ -12,8 +12,6 @@ import torch
 from chimera.errors import UserError
 
 MODEL_TYPE = "mamba"
-SAME = ("norm.weight", "mixer.A_log", "mixer.D", "mixer.conv1d.bias", "mixer.x_proj.weight", "mixer.dt_proj.weight",
-        "mixer.dt_proj.bias", "mixer.out_proj.weight")
 
 
 def config_from_hf(hf: dict) -> dict:
@@ -60,40 +58,82 @@ def _check(cfg) -> None:
         raise UserError(f"a Mamba model has the pattern 'm' repeated, not {cfg.layers!r}")
 
 
-def hf_shapes(cfg) -> dict:
-    _check(cfg)
+# One HF Mamba-1 mixer (HF ``MambaMixer`` and Jamba's, which adds the dt/B/C norms) <-> ours. ``hf`` and
+# ``ours`` are the mixers' name prefixes, e.g. ``backbone.layers.3.mixer.`` and ``layers.3.mixer.``.
+MIXER_SAME = ("A_log", "D", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "out_proj.weight")
+SELECTION_NORMS = ("dt_layernorm.weight", "b_layernorm.weight", "c_layernorm.weight")  # ssm_dt_bc_norm (Jamba)
+
+
+def _renamed(cfg) -> tuple[str, ...]:
+    return MIXER_SAME + (SELECTION_NORMS if cfg.ssm_dt_bc_norm else ())
+
+
+def mixer_hf_shapes(cfg) -> dict:
     d, n, k = cfg.d_model, cfg.ssm_state, cfg.conv_kernel
     inner, r = cfg.ssm_expand * d, cfg.ssm_dt_rank or -(-d // 16)
-    shapes = {"backbone.embeddings.weight": (cfg.vocab_size, d), "backbone.norm_f.weight": (d,)}
-    per_layer = {"norm.weight": (d,), "mixer.A_log": (inner, n), "mixer.D": (inner,),
-                 "mixer.conv1d.weight": (inner, 1, k), "mixer.conv1d.bias": (inner,),
-                 "mixer.in_proj.weight": (2 * inner, d), "mixer.x_proj.weight": (r + 2 * n, inner),
-                 "mixer.dt_proj.weight": (inner, r), "mixer.dt_proj.bias": (inner,),
-                 "mixer.out_proj.weight": (d, inner)}
-    for i in range(len(cfg.layers)):
-        shapes.update({f"backbone.layers.{i}.{k}": v for k, v in per_layer.items()})
+    shapes = {"A_log": (inner, n), "D": (inner,), "conv1d.weight": (inner, 1, k), "conv1d.bias": (inner,),
+              "in_proj.weight": (2 * inner, d), "x_proj.weight": (r + 2 * n, inner), "dt_proj.weight": (inner, r),
+              "dt_proj.bias": (inner,), "out_proj.weight": (d, inner)}
+    if cfg.ssm_dt_bc_norm:
+        shapes.update({"dt_layernorm.weight": (r,), "b_layernorm.weight": (n,), "c_layernorm.weight": (n,)})
     return shapes
+
+
+def mixer_to_chimera(t: dict, hf: str, ours: str, cfg) -> dict:
+    out = {ours + k: t[hf + k] for k in _renamed(cfg)}
+    out[ours + "in_proj_x.weight"], out[ours + "in_proj_z.weight"] = t[hf + "in_proj.weight"].chunk(2, dim=0)
+    out[ours + "conv1d.weight"] = t[hf + "conv1d.weight"][:, 0]
+    return out
+
+
+def mixer_to_hf(s: dict, hf: str, ours: str, cfg) -> dict:
+    out = {hf + k: s[ours + k] for k in _renamed(cfg)}
+    out[hf + "in_proj.weight"] = torch.cat([s[ours + "in_proj_x.weight"], s[ours + "in_proj_z.weight"]])
+    out[hf + "conv1d.weight"] = s[ours + "conv1d.weight"].unsqueeze(1)
+    return out
+
+
+# The pure-SSM "backbone" layout of HF's Mamba and Mamba-2: ``backbone.{embeddings, norm_f}`` and per layer
+# ``backbone.layers.{i}.{norm, mixer}``; Chimera layer ``i`` is ``layers.{i}.{norm, mixer}``. Each function takes
+# the mixer's own mapping (``mixer_hf_shapes(cfg)``, ``mixer_to_chimera``, ``mixer_to_hf``).
+
+def backbone_hf_shapes(cfg, mixer_shapes: dict) -> dict:
+    d = cfg.d_model
+    shapes = {"backbone.embeddings.weight": (cfg.vocab_size, d), "backbone.norm_f.weight": (d,)}
+    for i in range(len(cfg.layers)):
+        shapes[f"backbone.layers.{i}.norm.weight"] = (d,)
+        shapes.update({f"backbone.layers.{i}.mixer.{k}": v for k, v in mixer_shapes.items()})
+    return shapes
+
+
+def backbone_to_chimera(t: dict, cfg, mixer_to_chimera) -> dict:
+    out = {"embed.weight": t["backbone.embeddings.weight"], "final_norm.weight": t["backbone.norm_f.weight"]}
+    for i in range(len(cfg.layers)):
+        hf, ours = f"backbone.layers.{i}.", f"layers.{i}."
+        out[ours + "norm.weight"] = t[hf + "norm.weight"]
+        out.update(mixer_to_chimera(t, hf + "mixer.", ours + "mixer.", cfg))
+    return out
+
+
+def backbone_to_hf(s: dict, cfg, mixer_to_hf) -> dict:
+    out = {"backbone.embeddings.weight": s["embed.weight"], "backbone.norm_f.weight": s["final_norm.weight"]}
+    for i in range(len(cfg.layers)):
+        hf, ours = f"backbone.layers.{i}.", f"layers.{i}."
+        out[hf + "norm.weight"] = s[ours + "norm.weight"]
+        out.update(mixer_to_hf(s, hf + "mixer.", ours + "mixer.", cfg))
+    return out
+
+
+def hf_shapes(cfg) -> dict:
+    _check(cfg)
+    return backbone_hf_shapes(cfg, mixer_hf_shapes(cfg))
 
 
 def to_chimera(t: dict, cfg) -> dict:
     _check(cfg)
-    out = {"embed.weight": t["backbone.embeddings.weight"], "final_norm.weight": t["backbone.norm_f.weight"]}
-    for i in range(len(cfg.layers)):
-        hf, ours = f"backbone.layers.{i}", f"layers.{i}"
-        out.update({f"{ours}.{k}": t[f"{hf}.{k}"] for k in SAME})
-        out[f"{ours}.mixer.in_proj_x.weight"], out[f"{ours}.mixer.in_proj_z.weight"] = \
-            t[f"{hf}.mixer.in_proj.weight"].chunk(2, dim=0)
-        out[f"{ours}.mixer.conv1d.weight"] = t[f"{hf}.mixer.conv1d.weight"][:, 0]
-    return out
+    return backbone_to_chimera(t, cfg, mixer_to_chimera)
 
 
 def to_hf(s: dict, cfg) -> dict:
     _check(cfg)
-    out = {"backbone.embeddings.weight": s["embed.weight"], "backbone.norm_f.weight": s["final_norm.weight"]}
-    for i in range(len(cfg.layers)):
-        hf, ours = f"backbone.layers.{i}", f"layers.{i}"
-        out.update({f"{hf}.{k}": s[f"{ours}.{k}"] for k in SAME})
-        out[f"{hf}.mixer.in_proj.weight"] = torch.cat([s[f"{ours}.mixer.in_proj_x.weight"],
-                                                       s[f"{ours}.mixer.in_proj_z.weight"]])
-        out[f"{hf}.mixer.conv1d.weight"] = s[f"{ours}.mixer.conv1d.weight"].unsqueeze(1)
-    return out
+    return backbone_to_hf(s, cfg, mixer_to_hf)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from chimera.errors import UserError
+from chimera.models.hf import mamba
 
 MODEL_TYPE = "mamba2"
 
@@ -137,29 +138,14 @@ def mixer_to_hf(s: dict, hf: str, ours: str, cfg) -> dict:
 
 def hf_shapes(cfg) -> dict:
     _dims(cfg)
-    d = cfg.d_model
-    shapes = {"backbone.embeddings.weight": (cfg.vocab_size, d), "backbone.norm_f.weight": (d,)}
-    for i in range(len(cfg.layers)):
-        shapes[f"backbone.layers.{i}.norm.weight"] = (d,)
-        shapes.update({f"backbone.layers.{i}.mixer.{k}": v for k, v in mixer_hf_shapes(cfg).items()})
-    return shapes
+    return mamba.backbone_hf_shapes(cfg, mixer_hf_shapes(cfg))
 
 
 def to_chimera(t: dict, cfg) -> dict:
     _dims(cfg)
-    out = {"embed.weight": t["backbone.embeddings.weight"], "final_norm.weight": t["backbone.norm_f.weight"]}
-    for i in range(len(cfg.layers)):
-        hf, ours = f"backbone.layers.{i}.", f"layers.{i}."
-        out[ours + "norm.weight"] = t[hf + "norm.weight"]
-        out.update(mixer_to_chimera(t, hf + "mixer.", ours + "mixer.", cfg))
-    return out
+    return mamba.backbone_to_chimera(t, cfg, mixer_to_chimera)
 
 
 def to_hf(s: dict, cfg) -> dict:
     _dims(cfg)
-    out = {"backbone.embeddings.weight": s["embed.weight"], "backbone.norm_f.weight": s["final_norm.weight"]}
-    for i in range(len(cfg.layers)):
-        hf, ours = f"backbone.layers.{i}.", f"layers.{i}."
-        out[hf + "norm.weight"] = s[ours + "norm.weight"]
-        out.update(mixer_to_hf(s, hf + "mixer.", ours + "mixer.", cfg))
-    return out
+    return mamba.backbone_to_hf(s, cfg, mixer_to_hf)

@@ -160,19 +160,34 @@ def layer_prefixes(cfg, block_key: str):
 
 
 def common_pairs(cfg, block_key: str, block_names: dict) -> list[tuple[str, str]]:
-    """(HF name, Chimera name) of the tensors renamed only: embeddings, norms, per-use linears, shared blocks."""
-    pairs = [("model.embed_tokens.weight", "embed.weight"), ("model.final_layernorm.weight", "final_norm.weight")]
+    """(HF name, Chimera name) of the tensors renamed only: embeddings, norms, per-use linears, shared blocks
+    (each under its first use's prefix)."""
+    pairs = {"model.embed_tokens.weight": "embed.weight", "model.final_layernorm.weight": "final_norm.weight"}
     if not cfg.tie_embeddings:
-        pairs.append(("lm_head.weight", "head.weight"))
-    seen = set()
+        pairs["lm_head.weight"] = "head.weight"
     for hf, ours, sub_hf, sub_ours, block, _, shared_hf in layer_prefixes(cfg, block_key):
-        pairs.append((sub_hf + "input_layernorm.weight", sub_ours + "norm.weight"))
+        pairs[sub_hf + "input_layernorm.weight"] = sub_ours + "norm.weight"
         if block is not None:
-            pairs.append((hf + "linear.weight", ours + "linear"))
-            if block not in seen:
-                seen.add(block)
-                pairs += [(shared_hf + k, f"shared.{block}.{v}") for k, v in block_names.items()]
-    return pairs
+            pairs[hf + "linear.weight"] = ours + "linear"
+            pairs.update({shared_hf + k: f"shared.{block}.{v}" for k, v in block_names.items()})
+    return list(pairs.items())
+
+
+def common_hf_shapes(cfg, block_key: str, mlp_shapes: dict, mamba_shapes: dict) -> dict:
+    """The HF shapes of what ``common_pairs`` names, plus each layer's Mamba (``mamba_shapes``) and each shared
+    block's MLP (``mlp_shapes``)."""
+    d = cfg.d_model
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.final_layernorm.weight": (d,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    block = {**block_shapes(cfg), **mlp_shapes}
+    for hf, _, sub_hf, _, block_index, _, shared_hf in layer_prefixes(cfg, block_key):
+        shapes[sub_hf + "input_layernorm.weight"] = (d,)
+        shapes.update({f"{sub_hf}mamba.{k}": v for k, v in mamba_shapes.items()})
+        if block_index is not None:
+            shapes[hf + "linear.weight"] = (d, d)
+            shapes.update({shared_hf + k: v for k, v in block.items()})
+    return shapes
 
 
 def block_shapes(cfg) -> dict:
@@ -286,21 +301,9 @@ def _mixer_shapes(cfg) -> dict:
 def hf_shapes(cfg) -> dict:
     _check(cfg)
     d, m = cfg.d_model, cfg.mlp_hidden
-    block = {**block_shapes(cfg), "feed_forward.gate_proj.weight": (m, d), "feed_forward.up_proj.weight": (m, d),
-             "feed_forward.down_proj.weight": (d, m)}
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.final_layernorm.weight": (d,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    seen = set()
-    for hf, _, sub_hf, _, block_index, _, shared_hf in layer_prefixes(cfg, "shared_transf"):
-        shapes[sub_hf + "input_layernorm.weight"] = (d,)
-        shapes.update({f"{sub_hf}mamba.{k}": v for k, v in _mixer_shapes(cfg).items()})
-        if block_index is not None:
-            shapes[hf + "linear.weight"] = (d, d)
-            if block_index not in seen:
-                seen.add(block_index)
-                shapes.update({shared_hf + k: v for k, v in block.items()})
-    return shapes
+    mlp = {"feed_forward.gate_proj.weight": (m, d), "feed_forward.up_proj.weight": (m, d),
+           "feed_forward.down_proj.weight": (d, m)}
+    return common_hf_shapes(cfg, "shared_transf", mlp, _mixer_shapes(cfg))
 
 
 def optional_names(cfg) -> frozenset:

@@ -110,24 +110,12 @@ def _adapter_names(cfg, own: bool = False):
 def hf_shapes(cfg) -> dict:
     _check(cfg)
     d, m, r = cfg.d_model, cfg.mlp_hidden, cfg.shared_lora_rank
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.final_layernorm.weight": (d,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    block = {**zamba.block_shapes(cfg), "feed_forward.gate_up_proj.weight": (2 * m, d),
-             "feed_forward.down_proj.weight": (d, m)}
-    seen = set()
-    for hf, _, sub_hf, _, block_index, _, shared_hf in zamba.layer_prefixes(cfg, BLOCK):
-        shapes[sub_hf + "input_layernorm.weight"] = (d,)
-        shapes.update({f"{sub_hf}mamba.{k}": v for k, v in mixer_hf_shapes(cfg).items()})
-        if block_index is not None:
-            shapes[hf + "linear.weight"] = (d, d)
-            if block_index not in seen:
-                seen.add(block_index)
-                shapes.update({shared_hf + k: v for k, v in block.items()})
+    mlp = {"feed_forward.gate_up_proj.weight": (2 * m, d), "feed_forward.down_proj.weight": (d, m)}
+    shapes = zamba.common_hf_shapes(cfg, BLOCK, mlp, mixer_hf_shapes(cfg))
     for hf, ours in _adapter_names(cfg):
-        mlp = ours.endswith("mlp.")
-        shapes[hf + "0.weight"] = (r, d if mlp else 2 * d)  # A
-        shapes[hf + "1.weight"] = (2 * m if mlp else 2 * d, r)  # B
+        on_mlp = ours.endswith("mlp.")
+        shapes[hf + "0.weight"] = (r, d if on_mlp else 2 * d)  # A
+        shapes[hf + "1.weight"] = (2 * m if on_mlp else 2 * d, r)  # B
     return shapes
 
 
