@@ -29,6 +29,16 @@ LAYER_SYMBOLS = {
 # With shared_block_style "zamba" a shared symbol is not a sublayer of its own: its output feeds the next one.
 SHARED_SYMBOLS = "01"
 ZAMBA_SHARED_BLOCK = "*-"  # the only block a Zamba-style use runs: attention, then the MLP
+# The sublayer kinds that read a field (a field not listed here is read by every model).
+FIELD_SYMBOLS = {
+    "window": "L", "rope_base": "L*", "rope_fraction": "L*", "num_heads": "L*", "num_kv_heads": "L*",
+    "head_dim": "L*", "attention_scale": "L*", "attention_bias": "L*", "mlp_hidden": "-", "mlp_activation": "-E",
+    "rnn_width": "R", "rnn_heads": "R", "rglru_reset_unnormalized": "R", "conv_kernel": "RmM",
+    "ssm_state": "mM", "ssm_expand": "mM", "ssm_dt_rank": "m", "ssm_dt_bc_norm": "m", "ssm_heads": "m",
+    "ssm_head_dim": "M", "ssm_groups": "M", "ssm_dt_min": "M", "ssm_norm_eps": "M",
+    "moe_experts": "E", "moe_top_k": "E", "moe_hidden": "E", "moe_normalize_top_k": "E", "moe_capacity_factor": "E",
+    "moe_shared_hidden": "E", "shared_block_style": "01", "shared_lora_rank": "01", "shared_lora_attention": "01",
+}
 
 
 class Section(BaseModel):
@@ -167,6 +177,23 @@ class ModelConfig(Section):
         if self.num_layers is None:
             return unit
         return "".join(unit[i % len(unit)] for i in range(self.num_layers))
+
+    @property
+    def symbols(self) -> set[str]:
+        """The sublayer kinds of this model, its shared blocks' included."""
+        return set(self.layers) | set("".join(self.shared_blocks))
+
+    def uses(self, field: str) -> bool:
+        """Whether any sublayer of this model reads ``field``."""
+        return field not in FIELD_SYMBOLS or bool(set(FIELD_SYMBOLS[field]) & self.symbols)
+
+    def effective(self, field: str):
+        """``field``'s value as the model uses it: defaults that derive from other fields resolved."""
+        derived = {"head_dim": self.head_size, "rnn_width": self.lru_width, "rnn_heads": self.lru_heads,
+                   "moe_hidden": self.moe_hidden or self.mlp_hidden,
+                   "ssm_dt_rank": self.ssm_dt_rank or -(-self.d_model // 16),
+                   "ssm_norm_eps": self.ssm_norm_eps or self.norm_eps}
+        return derived.get(field, getattr(self, field))
 
     @property
     def head_size(self) -> int:
@@ -350,8 +377,7 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
             f"gives {dp}; set --nproc {par.data * model_parallel} or parallel.data={dp}"
         )
     tp = par.tensor
-    symbols = set(m.layers) | set("".join(m.shared_blocks))  # the sublayer kinds, shared blocks' included
-    attention = bool(set("L*") & symbols)
+    attention = bool(set("L*") & m.symbols)
     for field, value in (
         ("model.num_heads", m.num_heads if attention else tp),
         ("model.mlp_hidden", m.mlp_hidden or tp),

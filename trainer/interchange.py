@@ -52,35 +52,13 @@ def check_expressible(mapping, cfg: ModelConfig) -> None:
     A Chimera model may use settings its HF architecture cannot hold (say a residual multiplier in a
     Llama); exporting it would silently change the function, so it is refused, naming the fields."""
     back = validated(ModelConfig, mapping.config_from_hf(json.loads(json.dumps(mapping.config_to_hf(cfg)))))
-    used = set(cfg.layers) | set("".join(cfg.shared_blocks))
     differ = [k for k in ModelConfig.model_fields if k not in NOT_COMPUTED
-              and _effective(back, k) != _effective(cfg, k) and _matters(k, used)]
+              and back.effective(k) != cfg.effective(k) and cfg.uses(k)]
     if back.layers != cfg.layers:
         differ.insert(0, "layers")
     if differ:
         raise UserError(f"a {mapping.MODEL_TYPE} checkpoint cannot express this model's "
                         f"{', '.join(differ)}; export refused (it would change what the model computes)")
-
-
-def _effective(cfg: ModelConfig, field: str):
-    """A field's value as the model uses it (defaults that derive from other fields resolved)."""
-    derived = {"head_dim": cfg.head_size, "rnn_width": cfg.lru_width, "rnn_heads": cfg.lru_heads,
-               "moe_hidden": cfg.moe_hidden or cfg.mlp_hidden, "ssm_dt_rank": cfg.ssm_dt_rank or -(-cfg.d_model // 16),
-               "ssm_norm_eps": cfg.ssm_norm_eps or cfg.norm_eps}
-    return derived.get(field, getattr(cfg, field))
-
-
-def _matters(field: str, symbols: set[str]) -> bool:
-    """Whether a field is used by any sublayer kind of the model (e.g. the window only with 'L')."""
-    needs = {"window": "L", "rope_base": "L*", "rope_fraction": "L*", "num_heads": "L*", "num_kv_heads": "L*",
-             "head_dim": "L*", "attention_scale": "L*", "attention_bias": "L*", "mlp_hidden": "-",
-             "rnn_width": "R", "rnn_heads": "R", "rglru_reset_unnormalized": "R", "ssm_dt_rank": "m",
-             "ssm_dt_bc_norm": "m", "ssm_head_dim": "M", "ssm_groups": "M", "ssm_state": "mM", "ssm_expand": "mM",
-             "conv_kernel": "RmM", "moe_experts": "E", "moe_top_k": "E", "moe_hidden": "E",
-             "moe_normalize_top_k": "E", "moe_capacity_factor": "E", "moe_shared_hidden": "E",
-             "mlp_activation": "-E", "ssm_heads": "m", "ssm_dt_min": "M", "ssm_norm_eps": "M",
-             "shared_block_style": "01", "shared_lora_rank": "01", "shared_lora_attention": "01"}
-    return field not in needs or bool(set(needs[field]) & symbols)
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
