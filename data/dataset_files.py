@@ -1,6 +1,6 @@
 """Prepared datasets on disk: WebDataset tar shards or a zarr token store, each with a manifest.
 
-Layout of a prepared dataset directory::
+Files of a prepared dataset directory::
 
     manifest.json      format, tokenizer identity, counts, shards or store, checksums
     lengths.npy        tokens per document (int64), in document-id order
@@ -12,7 +12,6 @@ Documents carry no separator on disk; readers append the tokenizer's ``eos_id``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,20 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from chimera.checksums import sha256_file
 from chimera.errors import UserError
 
 MANIFEST = "manifest.json"
 LENGTHS = "lengths.npy"
 STORE = "tokens.zarr"
 VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def doc_key(doc_id: int) -> str:
@@ -148,7 +140,7 @@ def write_dataset(documents, tokenizer, fmt: str, out: Path, *, shard_bytes: int
                 on_document(len(tokens))
         if not lengths:
             raise UserError("the inputs hold no documents; nothing to prepare")
-        layout = writer.finish()
+        written = writer.finish()
         np.save(tmp / LENGTHS, np.asarray(lengths, dtype=np.int64))
         manifest = {
             "chimera_dataset": VERSION,
@@ -158,7 +150,7 @@ def write_dataset(documents, tokenizer, fmt: str, out: Path, *, shard_bytes: int
             "documents": len(lengths),
             "tokens": int(sum(lengths)),
             "lengths": {"path": LENGTHS, "sha256": sha256_file(tmp / LENGTHS)},
-            **layout,
+            **written,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out)

@@ -5,7 +5,7 @@ The loader's state is a few integers, saved in every checkpoint:
 A step's batch is a pure function of (config, state, step), so a resumed run continues with the
 next global sample, whatever the number of data-parallel ranks.
 
-Step layout: the step's ``G`` sequences (``G = tokens per step / L``) are numbered ``n .. n + G - 1``
+A step's sequences: the step's ``G`` sequences (``G = tokens per step / L``) are numbered ``n .. n + G - 1``
 in the run; sequence ``n`` comes from the source drawn from ``(seed, n)`` with the configured
 weights, and takes the next ``L + 1``-token window of that source's stream. The ``G`` sequences are
 laid out as ``[accumulation micro-step][data rank][row]``.
@@ -24,8 +24,6 @@ from chimera.data.curriculum import SeqLenSchedule
 from chimera.data.readers import BadData
 from chimera.data.stream import TokenStream
 from chimera.errors import UserError
-
-IGNORE_INDEX = -100
 
 
 def build_source(spec, name: str, cfg: DataConfig, bad: BadData):

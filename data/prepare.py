@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from chimera.data.prepared import write_dataset
+from chimera.data.dataset_files import write_dataset
 from chimera.data.readers import BadData, expand_inputs, read_documents
 from chimera.data.tokenizers import InvalidSymbol, get_tokenizer, train_bpe
 from chimera.errors import UserError

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chimera.data.prepared import LENGTHS, parse_shard, read_manifest, sha256_file
+from chimera.checksums import sha256_file
+from chimera.data.dataset_files import LENGTHS, parse_shard, read_manifest
 from chimera.data.readers import BadData
 from chimera.errors import UserError
 

@@ -34,11 +34,11 @@ from typing import ClassVar
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from chimera.data import IGNORE_INDEX
 
 
 class ChomskyTask:
-    """Base class: vocabulary layout, length ranges, sequence formatting and sampling.
+    """Base class: vocabulary, length ranges, sequence formatting and sampling.
 
     Subclasses set ``name``, ``level`` and ``symbols`` (names of ids ``0 .. k-1``) and implement
     ``sample_problem`` (draw an input of a given length), ``solve`` (the output token ids, without

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from chimera.data import IGNORE_INDEX
 
 
 class MQAR:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from realdata import lambda_phage_fasta, shakespeare_texts
 
-from chimera.data.prepared import read_manifest, sha256_file
+from chimera.data.dataset_files import read_manifest, sha256_file
 from chimera.data.readers import BadData
 from chimera.data.sources import WebDatasetSource, ZarrSource
 from chimera.data.tokenizers import ByteTokenizer, DNATokenizer, HFTokenizer

@@ -1,4 +1,4 @@
-"""Built-in corpus, token streams, global order, step layout and curriculum."""
+"""Built-in corpus, token streams, global order, a step's sequences and curriculum."""
 
 import numpy as np
 import pytest
