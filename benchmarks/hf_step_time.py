@@ -27,9 +27,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from chimera.configs.schema import ModelConfig  # noqa: E402
-from chimera.models.causal_lm import CausalLM  # noqa: E402
-from chimera.models.hf import ARCHITECTURES, read_hf_tensors  # noqa: E402
-from chimera.parallel import topology  # noqa: E402
+from chimera.models.causal_lm import meta_model  # noqa: E402
+from chimera.models.hf import ARCHITECTURES, import_state, read_hf_tensors  # noqa: E402
 from chimera.parallel.sharding import load_full_state_dict  # noqa: E402
 
 SIZES = {
@@ -82,11 +81,11 @@ def pair(arch: str, size: str, vocab: int):
     hf = model_cls(config_cls(vocab_size=vocab, tie_word_embeddings=True, **extra, **SIZES[arch][size])).float()
     mapping = ARCHITECTURES[arch]
     cfg = ModelConfig.model_validate(mapping.config_from_hf(hf.config.to_dict()))
-    ours = CausalLM(cfg)
+    ours = meta_model(cfg)
     with tempfile.TemporaryDirectory() as tmp:  # the names on disk, which the mappings read (experts unfused)
         hf.save_pretrained(tmp)
         state = read_hf_tensors(Path(tmp))
-    load_full_state_dict(ours, {k: v.float() for k, v in mapping.to_chimera(state, cfg).items()})
+    load_full_state_dict(ours, import_state(mapping, state, cfg, arch))
     return hf, ours
 
 
@@ -111,7 +110,6 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--archs", default="jamba,zamba2,mamba2,recurrent_gemma,mamba")
     args = parser.parse_args()
-    topology.initialize(1, 1)
     vocab = 320
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)

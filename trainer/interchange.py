@@ -1,6 +1,6 @@
 """Chimera checkpoints <-> transformers checkpoint directories (``chimera import-hf`` / ``chimera export``).
 
-The per-architecture name and layout mappings live beside the models, in ``chimera.models.hf``;
+The per-architecture name tables live beside the models, in ``chimera.models.hf``;
 this module does the file work: an imported model becomes a run directory whose checkpoint holds
 weights only (``chimera train`` continues from it with a fresh optimizer), and an export writes
 ``model.safetensors`` + ``config.json`` atomically.
@@ -18,7 +18,7 @@ import torch
 from chimera.configs.loader import validated
 from chimera.configs.schema import ModelConfig
 from chimera.errors import UserError
-from chimera.models.hf import ARCHITECTURES, check_shapes, expected_shapes, mapping_for, read_hf_config, read_hf_tensors
+from chimera.models.hf import ARCHITECTURES, export_state, import_state, mapping_for, read_hf_config, read_hf_tensors
 from chimera.trainer.checkpoint import WEIGHTS, read_config, resolve_checkpoint, verify, write_weights_checkpoint
 
 
@@ -33,17 +33,14 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     mapping = mapping_for(hf.get("model_type", "?"))
     tensors = read_hf_tensors(hf_dir)
     cfg = validated(ModelConfig, mapping.config_from_hf(hf), prefix=f"{hf_dir / 'config.json'} -> model.")
-    optional = frozenset({"lm_head.weight"}) | (mapping.optional_names(cfg) if hasattr(mapping, "optional_names")
-                                                 else frozenset())
-    check_shapes(tensors, mapping.hf_shapes(cfg), str(hf_dir), optional=optional)
-    state = {k: v.float() for k, v in mapping.to_chimera(tensors, cfg).items()}
-    check_shapes(state, expected_shapes(cfg), f"{hf_dir} (mapped)")
+    state = import_state(mapping, tensors, cfg, str(hf_dir))
     return write_weights_checkpoint(out, cfg, state, source=f"transformers {hf['model_type']} from {hf_dir}")
 
 
-# Fields that do not change what a model computes at inference (training settings, names).
-NOT_COMPUTED = {"name", "preset", "family", "init_std", "moe_aux_loss_coef", "moe_z_loss_coef", "ssm_chunk",
-                "pattern", "num_layers"}
+# Fields that do not change a model's output (training settings, names, how it is computed; the layers are
+# compared as the expanded pattern).
+OUTPUT_NEUTRAL_FIELDS = {"name", "preset", "family", "init_std", "moe_aux_loss_coef", "moe_z_loss_coef", "ssm_chunk",
+                         "pattern", "num_layers"}
 
 
 def check_expressible(mapping, cfg: ModelConfig) -> None:
@@ -52,7 +49,7 @@ def check_expressible(mapping, cfg: ModelConfig) -> None:
     A Chimera model may use settings its HF architecture cannot hold (say a residual multiplier in a
     Llama); exporting it would silently change the function, so it is refused, naming the fields."""
     back = validated(ModelConfig, mapping.config_from_hf(json.loads(json.dumps(mapping.config_to_hf(cfg)))))
-    differ = [k for k in ModelConfig.model_fields if k not in NOT_COMPUTED
+    differ = [k for k in ModelConfig.model_fields if k not in OUTPUT_NEUTRAL_FIELDS
               and back.effective(k) != cfg.effective(k) and cfg.uses(k)]
     if back.layers != cfg.layers:
         differ.insert(0, "layers")
@@ -77,7 +74,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     mapping = ARCHITECTURES[cfg.family]
     check_expressible(mapping, cfg)
     state = torch.load(ckpt / WEIGHTS, map_location="cpu", weights_only=True)
-    tensors = {k: v.contiguous() for k, v in mapping.to_hf(state, cfg).items()}
+    tensors = export_state(mapping, state, cfg)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -1,18 +1,19 @@
 """Interchange with Hugging Face transformers checkpoints.
 
-Each supported architecture has a module here (``llama.py``, ...) holding its name and layout
-mapping - the names on disk are a contract, so they live beside the model they describe. A module
-provides::
+Each supported architecture has a module here (``llama.py``, ...) holding its mapping - the names on
+disk are a contract, so they live beside the model they describe. A mapping provides exactly::
 
     MODEL_TYPE                     transformers' ``model_type``
     config_from_hf(hf) -> dict     ModelConfig fields from an HF config.json mapping
-    config_to_hf(cfg) -> dict      the HF config.json of a ModelConfig
-    to_chimera(tensors, cfg)       HF state dict -> Chimera full state dict
-    to_hf(state, cfg)              Chimera full state dict -> HF state dict
-    optional_names(cfg)            (optional) names a file may hold beyond hf_shapes, which import ignores
+    config_to_hf(cfg) -> dict      the HF config.json of a ModelConfig (UserError if it cannot be one)
+    table(cfg) -> list[Entry]      the one name table, Chimera names <-> HF names with per-tensor transforms
+                                   (``chimera.models.hf.table``); HF shapes, the inverse direction and the
+                                   names a file may hold beyond the required ones all follow from it
 
-``read_hf_dir`` reads a checkpoint directory (safetensors, single or sharded) and ``check_shapes``
-holds tensors to a config; ``chimera.trainer.interchange`` turns them into Chimera checkpoints and back.
+and may share public helpers of another mapping (``mamba.mixer_table``), never its private ones.
+``import_state`` / ``export_state`` apply a table; ``read_hf_config`` / ``read_hf_tensors`` read a
+checkpoint directory (safetensors, single or sharded); ``chimera.trainer.interchange`` turns them into
+Chimera checkpoints and back.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from pathlib import Path
 import torch
 
 from chimera.errors import UserError
-from chimera.models.hf import granitemoehybrid, jamba, llama, mamba, mamba2, recurrent_gemma, zamba, zamba2
+from chimera.models.hf import granitemoehybrid, jamba, llama, mamba, mamba2, recurrent_gemma, table, zamba, zamba2
 
 ARCHITECTURES = {m.MODEL_TYPE: m for m in (llama, mamba, mamba2, recurrent_gemma, jamba, granitemoehybrid, zamba,
                                            zamba2)}
 
 
-def _mapping_for_type(model_type: str):
+def mapping_for(model_type: str):
     if model_type not in ARCHITECTURES:
         raise UserError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[model_type]
@@ -69,31 +70,26 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def mapping_for(model_type: str):
-    return _mapping_for_type(model_type)
-
-
-def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], where: str,
-                 optional: frozenset = frozenset()) -> None:
-    """Names and shapes must match exactly; ``optional`` names may be present without being expected."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - optional)
-    if missing or unexpected:
-        raise UserError(f"{where}: tensors do not match the config "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != tuple(shape):
-            raise UserError(f"{where}: {name} has shape {tuple(state[name].shape)} but the config implies "
-                            f"{tuple(shape)}")
-
-
 def expected_shapes(cfg) -> dict[str, torch.Size]:
-    """Full parameter shapes of a Chimera model, computed on the meta device."""
-    from chimera.models.causal_lm import CausalLM
-    from chimera.parallel import topology
-    from chimera.parallel.sharding import full_shape
+    """Full parameter shapes of a Chimera model, computed on the meta device (no process group)."""
+    from chimera.models.causal_lm import meta_model
 
-    topology.initialize(1, 1)
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    return {n: full_shape(p, 1) for n, p in model.named_parameters()}
+    return meta_model(cfg).full_shapes()
+
+
+def hf_shapes(mapping, cfg) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name the mapping knows for ``cfg``, with its shape."""
+    return table.hf_shapes(mapping.table(cfg), expected_shapes(cfg))
+
+
+def import_state(mapping, tensors: dict[str, torch.Tensor], cfg, where: str) -> dict[str, torch.Tensor]:
+    """HF tensors -> Chimera's full state dict (fp32), names and shapes checked against the mapping's table."""
+    ours = expected_shapes(cfg)
+    state = table.to_ours(mapping.table(cfg), tensors, ours, where)
+    table.check_shapes(state, ours, f"{where} (mapped)")
+    return {k: v.float() for k, v in state.items()}
+
+
+def export_state(mapping, state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """Chimera's full state dict -> the HF tensors of ``AutoModelForCausalLM``'s own save."""
+    return table.to_hf(mapping.table(cfg), state)

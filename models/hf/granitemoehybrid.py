@@ -21,7 +21,7 @@ top-k of the logits, then a softmax over those k, which is softmax-then-top-k re
 Granite-4.0-H models are NoPE: ``rope_fraction: 0``); ``attention_bias`` puts biases on q, k, v, o.
 The Mamba-2 mixer is HF's ``Mamba2Mixer`` computation (gated RMSNorm per group, eps ``rms_norm_eps``).
 
-Layouts: the Mamba-2 layout changes are those of ``chimera.models.hf.mamba2`` (``in_proj = [z, x, B, C,
+Tensors: the Mamba-2 changes are those of ``chimera.models.hf.mamba2`` (``in_proj = [z, x, B, C,
 dt]`` split, B/C group order, ``conv1d`` split, ``norm.weight`` -> ``norm_weight``). transformers fuses
 the experts in memory (``experts.gate_up_proj``) but Granite's disk names are the original ones,
 ``block_sparse_moe.input_linear.weight [E, 2I, d]`` (gate rows, then up rows),
@@ -38,10 +38,9 @@ other than ``hidden_size / num_attention_heads``. ``router_aux_loss_coef`` is ca
 
 from __future__ import annotations
 
-import torch
-
 from chimera.errors import UserError
-from chimera.models.hf.mamba2 import _number, mixer_hf_shapes, mixer_to_chimera, mixer_to_hf
+from chimera.models.hf import mamba2
+from chimera.models.hf.table import Concat, Entry, embeddings, prefixed, rename
 
 MODEL_TYPE = "granitemoehybrid"
 MIXERS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*"}
@@ -63,7 +62,7 @@ def config_from_hf(hf: dict) -> dict:
         unsupported["mamba_conv_bias"] = False
     if hf.get("hidden_act", "silu") != "silu":
         unsupported["hidden_act"] = hf["hidden_act"]
-    limit = [_number(v) for v in hf.get("time_step_limit") or (0.0, float("inf"))]
+    limit = mamba2.time_step_limit(hf)
     if limit[0] > 0 or limit[1] != float("inf"):
         unsupported["time_step_limit"] = limit
     d, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
@@ -134,8 +133,8 @@ def _check(cfg) -> None:
     if "*" in mixers:
         if cfg.rope_fraction not in (0.0, 1.0):
             problems.append(f"rope_fraction={cfg.rope_fraction} (Granite rotates all of a head or nothing)")
-        if cfg.head_size * cfg.num_heads != cfg.d_model:
-            problems.append(f"head_dim={cfg.head_size} (Granite's is d_model / num_heads)")
+        if cfg.sublayer("*").head_dim * cfg.num_heads != cfg.d_model:
+            problems.append(f"head_dim={cfg.sublayer('*').head_dim} (Granite's is d_model / num_heads)")
     if cfg.mlp_activation != "silu":
         problems.append(f"mlp_activation={cfg.mlp_activation!r} (Granite's is silu)")
     if "E" in ffns:
@@ -162,14 +161,14 @@ def config_to_hf(cfg) -> dict:
         "model_type": MODEL_TYPE,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
-        "intermediate_size": (cfg.moe_hidden or cfg.mlp_hidden) if moe else cfg.mlp_hidden,
+        "intermediate_size": cfg.sublayer("E").moe_hidden if moe else cfg.mlp_hidden,
         "shared_intermediate_size": cfg.moe_shared_hidden if moe else cfg.mlp_hidden,
         "num_hidden_layers": len(mixers),
         "layer_types": [HF_MIXERS[c] for c in mixers],
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "attention_bias": cfg.attention_bias,
-        "attention_multiplier": cfg.attention_scale or cfg.head_size**-0.5,
+        "attention_multiplier": cfg.attention_scale or cfg.sublayer("*").head_dim ** -0.5,
         "position_embedding_type": "rope" if rope else "nope",
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
         "embedding_multiplier": cfg.embedding_multiplier,
@@ -194,86 +193,26 @@ def config_to_hf(cfg) -> dict:
     }
 
 
-def names(cfg) -> list[tuple[str, str]]:
-    """(HF name, Chimera name) of the parameters that are renamed only."""
+def table(cfg) -> list[Entry]:
     _check(cfg)
-    pairs = [("model.embed_tokens.weight", "embed.weight"), ("model.norm.weight", "final_norm.weight")]
+    rows = embeddings(cfg, "model.embed_tokens.weight") + [rename("final_norm.weight", "model.norm.weight")]
     parts = ("weight", "bias") if cfg.attention_bias else ("weight",)
     for i in range(len(cfg.layers) // 2):
-        hf, mix, ffn = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
-        pairs += [(f"{hf}.input_layernorm.weight", f"{mix}.norm.weight"),
-                  (f"{hf}.post_attention_layernorm.weight", f"{ffn}.norm.weight")]
+        hf, mix, ffn = f"model.layers.{i}.", f"layers.{2 * i}.", f"layers.{2 * i + 1}."
+        rows += [rename(mix + "norm.weight", hf + "input_layernorm.weight"),
+                 rename(ffn + "norm.weight", hf + "post_attention_layernorm.weight")]
         if cfg.layers[2 * i] == "*":
-            pairs += [(f"{hf}.self_attn.{p}_proj.{w}", f"{mix}.mixer.{p}_proj.{w}") for p in "qkvo" for w in parts]
-        if cfg.layers[2 * i + 1] == "E":
-            pairs += [(f"{hf}.block_sparse_moe.router.layer.weight", f"{ffn}.mixer.router.weight"),
-                      (f"{hf}.block_sparse_moe.output_linear.weight", f"{ffn}.mixer.down_weight"),
-                      (f"{hf}.shared_mlp.output_linear.weight", f"{ffn}.mixer.shared_expert.down.weight")]
+            rows += prefixed(mix + "mixer.", hf + "self_attn.", [f"{p}_proj.{w}" for p in "qkvo" for w in parts])
         else:
-            pairs.append((f"{hf}.shared_mlp.output_linear.weight", f"{ffn}.mixer.down.weight"))
-    if not cfg.tie_embeddings:
-        pairs.append(("lm_head.weight", "head.weight"))
-    return pairs
-
-
-def hf_shapes(cfg) -> dict:
-    _check(cfg)
-    d, v, hd = cfg.d_model, cfg.vocab_size, cfg.head_size
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (v, d)
-    mamba = mixer_hf_shapes(cfg)
-    attention = {"q_proj.weight": (q, d), "k_proj.weight": (kv, d), "v_proj.weight": (kv, d), "o_proj.weight": (d, q)}
-    if cfg.attention_bias:
-        attention.update({"q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj.bias": (d,)})
-    moe = cfg.layers[1] == "E"
-    shared = cfg.moe_shared_hidden if moe else cfg.mlp_hidden
-    ffn = {"shared_mlp.input_linear.weight": (2 * shared, d), "shared_mlp.output_linear.weight": (d, shared)}
-    if moe:
-        e, m = cfg.moe_experts, cfg.moe_hidden or cfg.mlp_hidden
-        ffn.update({"block_sparse_moe.router.layer.weight": (e, d),
-                    "block_sparse_moe.input_linear.weight": (e, 2 * m, d),
-                    "block_sparse_moe.output_linear.weight": (e, d, m)})
-    for i in range(len(cfg.layers) // 2):
-        hf = f"model.layers.{i}"
-        shapes[f"{hf}.input_layernorm.weight"] = shapes[f"{hf}.post_attention_layernorm.weight"] = (d,)
-        if cfg.layers[2 * i] == "*":
-            shapes.update({f"{hf}.self_attn.{key}": s for key, s in attention.items()})
-        else:
-            shapes.update({f"{hf}.mamba.{key}": s for key, s in mamba.items()})
-        shapes.update({f"{hf}.{key}": s for key, s in ffn.items()})
-    return shapes
-
-
-def to_chimera(t: dict, cfg) -> dict:
-    t = dict(t)
-    if cfg.tie_embeddings:
-        t.pop("lm_head.weight", None)  # tied: the embedding serves as the head
-    out = {ours: t[hf] for hf, ours in names(cfg)}
-    for i in range(len(cfg.layers) // 2):
-        hf, mix, ffn = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
-        if cfg.layers[2 * i] == "M":
-            out.update(mixer_to_chimera(t, f"{hf}.mamba.", f"{mix}.mixer.", cfg))
-        gate, up = t[f"{hf}.shared_mlp.input_linear.weight"].chunk(2, dim=0)
-        if cfg.layers[2 * i + 1] == "E":
-            out[f"{ffn}.mixer.shared_expert.gate.weight"], out[f"{ffn}.mixer.shared_expert.up.weight"] = gate, up
-            out[f"{ffn}.mixer.gate_weight"], out[f"{ffn}.mixer.up_weight"] = \
-                t[f"{hf}.block_sparse_moe.input_linear.weight"].chunk(2, dim=1)
-        else:
-            out[f"{ffn}.mixer.gate.weight"], out[f"{ffn}.mixer.up.weight"] = gate, up
-    return out
-
-
-def to_hf(s: dict, cfg) -> dict:
-    out = {hf: s[ours] for hf, ours in names(cfg)}
-    for i in range(len(cfg.layers) // 2):
-        hf, mix, ffn = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
-        if cfg.layers[2 * i] == "M":
-            out.update(mixer_to_hf(s, f"{hf}.mamba.", f"{mix}.mixer.", cfg))
-        mlp = f"{ffn}.mixer.shared_expert" if cfg.layers[2 * i + 1] == "E" else f"{ffn}.mixer"
-        out[f"{hf}.shared_mlp.input_linear.weight"] = torch.cat([s[f"{mlp}.gate.weight"], s[f"{mlp}.up.weight"]])
-        if cfg.layers[2 * i + 1] == "E":
-            out[f"{hf}.block_sparse_moe.input_linear.weight"] = torch.cat(
-                [s[f"{ffn}.mixer.gate_weight"], s[f"{ffn}.mixer.up_weight"]], dim=1)
-    return out
+            rows += mamba2.mixer_table(cfg, mix + "mixer.", hf + "mamba.")
+        moe = cfg.layers[2 * i + 1] == "E"
+        mlp = ffn + ("mixer.shared_expert." if moe else "mixer.")  # the shared MLP: our shared expert, or the MLP
+        rows += [Entry((mlp + "gate.weight", mlp + "up.weight"), (hf + "shared_mlp.input_linear.weight",), Concat(0)),
+                 rename(mlp + "down.weight", hf + "shared_mlp.output_linear.weight")]
+        if moe:  # experts stacked on disk: input_linear [E, 2I, d] (gate rows, then up rows), output_linear [E, d, I]
+            sparse = hf + "block_sparse_moe."
+            rows += [rename(ffn + "mixer.router.weight", sparse + "router.layer.weight"),
+                     Entry((ffn + "mixer.gate_weight", ffn + "mixer.up_weight"), (sparse + "input_linear.weight",),
+                           Concat(1)),
+                     rename(ffn + "mixer.down_weight", sparse + "output_linear.weight")]
+    return rows

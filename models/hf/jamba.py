@@ -12,7 +12,7 @@ Chimera's defaults: the Mamba mixer normalises dt, B and C (``ssm_dt_bc_norm``),
 positional encoding at all (``rope_fraction: 0``), the MoE router takes softmax then top-k without
 renormalising (``moe_normalize_top_k: false``), SiLU gates, and the head is not tied (v0.1).
 
-Layouts: the Mamba mixer maps as in ``chimera.models.hf.mamba`` (``in_proj`` split, ``conv1d`` squeezed),
+Tensors: the Mamba mixer maps as in ``chimera.models.hf.mamba`` (``in_proj`` split, ``conv1d`` squeezed),
 with the dt/B/C norms. transformers fuses the experts in memory
 (``experts.gate_up_proj``, ``experts.down_proj``) but reads and writes them per expert on disk
 (``feed_forward.experts.{j}.{gate,up,down}_proj.weight``, 2-D); the mapping works on the disk names
@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from chimera.errors import UserError
-from chimera.models.hf.mamba import mixer_hf_shapes, mixer_to_chimera, mixer_to_hf
+from chimera.models.hf import mamba
+from chimera.models.hf.table import Entry, Unstack, embeddings, prefixed, rename
 
 MODEL_TYPE = "jamba"
 
 
-def _layout(hf: dict) -> str:
+def _pattern(hf: dict) -> str:
     layers, experts = hf.get("num_hidden_layers", 32), hf.get("num_experts", 16)
     attn = (hf.get("attn_layer_period", 8), hf.get("attn_layer_offset", 4))
     moe = (hf.get("expert_layer_period", 2), hf.get("expert_layer_offset", 1))
@@ -63,7 +62,7 @@ def config_from_hf(hf: dict) -> dict:
     return {
         "name": "jamba",
         "family": MODEL_TYPE,
-        "pattern": _layout(hf),
+        "pattern": _pattern(hf),
         "vocab_size": hf["vocab_size"],
         "d_model": hf["hidden_size"],
         "num_heads": hf["num_attention_heads"],
@@ -108,8 +107,8 @@ def _check(cfg) -> None:
     if "*" in mixers:
         if cfg.rope_fraction != 0:
             problems.append(f"rope_fraction={cfg.rope_fraction} (Jamba's attention has no RoPE: 0)")
-        if cfg.head_size * cfg.num_heads != cfg.d_model:
-            problems.append(f"head_dim={cfg.head_size} (Jamba's is d_model / num_heads)")
+        if cfg.effective("head_dim") * cfg.num_heads != cfg.d_model:
+            problems.append(f"head_dim={cfg.effective('head_dim')} (Jamba's is d_model / num_heads)")
     if "m" in mixers and not cfg.ssm_dt_bc_norm:
         problems.append("ssm_dt_bc_norm=false (Jamba's Mamba normalises dt, B and C)")
     if cfg.mlp_activation != "silu":
@@ -119,7 +118,7 @@ def _check(cfg) -> None:
             problems.append("moe_normalize_top_k=true (Jamba does not renormalise)")
         if cfg.moe_capacity_factor is not None:
             problems.append(f"moe_capacity_factor={cfg.moe_capacity_factor} (Jamba is dropless)")
-        if (cfg.moe_hidden or cfg.mlp_hidden) != cfg.mlp_hidden:
+        if cfg.effective("moe_hidden") != cfg.mlp_hidden:
             problems.append(f"moe_hidden={cfg.moe_hidden} (Jamba's experts are mlp_hidden={cfg.mlp_hidden} wide)")
     for field, default in (("scale_embeddings", False), ("norm_offset", False), ("logits_soft_cap", None),
                            ("linear_bias", False), ("shared_blocks", [])):
@@ -157,82 +156,31 @@ def config_to_hf(cfg) -> dict:
         "mamba_d_state": cfg.ssm_state,
         "mamba_d_conv": cfg.conv_kernel,
         "mamba_expand": cfg.ssm_expand,
-        "mamba_dt_rank": cfg.ssm_dt_rank or math.ceil(cfg.d_model / 16),
+        "mamba_dt_rank": cfg.sublayer("m").ssm_dt_rank,
         "mamba_conv_bias": True,
         "mamba_proj_bias": False,
         "torch_dtype": "float32",
     }
 
 
-def names(cfg) -> list[tuple[str, str]]:
-    """(HF name, Chimera name) of the parameters that are renamed only."""
+def table(cfg) -> list[Entry]:
     _check(cfg)
-    pairs = [("model.embed_tokens.weight", "embed.weight"), ("model.final_layernorm.weight", "final_norm.weight")]
+    rows = embeddings(cfg, "model.embed_tokens.weight") + [
+        rename("final_norm.weight", "model.final_layernorm.weight")]
     for i in range(len(cfg.layers) // 2):
-        hf, mix, ffn = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
-        pairs += [(f"{hf}.input_layernorm.weight", f"{mix}.norm.weight"),
-                  (f"{hf}.pre_ff_layernorm.weight", f"{ffn}.norm.weight")]
+        hf, mix, ffn = f"model.layers.{i}.", f"layers.{2 * i}.", f"layers.{2 * i + 1}."
+        rows += [rename(mix + "norm.weight", hf + "input_layernorm.weight"),
+                 rename(ffn + "norm.weight", hf + "pre_ff_layernorm.weight")]
         if cfg.layers[2 * i] == "*":
-            pairs += [(f"{hf}.self_attn.{p}_proj.weight", f"{mix}.mixer.{p}_proj.weight") for p in "qkvo"]
-        if cfg.layers[2 * i + 1] == "E":
-            pairs.append((f"{hf}.feed_forward.router.weight", f"{ffn}.mixer.router.weight"))
+            rows += prefixed(mix + "mixer.", hf + "self_attn.", [f"{p}_proj.weight" for p in "qkvo"])
         else:
-            pairs += [(f"{hf}.feed_forward.{p}_proj.weight", f"{ffn}.mixer.{p}.weight") for p in ("gate", "up", "down")]
-    if not cfg.tie_embeddings:
-        pairs.append(("lm_head.weight", "head.weight"))
-    return pairs
-
-
-def hf_shapes(cfg) -> dict:
-    _check(cfg)
-    d, v, m, hd = cfg.d_model, cfg.vocab_size, cfg.mlp_hidden, cfg.head_size
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    shapes = {"model.embed_tokens.weight": (v, d), "model.final_layernorm.weight": (d,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (v, d)
-    mamba = mixer_hf_shapes(cfg)
-    attention = {"q_proj.weight": (q, d), "k_proj.weight": (kv, d), "v_proj.weight": (kv, d), "o_proj.weight": (d, q)}
-    mlp = {"gate_proj.weight": (m, d), "up_proj.weight": (m, d), "down_proj.weight": (d, m)}
-    for i in range(len(cfg.layers) // 2):
-        hf = f"model.layers.{i}"
-        shapes[f"{hf}.input_layernorm.weight"] = shapes[f"{hf}.pre_ff_layernorm.weight"] = (d,)
-        if cfg.layers[2 * i] == "*":
-            shapes.update({f"{hf}.self_attn.{key}": s for key, s in attention.items()})
+            rows += mamba.mixer_table(cfg, mix + "mixer.", hf + "mamba.")
+        if cfg.layers[2 * i + 1] == "E":  # on disk one tensor per expert: experts.{j}.{gate,up,down}_proj
+            rows.append(rename(ffn + "mixer.router.weight", hf + "feed_forward.router.weight"))
+            rows += [Entry((f"{ffn}mixer.{p}_weight",),
+                           tuple(f"{hf}feed_forward.experts.{j}.{p}_proj.weight" for j in range(cfg.moe_experts)),
+                           Unstack()) for p in ("gate", "up", "down")]
         else:
-            shapes.update({f"{hf}.mamba.{key}": s for key, s in mamba.items()})
-        if cfg.layers[2 * i + 1] == "E":
-            shapes[f"{hf}.feed_forward.router.weight"] = (cfg.moe_experts, d)
-            for j in range(cfg.moe_experts):
-                shapes.update({f"{hf}.feed_forward.experts.{j}.{key}": s for key, s in mlp.items()})
-        else:
-            shapes.update({f"{hf}.feed_forward.{key}": s for key, s in mlp.items()})
-    return shapes
-
-
-def to_chimera(t: dict, cfg) -> dict:
-    t = dict(t)
-    if cfg.tie_embeddings:
-        t.pop("lm_head.weight", None)  # tied: the embedding serves as the head
-    out = {ours: t[hf] for hf, ours in names(cfg)}
-    for i in range(len(cfg.layers) // 2):
-        hf, mix, ffn = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
-        if cfg.layers[2 * i] == "m":
-            out.update(mixer_to_chimera(t, f"{hf}.mamba.", f"{mix}.mixer.", cfg))
-        if cfg.layers[2 * i + 1] == "E":
-            for p in ("gate", "up", "down"):
-                out[f"{ffn}.mixer.{p}_weight"] = torch.stack(
-                    [t[f"{hf}.feed_forward.experts.{j}.{p}_proj.weight"] for j in range(cfg.moe_experts)])
-    return out
-
-
-def to_hf(s: dict, cfg) -> dict:
-    out = {hf: s[ours] for hf, ours in names(cfg)}
-    for i in range(len(cfg.layers) // 2):
-        hf, mix, ffn = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
-        if cfg.layers[2 * i] == "m":
-            out.update(mixer_to_hf(s, f"{hf}.mamba.", f"{mix}.mixer.", cfg))
-        if cfg.layers[2 * i + 1] == "E":
-            for p in ("gate", "up", "down"):
-                for j in range(cfg.moe_experts):
-                    out[f"{hf}.feed_forward.experts.{j}.{p}_proj.weight"] = s[f"{ffn}.mixer.{p}_weight"][j].clone()
-    return out
+            rows += prefixed(ffn + "mixer.", hf + "feed_forward.",
+                             {f"{p}_proj.weight": f"{p}.weight" for p in ("gate", "up", "down")})
+    return rows

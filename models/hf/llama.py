@@ -8,6 +8,7 @@ kv-head assignment and RMSNorm agree exactly, so the mapping is a renaming.
 from __future__ import annotations
 
 from chimera.errors import UserError
+from chimera.models.hf.table import Entry, embeddings, prefixed, rename
 
 MODEL_TYPE = "llama"
 
@@ -49,7 +50,7 @@ def config_to_hf(cfg) -> dict:
         "num_hidden_layers": len(cfg.layers) // 2,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_size,
+        "head_dim": cfg.effective("head_dim"),
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_base,
@@ -61,37 +62,15 @@ def config_to_hf(cfg) -> dict:
     }
 
 
-def names(cfg) -> list[tuple[str, str]]:
-    """(HF name, Chimera name) of every parameter."""
+def table(cfg) -> list[Entry]:
     if cfg.layers != "*-" * (len(cfg.layers) // 2):
         raise UserError(f"a Llama model has the pattern '*-' repeated, not {cfg.layers!r}")
-    pairs = [("model.embed_tokens.weight", "embed.weight"), ("model.norm.weight", "final_norm.weight")]
+    rows = embeddings(cfg, "model.embed_tokens.weight") + [rename("final_norm.weight", "model.norm.weight")]
     for i in range(len(cfg.layers) // 2):
-        hf, att, mlp = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
-        pairs += [(f"{hf}.input_layernorm.weight", f"{att}.norm.weight"),
-                  (f"{hf}.post_attention_layernorm.weight", f"{mlp}.norm.weight")]
-        pairs += [(f"{hf}.self_attn.{p}_proj.weight", f"{att}.mixer.{p}_proj.weight") for p in "qkvo"]
-        pairs += [(f"{hf}.mlp.{p}_proj.weight", f"{mlp}.mixer.{p}.weight") for p in ("gate", "up", "down")]
-    if not cfg.tie_embeddings:
-        pairs.append(("lm_head.weight", "head.weight"))
-    return pairs
-
-
-def hf_shapes(cfg) -> dict:
-    d, hd, v, m = cfg.d_model, cfg.head_size, cfg.vocab_size, cfg.mlp_hidden
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    shape = {"embed_tokens": (v, d), "norm": (d,), "layernorm": (d,), "q_proj": (q, d), "k_proj": (kv, d),
-             "v_proj": (kv, d), "o_proj": (d, q), "gate_proj": (m, d), "up_proj": (m, d), "down_proj": (d, m),
-             "lm_head": (v, d)}
-    return {hf: next(s for key, s in shape.items() if hf.split(".")[-2].endswith(key)) for hf, _ in names(cfg)}
-
-
-def to_chimera(tensors: dict, cfg) -> dict:
-    tensors = dict(tensors)
-    if cfg.tie_embeddings:
-        tensors.pop("lm_head.weight", None)  # tied: the embedding serves as the head
-    return {ours: tensors[hf] for hf, ours in names(cfg)}
-
-
-def to_hf(state: dict, cfg) -> dict:
-    return {hf: state[ours] for hf, ours in names(cfg)}
+        hf, att, mlp = f"model.layers.{i}.", f"layers.{2 * i}.", f"layers.{2 * i + 1}."
+        rows += [rename(att + "norm.weight", hf + "input_layernorm.weight"),
+                 rename(mlp + "norm.weight", hf + "post_attention_layernorm.weight")]
+        rows += prefixed(att + "mixer.", hf + "self_attn.", {f"{p}_proj.weight": f"{p}_proj.weight" for p in "qkvo"})
+        rows += prefixed(mlp + "mixer.", hf + "mlp.",
+                         {f"{p}_proj.weight": f"{p}.weight" for p in ("gate", "up", "down")})
+    return rows

@@ -10,10 +10,9 @@ stored group-major here (``[G, (B, C), N]``, a contiguous split is a split by gr
 
 from __future__ import annotations
 
-import torch
-
 from chimera.errors import UserError
 from chimera.models.hf import mamba
+from chimera.models.hf.table import Chain, Concat, Entry, Regroup, Same, Unsqueeze, prefixed, rename
 
 MODEL_TYPE = "mamba2"
 
@@ -21,7 +20,7 @@ MODEL_TYPE = "mamba2"
 def config_from_hf(hf: dict) -> dict:
     if hf.get("use_bias") or not hf.get("use_conv_bias", True) or not hf.get("tie_word_embeddings", True):
         raise UserError("this Mamba-2 variant (biases, no conv bias, or an untied head) is not supported yet")
-    limit = [_number(v) for v in hf.get("time_step_limit") or (0.0, float("inf"))]
+    limit = time_step_limit(hf)
     if limit[0] > 0 or limit[1] != float("inf"):
         raise UserError(f"Mamba-2 with time_step_limit {limit} is not supported yet")
     expand, d = hf.get("expand", 2), hf["hidden_size"]
@@ -46,9 +45,13 @@ def config_from_hf(hf: dict) -> dict:
     }
 
 
-def _number(v) -> float:
-    """transformers writes infinities in config.json as ``{"__float__": "Infinity"}``."""
-    return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
+def time_step_limit(hf: dict) -> list[float]:
+    """A Mamba-2 config's ``time_step_limit`` (default ``(0, inf)``: no clamp). transformers writes infinities in
+    config.json as ``{"__float__": "Infinity"}``."""
+    def number(v) -> float:
+        return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
+
+    return [number(v) for v in hf.get("time_step_limit") or (0.0, float("inf"))]
 
 
 def config_to_hf(cfg) -> dict:
@@ -66,19 +69,8 @@ def config_to_hf(cfg) -> dict:
         "n_groups": cfg.ssm_groups,
         "chunk_size": cfg.ssm_chunk,
         "conv_kernel": cfg.conv_kernel,
-        "use_bias": False,
-        "use_conv_bias": True,
-        "layer_norm_epsilon": cfg.norm_eps,
-        "tie_word_embeddings": True,
-        "residual_in_fp32": True,
-        "torch_dtype": "float32",
+        **mamba.backbone_config_to_hf(cfg),
     }
-
-
-def _dims(cfg):
-    if set(cfg.layers) != {"M"}:
-        raise UserError(f"a Mamba-2 model has the pattern 'M' repeated, not {cfg.layers!r}")
-    return mixer_dims(cfg)
 
 
 def mixer_dims(cfg) -> tuple[int, int, int, int]:
@@ -87,65 +79,24 @@ def mixer_dims(cfg) -> tuple[int, int, int, int]:
     return inner, cfg.ssm_groups, cfg.ssm_state, inner // cfg.ssm_head_dim
 
 
-def _bc_to_hf(t: torch.Tensor, g: int, n: int) -> torch.Tensor:  # [G, (B, C), N, ...] -> [B (G, N), C (G, N)]
-    t = t.unflatten(0, (g, 2, n))
-    return torch.cat([t[:, 0].flatten(0, 1), t[:, 1].flatten(0, 1)])
-
-
-def _bc_from_hf(t: torch.Tensor, g: int, n: int) -> torch.Tensor:
-    b, c = t[: g * n].unflatten(0, (g, n)), t[g * n :].unflatten(0, (g, n))
-    return torch.stack([b, c], dim=1).flatten(0, 2)
-
-
-# One HF Mamba-2 mixer (HF ``Mamba2Mixer`` and the copies of it in Granite-4.0-H and Zamba2) <-> ours. ``hf``
-# and ``ours`` are the mixers' name prefixes, e.g. ``backbone.layers.3.mixer.`` and ``layers.3.mixer.``.
+# One HF Mamba-2 mixer (HF ``Mamba2Mixer`` and the copies of it in Granite-4.0-H and Zamba2) <-> ours, under the
+# mixers' name prefixes (e.g. ``layers.3.mixer.`` and ``backbone.layers.3.mixer.``).
 MIXER_SAME = ("dt_bias", "A_log", "D", "out_proj.weight")
 
 
-def mixer_hf_shapes(cfg) -> dict:
-    inner, g, n, h = mixer_dims(cfg)
-    d, k, conv = cfg.d_model, cfg.conv_kernel, inner + 2 * g * n
-    return {"dt_bias": (h,), "A_log": (h,), "D": (h,), "conv1d.weight": (conv, 1, k), "conv1d.bias": (conv,),
-            "in_proj.weight": (2 * inner + 2 * g * n + h, d), "norm.weight": (inner,), "out_proj.weight": (d, inner)}
-
-
-def mixer_to_chimera(t: dict, hf: str, ours: str, cfg) -> dict:
-    inner, g, n, h = mixer_dims(cfg)
-    out = {ours + k: t[hf + k] for k in MIXER_SAME}
-    z, x, bc, dt = t[hf + "in_proj.weight"].split([inner, inner, 2 * g * n, h])
-    out.update({ours + "in_proj_z.weight": z, ours + "in_proj_x.weight": x,
-                ours + "in_proj_bc.weight": _bc_from_hf(bc, g, n), ours + "in_proj_dt.weight": dt})
-    for part in ("weight", "bias"):
-        conv = t[f"{hf}conv1d.{part}"]
-        conv = conv[:, 0] if part == "weight" else conv
-        out[f"{ours}conv_x.{part}"], out[f"{ours}conv_bc.{part}"] = conv[:inner], _bc_from_hf(conv[inner:], g, n)
-    out[ours + "norm_weight"] = t[hf + "norm.weight"]
-    return out
-
-
-def mixer_to_hf(s: dict, hf: str, ours: str, cfg) -> dict:
+def mixer_table(cfg, ours: str, hf: str) -> list[Entry]:
     _, g, n, _ = mixer_dims(cfg)
-    out = {hf + k: s[ours + k] for k in MIXER_SAME}
-    out[hf + "in_proj.weight"] = torch.cat([s[ours + "in_proj_z.weight"], s[ours + "in_proj_x.weight"],
-                                            _bc_to_hf(s[ours + "in_proj_bc.weight"], g, n),
-                                            s[ours + "in_proj_dt.weight"]])
-    for part in ("weight", "bias"):
-        conv = torch.cat([s[f"{ours}conv_x.{part}"], _bc_to_hf(s[f"{ours}conv_bc.{part}"], g, n)])
-        out[f"{hf}conv1d.{part}"] = conv.unsqueeze(1) if part == "weight" else conv
-    out[hf + "norm.weight"] = s[ours + "norm_weight"]
-    return out
+    bc = Regroup((g, 2, n), (1, 0, 2))  # ours [G, (B, C), N] <-> HF [B (G, N), C (G, N)]
+    rows = prefixed(ours, hf, MIXER_SAME)
+    rows.append(Entry(tuple(f"{ours}in_proj_{p}.weight" for p in ("z", "x", "bc", "dt")), (hf + "in_proj.weight",),
+                      Concat(0, (Same(), Same(), bc, Same()))))
+    rows.append(Entry((ours + "conv_x.weight", ours + "conv_bc.weight"), (hf + "conv1d.weight",),
+                      Chain(Concat(0, (Same(), bc)), Unsqueeze(1))))
+    rows.append(Entry((ours + "conv_x.bias", ours + "conv_bc.bias"), (hf + "conv1d.bias",), Concat(0, (Same(), bc))))
+    rows.append(rename(ours + "norm_weight", hf + "norm.weight"))
+    return rows
 
 
-def hf_shapes(cfg) -> dict:
-    _dims(cfg)
-    return mamba.backbone_hf_shapes(cfg, mixer_hf_shapes(cfg))
-
-
-def to_chimera(t: dict, cfg) -> dict:
-    _dims(cfg)
-    return mamba.backbone_to_chimera(t, cfg, mixer_to_chimera)
-
-
-def to_hf(s: dict, cfg) -> dict:
-    _dims(cfg)
-    return mamba.backbone_to_hf(s, cfg, mixer_to_hf)
+def table(cfg) -> list[Entry]:
+    mamba.check_backbone(cfg, "M", "Mamba-2")
+    return mamba.backbone_table(cfg, mixer_table)

@@ -4,7 +4,7 @@ HF layer ``i`` (a recurrent or local-attention temporal block, then the MLP) is 
 ``2i`` (``R`` or ``L``) and ``2i + 1`` (``-``). Known traps, handled here:
 
 * the RG-LRU gates are block-diagonal, stored ``[heads, in, out]`` and applied ``x @ W`` - the
-  same layout as ours, so they copy unchanged;
+  same arrangement as ours, so they copy unchanged;
 * HF's ``recurrent_param`` is ``-Lambda``: it computes ``log a = -8 r softplus(recurrent_param)``
   where the paper (and we) write ``a = sigma(Lambda)``, ``log a = -softplus(-Lambda)``;
 * the temporal conv is ``[width, 1, k]`` there, ``[width, k]`` here;
@@ -16,6 +16,7 @@ HF layer ``i`` (a recurrent or local-attention temporal block, then the MLP) is 
 from __future__ import annotations
 
 from chimera.errors import UserError
+from chimera.models.hf.table import Entry, Negate, Unsqueeze, prefixed, rename
 
 MODEL_TYPE = "recurrent_gemma"
 RECURRENT = ("linear_y.weight", "linear_y.bias", "linear_x.weight", "linear_x.bias", "linear_out.weight",
@@ -76,8 +77,8 @@ def config_to_hf(cfg) -> dict:
         "num_hidden_layers": len(blocks),
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_size,
-        "lru_width": cfg.lru_width,
+        "head_dim": cfg.effective("head_dim"),
+        "lru_width": cfg.effective("rnn_width"),
         "attention_window_size": cfg.window,
         "conv1d_width": cfg.conv_kernel,
         "logits_soft_cap": cfg.logits_soft_cap,
@@ -96,46 +97,27 @@ def config_to_hf(cfg) -> dict:
 def _check(cfg) -> None:
     ok = len(cfg.layers) % 2 == 0 and set(cfg.layers[::2]) <= {"R", "L"} and set(cfg.layers[1::2]) == {"-"}
     numerics = cfg.scale_embeddings and cfg.norm_offset and cfg.linear_bias and cfg.rglru_reset_unnormalized
-    if not ok or not numerics or cfg.logits_soft_cap is None or cfg.lru_heads != cfg.num_heads:
+    heads = "R" not in cfg.layers or cfg.effective("rnn_heads") == cfg.num_heads
+    if not ok or not numerics or cfg.logits_soft_cap is None or not heads:
         raise UserError("this model is not a RecurrentGemma: it needs (R|L)- blocks, rnn_heads = num_heads and "
                         "RecurrentGemma's numerics (scale_embeddings, norm_offset, linear_bias, logits_soft_cap, "
                         "rglru_reset_unnormalized)")
 
 
-def names(cfg) -> list[tuple[str, str, str]]:
-    """(HF name, Chimera name, transform) of every parameter; transform is "", "neg" or "conv"."""
+def table(cfg) -> list[Entry]:
     _check(cfg)
-    out = [("model.embed_tokens.weight", "embed.weight", ""), ("model.final_norm.weight", "final_norm.weight", "")]
+    rows = [rename("embed.weight", "model.embed_tokens.weight"), rename("final_norm.weight", "model.final_norm.weight")]
     for i, symbol in enumerate(cfg.layers[::2]):
-        hf, mix, mlp = f"model.layers.{i}", f"layers.{2 * i}", f"layers.{2 * i + 1}"
-        out += [(f"{hf}.temporal_pre_norm.weight", f"{mix}.norm.weight", ""),
-                (f"{hf}.channel_pre_norm.weight", f"{mlp}.norm.weight", "")]
-        out += [(f"{hf}.mlp_block.{p}_proj.{w}", f"{mlp}.mixer.{p}.{w}", "")
-                for p in ("gate", "up", "down") for w in ("weight", "bias")]
-        block = f"{hf}.temporal_block"
+        hf, mix, mlp = f"model.layers.{i}.", f"layers.{2 * i}.", f"layers.{2 * i + 1}."
+        rows += [rename(mix + "norm.weight", hf + "temporal_pre_norm.weight"),
+                 rename(mlp + "norm.weight", hf + "channel_pre_norm.weight")]
+        rows += prefixed(mlp + "mixer.", hf + "mlp_block.",
+                         {f"{p}_proj.{w}": f"{p}.{w}" for p in ("gate", "up", "down") for w in ("weight", "bias")})
+        block = hf + "temporal_block."
         if symbol == "R":
-            out += [(f"{block}.{n.replace('conv.', 'conv_1d.')}", f"{mix}.mixer.{n}", "") for n in RECURRENT]
-            out += [(f"{block}.conv_1d.weight", f"{mix}.mixer.conv.weight", "conv"),
-                    (f"{block}.rg_lru.recurrent_param", f"{mix}.mixer.rglru.a_param", "neg")]
-            out += [(f"{block}.{h}", f"{mix}.mixer.{c}", "") for h, c in GATES.items()]
+            rows += prefixed(mix + "mixer.", block, {n.replace("conv.", "conv_1d."): n for n in RECURRENT} | GATES)
+            rows += [rename(mix + "mixer.conv.weight", block + "conv_1d.weight", Unsqueeze(1)),  # [w, k] <-> [w, 1, k]
+                     rename(mix + "mixer.rglru.a_param", block + "rg_lru.recurrent_param", Negate())]  # -Lambda
         else:
-            out += [(f"{block}.{n}", f"{mix}.mixer.{n}", "") for n in ATTENTION]
-    return out
-
-
-def hf_shapes(cfg) -> dict:
-    from chimera.models.hf import expected_shapes
-
-    ours = expected_shapes(cfg)
-    shape = {"": lambda s: s, "neg": lambda s: s, "conv": lambda s: (s[0], 1, s[1])}
-    return {hf: tuple(shape[t](tuple(ours[c]))) for hf, c, t in names(cfg)}
-
-
-def to_chimera(t: dict, cfg) -> dict:
-    convert = {"": lambda x: x, "neg": lambda x: -x, "conv": lambda x: x[:, 0]}
-    return {c: convert[k](t[hf]) for hf, c, k in names(cfg)}
-
-
-def to_hf(s: dict, cfg) -> dict:
-    convert = {"": lambda x: x, "neg": lambda x: -x, "conv": lambda x: x.unsqueeze(1)}
-    return {hf: convert[k](s[c]) for hf, c, k in names(cfg)}
+            rows += prefixed(mix + "mixer.", block, ATTENTION)
+    return rows

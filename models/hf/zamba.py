@@ -2,7 +2,7 @@
 
 Zamba (Glorioso et al., arXiv 2405.16712) is a Mamba-1 backbone; at the "hybrid" layers the shared
 attention+MLP block runs on ``concat(h, embeddings)`` and, through the layer's own linear, feeds
-that layer's Mamba input (``chimera.models.shared_transformer``). HF layer ``i`` is Chimera layer ``i``::
+that layer's Mamba input (``chimera.models.shared.zamba``). HF layer ``i`` is Chimera layer ``i``::
 
     "mamba" / "linear_attention"  ->  "m"      model.layers.i.{input_layernorm, mamba}
     "hybrid"                      ->  "0m"     model.layers.i.{linear, mamba_decoder.{input_layernorm, mamba},
@@ -17,7 +17,7 @@ hybrid layer. Import requires such copies to be equal; export writes them.)
 Numerics carried over: the attention has no positional encoding (``rope_fraction: 0``), its scale is
 ``(head_dim / 2)^-1/2`` (``attention_scale``; head_dim is ``attention_head_dim``, by default
 ``2 hidden / heads``), the MLP gate is exact GeLU, the Mamba has ``n_mamba_heads`` heads
-(``ssm_heads``). Layouts: HF's ``in_proj`` interleaves the SSM input and the gate row by row
+(``ssm_heads``). Tensors: HF's ``in_proj`` interleaves the SSM input and the gate row by row
 (``view(d_inner, 2, d)``: row ``2c`` is channel ``c`` of x, ``2c + 1`` of z); its per-head
 ``dt_proj_weight [H, P, r]``, ``dt_proj_bias``/``D [H, P]`` and ``A_log [H, P, N]`` are ours flattened
 over ``(H, P)``; ``x_proj_weight [H, r + 2N, P]`` is ours as is (one head: our ``x_proj.weight``).
@@ -26,10 +26,10 @@ over ``(H, P)``; ``x_proj_weight [H, r + 2N, P]`` is ours as is (one head: our `
 from __future__ import annotations
 
 import math
-
-import torch
+from dataclasses import replace
 
 from chimera.errors import UserError
+from chimera.models.hf.table import Entry, Interleave, Unsqueeze, View, copies, embeddings, prefixed, rename
 
 MODEL_TYPE = "zamba"
 MIXER = "m"
@@ -81,7 +81,7 @@ def check_hybrid(cfg, family: str, mixer: str, max_blocks: int) -> list[str]:
         problems.append(f"shared blocks used in the order {used} ({family} cycles through them: 0, 1, 0, ...)")
     if cfg.mlp_activation != "gelu":
         problems.append(f"mlp_activation={cfg.mlp_activation!r} ({family}'s is gelu)")
-    if cfg.attention_scale != (cfg.head_size / 2) ** -0.5:
+    if cfg.attention_scale != (cfg.sublayer("*").head_dim / 2) ** -0.5:
         problems.append(f"attention_scale={cfg.attention_scale} ({family}'s is (head_dim / 2)^-0.5)")
     for field, default in (("scale_embeddings", False), ("norm_offset", False), ("logits_soft_cap", None),
                            ("linear_bias", False), ("attention_bias", False), ("residual_multiplier", 1.0),
@@ -127,7 +127,7 @@ def hybrid_config_to_hf(cfg) -> dict:
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "attention_hidden_size": 2 * cfg.d_model,
-        "attention_head_dim": cfg.head_size,
+        "attention_head_dim": cfg.sublayer("*").head_dim,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "intermediate_size": cfg.mlp_hidden,
@@ -159,86 +159,51 @@ def layer_prefixes(cfg, block_key: str):
             j += 1
 
 
-def common_pairs(cfg, block_key: str, block_names: dict) -> list[tuple[str, str]]:
-    """(HF name, Chimera name) of the tensors renamed only: embeddings, norms, per-use linears, shared blocks
-    (each under its first use's prefix)."""
-    pairs = {"model.embed_tokens.weight": "embed.weight", "model.final_layernorm.weight": "final_norm.weight"}
-    if not cfg.tie_embeddings:
-        pairs["lm_head.weight"] = "head.weight"
-    for hf, ours, sub_hf, sub_ours, block, _, shared_hf in layer_prefixes(cfg, block_key):
-        pairs[sub_hf + "input_layernorm.weight"] = sub_ours + "norm.weight"
-        if block is not None:
-            pairs[hf + "linear.weight"] = ours + "linear"
-            pairs.update({shared_hf + k: f"shared.{block}.{v}" for k, v in block_names.items()})
-    return list(pairs.items())
+COPY_NOTE = " (transformers leaves Zamba's blocks untied when tie_word_embeddings is false)"
 
 
-def common_hf_shapes(cfg, block_key: str, mlp_shapes: dict, mamba_shapes: dict) -> dict:
-    """The HF shapes of what ``common_pairs`` names, plus each layer's Mamba (``mamba_shapes``) and each shared
-    block's MLP (``mlp_shapes``)."""
-    d = cfg.d_model
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.final_layernorm.weight": (d,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    block = {**block_shapes(cfg), **mlp_shapes}
-    for hf, _, sub_hf, _, block_index, _, shared_hf in layer_prefixes(cfg, block_key):
-        shapes[sub_hf + "input_layernorm.weight"] = (d,)
-        shapes.update({f"{sub_hf}mamba.{k}": v for k, v in mamba_shapes.items()})
-        if block_index is not None:
-            shapes[hf + "linear.weight"] = (d, d)
-            shapes.update({shared_hf + k: v for k, v in block.items()})
-    return shapes
+def hybrid_table(cfg, block_key: str, block_table, mixer_table, adapter_table=None) -> list:
+    """The rows of Zamba and Zamba2: embeddings, norms, each layer's Mamba (``mixer_table``), each use's linear
+    and each shared block (``block_table(cfg, ours, hf)``) under its first use's prefix, plus the block's copies
+    at its later uses: written with an untied head (transformers then ties nothing and each hybrid layer loads
+    its own), and on import, equal to the block or refused. ``adapter_table(cfg, use_ours, hf, j)``: a use's
+    own adapters, stored with the block (``...adapter_list.{j}``); in a later use's copy of the block, the
+    copy's own use's adapters are the ones transformers reads (``preferred``), the others' are ignored."""
+    rows = embeddings(cfg, "model.embed_tokens.weight") + [
+        rename("final_norm.weight", "model.final_layernorm.weight")]
+    block_rows: dict[int, list] = {}
+    uses: list[tuple[int, int, str]] = []  # (block, use index, our prefix of the use)
+    for hf, ours, sub_hf, sub_ours, block, j, shared_hf in layer_prefixes(cfg, block_key):
+        rows.append(rename(sub_ours + "norm.weight", sub_hf + "input_layernorm.weight"))
+        rows += mixer_table(cfg, sub_ours + "mixer.", sub_hf + "mamba.")
+        if block is None:
+            continue
+        rows.append(rename(ours + "linear", hf + "linear.weight"))
+        if block not in block_rows:
+            block_rows[block] = block_table(cfg, f"shared.{block}.", shared_hf)
+        if adapter_table is not None:
+            block_rows[block] += adapter_table(cfg, ours, shared_hf, j)
+        uses.append((block, j, hf))
+    for block_index in sorted(block_rows):
+        rows += block_rows[block_index]
+    first_use = {}
+    for block, j, hf in uses:
+        first = first_use.setdefault(block, hf + block_key + ".")
+        if first == hf + block_key + ".":
+            continue
+        for row in copies(block_rows[block], first, hf + block_key + ".", export=not cfg.tie_embeddings,
+                          on_import="checked", note=COPY_NOTE):
+            adapter_use = _adapter_use(row.hf[0])
+            if adapter_use is not None:  # a use's adapters in this copy: its own are read, the others' are not
+                row = replace(row, on_import="preferred" if adapter_use == j else "ignored")
+            rows.append(row)
+    return rows
 
 
-def block_shapes(cfg) -> dict:
-    d, q, kv = cfg.d_model, cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
-    return {"input_layernorm.weight": (2 * d,), "pre_ff_layernorm.weight": (d,), "self_attn.q_proj.weight": (q, 2 * d),
-            "self_attn.k_proj.weight": (kv, 2 * d), "self_attn.v_proj.weight": (kv, 2 * d),
-            "self_attn.o_proj.weight": (d, q)}
-
-
-def copy_prefixes(cfg, block_key: str) -> list[tuple[str, str]]:
-    """(prefix of a later use's copy of a shared block, prefix of the block's first use) per later use."""
-    first: dict[int, str] = {}
-    pairs = []
-    for i, block in enumerate(uses_of(cfg)):
-        if block is not None:
-            prefix = f"model.layers.{i}.{block_key}."
-            if block in first:
-                pairs.append((prefix, first[block]))
-            first.setdefault(block, prefix)
-    return pairs
-
-
-def tied_copy_names(shapes: dict, cfg, block_key: str) -> frozenset:
-    """Names a file may hold for the copies of the shared blocks at later uses, given the HF shapes (which
-    hold each block once, at its first use). transformers 5 writes them when the head is untied."""
-    return frozenset(copy + name.removeprefix(first) for copy, first in copy_prefixes(cfg, block_key)
-                     for name in shapes if name.startswith(first))
-
-
-def check_and_drop_copies(t: dict, cfg, block_key: str) -> dict:
-    """Copies of a shared block must equal it (Chimera shares it); the copies are then dropped. A use's own
-    adapters (``adapter_list``) are not compared: each use reads its own (``zamba2``)."""
-    copies = copy_prefixes(cfg, block_key)
-    for copy, first in copies:
-        for name in (k for k in t if k.startswith(copy) and "adapter_list" not in k):
-            original = t.get(first + name.removeprefix(copy))
-            if original is not None and not torch.equal(original, t[name]):
-                raise UserError(f"{name} differs from {first + name.removeprefix(copy)}: this checkpoint's shared "
-                                f"blocks are not shared (transformers leaves Zamba's blocks untied when "
-                                f"tie_word_embeddings is false), and Chimera's are")
-    return {k: v for k, v in t.items() if not k.startswith(tuple(copy for copy, _ in copies))}
-
-
-def write_copies(out: dict, cfg, block_key: str) -> dict:
-    """With an untied head, transformers 5 ties nothing, so each hybrid layer loads its own copy of its
-    shared block: write one per use (with a tied head transformers shares the first and wants no copies)."""
-    if not cfg.tie_embeddings:
-        for copy, first in copy_prefixes(cfg, block_key):
-            out.update({copy + k.removeprefix(first): v.clone()  # safetensors stores no shared memory
-                        for k, v in list(out.items()) if k.startswith(first)})
-    return out
+def _adapter_use(hf_name: str) -> int | None:
+    """The use index of an adapter's HF name (``..._adapter_list.{j}.{0,1}.weight``), or None."""
+    before, sep, after = hf_name.partition("_adapter_list.")
+    return int(after.split(".")[0]) if sep else None
 
 
 # ---- Zamba ------------------------------------------------------------------------------------
@@ -283,77 +248,35 @@ def _check(cfg) -> None:
 def config_to_hf(cfg) -> dict:
     _check(cfg)
     return {"architectures": ["ZambaForCausalLM"], "model_type": MODEL_TYPE, **hybrid_config_to_hf(cfg),
-            "n_mamba_heads": cfg.ssm_heads, "mamba_dt_rank": cfg.ssm_dt_rank or math.ceil(cfg.d_model / 16),
+            "n_mamba_heads": cfg.ssm_heads, "mamba_dt_rank": cfg.sublayer("m").ssm_dt_rank,
             "mamba_conv_bias": True, "mamba_proj_bias": False, "hidden_mamba_act": "silu"}
 
 
 MLP_NAMES = {f"feed_forward.{p}_proj.weight": f"mlp.{p}.weight" for p in ("gate", "up", "down")}
 
 
-def _mixer_shapes(cfg) -> dict:
-    inner, h, n, k = cfg.ssm_expand * cfg.d_model, cfg.ssm_heads, cfg.ssm_state, cfg.conv_kernel
-    p, r = inner // h, cfg.ssm_dt_rank or -(-cfg.d_model // 16)
-    return {"A_log": (h, p, n), "D": (h, p), "conv1d.weight": (inner, 1, k), "conv1d.bias": (inner,),
-            "in_proj.weight": (2 * inner, cfg.d_model), "x_proj_weight": (h, r + 2 * n, p),
-            "dt_proj_weight": (h, p, r), "dt_proj_bias": (h, p), "out_proj.weight": (cfg.d_model, inner)}
+def _block_table(cfg, ours: str, hf: str) -> list:
+    return prefixed(ours, hf, BLOCK_NAMES | MLP_NAMES)
 
 
-def hf_shapes(cfg) -> dict:
-    _check(cfg)
-    d, m = cfg.d_model, cfg.mlp_hidden
-    mlp = {"feed_forward.gate_proj.weight": (m, d), "feed_forward.up_proj.weight": (m, d),
-           "feed_forward.down_proj.weight": (d, m)}
-    return common_hf_shapes(cfg, "shared_transf", mlp, _mixer_shapes(cfg))
-
-
-def optional_names(cfg) -> frozenset:
-    return tied_copy_names(hf_shapes(cfg), cfg, "shared_transf")
-
-
-def _mixer_to_chimera(t: dict, hf: str, ours: str, cfg) -> dict:
-    inner = cfg.ssm_expand * cfg.d_model
-    x_and_z = t[hf + "in_proj.weight"].unflatten(0, (inner, 2))  # rows interleaved: x_c, z_c
-    out = {ours + "in_proj_x.weight": x_and_z[:, 0], ours + "in_proj_z.weight": x_and_z[:, 1],
-           ours + "conv1d.weight": t[hf + "conv1d.weight"][:, 0], ours + "conv1d.bias": t[hf + "conv1d.bias"],
-           ours + "out_proj.weight": t[hf + "out_proj.weight"],
-           ours + "dt_proj.weight": t[hf + "dt_proj_weight"].flatten(0, 1),
-           ours + "dt_proj.bias": t[hf + "dt_proj_bias"].flatten(), ours + "A_log": t[hf + "A_log"].flatten(0, 1),
-           ours + "D": t[hf + "D"].flatten()}
-    if cfg.ssm_heads == 1:
-        out[ours + "x_proj.weight"] = t[hf + "x_proj_weight"][0]
+def _mixer_table(cfg, ours: str, hf: str) -> list:
+    """Zamba's multi-head Mamba: ``in_proj`` interleaves x and z rows; per-head tensors are ours over ``(H, P)``."""
+    inner, h, n = cfg.ssm_expand * cfg.d_model, cfg.ssm_heads, cfg.ssm_state
+    p, r = inner // h, cfg.sublayer("m").ssm_dt_rank
+    rows = prefixed(ours, hf, ("conv1d.bias", "out_proj.weight"))
+    rows += [Entry((ours + "in_proj_x.weight", ours + "in_proj_z.weight"), (hf + "in_proj.weight",), Interleave(0)),
+             rename(ours + "conv1d.weight", hf + "conv1d.weight", Unsqueeze(1)),
+             rename(ours + "dt_proj.weight", hf + "dt_proj_weight", View((h, p, r))),
+             rename(ours + "dt_proj.bias", hf + "dt_proj_bias", View((h, p))),
+             rename(ours + "A_log", hf + "A_log", View((h, p, n))),
+             rename(ours + "D", hf + "D", View((h, p)))]
+    if h == 1:  # one head: our x_proj is a row-parallel linear, HF's a [1, r + 2N, P] stack
+        rows.append(rename(ours + "x_proj.weight", hf + "x_proj_weight", Unsqueeze(0)))
     else:
-        out[ours + "x_proj_weight"] = t[hf + "x_proj_weight"]
-    return out
+        rows.append(rename(ours + "x_proj_weight", hf + "x_proj_weight"))
+    return rows
 
 
-def _mixer_to_hf(s: dict, hf: str, ours: str, cfg) -> dict:
-    h = cfg.ssm_heads
-    heads = lambda x: x.unflatten(0, (h, -1))  # noqa: E731  [H P, ...] -> [H, P, ...]
-    x_proj = s[ours + "x_proj.weight"][None] if h == 1 else s[ours + "x_proj_weight"]
-    return {hf + "in_proj.weight": torch.stack([s[ours + "in_proj_x.weight"], s[ours + "in_proj_z.weight"]],
-                                               dim=1).flatten(0, 1),
-            hf + "conv1d.weight": s[ours + "conv1d.weight"].unsqueeze(1), hf + "conv1d.bias": s[ours + "conv1d.bias"],
-            hf + "out_proj.weight": s[ours + "out_proj.weight"], hf + "x_proj_weight": x_proj,
-            hf + "dt_proj_weight": heads(s[ours + "dt_proj.weight"]),
-            hf + "dt_proj_bias": heads(s[ours + "dt_proj.bias"]), hf + "A_log": heads(s[ours + "A_log"]),
-            hf + "D": heads(s[ours + "D"])}
-
-
-def _pairs(cfg) -> list[tuple[str, str]]:
+def table(cfg) -> list:
     _check(cfg)
-    return common_pairs(cfg, "shared_transf", BLOCK_NAMES | MLP_NAMES)
-
-
-def to_chimera(t: dict, cfg) -> dict:
-    t = check_and_drop_copies(t, cfg, "shared_transf")
-    out = {ours: t[hf] for hf, ours in _pairs(cfg)}
-    for _, _, sub_hf, sub_ours, *_ in layer_prefixes(cfg, "shared_transf"):
-        out.update(_mixer_to_chimera(t, sub_hf + "mamba.", sub_ours + "mixer.", cfg))
-    return out
-
-
-def to_hf(s: dict, cfg) -> dict:
-    out = {hf: s[ours] for hf, ours in _pairs(cfg)}
-    for _, _, sub_hf, sub_ours, *_ in layer_prefixes(cfg, "shared_transf"):
-        out.update(_mixer_to_hf(s, sub_hf + "mamba.", sub_ours + "mixer.", cfg))
-    return write_copies(out, cfg, "shared_transf")
+    return hybrid_table(cfg, "shared_transf", _block_table, _mixer_table)

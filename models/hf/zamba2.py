@@ -1,6 +1,6 @@
 """transformers ``Zamba2ForCausalLM`` (Zamba2-1.2B/2.7B/7B) <-> Chimera's ``M`` sublayers fed by shared blocks.
 
-Zamba2 (arXiv 2411.15242) is Zamba (see ``chimera.models.hf.zamba`` for the layer layout and the
+Zamba2 (arXiv 2411.15242) is Zamba (see ``chimera.models.hf.zamba`` for the layers and the
 shared block) with a Mamba-2 backbone, ``num_mem_blocks`` shared blocks used in turn (hybrid use ``j``
 runs block ``j % num_mem_blocks``: symbols ``0``, ``1``, ``0``, ...), and per-use LoRA adapters:
 always on the MLP's fused ``gate_up_proj`` (rank ``adapter_rank``: ``shared_lora_rank``), and on q, k, v
@@ -18,11 +18,9 @@ stacked. The Mamba-2 mixer maps as in ``chimera.models.hf.mamba2``; Zamba2 clamp
 
 from __future__ import annotations
 
-import torch
-
 from chimera.errors import UserError
-from chimera.models.hf import zamba
-from chimera.models.hf.mamba2 import mixer_hf_shapes, mixer_to_chimera, mixer_to_hf
+from chimera.models.hf import mamba2, zamba
+from chimera.models.hf.table import Concat, Entry, prefixed, rename
 
 MODEL_TYPE = "zamba2"
 MIXER = "M"
@@ -74,9 +72,10 @@ def _check(cfg) -> None:
         problems.append(f"rope_fraction={cfg.rope_fraction} (Zamba2 rotates all of a head or nothing)")
     if not cfg.shared_lora_rank:
         problems.append("shared_lora_rank unset (Zamba2's MLP always has per-use adapters)")
-    if (cfg.ssm_norm_eps or cfg.norm_eps) != GATED_NORM_EPS:
+    if cfg.sublayer("M").ssm_norm_eps != GATED_NORM_EPS:
         problems.append(f"ssm_norm_eps={cfg.ssm_norm_eps} (Zamba2's gated norm uses {GATED_NORM_EPS})")
-    widths = {cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size}
+    head_dim = cfg.sublayer("*").head_dim
+    widths = {cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim}
     if cfg.shared_lora_attention and widths != {2 * cfg.d_model}:
         problems.append("q/k/v adapters with (kv) heads x head_dim != 2 d_model (Zamba2's adapters are 2d wide)")
     if problems:
@@ -94,73 +93,28 @@ def config_to_hf(cfg) -> dict:
             "time_step_min": cfg.ssm_dt_min, "use_conv_bias": True, "add_bias_linear": False}
 
 
-def _adapter_names(cfg, own: bool = False):
-    """(HF prefix of an A/B pair, our adapter) per use and adapted projection. The pair is in the block's
-    first use's ``shared_transformer``; with ``own``, in the copy at the use's own layer (untied heads)."""
-    for hf, ours, _, _, block, j, shared_hf in zamba.layer_prefixes(cfg, BLOCK):
-        if block is None:
-            continue
-        where = f"{hf}{BLOCK}." if own else shared_hf
-        yield f"{where}feed_forward.gate_up_proj_adapter_list.{j}.", f"{ours}adapters.mlp."
-        if cfg.shared_lora_attention:
-            for p in "qkv":
-                yield f"{where}self_attn.linear_{p}_adapter_list.{j}.", f"{ours}adapters.attention.{p}."
+def _block_table(cfg, ours: str, hf: str) -> list:
+    """The shared block: Zamba's names, with the MLP's gate and up fused as ``gate_up_proj``."""
+    rows = prefixed(ours, hf, {**zamba.BLOCK_NAMES, "feed_forward.down_proj.weight": "mlp.down.weight"})
+    rows.append(Entry((ours + "mlp.gate.weight", ours + "mlp.up.weight"), (hf + "feed_forward.gate_up_proj.weight",),
+                      Concat(0)))
+    return rows
 
 
-def hf_shapes(cfg) -> dict:
+def _adapter_table(cfg, use: str, hf: str, j: int) -> list:
+    """Use ``j``'s adapters, stored with its block: (A, B) pairs ``{0,1}.weight``; the MLP's B is our gate and up
+    rows stacked."""
+    rows = [rename(use + "adapters.mlp.a", f"{hf}feed_forward.gate_up_proj_adapter_list.{j}.0.weight"),
+            Entry((use + "adapters.mlp.b.0", use + "adapters.mlp.b.1"),
+                  (f"{hf}feed_forward.gate_up_proj_adapter_list.{j}.1.weight",), Concat(0))]
+    if cfg.shared_lora_attention:
+        for p in "qkv":
+            pair = f"{hf}self_attn.linear_{p}_adapter_list.{j}."
+            rows += [rename(f"{use}adapters.attention.{p}.a", pair + "0.weight"),
+                     rename(f"{use}adapters.attention.{p}.b.0", pair + "1.weight")]
+    return rows
+
+
+def table(cfg) -> list:
     _check(cfg)
-    d, m, r = cfg.d_model, cfg.mlp_hidden, cfg.shared_lora_rank
-    mlp = {"feed_forward.gate_up_proj.weight": (2 * m, d), "feed_forward.down_proj.weight": (d, m)}
-    shapes = zamba.common_hf_shapes(cfg, BLOCK, mlp, mixer_hf_shapes(cfg))
-    for hf, ours in _adapter_names(cfg):
-        on_mlp = ours.endswith("mlp.")
-        shapes[hf + "0.weight"] = (r, d if on_mlp else 2 * d)  # A
-        shapes[hf + "1.weight"] = (2 * m if on_mlp else 2 * d, r)  # B
-    return shapes
-
-
-def optional_names(cfg) -> frozenset:
-    return zamba.tied_copy_names(hf_shapes(cfg), cfg, BLOCK)
-
-
-def _pairs(cfg) -> list[tuple[str, str]]:
-    _check(cfg)
-    pairs = zamba.common_pairs(cfg, BLOCK, {**zamba.BLOCK_NAMES, "feed_forward.down_proj.weight": "mlp.down.weight"})
-    for hf, ours in _adapter_names(cfg):
-        pairs.append((hf + "0.weight", ours + "a"))
-        if not ours.endswith("mlp."):
-            pairs.append((hf + "1.weight", ours + "b.0"))
-    return pairs
-
-
-def to_chimera(t: dict, cfg) -> dict:
-    # A use's adapters: from its own layer's copy of the block when the file has one (transformers reads
-    # them there when it leaves the blocks untied), else from the block's first use.
-    for (first, _), (own, _) in zip(_adapter_names(cfg), _adapter_names(cfg, own=True)):
-        for part in ("0.weight", "1.weight"):
-            if own + part in t:
-                t = {**t, first + part: t[own + part]}
-    t = zamba.check_and_drop_copies(t, cfg, BLOCK)
-    out = {ours: t[hf] for hf, ours in _pairs(cfg)}
-    for _, _, sub_hf, sub_ours, block, _, shared_hf in zamba.layer_prefixes(cfg, BLOCK):
-        out.update(mixer_to_chimera(t, sub_hf + "mamba.", sub_ours + "mixer.", cfg))
-        if block is not None:
-            out[f"shared.{block}.mlp.gate.weight"], out[f"shared.{block}.mlp.up.weight"] = \
-                t[shared_hf + "feed_forward.gate_up_proj.weight"].chunk(2)
-    for hf, ours in _adapter_names(cfg):
-        if ours.endswith("mlp."):
-            out[ours + "b.0"], out[ours + "b.1"] = t[hf + "1.weight"].chunk(2)
-    return out
-
-
-def to_hf(s: dict, cfg) -> dict:
-    out = {hf: s[ours] for hf, ours in _pairs(cfg)}
-    for _, _, sub_hf, sub_ours, block, _, shared_hf in zamba.layer_prefixes(cfg, BLOCK):
-        out.update(mixer_to_hf(s, sub_hf + "mamba.", sub_ours + "mixer.", cfg))
-        if block is not None:
-            out[shared_hf + "feed_forward.gate_up_proj.weight"] = torch.cat(
-                [s[f"shared.{block}.mlp.gate.weight"], s[f"shared.{block}.mlp.up.weight"]])
-    for hf, ours in _adapter_names(cfg):
-        if ours.endswith("mlp."):
-            out[hf + "1.weight"] = torch.cat([s[ours + "b.0"], s[ours + "b.1"]])
-    return zamba.write_copies(out, cfg, BLOCK)
+    return zamba.hybrid_table(cfg, BLOCK, _block_table, mamba2.mixer_table, _adapter_table)
