@@ -65,18 +65,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_models(args) -> int:
-    import torch
-
     from chimera.configs.loader import load_model_config, preset_names
-    from chimera.models.causal_lm import CausalLM
-    from chimera.parallel import topology
+    from chimera.models.causal_lm import meta_model
 
-    topology.initialize(1, 1)
     print(f"{'preset':<28} {'parameters':>16}  pattern")
     for name in preset_names():
         cfg = load_model_config(name)
-        with torch.device("meta"):  # count without materialising weights
-            n = CausalLM(cfg).num_parameters()
+        n = meta_model(cfg).num_parameters()  # counted on the meta device: no weights, no process group
         pattern = cfg.layers if len(cfg.layers) <= 24 else cfg.layers[:21] + "..."
         print(f"{name:<28} {n:>16,}  {pattern} ({len(cfg.layers)} sublayers)")
     return 0

@@ -1,7 +1,7 @@
 """Packed documents: where each sequence's documents begin, for mixers that must not cross them.
 
 Built once per forward pass from the loader's ``segment_ids`` and ``position_ids`` (``[b, s]``) and
-given to every mixer in the residual stream's ``[s, b]`` layout: attention masks other documents
+given to every mixer in the residual stream's ``[s, b]`` order: attention masks other documents
 and uses in-document positions for RoPE; recurrences drop their state at ``starts``; temporal
 convolutions keep their taps within a document.
 """

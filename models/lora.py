@@ -19,19 +19,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from chimera.parallel.layers import TPLayout
+from chimera.parallel.dims import ParallelDims
 from chimera.parallel.sharding import declare, normal
 
 
 class LoRA(nn.Module):
     def __init__(self, in_features: int, out_features: tuple[int, ...], rank: int, *, init_std: float,
-                 tp: TPLayout):
+                 dims: ParallelDims):
         super().__init__()
         # [r, in]: replicated; gradient partial per TP rank
         self.a = declare(nn.Parameter(torch.empty(rank, in_features)), init=normal(init_std),
-                         partial_grad_over_tp=tp.size > 1)
+                         partial_grad_over_tp=dims.tp > 1)
         # [out_j / tp, r] each: split along dim 0, with W_j's output features
-        self.b = nn.ParameterList(declare(nn.Parameter(torch.empty(tp.local(out, "LoRA output"), rank)),
+        self.b = nn.ParameterList(declare(nn.Parameter(torch.empty(dims.local(out, "LoRA output"), rank)),
                                           init=normal(init_std), split_dim=0) for out in out_features)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

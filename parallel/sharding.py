@@ -6,9 +6,12 @@ initialised, along which dim tensor parallelism splits it (megatron-core's
 its gradient is partial on each TP rank. Everything layout-related reads these declarations:
 
 * ``initialize_parameters`` draws every full tensor from (seed, parameter name) and keeps this
-  rank's shard, so one seed gives the same model at any TP size;
+  rank's shard, so one seed gives the same model at any TP size. A model built on the meta device
+  (no memory) is materialised this way: only this rank's shard is ever allocated for keeps;
 * ``full_state_dict`` / ``load_full_state_dict`` convert between shards and the layout-free
   full tensors used by checkpoints meant for export and inference.
+
+Which shard a rank holds comes from the ``ParallelDims`` the model was built for, passed in.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
+
+from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
 
 Init = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -78,57 +82,80 @@ def shard_of(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int
     return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
-def _tp():
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-
-
 def _param_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
+
+
 @torch.no_grad()
-def initialize_parameters(module: torch.nn.Module, seed: int) -> None:
-    """Fill every parameter from its declared initialiser, independent of the TP layout."""
-    rank, size = _tp()
-    for name, p in module.named_parameters():
+def _fill(module: torch.nn.Module, dims: ParallelDims, full_of, device=None) -> None:
+    """Give every parameter this rank's shard of ``full_of(name, param)`` (a full tensor).
+
+    A parameter on the meta device is replaced by a real one (its declarations carried over); any other
+    is filled in place. ``device``: where materialised parameters go (default: the CPU)."""
+    for name, p in list(module.named_parameters()):
+        shard = shard_of(full_of(name, p), p, dims.tp_rank, dims.tp)
+        if p.is_meta:
+            data = shard.to(device=device, dtype=p.dtype).clone(memory_format=torch.contiguous_format)
+            real = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+            real.__dict__.update(p.__dict__)  # full_init, split dim, weight decay, partial gradient
+            owner, leaf = _owner(module, name)
+            setattr(owner, leaf, real)
+        else:
+            p.copy_(shard.to(p.dtype))
+    for name, b in module.named_buffers():
+        if b.is_meta:
+            raise RuntimeError(f"buffer {name} was created on the meta device; create it on the CPU (device='cpu')")
+
+
+def initialize_parameters(module: torch.nn.Module, seed: int, dims: ParallelDims = SINGLE_PROCESS,
+                          device=None) -> None:
+    """Fill (or materialise, if on the meta device) every parameter from its declared initialiser,
+    independent of the layout: the full tensor is drawn from (seed, name), then this rank's shard kept."""
+    def full(name, p):
         init = getattr(p, "full_init", None)
         if init is None:
             raise RuntimeError(f"parameter {name} was created without chimera.parallel.sharding.declare")
-        gen = torch.Generator().manual_seed(_param_seed(seed, name))
-        full = torch.empty(full_shape(p, size), dtype=torch.float32)
-        init(full, gen)
-        p.copy_(shard_of(full, p, rank, size).to(p.dtype))
+        t = torch.empty(full_shape(p, dims.tp), dtype=torch.float32)
+        return init(t, torch.Generator().manual_seed(_param_seed(seed, name)))
+
+    _fill(module, dims, full, device)
 
 
 @torch.no_grad()
-def full_state_dict(module: torch.nn.Module, of=lambda p: p) -> dict[str, torch.Tensor]:
+def full_state_dict(module: torch.nn.Module, dims: ParallelDims = SINGLE_PROCESS, of=lambda p: p
+                    ) -> dict[str, torch.Tensor]:
     """Full (unsharded) fp32 tensors of every parameter (or of ``of(param)``, e.g. its gradient), on CPU.
 
-    A collective over the TP group.
-    """
-    rank, size = _tp()
+    A collective over the TP group."""
     out = {}
     for name, p in module.named_parameters():
         t = of(p).detach().float()
         dim = split_dim(p)
-        if dim is not None and size > 1:
-            parts = [torch.empty_like(t) for _ in range(size)]
-            dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+        if dim is not None and dims.tp > 1:
+            if not dims.communicates:
+                raise ValueError(f"{name}: gathering a split parameter needs the tensor-parallel group")
+            parts = [torch.empty_like(t) for _ in range(dims.tp)]
+            dist.all_gather(parts, t.contiguous(), group=dims.tp_group)
             t = torch.cat(parts, dim=dim)
         out[name] = t.cpu().clone()
     return out
 
 
-@torch.no_grad()
-def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy full tensors into this rank's shards; names and full shapes must match exactly."""
-    rank, size = _tp()
+def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor],
+                         dims: ParallelDims = SINGLE_PROCESS, device=None) -> None:
+    """Copy full tensors into this rank's shards (materialising meta parameters); names and full shapes must
+    match exactly."""
     params = dict(module.named_parameters())
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
         raise ValueError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, p in params.items():
-        full = state[name]
-        if full.shape != full_shape(p, size):
-            raise ValueError(f"{name}: shape {tuple(full.shape)} but the model expects {tuple(full_shape(p, size))}")
-        p.copy_(shard_of(full, p, rank, size).to(p.dtype))
+        if state[name].shape != full_shape(p, dims.tp):
+            raise ValueError(f"{name}: shape {tuple(state[name].shape)} but the model expects "
+                             f"{tuple(full_shape(p, dims.tp))}")
+    _fill(module, dims, lambda name, p: state[name], device)

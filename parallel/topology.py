@@ -1,7 +1,9 @@
 """Process topology: torch.distributed + megatron-core ``parallel_state`` (TP x PP x DP).
 
-Every run goes through here, a single process included (a 1-rank gloo group), so there is one
-code path. ``DeepSpeedMPU`` adapts ``parallel_state`` to the ``mpu`` interface DeepSpeed expects.
+Every training run goes through here, a single process included (a 1-rank gloo group), so there is
+one code path. ``Topology.dims`` is the ``ParallelDims`` a model is built for: the only way process
+groups reach model code. ``DeepSpeedMPU`` adapts ``parallel_state`` to the ``mpu`` interface
+DeepSpeed expects.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from chimera.parallel.cpu_compat import enable_cpu_fallback
+from chimera.parallel.dims import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,16 @@ class Topology:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def dims(self, sequence_parallel: bool = False) -> ParallelDims:
+        """The parallel dimensions of this rank's model."""
+        return ParallelDims(tp=self.tensor, tp_rank=self.tensor_rank, tp_group=ps.get_tensor_model_parallel_group(),
+                            sequence_parallel=sequence_parallel and self.tensor > 1, pp=self.pipeline,
+                            pp_rank=ps.get_pipeline_model_parallel_rank())
+
+    @property
+    def data_group(self) -> dist.ProcessGroup:
+        return ps.get_data_parallel_group()
 
 
 def device() -> torch.device:

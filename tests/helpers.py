@@ -10,16 +10,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_model(preset: str, seed: int = 0, overrides=(), sequence_parallel: bool = False):
+def build_model(preset: str, seed: int = 0, overrides=(), dims=None):
+    """A preset's model for ``dims`` (default: one process, no process group), initialised from ``seed``."""
     from chimera.configs.loader import load_model_config
-    from chimera.models.causal_lm import CausalLM
-    from chimera.parallel.layers import TPLayout
-    from chimera.parallel.sharding import initialize_parameters
+    from chimera.models import causal_lm
+    from chimera.parallel.dims import ParallelDims
 
-    cfg = load_model_config(preset, list(overrides))
-    model = CausalLM(cfg, TPLayout.current(sequence_parallel))
-    initialize_parameters(model, seed)
-    return model
+    return causal_lm.build_model(load_model_config(preset, list(overrides)), dims or ParallelDims(), seed=seed)
+
+
+def meta_model(cfg):
+    from chimera.models.causal_lm import meta_model as build_meta
+
+    return build_meta(cfg)
 
 
 def run_chimera(*args, cwd=None, timeout=900, env=None) -> subprocess.CompletedProcess:

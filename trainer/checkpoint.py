@@ -14,7 +14,6 @@ atomically) names the newest one. A crash mid-save leaves the previous checkpoin
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from chimera.checksums import sha256_file
 from chimera.configs.schema import ModelConfig, RunConfig
 from chimera.errors import UserError
 
@@ -41,14 +41,6 @@ def step_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -57,7 +49,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _write_manifest(path: Path) -> None:
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    manifest = {"files": {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    manifest = {"files": {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                          for p in files}}
     (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -106,7 +99,7 @@ def verify(path: Path) -> dict:
         ) from None
     for rel, meta in manifest["files"].items():
         f = path / rel
-        if not f.is_file() or f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+        if not f.is_file() or f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
             raise UserError(
                 f"checkpoint {path}: file {rel} is missing or does not match its checksum; "
                 f"the checkpoint is corrupt, resume from an older one"
@@ -196,16 +189,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 def load_inference_model(path: str | Path) -> torch.nn.Module:
-    """The model of a checkpoint (or a run's latest), on one process, in eval mode."""
-    from chimera.models.causal_lm import CausalLM
-    from chimera.parallel import topology
+    """The model of a checkpoint (or a run's latest), on one process, in eval mode; no process group needed."""
+    from chimera.models.causal_lm import meta_model
     from chimera.parallel.sharding import load_full_state_dict
 
     ckpt = resolve_checkpoint(path)
     verify(ckpt)
     model_cfg: ModelConfig = read_config(ckpt).model
-    topology.initialize(tensor=1, pipeline=1)
-    model = CausalLM(model_cfg)
+    model = meta_model(model_cfg)  # one process, nothing split: ParallelDims()
     load_full_state_dict(model, torch.load(ckpt / WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval()
 

@@ -24,9 +24,10 @@ from chimera.parallel.topology import DeepSpeedMPU  # noqa: E402
 from chimera.trainer.optim import build_optimizer, build_schedule  # noqa: E402
 
 
-def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
+def deepspeed_config(cfg: RunConfig, accumulation: int) -> dict:
+    """``accumulation``: micro-batches per optimizer step on each rank (``chimera.configs.schema.accumulation_steps``).
+    The loop owns the accumulation boundary: ``backward()`` only accumulates, ``step()`` reduces and updates."""
     t = cfg.train
-    accumulation = t.global_batch_size // (t.micro_batch_size * data_parallel)
     zero = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = 0  # partition every parameter, small ones too
@@ -34,6 +35,7 @@ def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
+        "managed_gradient_accumulation": False,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
@@ -43,12 +45,12 @@ def deepspeed_config(cfg: RunConfig, data_parallel: int) -> dict:
     }
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, data_parallel: int):
+def build_engine(model: torch.nn.Module, cfg: RunConfig, accumulation: int):
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, cfg.train),
         lr_scheduler=build_schedule(cfg.train),
-        config=deepspeed_config(cfg, data_parallel),
+        config=deepspeed_config(cfg, accumulation),
         mpu=DeepSpeedMPU(),
     )
     return engine
@@ -58,4 +60,4 @@ def gathered_full_state_dict(engine) -> dict[str, torch.Tensor]:
     """Full fp32 weights of the engine's model, whatever the ZeRO stage and TP size (collective)."""
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
-        return full_state_dict(engine.module)
+        return full_state_dict(engine.module, engine.module.dims)

@@ -1,7 +1,8 @@
 """The training loop: topology -> model -> DeepSpeed engine -> data -> steps, validation, checkpoints.
 
 It knows no architecture: the model is built from the config's layer pattern by
-``chimera.models``, and every step is ``loss = engine(inputs, labels)``.
+``chimera.models``, and a step is micro-steps of ``loss = engine(inputs, labels)`` and
+``engine.backward(loss)``, then one ``engine.step()`` (``train_step``).
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core import parallel_state as ps
 
-from chimera.configs.schema import RunConfig, validate_layout
+from chimera.configs.schema import RunConfig, accumulation_steps, validate_layout
 from chimera.data.loader import DataPipeline
 from chimera.errors import UserError
-from chimera.models.causal_lm import CausalLM
+from chimera.models.causal_lm import build_model
 from chimera.parallel import topology
-from chimera.parallel.layers import TPLayout
-from chimera.parallel.sharding import initialize_parameters, load_full_state_dict
+from chimera.parallel.sharding import load_full_state_dict
 from chimera.trainer.checkpoint import (
     WEIGHTS,
     Checkpointer,
@@ -35,10 +34,10 @@ from chimera.trainer.engine import build_engine, gathered_full_state_dict
 from chimera.trainer.metrics import MetricsLogger
 
 
-def _mean_over_data_parallel(value: torch.Tensor) -> float:
+def _mean_over_data_parallel(value: torch.Tensor, topo: topology.Topology) -> float:
     value = value.detach().float().clone()
-    dist.all_reduce(value, group=ps.get_data_parallel_group())
-    return value.item() / ps.get_data_parallel_world_size()
+    dist.all_reduce(value, group=topo.data_group)
+    return value.item() / topo.data
 
 
 class Trainer:
@@ -48,7 +47,7 @@ class Trainer:
         self.dp = validate_layout(cfg, self.topo.world_size)
         self.device = topology.device()
         t = cfg.train
-        self.accumulation = t.global_batch_size // (t.micro_batch_size * self.dp)
+        self.accumulation = accumulation_steps(t, self.dp)  # micro-batches per optimizer step on each rank
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.data = DataPipeline(cfg.data, t.micro_batch_size, t.global_batch_size)
         if self.data.vocab_size > cfg.model.vocab_size:
@@ -56,12 +55,12 @@ class Trainer:
                             f"{cfg.model.vocab_size}; raise model.vocab_size (a multiple of parallel.tensor)")
 
         torch.manual_seed(t.seed)
-        model = CausalLM(cfg.model, TPLayout.current(cfg.parallel.sequence_parallel))
-        initialize_parameters(model, t.seed)
+        model = build_model(cfg.model, self.topo.dims(cfg.parallel.sequence_parallel), seed=t.seed,
+                            device=self.device)  # this rank's shards only
         model.activation_checkpointing = t.activation_checkpointing
         self.num_parameters = model.num_parameters()
         self.initialised_from = self._initial_weights(model)
-        self.engine = build_engine(model.to(self.device), cfg, self.dp)
+        self.engine = build_engine(model, cfg, self.accumulation)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.topo.rank)
         self.layout = {"tensor": self.topo.tensor, "pipeline": self.topo.pipeline, "data": self.dp,
                        "zero_stage": cfg.parallel.zero_stage}
@@ -82,7 +81,7 @@ class Trainer:
             diff = sorted(k for k, v in saved.items() if self.cfg.model.model_dump().get(k) != v)
             raise UserError(f"the run's model differs from checkpoint {path} in {diff}; use the run.yaml written "
                             "beside it, or another --run-dir")
-        load_full_state_dict(model, torch.load(path / WEIGHTS, map_location="cpu", weights_only=True))
+        load_full_state_dict(model, torch.load(path / WEIGHTS, map_location="cpu", weights_only=True), model.dims)
         return path
 
     def resume_if_possible(self) -> bool:
@@ -100,20 +99,24 @@ class Trainer:
     # ---- steps ----------------------------------------------------------------------------------
 
     def train_step(self) -> tuple[float, dict]:
-        """One optimizer step; returns the loss (mean over the global batch) and the data log."""
-        plan = self.data.plan(self.step, self.data_state)
-        batches = self.data.micro_batches(plan, self.topo.data_rank, self.dp)
-        assert len(batches) == self.accumulation, (len(batches), self.accumulation)
+        """One optimizer step over the global batch; returns its loss (the mean over all ranks) and the data log.
+
+        Each rank runs ``accumulation`` micro-steps of forward and backward on its share of the batch; the
+        engine (DeepSpeed, ``managed_gradient_accumulation: false``) keeps their gradients locally, and its
+        ``step()`` reduces them over data-parallel ranks, clips, updates the weights and the learning rate."""
+        plan = self.data.plan(self.step, self.data_state)  # the global batch of this step (a pure function)
+        micro_batches = self.data.micro_batches(plan, self.topo.data_rank, self.dp)  # this rank's share
+        assert len(micro_batches) == self.accumulation, (len(micro_batches), self.accumulation)
         losses = []
-        plan.log["step_tokens"] = sum(b["input_ids"].numel() for b in batches) * self.dp
-        for batch in batches:
-            loss = self.engine(**{k: v.to(self.device) for k, v in batch.items()})
-            self.engine.backward(loss)
-            self.engine.step()
+        for batch in micro_batches:
+            loss = self.engine(**{k: v.to(self.device) for k, v in batch.items()})  # forward: mean token loss
+            self.engine.backward(loss)  # backward of loss / accumulation, gradients summed over micro-steps
             losses.append(loss.detach())
+        self.engine.step()  # the optimizer step: all-reduce over DP, clip, AdamW, LR schedule, zero the gradients
+        plan.log["step_tokens"] = sum(b["input_ids"].numel() for b in micro_batches) * self.dp
         self.data_state = plan.next_state
         self.step += 1
-        return _mean_over_data_parallel(torch.stack(losses).mean()), plan.log
+        return _mean_over_data_parallel(torch.stack(losses).mean(), self.topo), plan.log
 
     @torch.no_grad()
     def validation_losses(self) -> dict[str, float]:
@@ -124,7 +127,7 @@ class Trainer:
         for i, name in enumerate(self.data.names):
             batches = self.data.validation_batches(i, t.eval_batches, self.topo.data_rank, self.dp, t.micro_batch_size)
             losses = [self.engine(**{k: v.to(self.device) for k, v in b.items()}).detach() for b in batches]
-            out[name] = _mean_over_data_parallel(torch.stack(losses).mean())
+            out[name] = _mean_over_data_parallel(torch.stack(losses).mean(), self.topo)
         self.engine.train()
         weights = [s.weight for s in self.cfg.data.sources]
         row = {"val_loss": sum(w * out[n] for w, n in zip(weights, self.data.names)) / sum(weights)}

@@ -1,6 +1,6 @@
 """Mixture-of-Experts channel mixer: a router picks ``top_k`` gated MLPs per token.
 
-Drop-in replacement for ``chimera.models.mlp.GatedMLP`` (same ``[s, b, d] -> [s, b, d]`` contract).
+Drop-in replacement for ``chimera.models.channels.mlp.GatedMLP`` (same ``[s, b, d] -> [s, b, d]`` contract).
 
 Router (Shazeer et al., arXiv 1701.06538; Switch Transformer, Fedus et al., arXiv 2101.03961)::
 
@@ -57,7 +57,7 @@ shared kv head) and ``enter_tensor_parallel`` sums ``x``'s gradient. The auxilia
 computed identically on every rank and every rank backpropagates them; their gradient is scaled
 by ``1 / tp`` (value unchanged) so that those two sums count it once. The shared expert is a
 ``GatedMLP`` on the same entered input, split like any MLP; its own row-parallel reduction gives
-its output in the routed output's layout, and the two are added.
+its output in the routed output's form (whole, or sequence shards), and the two are added.
 """
 
 from __future__ import annotations
@@ -67,20 +67,42 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import (
-    reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-)
+from pydantic import Field, model_validator
 from torch import nn
 
-from chimera.models.mlp import ACTIVATIONS, GatedMLP
-from chimera.parallel.layers import TPLayout
+from chimera.models.channels.mlp import ACTIVATIONS, Activation, GatedMLP
+from chimera.models.numerics import at_least_fp32
+from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
+from chimera.parallel.dims import ParallelDims
+from chimera.parallel.layers import leave_tensor_parallel
 from chimera.parallel.sharding import declare, normal
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """The router runs in fp32 (or wider) even when activations are bf16."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+class MoEConfig(SublayerConfig):
+    """The ``model:`` fields of the mixture of experts (symbol ``E``)."""
+
+    moe_experts: int = Field(8, ge=1)
+    moe_top_k: int = Field(2, ge=1)
+    moe_hidden: int | None = Field(None, ge=1, description="width of each expert (resolved: mlp_hidden)")
+    mlp_hidden: int | None = Field(None, ge=1, description="width of each branch of the gated MLP")
+    mlp_activation: Activation = Field("gelu_tanh", description="gate of the gated MLP")
+    moe_normalize_top_k: bool = Field(False, description="renormalise the top-k router weights to sum to 1")
+    moe_capacity_factor: float | None = Field(None, gt=0, description="None: dropless")
+    moe_aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss weight")
+    moe_z_loss_coef: float = Field(0.0, ge=0, description="router z-loss weight")
+    moe_shared_hidden: int | None = Field(
+        None, ge=1, description="width of a shared expert (gated MLP) in every 'E' sublayer, run on every token and "
+        "added to the routed output (Granite's shared_mlp, Megatron's moe_shared_expert_intermediate_size); None: none"
+    )
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        self.moe_hidden = self.moe_hidden or self.mlp_hidden
+        if self.moe_hidden is None:
+            raise ValueError("the pattern has MoE sublayers ('E'): set moe_hidden or mlp_hidden")
+        if self.moe_top_k > self.moe_experts:
+            raise ValueError(f"moe_top_k={self.moe_top_k} exceeds moe_experts={self.moe_experts}")
+        return self
 
 
 def _scale_grad(t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -192,9 +214,9 @@ class MoE(nn.Module):
     """Top-k routed gated-MLP experts, the channel mixer of Mixtral / Jamba / Switch-style models."""
 
     def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, *, init_std: float,
-                 out_std: float, tp: TPLayout, activation: str = "silu", normalize_top_k: bool = False,
+                 out_std: float, dims: ParallelDims, activation: str = "silu", normalize_top_k: bool = False,
                  capacity_factor: float | None = None, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0,
-                 sequence_parallel: bool = False, shared_hidden: int | None = None):
+                 shared_hidden: int | None = None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
@@ -203,14 +225,13 @@ class MoE(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.normalize_top_k, self.capacity_factor = normalize_top_k, capacity_factor
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
-        self.sequence_parallel = sequence_parallel
-        self.tp_size = tp.size
+        self.dims = dims
         self.act = ACTIVATIONS[activation]
-        hidden_local = tp.local(hidden, "moe hidden")
+        hidden_local = dims.local(hidden, "moe hidden")
 
         # [E, d]: replicated; gradient partial per rank (it weights rank-partial expert outputs).
         self.router = nn.Linear(d_model, num_experts, bias=False)
-        declare(self.router.weight, init=normal(init_std), partial_grad_over_tp=tp.size > 1)
+        declare(self.router.weight, init=normal(init_std), partial_grad_over_tp=dims.tp > 1)
 
         def expert_param(shape, std, split_dim):
             return declare(nn.Parameter(torch.empty(shape)), init=normal(std), split_dim=split_dim)
@@ -221,8 +242,7 @@ class MoE(nn.Module):
         self.down_weight = expert_param((num_experts, d_model, hidden_local), out_std, 2)
         # The always-on shared expert (None: none): a gated MLP of width shared_hidden, split as such.
         self.shared_expert = None if shared_hidden is None else GatedMLP(
-            d_model, shared_hidden, init_std=init_std, out_std=out_std, sequence_parallel=sequence_parallel,
-            activation=activation)
+            d_model, shared_hidden, init_std=init_std, out_std=out_std, dims=dims, activation=activation)
 
         self.last_aux_loss: torch.Tensor | None = None
         self.last_stats: dict[str, float] = {}
@@ -230,7 +250,7 @@ class MoE(nn.Module):
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., d] -> [..., E]`` in fp32 (or wider)."""
-        x = _at_least_fp32(x)
+        x = at_least_fp32(x)
         return F.linear(x, self.router.weight.to(x.dtype))
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d], per token
@@ -246,10 +266,7 @@ class MoE(nn.Module):
         y = combine(expert_out, routing.weights, plan, s * b).view(s, b, d)
 
         self._record_losses(routing, plan)
-        if self.sequence_parallel:
-            y = reduce_scatter_to_sequence_parallel_region(y)
-        else:
-            y = reduce_from_tensor_model_parallel_region(y)
+        y = leave_tensor_parallel(y, self.dims, self.dims.sequence_parallel)  # the sum over TP ranks, once
         return y if self.shared_expert is None else y + self.shared_expert(x)
 
     def _record_losses(self, routing: Routing, plan: Dispatch) -> None:
@@ -257,15 +274,47 @@ class MoE(nn.Module):
         aux = load_balancing_loss(routing.probs, load)
         z = router_z_loss(routing.logits)
         total = self.aux_loss_coef * aux + self.z_loss_coef * z
-        self.last_aux_loss = _scale_grad(total, 1.0 / self.tp_size)  # see the module docstring (TP)
+        self.last_aux_loss = _scale_grad(total, 1.0 / self.dims.tp)  # see the module docstring (TP)
         self.last_load = load
         dropped = 1.0 - plan.counts.sum() / routing.experts.numel()
         stats = torch.stack([t.detach().to(aux.dtype) for t in (aux, z, load.max(), load.min(), dropped)])
         self.last_stats = dict(zip(("aux_loss", "z_loss", "expert_load_max", "expert_load_min", "dropped_fraction"),
                                    stats.tolist()))
 
+    # What the generic LM collects from whichever sublayers have it (chimera.models.causal_lm).
+    metrics_group = "moe"
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """The router losses of the last forward pass: they train the router, added to the training loss."""
+        return self.last_aux_loss
+
+    def metrics(self) -> dict:
+        """The last forward pass's router losses and expert load, for the metrics line."""
+        return {**self.last_stats, "expert_load": [round(float(x), 5) for x in self.last_load]}
+
     def init_state(self, batch: int, max_len: int):
         return None
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:
         return self.forward(x)
+
+
+def build(c: MoEConfig, b: Build) -> MoE:
+    return MoE(c.d_model, c.moe_hidden, c.moe_experts, c.moe_top_k, init_std=b.init_std, out_std=b.out_std,
+               dims=b.dims, activation=c.mlp_activation, normalize_top_k=c.moe_normalize_top_k,
+               capacity_factor=c.moe_capacity_factor, aux_loss_coef=c.moe_aux_loss_coef, z_loss_coef=c.moe_z_loss_coef,
+               shared_hidden=c.moe_shared_hidden)
+
+
+def check_tensor_parallel(c: MoEConfig, tp: int) -> str | None:
+    """Every expert (and the shared expert) splits its hidden dim, like the gated MLP."""
+    widths = {"model.moe_hidden": c.moe_hidden}
+    if c.moe_shared_hidden:
+        widths["model.moe_shared_hidden"] = c.moe_shared_hidden
+    return divisibility(tp, widths)
+
+
+SPECS = (SublayerSpec(
+    "E", "mixture of experts (gated-MLP experts, top-k router; with moe_shared_hidden also an always-on shared "
+    "expert whose output is added to the routed experts', as in Granite-4.0-H / Qwen-MoE / DeepSeek-MoE)",
+    MoEConfig, build, check_tensor_parallel, lambda c: ContextParallel("token")),)

@@ -1,1 +1,1 @@
-"""chimera.models.mixers."""
+"""Token mixers: one file each (paper equations, reference math, decoding step, parallel rules, SPECS)."""

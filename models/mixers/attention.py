@@ -19,17 +19,50 @@ split too when TP divides their number; otherwise (MQA: one kv head) every rank 
 heads and their projection's gradient, partial per rank, is summed over TP.
 
 Decoding keeps keys/values in a ring buffer of ``window`` slots (local) or ``max_len`` slots
-(global): memory is bounded by the window for local attention.
+(global): memory is bounded by the window for local attention. Context parallelism: local
+attention needs the ``window - 1`` positions before a shard, global attention all earlier keys/values.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from chimera.parallel.layers import ColumnParallel, RowParallel, TPLayout
+from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
+from chimera.parallel.dims import ParallelDims
+from chimera.parallel.layers import ColumnParallel, RowParallel
 from chimera.parallel.sharding import declare, normal, zeros
+
+
+class AttentionConfig(SublayerConfig):
+    """The ``model:`` fields attention reads (global ``*``; local ``L`` adds ``window``)."""
+
+    num_heads: int = Field(1, ge=1)
+    num_kv_heads: int = Field(1, ge=1)
+    head_dim: int | None = Field(None, ge=1, description="resolved: d_model / num_heads")
+    rope_base: float = Field(10000.0, gt=0)
+    rope_fraction: float = Field(1.0, ge=0, le=1.0, description="fraction of head dims rotated by RoPE (0: no RoPE)")
+    attention_scale: float | None = Field(
+        None, gt=0, description="softmax scale of attention scores (None: 1 / sqrt(head_dim))"
+    )
+    attention_bias: bool = Field(False, description="biases on the q, k, v and o projections of attention")
+    linear_bias: bool = Field(False, description="biases on recurrent-block, attention-output and MLP projections")
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model} (or set head_dim)")
+            self.head_dim = self.d_model // self.num_heads
+        return self
+
+
+class LocalAttentionConfig(AttentionConfig):
+    window: int = Field(1024, ge=1, description="sliding window of local attention (symbol L)")
 
 
 def rope_tables(positions: torch.Tensor, rot_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,34 +83,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int | None,
-                 rope_base: float, rope_fraction: float, init_std: float, out_std: float, tp: TPLayout,
+                 rope_base: float, rope_fraction: float, init_std: float, out_std: float, dims: ParallelDims,
                  out_bias: bool = False, qkv_bias: bool = False, scale: float | None = None,
                  in_features: int | None = None):
         super().__init__()
         d_in = in_features or d_model
         self.head_dim, self.window, self.scale = head_dim, window, scale
-        self.heads_local = tp.local(num_heads, "num_heads")
+        self.heads_local = dims.local(num_heads, "num_heads")
         self.rope_base = rope_base
         self.rot_dim = int(head_dim * rope_fraction) // 2 * 2
         group = num_heads // num_kv_heads  # query heads per kv head
-        self.q_proj = ColumnParallel(d_in, num_heads * head_dim, init=normal(init_std), bias=qkv_bias)
-        self.kv_split = num_kv_heads % tp.size == 0
-        if self.kv_split:  # kv heads split with their query heads
-            self.k_proj = ColumnParallel(d_in, num_kv_heads * head_dim, init=normal(init_std), bias=qkv_bias)
-            self.v_proj = ColumnParallel(d_in, num_kv_heads * head_dim, init=normal(init_std), bias=qkv_bias)
-            first_kv = tp.rank * num_kv_heads // tp.size
-        else:  # fewer kv heads than ranks: all kv heads on every rank, gradient partial per rank
+        # W_q [H / tp * d_head, d_in]: split along dim 0, by head
+        self.q_proj = ColumnParallel(d_in, num_heads * head_dim, dims, init=normal(init_std), bias=qkv_bias)
+        self.kv_split = num_kv_heads % dims.tp == 0
+        if self.kv_split:  # W_k, W_v [KV / tp * d_head, d_in]: split along dim 0, with their query heads
+            self.k_proj = ColumnParallel(d_in, num_kv_heads * head_dim, dims, init=normal(init_std), bias=qkv_bias)
+            self.v_proj = ColumnParallel(d_in, num_kv_heads * head_dim, dims, init=normal(init_std), bias=qkv_bias)
+            first_kv = dims.tp_rank * num_kv_heads // dims.tp
+        else:  # fewer kv heads than ranks: W_k, W_v replicated (all kv heads on every rank), gradient partial
             self.k_proj = nn.Linear(d_in, num_kv_heads * head_dim, bias=qkv_bias)
             self.v_proj = nn.Linear(d_in, num_kv_heads * head_dim, bias=qkv_bias)
             for proj in (self.k_proj, self.v_proj):
-                declare(proj.weight, init=normal(init_std), partial_grad_over_tp=tp.size > 1)
+                declare(proj.weight, init=normal(init_std), partial_grad_over_tp=dims.tp > 1)
                 if qkv_bias:
-                    declare(proj.bias, init=zeros, partial_grad_over_tp=tp.size > 1)
+                    declare(proj.bias, init=zeros, partial_grad_over_tp=dims.tp > 1)
             first_kv = 0
-        global_heads = torch.arange(self.heads_local) + tp.rank * self.heads_local
+        # the kv head each local query head reads: an index from the layout, on the CPU even on a meta build
+        global_heads = torch.arange(self.heads_local, device="cpu") + dims.tp_rank * self.heads_local
         self.register_buffer("kv_of_head", global_heads // group - first_kv, persistent=False)
-        self.o_proj = RowParallel(num_heads * head_dim, d_model, init=normal(out_std),
-                                  sequence_parallel=tp.sequence_parallel, bias=out_bias)
+        # W_o [d_model, H / tp * d_head]: split along dim 1; output all-reduced (or reduce-scattered)
+        self.o_proj = RowParallel(num_heads * head_dim, d_model, dims, init=normal(out_std), bias=out_bias)
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor, lora=None):
         """``x [s, b, d]`` -> q, k, v as ``[b, heads, s, d_head]`` with RoPE applied to q and k."""
@@ -106,7 +141,7 @@ class Attention(nn.Module):
         return allowed
 
     def forward(self, x: torch.Tensor, docs=None, lora=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
-        """``docs``: packed-document layout; a token then sees only its own document, at in-document positions."""
+        """``docs``: packed documents; a token then sees only its own document, at in-document positions."""
         pos = torch.arange(x.shape[0], device=x.device)
         if docs is None:
             q, k, v = self._project(x, pos, lora)
@@ -134,3 +169,28 @@ class Attention(nn.Module):
         state["pos"][slot] = pos
         allowed = self.visible(torch.tensor([pos], device=x.device), state["pos"]) & (state["pos"] >= 0)
         return self.o_proj(self._attend(q, state["k"], state["v"], allowed))
+
+
+def _build(local: bool):
+    def build(c: AttentionConfig, b: Build) -> Attention:
+        return Attention(c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, window=c.window if local else None,
+                         rope_base=c.rope_base, rope_fraction=c.rope_fraction, init_std=b.init_std,
+                         out_std=b.out_std, dims=b.dims, out_bias=c.linear_bias or c.attention_bias,
+                         qkv_bias=c.attention_bias, scale=c.attention_scale)
+    return build
+
+
+def check_tensor_parallel(c: AttentionConfig, tp: int) -> str | None:
+    """Query heads split over ranks; kv heads split too, or (fewer than ranks) are replicated."""
+    kv_neither = c.num_kv_heads % tp and tp % c.num_kv_heads
+    return divisibility(tp, {"model.num_heads": c.num_heads}) or (
+        f"parallel.tensor={tp} and model.num_kv_heads={c.num_kv_heads}: one must divide the other" if kv_neither
+        else None)
+
+
+SPECS = (
+    SublayerSpec("*", "global causal attention", AttentionConfig, _build(local=False), check_tensor_parallel,
+                 lambda c: ContextParallel("keys_values")),
+    SublayerSpec("L", "local sliding-window attention", LocalAttentionConfig, _build(local=True),
+                 check_tensor_parallel, lambda c: ContextParallel("halo", halo=c.window - 1)),
+)

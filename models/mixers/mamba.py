@@ -63,14 +63,39 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from chimera.models.conv import CausalConv1d
+from chimera.models.numerics import at_least_fp32
 from chimera.models.scan import linear_scan
-from chimera.parallel.layers import ColumnParallel, RowParallel, TPLayout, enter_tensor_parallel
-from chimera.parallel.sharding import declare, normal, ones, zeros
+from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
+from chimera.parallel.dims import ParallelDims
+from chimera.parallel.layers import ColumnParallel, RowParallel, enter_tensor_parallel
+from chimera.parallel.sharding import declare, normal, ones
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # Delta's initial range (Sec. 3.6), as in HF / mamba_ssm
+
+
+class MambaConfig(SublayerConfig):
+    """The ``model:`` fields of the Mamba-1 mixer (symbol ``m``)."""
+
+    ssm_state: int = Field(16, ge=1, description="Mamba: state size N per channel (Mamba-2: per head)")
+    ssm_expand: int = Field(2, ge=1, description="Mamba: inner width = ssm_expand x d_model")
+    ssm_dt_rank: int | None = Field(None, ge=1, description="Mamba-1: rank of the dt projection (resolved: d/16)")
+    ssm_heads: int = Field(
+        1, ge=1, description="Mamba-1: independent heads over d_inner / ssm_heads channels each, with their own "
+        "x_proj and dt_proj (Zamba's n_mamba_heads)"
+    )
+    ssm_dt_bc_norm: bool = Field(
+        False, description="Mamba-1: RMSNorm (eps norm_eps) on dt, B and C after x_proj, as in Jamba"
+    )
+    conv_kernel: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        self.ssm_dt_rank = self.ssm_dt_rank or math.ceil(self.d_model / 16)
+        return self
 
 
 def _a_log_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -88,24 +113,6 @@ def _uniform(bound: float):
     return lambda t, g: t.uniform_(-bound, bound, generator=g)
 
 
-def _column_parallel(in_features: int, out_features: int, tp: TPLayout, *, init, bias: bool,
-                     bias_init=zeros) -> ColumnParallel:
-    """``ColumnParallel`` with an optional bias ``[out / tp]`` split along dim 0.
-
-    The bias is attached here rather than with ``ColumnParallel(bias=True)``: megatron-core already
-    marks its bias tensor-parallel, and ``declare`` may mark a tensor only once.
-    """
-    layer = ColumnParallel(in_features, out_features, init=init)
-    if bias:
-        layer.bias = declare(nn.Parameter(torch.empty(tp.local(out_features))), init=bias_init, split_dim=0)
-    return layer
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """The recurrence runs in fp32 (or wider) even when activations are bf16."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 class SelectionNorm(nn.Module):
     """RMSNorm of dt, B or C (Jamba), with HF ``JambaRMSNorm``'s arithmetic: ``w * (x / rms(x))``, the
     normalisation in fp32 (or wider), the result cast to ``x``'s dtype before the scale (applied in it).
@@ -113,13 +120,13 @@ class SelectionNorm(nn.Module):
     The weight ``[dim]`` is replicated on TP ranks; its gradient is partial there (see the module docstring).
     """
 
-    def __init__(self, dim: int, eps: float, tp: TPLayout):
+    def __init__(self, dim: int, eps: float, dims: ParallelDims):
         super().__init__()
         self.eps = eps
-        self.weight = declare(nn.Parameter(torch.empty(dim)), init=ones, partial_grad_over_tp=tp.size > 1)
+        self.weight = declare(nn.Parameter(torch.empty(dim)), init=ones, partial_grad_over_tp=dims.tp > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = _at_least_fp32(x)
+        x32 = at_least_fp32(x)
         y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return self.weight.to(x.dtype) * y
 
@@ -130,40 +137,37 @@ class MambaMixer(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", *, conv_bias: bool = True, bias: bool = False,
                  dt_bc_norm: bool = False, heads: int = 1, norm_eps: float = 1e-6, init_std: float, out_std: float,
-                 tp: TPLayout):
+                 dims: ParallelDims):
         super().__init__()
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
-        inner_local = tp.local(self.d_inner, "d_inner")
+        inner_local = dims.local(self.d_inner, "d_inner")
         if self.d_inner % heads:
             raise ValueError(f"ssm_heads={heads} does not divide d_inner={self.d_inner} (expand * d_model)")
         if heads > 1 and dt_bc_norm:
             raise ValueError("Mamba-1 with several heads and dt/B/C norms is not a published model; pick one")
         self.multi_head = heads > 1
-        self.heads_local = tp.local(heads, "ssm_heads") if self.multi_head else 1
+        self.heads_local = dims.local(heads, "ssm_heads") if self.multi_head else 1
         self.head_dim = inner_local // self.heads_local
 
         # weight [d_inner / tp, d_model] (bias [d_inner / tp]) each: split along dim 0 (d_inner)
-        self.in_proj_x = _column_parallel(d_model, self.d_inner, tp, init=normal(init_std), bias=bias)
-        self.in_proj_z = _column_parallel(d_model, self.d_inner, tp, init=normal(init_std), bias=bias)
+        self.in_proj_x = ColumnParallel(d_model, self.d_inner, dims, init=normal(init_std), bias=bias)
+        self.in_proj_z = ColumnParallel(d_model, self.d_inner, dims, init=normal(init_std), bias=bias)
         # weight [d_inner / tp, d_conv], bias [d_inner / tp]: split along dim 0 (d_inner)
-        self.conv1d = CausalConv1d(inner_local, d_conv)
-        if not conv_bias:  # CausalConv1d always has a bias: make it a constant zero, not a parameter
-            del self.conv1d.bias
-            self.conv1d.register_buffer("bias", torch.zeros(inner_local), persistent=False)
+        self.conv1d = CausalConv1d(inner_local, d_conv, bias=conv_bias)
         if not self.multi_head:
             # [dt_rank + 2 N, d_inner / tp]: split along dim 1 (d_inner); output all-reduced over TP. The
             # input is this rank's full sequence (inside the mixer), so no sequence-parallel reduce-scatter.
-            self.x_proj = RowParallel(self.d_inner, self.dt_rank + 2 * d_state, init=normal(init_std),
-                                      sequence_parallel=False)
+            self.x_proj = RowParallel(self.d_inner, self.dt_rank + 2 * d_state, dims, init=normal(init_std),
+                                      scatter_sequence=False)
         else:
             # [H / tp, dt_rank + 2 N, P]: split along dim 0 (heads); rank-local
             self.x_proj_weight = declare(nn.Parameter(torch.empty(self.heads_local, self.dt_rank + 2 * d_state,
                                                                   self.head_dim)), init=normal(init_std), split_dim=0)
         # weight [d_inner / tp, dt_rank], bias [d_inner / tp]: split along dim 0 (d_inner)
-        self.dt_proj = _column_parallel(self.dt_rank, self.d_inner, tp, init=_uniform(self.dt_rank**-0.5), bias=True,
-                                        bias_init=_dt_bias_init)
+        self.dt_proj = ColumnParallel(self.dt_rank, self.d_inner, dims, init=_uniform(self.dt_rank**-0.5), bias=True,
+                                      bias_init=_dt_bias_init)
         # [d_inner / tp, N] and [d_inner / tp]: split along dim 0 (d_inner); never weight-decayed
         self.A_log = declare(nn.Parameter(torch.empty(inner_local, d_state)), init=_a_log_init, split_dim=0,
                              weight_decay=False)
@@ -171,36 +175,36 @@ class MambaMixer(nn.Module):
         # Jamba: [dt_rank], [N], [N], replicated (gradient partial per TP rank, summed over TP)
         self.dt_bc_norm = dt_bc_norm
         if dt_bc_norm:
-            self.dt_layernorm = SelectionNorm(self.dt_rank, norm_eps, tp)
-            self.b_layernorm = SelectionNorm(d_state, norm_eps, tp)
-            self.c_layernorm = SelectionNorm(d_state, norm_eps, tp)
+            self.dt_layernorm = SelectionNorm(self.dt_rank, norm_eps, dims)
+            self.b_layernorm = SelectionNorm(d_state, norm_eps, dims)
+            self.c_layernorm = SelectionNorm(d_state, norm_eps, dims)
         # [d_model, d_inner / tp]: split along dim 1 (d_inner); all-reduce / reduce-scatter of the output
-        self.out_proj = RowParallel(self.d_inner, d_model, init=normal(out_std), bias=bias,
-                                    sequence_parallel=tp.sequence_parallel)
+        self.out_proj = RowParallel(self.d_inner, d_model, dims, init=normal(out_std), bias=bias)
+        self.dims = dims
 
     def _selection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [..., d_inner/tp] -> (Delta [..., H, P], B, C [..., H, 1, N])``, fp32 or wider: channels viewed as
         ``H`` heads of ``P`` (one head, ``P = d_inner/tp``, when every channel shares B and C)."""
         if not self.multi_head:
-            x_dbl = enter_tensor_parallel(self.x_proj(x), False)  # full on every rank; gradient summed
+            x_dbl = enter_tensor_parallel(self.x_proj(x), self.dims, False)  # full on every rank; gradient summed
             dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
             if self.dt_bc_norm:  # Jamba; after the re-entry, so the gradient reaching the norm weights is partial
                 dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
-            dt = F.softplus(_at_least_fp32(self.dt_proj(dt))).unsqueeze(-2)  # Delta, from here on fp32
-            return dt, _at_least_fp32(B)[..., None, None, :], _at_least_fp32(C)[..., None, None, :]
+            dt = F.softplus(at_least_fp32(self.dt_proj(dt))).unsqueeze(-2)  # Delta, from here on fp32
+            return dt, at_least_fp32(B)[..., None, None, :], at_least_fp32(C)[..., None, None, :]
         # heads: [..., H/tp, P] -> per head [..., H/tp, dt_rank + 2N]
         x_dbl = torch.einsum("...hp,hkp->...hk", x.unflatten(-1, (self.heads_local, self.head_dim)), self.x_proj_weight)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         w_dt = self.dt_proj.weight.unflatten(0, (self.heads_local, self.head_dim))  # [H/tp, P, dt_rank]
         b_dt = self.dt_proj.bias.unflatten(0, (self.heads_local, self.head_dim))
-        dt = F.softplus(_at_least_fp32(torch.einsum("...hr,hpr->...hp", dt, w_dt) + b_dt))
-        return dt, _at_least_fp32(B).unsqueeze(-2), _at_least_fp32(C).unsqueeze(-2)
+        dt = F.softplus(at_least_fp32(torch.einsum("...hr,hpr->...hp", dt, w_dt) + b_dt))
+        return dt, at_least_fp32(B).unsqueeze(-2), at_least_fp32(C).unsqueeze(-2)
 
     def _ssm_inputs(self, x: torch.Tensor):
         """Discretised ``(A_bar, B_bar x [..., H, P, N], C [..., H, 1, N], x [..., H, P])`` at every position of
         ``x [..., d_inner/tp]``."""
         dt, B, C = self._selection(x)
-        xf = _at_least_fp32(x).unflatten(-1, dt.shape[-2:])
+        xf = at_least_fp32(x).unflatten(-1, dt.shape[-2:])
         A = -torch.exp(self.A_log.to(xf.dtype)).unflatten(0, dt.shape[-2:])  # [H, P, N]
         dA = torch.exp(dt.unsqueeze(-1) * A)  # [..., H, P, N]
         dBx = (dt * xf).unsqueeze(-1) * B  # [..., H, P, N]
@@ -211,7 +215,7 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.to(z.dtype) * F.silu(z))
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
-        """``docs``: packed-document layout (``chimera.models.documents``); state never crosses a boundary."""
+        """``docs``: packed documents (``chimera.models.documents``); state never crosses a boundary."""
         z = self.in_proj_z(x)
         xi = self.in_proj_x(x)
         xc = F.silu(self.conv1d(xi) if docs is None else self.conv1d(xi, docs.segment_ids))
@@ -225,7 +229,7 @@ class MambaMixer(nn.Module):
         w = self.conv1d.weight
         return {
             "conv": self.conv1d.init_state(batch, device=w.device, dtype=w.dtype),
-            "h": torch.zeros(batch, w.shape[0], self.d_state, device=w.device, dtype=_at_least_fp32(w).dtype),
+            "h": torch.zeros(batch, w.shape[0], self.d_state, device=w.device, dtype=at_least_fp32(w).dtype),
         }
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
@@ -235,3 +239,22 @@ class MambaMixer(nn.Module):
         h = dA[0] * state["h"].view_as(dA[0]) + dBx[0]
         state["h"] = h.flatten(1, 2)  # [b, d_inner/tp, N]
         return self._output(h.unsqueeze(0), C, xf, z)
+
+
+def build(c: MambaConfig, b: Build) -> MambaMixer:
+    return MambaMixer(c.d_model, c.ssm_state, c.conv_kernel, c.ssm_expand, c.ssm_dt_rank, dt_bc_norm=c.ssm_dt_bc_norm,
+                      heads=c.ssm_heads, norm_eps=c.norm_eps, init_std=b.init_std, out_std=b.out_std, dims=b.dims)
+
+
+def check_tensor_parallel(c: MambaConfig, tp: int) -> str | None:
+    """``d_inner`` splits over ranks; with several heads, whole heads."""
+    inner = c.ssm_expand * c.d_model
+    if inner % tp:
+        return f"parallel.tensor={tp} does not divide the Mamba inner width model.ssm_expand x model.d_model = {inner}"
+    if c.ssm_heads > 1:
+        return divisibility(tp, {"model.ssm_heads": c.ssm_heads}, "Mamba heads stay whole")
+    return None
+
+
+SPECS = (SublayerSpec("m", "Mamba selective SSM (Mamba-1)", MambaConfig, build, check_tensor_parallel,
+                      lambda c: ContextParallel("state")),)

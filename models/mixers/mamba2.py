@@ -51,15 +51,47 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel as mtp
+from pydantic import Field, model_validator
 from torch import nn
 
 from chimera.models.conv import CausalConv1d
+from chimera.models.numerics import at_least_fp32
 from chimera.models.scan import linear_scan
-from chimera.parallel.layers import ColumnParallel, RowParallel, TPLayout
+from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec
+from chimera.parallel.dims import ParallelDims
+from chimera.parallel.layers import ColumnParallel, RowParallel, sum_over_tensor_parallel
 from chimera.parallel.sharding import declare, normal, ones, zeros
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4  # dt's initial range, as in HF / mamba_ssm
+
+
+class Mamba2Config(SublayerConfig):
+    """The ``model:`` fields of the Mamba-2 mixer (symbol ``M``)."""
+
+    ssm_state: int = Field(16, ge=1, description="Mamba: state size N per channel (Mamba-2: per head)")
+    ssm_expand: int = Field(2, ge=1, description="Mamba: inner width = ssm_expand x d_model")
+    ssm_head_dim: int = Field(64, ge=1, description="Mamba-2: head dimension")
+    ssm_groups: int = Field(1, ge=1, description="Mamba-2: groups sharing B and C")
+    ssm_chunk: int = Field(64, ge=1, description="Mamba-2: chunk length of the SSD reference")
+    ssm_dt_min: float = Field(0.0, ge=0, description="Mamba-2: dt is clamped to at least this (Zamba2: 1e-3)")
+    ssm_norm_eps: float | None = Field(None, gt=0, description="Mamba-2: eps of the gated RMSNorm "
+                                       "(resolved: norm_eps)")
+    conv_kernel: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        inner = self.ssm_expand * self.d_model
+        if inner % self.ssm_head_dim:
+            raise ValueError(f"ssm_head_dim={self.ssm_head_dim} does not divide the Mamba-2 inner width "
+                             f"ssm_expand x d_model = {inner}")
+        if self.heads % self.ssm_groups:
+            raise ValueError(f"ssm_groups={self.ssm_groups} does not divide the Mamba-2 heads {self.heads}")
+        self.ssm_norm_eps = self.ssm_norm_eps or self.norm_eps
+        return self
+
+    @property
+    def heads(self) -> int:
+        return self.ssm_expand * self.d_model // self.ssm_head_dim
 
 
 def _a_log_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -72,28 +104,6 @@ def _dt_bias_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     dt = t.uniform_(math.log(DT_MIN), math.log(DT_MAX), generator=g).exp_().clamp_(min=DT_FLOOR)
     return t.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
 
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """The recurrence and the norm run in fp32 (or wider) even when activations are bf16."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _replicate(module: nn.Module, tp: TPLayout) -> None:
-    """Undo the channel split ``module`` declared: every rank holds it whole, with a partial gradient."""
-    for p in module.parameters():
-        p.tensor_model_parallel = False
-        p.partial_grad_over_tp = tp.size > 1
-
-
-def _drop_bias(conv: CausalConv1d) -> None:
-    """``CausalConv1d`` always has a bias; without one it becomes a constant zero (no parameter)."""
-    del conv.bias
-    conv.register_buffer("bias", torch.zeros(conv.weight.shape[0]), persistent=False)
-
-
-def _allreduce_over_tp(t: torch.Tensor) -> torch.Tensor:
-    """Sum over TP ranks, forward and backward: every rank uses the sum, so each holds part of its gradient."""
-    return mtp.reduce_from_tensor_model_parallel_region(mtp.copy_to_tensor_model_parallel_region(t))
 
 
 def segsum(log_a: torch.Tensor) -> torch.Tensor:
@@ -153,7 +163,8 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: int = 2, head_dim: int = 64,
                  n_groups: int = 1, chunk_size: int = 64, conv_bias: bool = True, bias: bool = False,
-                 norm_eps: float = 1e-5, dt_min: float = 0.0, init_std: float, out_std: float, tp: TPLayout):
+                 norm_eps: float = 1e-5, dt_min: float = 0.0, init_std: float, out_std: float,
+                 dims: ParallelDims):
         super().__init__()
         d_inner = expand * d_model
         if d_inner % head_dim:
@@ -163,39 +174,36 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"n_groups={n_groups} does not divide the number of heads {n_heads}")
         self.head_dim, self.d_state, self.chunk_size, self.norm_eps = head_dim, d_state, chunk_size, norm_eps
         self.dt_min = dt_min
-        self.heads_local = tp.local(n_heads, "n_heads")
+        self.dims = dims
+        self.heads_local = dims.local(n_heads, "n_heads")
         heads_per_group = n_heads // n_groups
         self.group_width = heads_per_group * head_dim  # channels normalised together
-        groups_split = n_groups % tp.size == 0
+        groups_split = n_groups % dims.tp == 0
         # A group's norm spans ranks: its sums of squares are summed over TP.
-        self.norm_over_tp = not groups_split and tp.size > 1
+        self.norm_over_tp = not groups_split and dims.tp > 1
 
         # [d_inner / tp, d_model] (+ bias [d_inner / tp]): split along dim 0, with the heads.
-        self.in_proj_z = ColumnParallel(d_model, d_inner, init=normal(init_std), bias=bias)
-        self.in_proj_x = ColumnParallel(d_model, d_inner, init=normal(init_std), bias=bias)
+        self.in_proj_z = ColumnParallel(d_model, d_inner, dims, init=normal(init_std), bias=bias)
+        self.in_proj_x = ColumnParallel(d_model, d_inner, dims, init=normal(init_std), bias=bias)
         if groups_split:
             # [2 G N / tp, d_model]: split along dim 0 by group (rows ordered [G, (B, C), N]).
-            self.in_proj_bc = ColumnParallel(d_model, 2 * n_groups * d_state, init=normal(init_std), bias=bias)
-            n_slots, first_group = n_groups // tp.size, tp.rank * n_groups // tp.size
+            self.in_proj_bc = ColumnParallel(d_model, 2 * n_groups * d_state, dims, init=normal(init_std), bias=bias)
+            n_slots, first_group = n_groups // dims.tp, dims.tp_rank * n_groups // dims.tp
         else:
             # [2 G N, d_model]: replicated (fewer groups than ranks); gradient partial per rank.
             self.in_proj_bc = nn.Linear(d_model, 2 * n_groups * d_state, bias=bias)
-            declare(self.in_proj_bc.weight, init=normal(init_std), partial_grad_over_tp=tp.size > 1)
+            declare(self.in_proj_bc.weight, init=normal(init_std), partial_grad_over_tp=dims.tp > 1)
             if bias:
-                declare(self.in_proj_bc.bias, init=zeros, partial_grad_over_tp=tp.size > 1)
+                declare(self.in_proj_bc.bias, init=zeros, partial_grad_over_tp=dims.tp > 1)
             n_slots, first_group = n_groups, 0
         # [H / tp, d_model] (+ bias [H / tp]): split along dim 0, with the heads.
-        self.in_proj_dt = ColumnParallel(d_model, n_heads, init=normal(init_std), bias=bias)
+        self.in_proj_dt = ColumnParallel(d_model, n_heads, dims, init=normal(init_std), bias=bias)
 
         # [d_inner / tp, k] and [d_inner / tp]: split along dim 0, with the heads.
-        self.conv_x = CausalConv1d(self.heads_local * head_dim, d_conv)
+        self.conv_x = CausalConv1d(self.heads_local * head_dim, d_conv, bias=conv_bias)
         # [2 G N / tp, k] and [2 G N / tp]: split along dim 0 by group, or replicated like in_proj_bc.
-        self.conv_bc = CausalConv1d(2 * n_slots * d_state, d_conv)
-        if not groups_split:
-            _replicate(self.conv_bc, tp)
-        if not conv_bias:
-            _drop_bias(self.conv_x)
-            _drop_bias(self.conv_bc)
+        self.conv_bc = CausalConv1d(2 * n_slots * d_state, d_conv, bias=conv_bias, split=groups_split,
+                                    partial_grad_over_tp=dims.tp > 1)
 
         def head_param(init):  # [H / tp]: split along dim 0, with the heads; never weight-decayed
             return declare(nn.Parameter(torch.empty(self.heads_local)), init=init, split_dim=0, weight_decay=False)
@@ -207,49 +215,49 @@ class Mamba2Mixer(nn.Module):
         self.norm_weight = declare(nn.Parameter(torch.empty(self.heads_local * head_dim)), init=ones, split_dim=0,
                                    weight_decay=False)
         # [d_model, d_inner / tp]: split along dim 1; output all-reduced (or reduce-scattered).
-        self.out_proj = RowParallel(d_inner, d_model, init=normal(out_std), sequence_parallel=tp.sequence_parallel,
-                                    bias=bias)
+        self.out_proj = RowParallel(d_inner, d_model, dims, init=normal(out_std), bias=bias)
 
-        global_heads = torch.arange(self.heads_local) + tp.rank * self.heads_local
-        # For each local head, its group among those held here (B/C slot, norm group).
+        global_heads = torch.arange(self.heads_local, device="cpu") + dims.tp_rank * self.heads_local
+        # For each local head, its group among those held here (B/C slot, norm group); on the CPU even on a
+        # meta build (an index from the layout, not a weight).
         self.register_buffer("group_of_head", global_heads // heads_per_group - first_group, persistent=False)
         self.n_slots, self.heads_per_group = n_slots, heads_per_group
         # This rank's heads among the heads of the groups held here: a contiguous range from this offset.
-        self.first_head_slot = tp.rank * self.heads_local - first_group * heads_per_group
+        self.first_head_slot = dims.tp_rank * self.heads_local - first_group * heads_per_group
 
     def _project(self, u: torch.Tensor):
         return self.in_proj_z(u), self.in_proj_x(u), self.in_proj_bc(u), self.in_proj_dt(u)
 
     def _ssm_inputs(self, x: torch.Tensor, bc: torch.Tensor, dt: torch.Tensor):
         """Per head, in fp32: ``x [..., h, p]``, ``B, C [..., h, n]``, ``dt = max(softplus(dt + dt_bias), dt_min)``."""
-        x = _at_least_fp32(x).unflatten(-1, (self.heads_local, self.head_dim))
+        x = at_least_fp32(x).unflatten(-1, (self.heads_local, self.head_dim))
         # each group's B, C repeated for its heads (a broadcast view, not a gather), then this rank's heads
-        bc = _at_least_fp32(bc).unflatten(-1, (self.n_slots, 1, 2, self.d_state))
+        bc = at_least_fp32(bc).unflatten(-1, (self.n_slots, 1, 2, self.d_state))
         bc = bc.expand(*bc.shape[:-3], self.heads_per_group, 2, self.d_state).flatten(-4, -3)
         bc = bc.narrow(-3, self.first_head_slot, self.heads_local)
-        dt = F.softplus(_at_least_fp32(dt) + self.dt_bias)
+        dt = F.softplus(at_least_fp32(dt) + self.dt_bias)
         if self.dt_min > 0:
             dt = dt.clamp(min=self.dt_min)
         return x, bc[..., 0, :], bc[..., 1, :], dt
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``w * RMSNorm(y * SiLU(z))`` over each group's channels (HF ``MambaRMSNormGated``), cast to ``z``'s dtype."""
-        g = (y * F.silu(_at_least_fp32(z))).unflatten(-1, (self.heads_local, self.head_dim))
+        g = (y * F.silu(at_least_fp32(z))).unflatten(-1, (self.heads_local, self.head_dim))
         sq = g.pow(2).sum(-1)  # [..., h]
         per_group = sq.new_zeros(*sq.shape[:-1], self.n_slots).index_add(-1, self.group_of_head, sq)
         if self.norm_over_tp:
-            per_group = _allreduce_over_tp(per_group)
+            per_group = sum_over_tensor_parallel(per_group, self.dims)
         mean_sq = per_group[..., self.group_of_head] / self.group_width
         g = (g * torch.rsqrt(mean_sq + self.norm_eps).unsqueeze(-1)).flatten(-2)
         return (g * self.norm_weight).to(z.dtype)
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
-        """``docs``: packed-document layout (``chimera.models.documents``); state never crosses a boundary."""
+        """``docs``: packed documents (``chimera.models.documents``); state never crosses a boundary."""
         seg, reset = (None, None) if docs is None else (docs.segment_ids, docs.starts)
         z, xs, bc, dt = self._project(x)
         xs, bc = F.silu(self.conv_x(xs, seg)), F.silu(self.conv_bc(bc, seg))
         xh, B, C, dt = self._ssm_inputs(xs, bc, dt)
-        A = -torch.exp(_at_least_fp32(self.A_log))
+        A = -torch.exp(at_least_fp32(self.A_log))
         y = ssd(xh, dt, A, B, C, self.chunk_size, reset) + self.D.unsqueeze(-1) * xh
         return self.out_proj(self._gated_norm(y.flatten(-2), z))
 
@@ -267,8 +275,29 @@ class Mamba2Mixer(nn.Module):
         xs, state["conv_x"] = self.conv_x.step(xs, state["conv_x"])
         bc, state["conv_bc"] = self.conv_bc.step(bc, state["conv_bc"])
         xh, B, C, dt = self._ssm_inputs(F.silu(xs), F.silu(bc), dt)
-        A = -torch.exp(_at_least_fp32(self.A_log))
+        A = -torch.exp(at_least_fp32(self.A_log))
         h = torch.exp(dt * A)[..., None, None] * state["ssm"] + (dt.unsqueeze(-1) * xh).unsqueeze(-1) * B.unsqueeze(-2)
         state["ssm"] = h
         y = torch.einsum("bhpn,bhn->bhp", h, C) + self.D.unsqueeze(-1) * xh
         return self.out_proj(self._gated_norm(y.flatten(-2), z).unsqueeze(0))
+
+
+def build(c: Mamba2Config, b: Build) -> Mamba2Mixer:
+    return Mamba2Mixer(c.d_model, d_state=c.ssm_state, d_conv=c.conv_kernel, expand=c.ssm_expand,
+                       head_dim=c.ssm_head_dim, n_groups=c.ssm_groups, chunk_size=c.ssm_chunk, norm_eps=c.ssm_norm_eps,
+                       dt_min=c.ssm_dt_min, init_std=b.init_std, out_std=b.out_std, dims=b.dims)
+
+
+def check_tensor_parallel(c: Mamba2Config, tp: int) -> str | None:
+    """Heads split over ranks (B and C by group where TP divides the groups, else replicated)."""
+    inner = c.ssm_expand * c.d_model
+    if inner % tp:
+        return f"parallel.tensor={tp} does not divide the Mamba inner width model.ssm_expand x model.d_model = {inner}"
+    if c.heads % tp:
+        return f"parallel.tensor={tp} does not divide the Mamba-2 heads (ssm_expand x d_model / ssm_head_dim = " \
+               f"{c.heads})"
+    return None
+
+
+SPECS = (SublayerSpec("M", "Mamba-2 SSD", Mamba2Config, build, check_tensor_parallel,
+                      lambda c: ContextParallel("state")),)

@@ -21,7 +21,8 @@ gates' blocks, ``Lambda`` and the conv split with them, ``W_out`` is row paralle
 per channel, so it needs no communication.
 
 Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.models.scan``);
-``step`` advances one token with O(1) state (conv window + h).
+``step`` advances one token with O(1) state (conv window + h), which is also what context
+parallelism carries from one sequence shard to the next.
 """
 
 from __future__ import annotations
@@ -30,14 +31,40 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from chimera.models.conv import CausalConv1d
+from chimera.models.numerics import at_least_fp32
 from chimera.models.scan import linear_scan
-from chimera.parallel.layers import ColumnParallel, RowParallel, TPLayout
+from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
+from chimera.parallel.dims import ParallelDims
+from chimera.parallel.layers import ColumnParallel, RowParallel
 from chimera.parallel.sharding import declare, normal, zeros
 
 GATE_C = 8.0  # the constant c of Eq. (3)
+
+
+class RGLRUConfig(SublayerConfig):
+    """The ``model:`` fields of the recurrent block (symbol ``R``)."""
+
+    rnn_width: int | None = Field(None, ge=1, description="RG-LRU width (resolved: d_model)")
+    rnn_heads: int | None = Field(None, ge=1, description="blocks of the block-diagonal RG-LRU gates "
+                                  "(resolved: num_heads)")
+    num_heads: int = Field(1, ge=1)
+    conv_kernel: int = Field(4, ge=1)
+    linear_bias: bool = Field(False, description="biases on recurrent-block, attention-output and MLP projections")
+    rglru_reset_unnormalized: bool = Field(
+        False, description="RG-LRU: at a document's first token the input is not scaled by sqrt(1 - a^2)"
+    )
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        if self.rnn_width is not None and self.rnn_heads is not None and self.rnn_width % self.rnn_heads:
+            raise ValueError(f"rnn_heads={self.rnn_heads} must divide rnn_width={self.rnn_width}")
+        self.rnn_width = self.rnn_width or self.d_model
+        self.rnn_heads = self.rnn_heads or self.num_heads
+        return self
 
 
 def _lambda_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -46,18 +73,13 @@ def _lambda_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return t.copy_(torch.log(a) - torch.log1p(-a))
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """The recurrence runs in fp32 (or wider) even when activations are bf16."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 class RGLRU(nn.Module):
     """The gated recurrence of Eqs. (1)-(4) over this rank's heads."""
 
-    def __init__(self, width: int, heads: int, tp: TPLayout, reset_unnormalized: bool = False):
+    def __init__(self, width: int, heads: int, dims: ParallelDims, reset_unnormalized: bool = False):
         super().__init__()
         self.reset_unnormalized = reset_unnormalized
-        self.heads_local = tp.local(heads, "rnn_heads")
+        self.heads_local = dims.local(heads, "rnn_heads")
         self.block = width // heads
         std = 1.0 / math.sqrt(self.block)
         blocks = (self.heads_local, self.block, self.block)  # [heads, in, out], applied as u @ W
@@ -95,13 +117,13 @@ class RGLRU(nn.Module):
         first = torch.zeros(u.shape[:2], dtype=torch.bool, device=u.device)
         first[0] = True
         reset = first if reset is None else reset | first
-        a, b = self.coefficients(_at_least_fp32(u), reset)
+        a, b = self.coefficients(at_least_fp32(u), reset)
         a = a.masked_fill(reset.unsqueeze(-1), 0.0)
         return linear_scan(a, b).to(u.dtype)  # (4)
 
     def step(self, u: torch.Tensor, h: torch.Tensor, first: bool = False) -> torch.Tensor:  # [b, w] -> [b, w]
         reset = torch.full(u.shape[:1], first, dtype=torch.bool, device=u.device)
-        a, b = self.coefficients(_at_least_fp32(u), reset)
+        a, b = self.coefficients(at_least_fp32(u), reset)
         return b if first else a * h + b
 
 
@@ -109,18 +131,19 @@ class RecurrentBlock(nn.Module):
     """Symbol ``R``: the recurrent temporal-mixing block of Griffin and Hawk."""
 
     def __init__(self, d_model: int, width: int, heads: int, conv_kernel: int, *, init_std: float,
-                 out_std: float, tp: TPLayout, bias: bool = False, reset_unnormalized: bool = False):
+                 out_std: float, dims: ParallelDims, bias: bool = False, reset_unnormalized: bool = False):
         super().__init__()
-        width_local = tp.local(width, "rnn_width")
-        self.linear_y = ColumnParallel(d_model, width, init=normal(init_std), bias=bias)
-        self.linear_x = ColumnParallel(d_model, width, init=normal(init_std), bias=bias)
-        self.conv = CausalConv1d(width_local, conv_kernel)
-        self.rglru = RGLRU(width, heads, tp, reset_unnormalized)
-        self.linear_out = RowParallel(width, d_model, init=normal(out_std), sequence_parallel=tp.sequence_parallel,
-                                      bias=bias)
+        width_local = dims.local(width, "rnn_width")
+        # W_y, W_x [width / tp, d]: split along dim 0 (channels, whole heads)
+        self.linear_y = ColumnParallel(d_model, width, dims, init=normal(init_std), bias=bias)
+        self.linear_x = ColumnParallel(d_model, width, dims, init=normal(init_std), bias=bias)
+        self.conv = CausalConv1d(width_local, conv_kernel)  # [width / tp, k]: split along dim 0
+        self.rglru = RGLRU(width, heads, dims, reset_unnormalized)
+        # W_out [d, width / tp]: split along dim 1; output all-reduced (or reduce-scattered)
+        self.linear_out = RowParallel(width, d_model, dims, init=normal(out_std), bias=bias)
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
-        """``docs``: packed-document layout (``chimera.models.documents``); state never crosses a boundary."""
+        """``docs``: packed documents (``chimera.models.documents``); state never crosses a boundary."""
         y = F.gelu(self.linear_y(x), approximate="tanh")
         if docs is None:
             u = self.rglru(self.conv(self.linear_x(x)))
@@ -140,3 +163,17 @@ class RecurrentBlock(nn.Module):
         u, state["conv"] = self.conv.step(self.linear_x(x)[0], state["conv"])
         state["h"] = self.rglru.step(u, state["h"], first=pos == 0)
         return self.linear_out(y * state["h"].to(x.dtype).unsqueeze(0))
+
+
+def build(c: RGLRUConfig, b: Build) -> RecurrentBlock:
+    return RecurrentBlock(c.d_model, c.rnn_width, c.rnn_heads, c.conv_kernel, init_std=b.init_std, out_std=b.out_std,
+                          dims=b.dims, bias=c.linear_bias, reset_unnormalized=c.rglru_reset_unnormalized)
+
+
+def check_tensor_parallel(c: RGLRUConfig, tp: int) -> str | None:
+    """Channels split by whole heads."""
+    return divisibility(tp, {"model.rnn_heads": c.rnn_heads, "model.rnn_width": c.rnn_width})
+
+
+SPECS = (SublayerSpec("R", "RG-LRU recurrent block (Griffin)", RGLRUConfig, build, check_tensor_parallel,
+                      lambda c: ContextParallel("state")),)

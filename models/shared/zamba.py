@@ -19,50 +19,78 @@ tree (one name per tensor), and the use's own linear, adapters and the fed subla
 block's gradient is the sum over uses. Each use keeps its own key/value cache.
 
 TP and SP: the block is an ordinary sublayer pair (column-parallel q/k/v and gate/up, row-parallel
-o/down); the two norms and the use's linear are replicated and act on the residual layout, so under
-sequence parallelism their gradients are partial (summed over TP), like every norm's.
+o/down); the two norms and the use's linear are replicated and act on the residual stream, so under
+sequence parallelism their gradients are partial (summed over TP), like every norm's. LoRA on the
+shared k/v splits with the kv heads, so TP must divide ``num_kv_heads``. Context parallelism: the
+block's attention needs every earlier key/value (that of ``*``); the fed sublayer, its own kind's.
+
+The block reads the model's input embeddings from the ``Context`` every sublayer gets; the generic
+LM knows nothing of the concat.
 """
 
 from __future__ import annotations
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from chimera.configs.schema import ModelConfig
-from chimera.models.blocks import Sublayer
+from chimera.models.channels.mlp import GatedMLP
 from chimera.models.lora import LoRA
 from chimera.models.mixers.attention import Attention
-from chimera.models.mlp import GatedMLP
 from chimera.models.norms import RMSNorm
-from chimera.parallel.layers import TPLayout, enter_tensor_parallel
+from chimera.models.registry import SHARED_SYMBOLS
+from chimera.models.spec import SharedBlockStyle, SublayerConfig, divisibility
+from chimera.models.sublayer import Context, Sublayer
+from chimera.parallel.dims import ParallelDims
+from chimera.parallel.layers import enter_tensor_parallel
 from chimera.parallel.sharding import declare, normal
+
+BLOCK = "*-"  # the only block a Zamba-style use runs: attention, then the MLP
+
+
+class ZambaStyleConfig(SublayerConfig):
+    """The ``model:`` fields only Zamba-style shared blocks read."""
+
+    shared_lora_rank: int | None = Field(
+        None, ge=1, description="zamba style: rank of per-use LoRA adapters on the shared MLP's gate/up (Zamba2)"
+    )
+    shared_lora_attention: bool = Field(False, description="zamba style: per-use LoRA on the shared q, k, v too")
+    num_kv_heads: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _resolve(self):
+        if self.shared_lora_attention and not self.shared_lora_rank:
+            raise ValueError("shared_lora_attention needs shared_lora_rank")
+        return self
 
 
 class SharedTransformer(nn.Module):
     """``(h, e) -> t``: ``[s(/tp), b, d]`` twice -> ``[s(/tp), b, d]``; the lines for ``u``, ``a``, ``t`` above."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPLayout):
+    def __init__(self, cfg, dims: ParallelDims):
         super().__init__()
-        d, sp = cfg.d_model, tp.sequence_parallel
-        self.sequence_parallel = sp
+        d, sp = cfg.d_model, dims.sequence_parallel
+        att, mlp = cfg.sublayer("*"), cfg.sublayer("-")
+        self.dims = dims
         self.input_norm = RMSNorm(2 * d, cfg.norm_eps, sequence_parallel=sp)
-        self.attention = Attention(d, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, window=None,
-                                   rope_base=cfg.rope_base, rope_fraction=cfg.rope_fraction, init_std=cfg.init_std,
-                                   out_std=cfg.init_std, tp=tp, scale=cfg.attention_scale, in_features=2 * d)
+        self.attention = Attention(d, att.num_heads, att.num_kv_heads, att.head_dim, window=None,
+                                   rope_base=att.rope_base, rope_fraction=att.rope_fraction, init_std=cfg.init_std,
+                                   out_std=cfg.init_std, dims=dims, scale=att.attention_scale, in_features=2 * d)
         self.mlp_norm = RMSNorm(d, cfg.norm_eps, sequence_parallel=sp)
-        self.mlp = GatedMLP(d, cfg.mlp_hidden, init_std=cfg.init_std, out_std=cfg.init_std, sequence_parallel=sp,
-                            activation=cfg.mlp_activation)
+        self.mlp = GatedMLP(d, mlp.mlp_hidden, init_std=cfg.init_std, out_std=cfg.init_std, dims=dims,
+                            activation=mlp.mlp_activation)
 
-    def _input(self, h: torch.Tensor, embeddings: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
-        return enter_tensor_parallel(self.input_norm(torch.cat([h, embeddings], dim=-1)), sequence_parallel)
+    def _input(self, h: torch.Tensor, embeddings: torch.Tensor, sequence_sharded: bool) -> torch.Tensor:
+        return enter_tensor_parallel(self.input_norm(torch.cat([h, embeddings], dim=-1)), self.dims, sequence_sharded)
 
     def forward(self, h, embeddings, docs=None, adapters=None) -> torch.Tensor:
-        a = self.attention(self._input(h, embeddings, self.sequence_parallel), docs, lora=_get(adapters, "attention"))
-        return self.mlp(enter_tensor_parallel(self.mlp_norm(a), self.sequence_parallel), lora=_get(adapters, "mlp"))
+        sp = self.dims.sequence_parallel
+        a = self.attention(self._input(h, embeddings, sp), docs, lora=_get(adapters, "attention"))
+        return self.mlp(enter_tensor_parallel(self.mlp_norm(a), self.dims, sp), lora=_get(adapters, "mlp"))
 
     def step(self, h, embeddings, state, pos: int, adapters=None) -> torch.Tensor:  # [1, b, d]
         a = self.attention.step(self._input(h, embeddings, False), state, pos, lora=_get(adapters, "attention"))
-        return self.mlp(enter_tensor_parallel(self.mlp_norm(a), False), lora=_get(adapters, "mlp"))
+        return self.mlp(enter_tensor_parallel(self.mlp_norm(a), self.dims, False), lora=_get(adapters, "mlp"))
 
 
 def _get(adapters: nn.ModuleDict | None, name: str):
@@ -72,24 +100,25 @@ def _get(adapters: nn.ModuleDict | None, name: str):
 class ZambaUse(nn.Module):
     """One use of a shared transformer, fused with the sublayer it feeds: ``h -> h + f(norm(h + W_i t))``."""
 
-    def __init__(self, block: SharedTransformer, index: int, feeds: Sublayer, cfg: ModelConfig, tp: TPLayout):
+    def __init__(self, block: SharedTransformer, index: int, feeds: Sublayer, cfg, dims: ParallelDims):
         super().__init__()
-        d = cfg.d_model
+        d, style = cfg.d_model, cfg.style_config
+        att, mlp = cfg.sublayer("*"), cfg.sublayer("-")
         self.index = index
         self._block = (block,)  # a tuple: not registered as a child (the block has one name, in CausalLM.shared)
         # [d, d]: replicated; under sequence parallelism its gradient is partial (summed over TP)
         self.linear = declare(nn.Parameter(torch.empty(d, d)), init=normal(cfg.init_std),
-                              partial_grad_over_tp=tp.sequence_parallel)
+                              partial_grad_over_tp=dims.sequence_parallel)
         self.adapters = nn.ModuleDict()
-        if cfg.shared_lora_rank:
-            rank = cfg.shared_lora_rank
-            self.adapters["mlp"] = LoRA(d, (cfg.mlp_hidden, cfg.mlp_hidden), rank, init_std=cfg.init_std, tp=tp)
-            if cfg.shared_lora_attention:
+        if style.shared_lora_rank:
+            rank = style.shared_lora_rank
+            self.adapters["mlp"] = LoRA(d, (mlp.mlp_hidden, mlp.mlp_hidden), rank, init_std=cfg.init_std, dims=dims)
+            if style.shared_lora_attention:
                 if not block.attention.kv_split:
-                    raise ValueError(f"LoRA on the shared k/v needs TP={tp.size} to divide num_kv_heads")
-                q_out, kv_out = cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
+                    raise ValueError(f"LoRA on the shared k/v needs TP={dims.tp} to divide num_kv_heads")
+                q_out, kv_out = att.num_heads * att.head_dim, att.num_kv_heads * att.head_dim
                 self.adapters["attention"] = nn.ModuleDict(
-                    {name: LoRA(2 * d, (out,), rank, init_std=cfg.init_std, tp=tp)
+                    {name: LoRA(2 * d, (out,), rank, init_std=cfg.init_std, dims=dims)
                      for name, out in (("q", q_out), ("k", kv_out), ("v", kv_out))})
         self.sublayer = feeds
 
@@ -100,14 +129,45 @@ class ZambaUse(nn.Module):
     def _injected(self, t: torch.Tensor) -> torch.Tensor:
         return torch.matmul(t, self.linear.t())
 
-    def forward(self, x: torch.Tensor, docs=None, embeddings=None) -> torch.Tensor:
-        t = self.block(x, embeddings, docs, self.adapters)
-        return self.sublayer(x, docs, injected=self._injected(t))
+    def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
+        t = self.block(x, context.embeddings, context.docs, self.adapters)
+        return self.sublayer(x, context, injected=self._injected(t))
 
     def init_state(self, batch: int, max_len: int):
         return {"attention": self.block.attention.init_state(batch, max_len),
                 "sublayer": self.sublayer.init_state(batch, max_len)}
 
-    def step(self, x: torch.Tensor, state, pos: int, embeddings=None) -> torch.Tensor:
-        t = self.block.step(x, embeddings, state["attention"], pos, self.adapters)
-        return self.sublayer.step(x, state["sublayer"], pos, injected=self._injected(t))
+    def step(self, x: torch.Tensor, state, context: Context) -> torch.Tensor:
+        t = self.block.step(x, context.embeddings, state["attention"], context.position, self.adapters)
+        return self.sublayer.step(x, state["sublayer"], context, injected=self._injected(t))
+
+
+def check(cfg) -> None:
+    """A Zamba-style block is attention + MLP, and each use feeds the sublayer after its symbol."""
+    if any(block != BLOCK for block in cfg.shared_blocks):
+        raise ValueError(f"shared_block_style zamba runs an attention+MLP block: every entry of shared_blocks must "
+                         f"be {BLOCK!r}, not {cfg.shared_blocks}")
+    layers = cfg.layers
+    for i, symbol in enumerate(layers):
+        if symbol in SHARED_SYMBOLS and (i + 1 == len(layers) or layers[i + 1] in SHARED_SYMBOLS):
+            raise ValueError(f"shared_block_style zamba: shared symbol {symbol!r} at position {i} of "
+                             f"{layers!r} must be followed by the sublayer it feeds (e.g. '0m')")
+
+
+def check_tensor_parallel(config: ZambaStyleConfig, tp: int) -> str | None:
+    if config.shared_lora_attention:
+        return divisibility(tp, {"model.num_kv_heads": config.num_kv_heads}, "which LoRA on the shared k/v needs")
+    return None
+
+
+STYLE = SharedBlockStyle(
+    name="zamba",
+    summary="the block ('*-') reads concat(h, token embeddings), has no residual of its own, and its output, "
+            "through a per-use linear, is added to the input (not the residual) of the next sublayer",
+    config=ZambaStyleConfig,
+    build_block=lambda cfg, index, build: SharedTransformer(cfg, build.dims),
+    build_use=lambda block, index, fed, cfg, build: ZambaUse(block, index, fed, cfg, build.dims),
+    feeds_next=True,
+    check=check,
+    check_tensor_parallel=check_tensor_parallel,
+)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from chimera.models.documents import PackedDocuments
 from chimera.models.mixers.mamba import MambaMixer
-from chimera.parallel.layers import TPLayout
+from chimera.parallel.dims import ParallelDims
 from chimera.parallel.sharding import initialize_parameters
 from helpers import assert_causal
 
@@ -19,7 +19,7 @@ VARIANTS = {"mamba": {}, "jamba": dict(dt_bc_norm=True, norm_eps=1e-5), "zamba":
 
 def make_mixer(seed=0, dtype=torch.float64, **overrides):
     kw = dict(d_state=D_STATE, d_conv=D_CONV, expand=EXPAND, init_std=0.2, out_std=0.2) | overrides
-    mixer = MambaMixer(D_MODEL, **kw, tp=TPLayout())
+    mixer = MambaMixer(D_MODEL, **kw, dims=ParallelDims())
     initialize_parameters(mixer, seed)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():  # move off the structured init so that every term of the equations matters
@@ -119,7 +119,7 @@ def test_packed_documents_equal_separate_runs(single_process, variant):
 
 
 def test_initialisation(single_process):
-    mixer = MambaMixer(D_MODEL, D_STATE, D_CONV, EXPAND, init_std=0.02, out_std=0.01, tp=TPLayout())
+    mixer = MambaMixer(D_MODEL, D_STATE, D_CONV, EXPAND, init_std=0.02, out_std=0.01, dims=ParallelDims())
     initialize_parameters(mixer, 0)
     assert mixer.dt_rank == math.ceil(D_MODEL / 16)
     expected_a = torch.log(torch.arange(1, D_STATE + 1, dtype=torch.float32)).expand(EXPAND * D_MODEL, -1)

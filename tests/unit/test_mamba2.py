@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from chimera.models.documents import PackedDocuments
 from chimera.models.mixers.mamba2 import Mamba2Mixer
-from chimera.parallel.layers import TPLayout
+from chimera.parallel.dims import ParallelDims
 from chimera.parallel.sharding import initialize_parameters
 from helpers import assert_causal
 
@@ -18,7 +18,7 @@ D_MODEL, D_STATE, HEAD_DIM, N_GROUPS, D_CONV, CHUNK = 64, 16, 16, 2, 4, 16  # 8 
 
 def make_mixer(seed=0, dtype=torch.float64, **overrides):
     kw = dict(d_state=D_STATE, d_conv=D_CONV, expand=2, head_dim=HEAD_DIM, n_groups=N_GROUPS, chunk_size=CHUNK,
-              init_std=0.1, out_std=0.05, tp=TPLayout())
+              init_std=0.1, out_std=0.05, dims=ParallelDims())
     kw.update(overrides)
     mixer = Mamba2Mixer(D_MODEL, **kw)
     initialize_parameters(mixer, seed)
@@ -114,7 +114,7 @@ def test_packed_documents_equal_documents_run_separately(single_process):
 
 def test_initialisation(single_process):
     m = Mamba2Mixer(D_MODEL, d_state=D_STATE, head_dim=HEAD_DIM, n_groups=N_GROUPS, init_std=0.02, out_std=0.01,
-                    tp=TPLayout())
+                    dims=ParallelDims())
     initialize_parameters(m, 0)
     torch.testing.assert_close(m.A_log, torch.log(torch.arange(1.0, 9.0)))
     torch.testing.assert_close(m.D, torch.ones(8))
@@ -134,9 +134,9 @@ def test_bf16_activations_keep_the_recurrence_in_fp32(single_process):
 
 def test_invalid_shapes_are_rejected(single_process):
     with pytest.raises(ValueError, match="head_dim"):
-        Mamba2Mixer(D_MODEL, head_dim=48, init_std=0.02, out_std=0.01, tp=TPLayout())
+        Mamba2Mixer(D_MODEL, head_dim=48, init_std=0.02, out_std=0.01, dims=ParallelDims())
     with pytest.raises(ValueError, match="n_groups"):
-        Mamba2Mixer(D_MODEL, head_dim=HEAD_DIM, n_groups=3, init_std=0.02, out_std=0.01, tp=TPLayout())
+        Mamba2Mixer(D_MODEL, head_dim=HEAD_DIM, n_groups=3, init_std=0.02, out_std=0.01, dims=ParallelDims())
 
 
 @pytest.mark.parametrize("conv_bias,bias", [(True, False), (False, True)])

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from chimera.configs.loader import load_model_config
-from chimera.models.blocks import build_mixer
 from chimera.models.mixers.rglru import GATE_C
-from chimera.parallel.layers import TPLayout
+from chimera.models.spec import Build
+from chimera.models.sublayer import build_mixer
+from chimera.parallel.dims import ParallelDims
 from chimera.parallel.sharding import initialize_parameters
 from helpers import assert_causal
 
@@ -18,7 +19,7 @@ SYMBOLS = ["R", "L", "*", "-"]
 
 def make_mixer(symbol, seed=0, **overrides):
     cfg = load_model_config("griffin-tiny", [f"{k}={v}" for k, v in overrides.items()])
-    mixer = build_mixer(symbol, cfg, TPLayout())
+    mixer = build_mixer(symbol, cfg, Build.of(cfg, ParallelDims()))
     initialize_parameters(mixer, seed)
     return mixer.double(), cfg
 
@@ -57,7 +58,7 @@ def test_local_attention_sees_exactly_its_window(single_process):
 def test_attention_matches_explicit_softmax(single_process):
     mixer, cfg = make_mixer("L")
     x = x_seq(s=24)
-    s, hd = 24, cfg.head_size
+    s, hd = 24, cfg.effective("head_dim")
     pos = torch.arange(s)
     q, k, v = mixer._project(x, pos)  # [b, h, s, d]; MQA: one kv head
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
@@ -71,9 +72,10 @@ def test_rglru_follows_the_paper_equations(single_process):
     """Eqs. (1)-(4) of arXiv 2402.19427 evaluated token by token in plain code."""
     mixer, cfg = make_mixer("R")
     lru = mixer.rglru
-    u = x_seq(s=12, d=cfg.lru_width)
+    width = cfg.effective("rnn_width")
+    u = x_seq(s=12, d=width)
     H, bw = lru.heads_local, lru.block
-    h = torch.zeros(2, cfg.lru_width, dtype=torch.float64)
+    h = torch.zeros(2, width, dtype=torch.float64)
     expected = []
     for t in range(12):
         ut = u[t].view(2, H, bw)

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chimera.models.moe import MoE, route
-from chimera.parallel.layers import TPLayout
+from chimera.models.channels.moe import MoE, route
+from chimera.parallel.dims import ParallelDims
 from chimera.parallel.sharding import full_state_dict, initialize_parameters, shard_of
 
 LN2 = math.log(2.0)
 
 
-def make_moe(d=8, hidden=16, num_experts=4, top_k=2, seed=0, tp=None, **kw):
-    moe = MoE(d, hidden, num_experts, top_k, init_std=0.5, out_std=0.5, tp=tp or TPLayout(), **kw)
+def make_moe(d=8, hidden=16, num_experts=4, top_k=2, seed=0, dims=None, **kw):
+    moe = MoE(d, hidden, num_experts, top_k, init_std=0.5, out_std=0.5, dims=dims or ParallelDims(), **kw)
     initialize_parameters(moe, seed)
     return moe.double()
 
@@ -194,7 +194,7 @@ def test_tensor_parallel_emulated(single_process):
     state = full_state_dict(full)
     ranks = []
     for r in range(2):
-        m = MoE(8, 16, 4, 2, init_std=0.5, out_std=0.5, tp=TPLayout(size=2, rank=r), z_loss_coef=0.05,
+        m = MoE(8, 16, 4, 2, init_std=0.5, out_std=0.5, dims=ParallelDims(tp=2, tp_rank=r), z_loss_coef=0.05,
                 aux_loss_coef=0.1).double()
         with torch.no_grad():
             for name, p in m.named_parameters():
