@@ -8,7 +8,9 @@ A file in ``models/mixers/`` (token mixers) or ``models/channels/`` (channel mix
   the model config is validated. The fields are flat keys of ``model:``; two kinds may read the same
   field (``conv_kernel``, ``num_heads``) if they declare it alike;
 * ``build(config, build)``: the module, ``[s, b, d] -> [s, b, d]`` with ``forward(x, docs)``,
-  ``init_state(batch, max_len)`` and ``step(x, state, pos)``;
+  ``init_state(batch, max_len)`` and ``step(x, state, pos)``; and, if it has them, ``auxiliary_loss()``
+  (a training-only loss of its last forward pass, which the LM adds: MoE's router losses) and
+  ``metrics()`` (a dict for the metrics line, under ``<metrics_group>/<layer>/``);
 * ``check_tensor_parallel(config, tp)``: what a tensor-parallel size must divide (a message, or None);
 * ``context_parallel``: what it needs from earlier sequence shards when a sequence spans ranks.
 
