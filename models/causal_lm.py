@@ -38,7 +38,7 @@ from chimera.parallel.layers import (
     scatter_sequence,
     vocab_parallel_cross_entropy,
 )
-from chimera.parallel.sharding import full_shape, initialize_parameters, normal
+from chimera.parallel.sharding import full_shape, initialize_parameters, load_full_state_dict, normal
 
 
 class CausalLM(nn.Module):
@@ -139,13 +139,17 @@ class CausalLM(nn.Module):
         return sum(s.numel() for s in self.full_shapes().values())
 
 
-def build_model(cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS, *, seed: int, device=None) -> CausalLM:
+def build_model(cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS, *, seed: int, device=None,
+                weights: dict[str, torch.Tensor] | None = None) -> CausalLM:
     """The model for ``dims``, built on the meta device; then only this rank's shards are materialised (on
-    ``device``), each drawn from the layout-free init of (``seed``, parameter name). Gradients declared
-    partial over TP are summed as they are produced."""
+    ``device``), each drawn from the layout-free init of (``seed``, parameter name), or cut from the full
+    tensors ``weights``. Gradients declared partial over TP are summed as they are produced."""
     with torch.device("meta"):
         model = CausalLM(cfg, dims)
-    initialize_parameters(model, seed, dims, device)
+    if weights is None:
+        initialize_parameters(model, seed, dims, device)
+    else:
+        load_full_state_dict(model, weights, dims, device)
     register_partial_grad_hooks(model, dims)
     return model
 

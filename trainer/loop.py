@@ -21,7 +21,6 @@ from chimera.data.loader import DataPipeline
 from chimera.errors import UserError
 from chimera.models.causal_lm import build_model
 from chimera.parallel import topology
-from chimera.parallel.sharding import load_full_state_dict
 from chimera.trainer.checkpoint import (
     WEIGHTS,
     Checkpointer,
@@ -55,11 +54,11 @@ class Trainer:
                             f"{cfg.model.vocab_size}; raise model.vocab_size (a multiple of parallel.tensor)")
 
         torch.manual_seed(t.seed)
+        self.initialised_from, weights = self._initial_weights()
         model = build_model(cfg.model, self.topo.dims(cfg.parallel.sequence_parallel), seed=t.seed,
-                            device=self.device)  # this rank's shards only
+                            device=self.device, weights=weights)  # this rank's shards only
         model.activation_checkpointing = t.activation_checkpointing
         self.num_parameters = model.num_parameters()
-        self.initialised_from = self._initial_weights(model)
         self.engine = build_engine(model, cfg, self.accumulation)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.topo.rank)
         self.layout = {"tensor": self.topo.tensor, "pipeline": self.topo.pipeline, "data": self.dp,
@@ -69,11 +68,12 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------------
 
-    def _initial_weights(self, model) -> Path | None:
-        """A weights-only checkpoint (e.g. from `chimera import-hf`) initialises the model before the engine."""
+    def _initial_weights(self) -> tuple[Path | None, dict | None]:
+        """A weights-only checkpoint (e.g. from `chimera import-hf`) and its full weights, which the model starts
+        from instead of its initialisation; (None, None) without one."""
         path = latest_checkpoint(self.run_dir)
         if path is None or not is_weights_only(path):
-            return None
+            return None, None
         if self.topo.rank == 0:
             verify(path)
         saved = read_config(path).model.model_dump(exclude={"name", "preset"})
@@ -81,8 +81,7 @@ class Trainer:
             diff = sorted(k for k, v in saved.items() if self.cfg.model.model_dump().get(k) != v)
             raise UserError(f"the run's model differs from checkpoint {path} in {diff}; use the run.yaml written "
                             "beside it, or another --run-dir")
-        load_full_state_dict(model, torch.load(path / WEIGHTS, map_location="cpu", weights_only=True), model.dims)
-        return path
+        return path, torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
 
     def resume_if_possible(self) -> bool:
         path = latest_checkpoint(self.run_dir)
