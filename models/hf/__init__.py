@@ -10,7 +10,8 @@ disk are a contract, so they live beside the model they describe. A mapping prov
                                    (``chimera.models.hf.table``); HF shapes, the inverse direction and the
                                    names a file may hold beyond the required ones all follow from it
 
-and may share public helpers of another mapping (``mamba.mixer_table``), never its private ones.
+and may share public helpers of another mapping (``mamba.mixer_table``), never its private ones. Every
+module here that declares a ``MODEL_TYPE`` is a mapping (``ARCHITECTURES``).
 ``import_state`` / ``export_state`` apply a table; ``read_hf_config`` / ``read_hf_tensors`` read a
 checkpoint directory (safetensors, single or sharded); ``chimera.trainer.interchange`` turns them into
 Chimera checkpoints and back.
@@ -18,16 +19,28 @@ Chimera checkpoints and back.
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 from pathlib import Path
 
 import torch
 
 from chimera.errors import UserError
-from chimera.models.hf import granitemoehybrid, jamba, llama, mamba, mamba2, recurrent_gemma, table, zamba, zamba2
+from chimera.models.hf import table
 
-ARCHITECTURES = {m.MODEL_TYPE: m for m in (llama, mamba, mamba2, recurrent_gemma, jamba, granitemoehybrid, zamba,
-                                           zamba2)}
+
+def _mappings() -> dict:
+    """Every module of this package that declares a ``MODEL_TYPE``: adding a mapping is adding its file."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "MODEL_TYPE"):
+            found[module.MODEL_TYPE] = module
+    return found
+
+
+ARCHITECTURES = _mappings()
 
 
 def mapping_for(model_type: str):
