@@ -150,6 +150,8 @@ def build_model(cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS, *, seed: 
         initialize_parameters(model, seed, dims, device)
     else:
         load_full_state_dict(model, weights, dims, device)
+    if device is not None:
+        model.to(device)  # the index buffers, built on the CPU
     register_partial_grad_hooks(model, dims)
     return model
 

@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 
 from chimera.models import registry
 from chimera.models.numerics import Numerics
-from chimera.models.spec import ModelFields, SharedBlockStyle, SublayerConfig
+from chimera.models.spec import ModelFields, SharedBlockStyle, SublayerConfig, divisibility
 
 
 class ModelCore(ModelFields):
@@ -55,10 +55,6 @@ class ModelCore(ModelFields):
     def symbols(self) -> set[str]:
         """The sublayer kinds of this model, its shared blocks' included."""
         return set(self.layers) | set("".join(self.shared_blocks))
-
-    @property
-    def uses_shared_blocks(self) -> bool:
-        return bool(set(self.layers) & set(registry.SHARED_SYMBOLS))
 
     def kinds(self) -> list[str]:
         """This model's sublayer kinds, in registry order (the order of checks)."""
@@ -112,10 +108,7 @@ class ModelCore(ModelFields):
             problem = self.style.check_tensor_parallel(self.style_config, tp)
             if problem:
                 return problem
-        if self.vocab_size % tp:
-            return f"parallel.tensor={tp} does not divide model.vocab_size={self.vocab_size}; choose a divisor of " \
-                   f"{self.vocab_size}"
-        return None
+        return divisibility(tp, {"model.vocab_size": self.vocab_size})  # the embedding's and the head's rows
 
     # ---- validation ------------------------------------------------------------------------------
 
