@@ -26,7 +26,6 @@ over ``(H, P)``; ``x_proj_weight [H, r + 2N, P]`` is ours as is (one head: our `
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 from chimera.errors import UserError
 from chimera.models.hf.table import Entry, Interleave, Unsqueeze, View, copies, embeddings, prefixed, rename
@@ -171,8 +170,10 @@ def hybrid_table(cfg, block_key: str, block_table, mixer_table, adapter_table=No
     copy's own use's adapters are the ones transformers reads (``preferred``), the others' are ignored."""
     rows = embeddings(cfg, "model.embed_tokens.weight") + [
         rename("final_norm.weight", "model.final_layernorm.weight")]
-    block_rows: dict[int, list] = {}
-    uses: list[tuple[int, int, str]] = []  # (block, use index, our prefix of the use)
+    block_rows: dict[int, list] = {}  # each block's own tensors, under its first use's prefix (first[block])
+    first: dict[int, str] = {}
+    adapter_rows: dict[int, dict[int, list]] = {}  # each block's uses' adapters there, by use index
+    later_uses: list[tuple[int, int, str]] = []  # (block, use index, prefix of the use's copy of the block)
     for hf, ours, sub_hf, sub_ours, block, j, shared_hf in layer_prefixes(cfg, block_key):
         rows.append(rename(sub_ours + "norm.weight", sub_hf + "input_layernorm.weight"))
         rows += mixer_table(cfg, sub_ours + "mixer.", sub_hf + "mamba.")
@@ -180,30 +181,19 @@ def hybrid_table(cfg, block_key: str, block_table, mixer_table, adapter_table=No
             continue
         rows.append(rename(ours + "linear", hf + "linear.weight"))
         if block not in block_rows:
-            block_rows[block] = block_table(cfg, f"shared.{block}.", shared_hf)
-        if adapter_table is not None:
-            block_rows[block] += adapter_table(cfg, ours, shared_hf, j)
-        uses.append((block, j, hf))
-    for block_index in sorted(block_rows):
-        rows += block_rows[block_index]
-    first_use = {}
-    for block, j, hf in uses:
-        first = first_use.setdefault(block, hf + block_key + ".")
-        if first == hf + block_key + ".":
-            continue
-        for row in copies(block_rows[block], first, hf + block_key + ".", export=not cfg.tie_embeddings,
-                          on_import="checked", note=COPY_NOTE):
-            adapter_use = _adapter_use(row.hf[0])
-            if adapter_use is not None:  # a use's adapters in this copy: its own are read, the others' are not
-                row = replace(row, on_import="preferred" if adapter_use == j else "ignored")
-            rows.append(row)
+            block_rows[block], first[block] = block_table(cfg, f"shared.{block}.", shared_hf), shared_hf
+        else:
+            later_uses.append((block, j, hf + block_key + "."))
+        adapter_rows.setdefault(block, {})[j] = [] if adapter_table is None else adapter_table(cfg, ours, shared_hf, j)
+    for block in sorted(block_rows):
+        rows += block_rows[block] + [r for use in adapter_rows[block].values() for r in use]
+    untied = not cfg.tie_embeddings
+    for block, j, copy in later_uses:
+        rows += copies(block_rows[block], first[block], copy, export=untied, on_import="checked", note=COPY_NOTE)
+        for use, use_rows in adapter_rows[block].items():  # transformers reads a use's adapters in its own copy
+            rows += copies(use_rows, first[block], copy, export=untied,
+                           on_import="preferred" if use == j else "ignored")
     return rows
-
-
-def _adapter_use(hf_name: str) -> int | None:
-    """The use index of an adapter's HF name (``..._adapter_list.{j}.{0,1}.weight``), or None."""
-    before, sep, after = hf_name.partition("_adapter_list.")
-    return int(after.split(".")[0]) if sep else None
 
 
 # ---- Zamba ------------------------------------------------------------------------------------
