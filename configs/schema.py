@@ -146,9 +146,17 @@ class TrainConfig(Section):
 
 
 class ParallelConfig(Section):
+    """The layout: world size = tensor x context x data x pipeline (ranks ordered so, tensor fastest; see
+    chimera.parallel.topology), with expert parallelism carved from data x context."""
+
     tensor: int = Field(1, ge=1, description="tensor-parallel size")
-    pipeline: int = Field(1, ge=1, le=1, description="pipeline-parallel size (pipelines arrive in a later issue)")
-    data: int | None = Field(None, ge=1, description="data-parallel size; default: world size / (tensor x pipeline)")
+    pipeline: int = Field(1, ge=1, description="pipeline stages (stage boundaries: '|' in model.pattern, else "
+                          "balanced by cost)")
+    context: int = Field(1, ge=1, description="context-parallel size: ranks each sequence is split over")
+    expert: int = Field(1, ge=1, description="expert-parallel size: ranks the experts of each MoE sublayer are "
+                        "spread over (divides data x context)")
+    data: int | None = Field(None, ge=1, description="data-parallel size; default: world size / (tensor x "
+                             "context x pipeline)")
     sequence_parallel: bool = False
     zero_stage: int = Field(0, ge=0, le=3)
 
@@ -186,23 +194,24 @@ def accumulation_steps(train: TrainConfig, data_parallel: int) -> int:
 
 def validate_layout(cfg: RunConfig, world_size: int) -> int:
     """Check that `world_size` ranks can run `cfg`; return the data-parallel size."""
-    par = cfg.parallel
-    model_parallel = par.tensor * par.pipeline
+    par, model = cfg.parallel, cfg.model
+    model_parallel = par.tensor * par.context * par.pipeline
+    factors = (f"tensor x context x pipeline x data = {par.tensor} x {par.context} x {par.pipeline} x data "
+               f"(parallel.tensor, parallel.context, parallel.pipeline)")
     if world_size % model_parallel:
-        raise UserError(
-            f"world size {world_size} does not factor into tensor x pipeline x data "
-            f"(parallel.tensor={par.tensor} x parallel.pipeline={par.pipeline} = {model_parallel}); "
-            f"use --nproc a multiple of {model_parallel}"
-        )
+        raise UserError(f"world size {world_size} does not factor into {factors}; use --nproc a multiple of "
+                        f"{model_parallel}")
     dp = world_size // model_parallel
     if par.data is not None and par.data != dp:
         raise UserError(
-            f"parallel.data={par.data} but {world_size} processes / (tensor x pipeline = {model_parallel}) "
-            f"gives {dp}; set --nproc {par.data * model_parallel} or parallel.data={dp}"
+            f"parallel.data={par.data} but {world_size} processes factor into {factors} with data = {dp}; "
+            f"set --nproc {par.data * model_parallel} or parallel.data={dp}"
         )
-    problem = cfg.model.check_tensor_parallel(par.tensor)  # each sublayer kind's own rule
+    problem = model.check_tensor_parallel(par.tensor)  # each sublayer kind's own rule
     if problem:
         raise UserError(problem)
+    _check_pipeline(cfg)
+    _check_experts(cfg, dp)
     t = cfg.train
     tokens_per_micro = t.micro_batch_size * cfg.data.seq_len
     from chimera.data.curriculum import SeqLenSchedule
@@ -213,5 +222,47 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
                 f"data.curriculum length {length} does not divide the tokens per micro-batch "
                 f"(train.micro_batch_size x data.seq_len = {tokens_per_micro}); choose lengths that divide it"
             )
+        _check_sequence_split(par, length)
     accumulation_steps(t, dp)
     return dp
+
+
+def _check_pipeline(cfg: RunConfig) -> None:
+    par, model = cfg.parallel, cfg.model
+    stages = model.stage_patterns
+    if stages is not None and len(stages) != par.pipeline:
+        raise UserError(f"model.pattern {model.pattern!r} marks {len(stages)} pipeline stages with '|' but "
+                        f"parallel.pipeline={par.pipeline}; set parallel.pipeline={len(stages)} or change the '|'s")
+    units = len(model.layer_units())
+    if par.pipeline > units:
+        raise UserError(f"parallel.pipeline={par.pipeline} stages but the model has only {units} layers: a stage "
+                        f"would have no layers; use at most {units} stages")
+    if par.pipeline > 1 and par.zero_stage > 1:
+        raise UserError(f"parallel.zero_stage={par.zero_stage} with parallel.pipeline={par.pipeline}: DeepSpeed's "
+                        "pipeline engine runs ZeRO stage 0 or 1 only; set parallel.zero_stage=1")
+
+
+def _check_experts(cfg: RunConfig, dp: int) -> None:
+    par = cfg.parallel
+    if par.expert == 1:
+        return
+    problem = cfg.model.check_expert_parallel(par.expert)
+    if problem:
+        raise UserError(problem)
+    if (dp * par.context) % par.expert:
+        raise UserError(f"parallel.expert={par.expert} must divide data x context = {dp} x {par.context} (experts "
+                        "are spread over data-parallel ranks); change parallel.expert or the number of processes")
+    if par.zero_stage == 3:
+        raise UserError(f"parallel.expert={par.expert} with parallel.zero_stage=3: DeepSpeed's ZeRO-3 does not "
+                        "partition expert-parallel parameters; use parallel.zero_stage 0, 1 or 2")
+
+
+def _check_sequence_split(par: ParallelConfig, length: int) -> None:
+    """Each context-parallel rank holds ``length / context`` positions; sequence parallelism splits those over
+    the tensor-parallel ranks."""
+    split = par.context * (par.tensor if par.sequence_parallel else 1)
+    if length % split:
+        what = (f"parallel.context x parallel.tensor = {par.context} x {par.tensor} (sequence parallelism)"
+                if par.sequence_parallel and par.tensor > 1 else f"parallel.context={par.context}")
+        raise UserError(f"{what} does not divide the sequence length {length} (data.seq_len or a curriculum "
+                        f"length); choose a sequence length divisible by {split}")

@@ -13,6 +13,16 @@ layout-free initialisation.
 
 Inside, the residual stream is ``[s, b, d]`` (``[s / tp, b, d]`` under sequence parallelism); the
 conversion from and to batch-first happens only here.
+
+Context parallelism: the model takes whole sequences and keeps its rank's chunk (``input_stream``); the
+loss it returns is its rank's objective, whose mean over the context-parallel ranks is the sequence's
+mean loss (the rank's share of the summed token losses over the whole sequence's token count, times
+the context-parallel size), so that averaging gradients over data x context ranks gives the gradient of
+the batch's loss. Without labels it returns its chunk's logits.
+
+The pieces ``input_stream``, ``run_layers``, ``logits_local``, ``language_model_loss``,
+``auxiliary_loss`` and ``objective`` are what a pipeline stage runs a part of
+(``chimera.parallel.pipeline``); ``forward`` is all of them in one process.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from chimera.models.norms import RMSNorm
 from chimera.models.registry import SHARED_SYMBOLS
 from chimera.models.spec import Build
 from chimera.models.sublayer import Context, Sublayer
+from chimera.parallel.context import local_chunk, sum_over_context
 from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
 from chimera.parallel.layers import (
     ColumnParallel,
@@ -57,52 +68,84 @@ class CausalLM(nn.Module):
         self.activation_checkpointing = False
 
     def _build_layers(self, cfg: ModelConfig, build: Build) -> list[nn.Module]:
-        """One module per sublayer; a shared symbol makes a use of its block (fused with the sublayer after it
-        when its style feeds that one)."""
-        layers, symbols, style = [], iter(cfg.layers), cfg.style
-        for symbol in symbols:
-            if symbol not in SHARED_SYMBOLS:
-                layers.append(Sublayer(symbol, cfg, build))
+        """One module per unit of the pattern (``ModelConfig.layer_units``): a sublayer, or a use of a shared block
+        (fused with the sublayer after it when its style feeds that one)."""
+        layers = []
+        for unit in cfg.layer_units():
+            if unit[0] not in SHARED_SYMBOLS:
+                layers.append(Sublayer(unit, cfg, build))
                 continue
-            fed = Sublayer(next(symbols), cfg, build) if style.feeds_next else None
-            layers.append(style.build_use(self.shared[int(symbol)], int(symbol), fed, cfg, build))
+            fed = Sublayer(unit[1], cfg, build) if len(unit) > 1 else None
+            layers.append(cfg.style.build_use(self.shared[int(unit[0])], int(unit[0]), fed, cfg, build))
         return layers
 
-    def _logits_local(self, h: torch.Tensor, sequence_sharded: bool) -> torch.Tensor:
+    def input_stream(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Context]:
+        """Whole sequences ``[b, S]`` -> this rank's residual stream ``[s(/tp), b, d]`` (its context-parallel chunk,
+        its sequence-parallel shard of that) and the context every sublayer of the pass reads."""
+        docs = None if segment_ids is None else PackedDocuments.from_batch(segment_ids, position_ids, self.dims)
+        ids = local_chunk(input_ids, self.dims, 1)
+        x = self.numerics.embed(self.embed(ids)).transpose(0, 1).contiguous()  # [b, s, d] -> [s, b, d]
+        if self.dims.sequence_parallel:
+            x = scatter_sequence(x, self.dims)
+        return x, Context(embeddings=x, docs=docs)
+
+    def run_layers(self, x: torch.Tensor, context: Context, layers=None) -> torch.Tensor:
+        """``layers`` (default: all) in turn on the residual stream; recomputed in backward with activation
+        checkpointing."""
+        for layer in self.layers if layers is None else layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, context, use_reentrant=False)
+            else:
+                x = layer(x, context)
+        return x
+
+    def logits_local(self, h: torch.Tensor, sequence_sharded: bool | None = None) -> torch.Tensor:
         """``[s(/tp), b, d]`` -> this rank's vocabulary shard of the logits ``[s, b, V / tp]``."""
-        h = enter_tensor_parallel(self.final_norm(h), self.dims, sequence_sharded)
+        sharded = self.dims.sequence_parallel if sequence_sharded is None else sequence_sharded
+        h = enter_tensor_parallel(self.final_norm(h), self.dims, sharded)
         logits = torch.matmul(h, self.embed.weight.t()) if self.head is None else self.head(h)
         return self.numerics.logits(logits)
+
+    def language_model_loss(self, logits_local: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the mean next-token loss of whole-sequence ``labels [b, S]`` (positions labelled
+        ``IGNORE_INDEX`` left out): its chunk's summed losses over the whole sequence's count."""
+        targets = local_chunk(labels, self.dims, 1).transpose(0, 1).contiguous()
+        mask = targets != IGNORE_INDEX
+        losses = vocab_parallel_cross_entropy(logits_local, torch.where(mask, targets, 0), self.dims)
+        return (losses * mask).sum() / sum_over_context(mask.sum(), self.dims).clamp(min=1)
+
+    def auxiliary_loss(self, modules=None) -> torch.Tensor | None:
+        """The sum of the auxiliary losses of the last forward pass of the sublayers in ``modules`` (default: the
+        whole model) that produce one, e.g. a MoE router's; None if none does."""
+        found = [a for _, m in self._reporting(modules) if (a := m.auxiliary_loss()) is not None]
+        return sum(found[1:], found[0]) if found else None
+
+    def objective(self, shares: torch.Tensor) -> torch.Tensor:
+        """This rank's loss from its shares of the sequence's losses: their sum times the context-parallel size, so
+        that its mean over the context-parallel ranks is the sequence's loss."""
+        return shares * self.dims.cp
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``segment_ids`` / ``position_ids`` ``[b, s]`` (optional): several documents packed per sequence,
         kept apart (see ``chimera.models.documents``)."""
-        docs = None if segment_ids is None else PackedDocuments.from_batch(segment_ids, position_ids)
-        x = self.numerics.embed(self.embed(input_ids)).transpose(0, 1).contiguous()  # [b, s, d] -> [s, b, d]
-        if self.dims.sequence_parallel:
-            x = scatter_sequence(x, self.dims)
-        context = Context(embeddings=x, docs=docs)
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, context, use_reentrant=False)
-            else:
-                x = layer(x, context)
-        logits = self._logits_local(x, self.dims.sequence_parallel)  # [s, b, V / tp]
+        x, context = self.input_stream(input_ids, segment_ids, position_ids)
+        logits = self.logits_local(self.run_layers(x, context))  # [s, b, V / tp]
         if labels is None:
-            return gather_vocab(logits, self.dims).transpose(0, 1)  # [b, s, V]
-        targets = labels.transpose(0, 1).contiguous()
-        mask = targets != IGNORE_INDEX
-        losses = vocab_parallel_cross_entropy(logits, torch.where(mask, targets, 0), self.dims)
-        loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+            return gather_vocab(logits, self.dims).transpose(0, 1)  # [b, s, V] (this rank's chunk)
+        loss = self.language_model_loss(logits, labels)
         if self.training:  # auxiliary losses train (e.g. a router); validation reports the language-model loss alone
-            loss = loss + sum((a for _, m in self._reporting() if (a := m.auxiliary_loss()) is not None),
-                              torch.zeros((), device=loss.device))
-        return loss
+            auxiliary = self.auxiliary_loss()
+            loss = loss if auxiliary is None else loss + auxiliary
+        return self.objective(loss)
 
-    def _reporting(self) -> list[tuple[str, nn.Module]]:
-        """The sublayers that report an auxiliary loss or metrics (``auxiliary_loss()``, ``metrics()``)."""
-        return [(name, m) for name, m in self.named_modules() if hasattr(m, "auxiliary_loss") or hasattr(m, "metrics")]
+    def _reporting(self, modules=None) -> list[tuple[str, nn.Module]]:
+        """The sublayers (of ``modules``, default: the model) that report an auxiliary loss or metrics
+        (``auxiliary_loss()``, ``metrics()``)."""
+        roots = [self] if modules is None else modules
+        return [(name, m) for root in roots for name, m in root.named_modules()
+                if m is not self and (hasattr(m, "auxiliary_loss") or hasattr(m, "metrics"))]
 
     def training_metrics(self) -> dict:
         """What the last forward pass reports beyond the loss: each reporting sublayer's ``metrics()``, under
@@ -126,13 +169,13 @@ class CausalLM(nn.Module):
         context = Context(embeddings=x, position=pos)
         for layer, layer_state in zip(self.layers, state):
             x = layer.step(x, layer_state, context)
-        return gather_vocab(self._logits_local(x, False), self.dims)[0]
+        return gather_vocab(self.logits_local(x, False), self.dims)[0]
 
     # ---- size ---------------------------------------------------------------------------------
 
     def full_shapes(self) -> dict[str, torch.Size]:
         """Every parameter's full shape (all TP shards together)."""
-        return {n: full_shape(p, self.dims.tp) for n, p in self.named_parameters()}
+        return {n: full_shape(p, self.dims) for n, p in self.named_parameters()}
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (all TP shards)."""

@@ -46,10 +46,42 @@ class ModelCore(ModelFields):
     @property
     def layers(self) -> str:
         """The expanded layer pattern: one symbol per sublayer, stage boundaries removed."""
-        unit = self.pattern.replace("|", "")
+        return self.staged_pattern.replace("|", "")
+
+    @property
+    def staged_pattern(self) -> str:
+        """The expanded layer pattern with its pipeline stage boundaries ``|``: ``pattern`` repeated cyclically
+        (boundaries included) to ``num_layers`` sublayers; boundaries at either end dropped."""
         if self.num_layers is None:
-            return unit
-        return "".join(unit[i % len(unit)] for i in range(self.num_layers))
+            return self.pattern.strip("|")
+        out, count, i = [], 0, 0
+        while count < self.num_layers:
+            symbol = self.pattern[i % len(self.pattern)]
+            out.append(symbol)
+            count += symbol != "|"
+            i += 1
+        return "".join(out).strip("|")
+
+    @property
+    def stage_patterns(self) -> list[str] | None:
+        """The sublayers of each pipeline stage when the pattern marks stage boundaries with ``|`` (Megatron-Core's
+        hybrid-pattern convention), else None (stages are then cut by cost)."""
+        staged = self.staged_pattern
+        return staged.split("|") if "|" in staged else None
+
+    def layer_units(self, staged: bool = False) -> list[str]:
+        """The symbols of each module of the layer stack: one sublayer each, except that a use of a shared block
+        whose style feeds the next sublayer is one module with it (``'0m'``). With ``staged``, ``'|'`` entries
+        mark the pipeline stage boundaries of the pattern."""
+        feeds_next = self.style.feeds_next
+        units, pending = [], ""
+        for symbol in (self.staged_pattern if staged else self.layers):
+            if symbol in registry.SHARED_SYMBOLS and feeds_next:
+                pending = symbol
+                continue
+            units.append(pending + symbol)
+            pending = ""
+        return units
 
     @property
     def symbols(self) -> set[str]:
@@ -110,6 +142,19 @@ class ModelCore(ModelFields):
                 return problem
         return divisibility(tp, {"model.vocab_size": self.vocab_size})  # the embedding's and the head's rows
 
+    def check_expert_parallel(self, ep: int) -> str | None:
+        """What an expert-parallel size ``ep`` does not divide (a message), or None."""
+        rules = [(s, registry.sublayers()[s].check_expert_parallel) for s in self.kinds()]
+        rules = [(s, rule) for s, rule in rules if rule is not None]
+        if not rules:
+            return (f"parallel.expert={ep} but the model has no sublayer with experts (pattern {self.pattern!r}); "
+                    "set parallel.expert=1")
+        for symbol, rule in rules:
+            problem = rule(self.sublayer(symbol), ep)
+            if problem:
+                return problem
+        return None
+
     # ---- validation ------------------------------------------------------------------------------
 
     @model_validator(mode="after")
@@ -137,6 +182,13 @@ class ModelCore(ModelFields):
         if bad:
             allowed = ", ".join(f"'{k}' ({v})" for k, v in known.items())
             raise ValueError(f"unknown layer symbol(s) {bad} in pattern {self.pattern!r}; allowed: {allowed}")
+        if not self.pattern.replace("|", ""):
+            raise ValueError(f"pattern {self.pattern!r} has no sublayers")
+        stages = self.stage_patterns
+        if stages is not None and not all(stages):
+            empty = stages.index("")
+            raise ValueError(f"pattern {self.pattern!r}: pipeline stage {empty} has no layers (two '|' in a row); "
+                             "put at least one sublayer between stage boundaries")
 
     def _check_style_fields(self, data: dict) -> None:
         """A field only another shared-block style reads is a mistake (styles are alternatives)."""

@@ -3,6 +3,10 @@
 Weight ``[channels, k]`` (``w[:, k-1]`` multiplies the current input). TP splits channels (dim 0),
 so no communication; a conv over channels every rank holds whole (``split=False``) is replicated and
 its gradient is partial per rank. Decoding keeps the last ``k-1`` inputs as state.
+
+Context parallelism: a rank's first outputs read the ``k-1`` inputs before its chunk, which it receives
+from the rank(s) holding them (``chimera.parallel.context.halo``); before the sequence they are zeros,
+exactly the zero padding of the unsplit convolution.
 """
 
 import math
@@ -11,16 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chimera.parallel.context import halo
+from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
 from chimera.parallel.sharding import declare, zeros
 
 
 class CausalConv1d(nn.Module):
     def __init__(self, channels_local: int, kernel: int, *, bias: bool = True, split: bool = True,
-                 partial_grad_over_tp: bool = False):
+                 partial_grad_over_tp: bool = False, dims: ParallelDims = SINGLE_PROCESS):
         """``split``: the channels are this rank's shard of the full conv's (dim 0); otherwise every rank
-        holds the whole conv, with ``partial_grad_over_tp`` when each rank uses it for part of the output."""
+        holds the whole conv, with ``partial_grad_over_tp`` when each rank uses it for part of the output.
+        ``dims``: the layout, for the halo of the chunk before this rank's under context parallelism."""
         super().__init__()
-        self.kernel = kernel
+        self.kernel, self.dims = kernel, dims
         bound = 1.0 / math.sqrt(kernel)
         placement = {"split_dim": 0} if split else {"partial_grad_over_tp": partial_grad_over_tp}
         # [channels, k] and [channels]
@@ -28,21 +35,25 @@ class CausalConv1d(nn.Module):
                               init=lambda t, g: t.uniform_(-bound, bound, generator=g), **placement)
         self.bias = declare(nn.Parameter(torch.empty(channels_local)), init=zeros, **placement) if bias else None
 
-    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [s, b, c] -> [s, b, c]``; with ``segment_ids [s, b]`` no tap reaches into another document."""
-        if segment_ids is not None:
-            return self._forward_within_segments(x, segment_ids)
-        xc = x.permute(1, 2, 0)  # [b, c, s]
-        y = F.conv1d(F.pad(xc, (self.kernel - 1, 0)), self.weight.unsqueeze(1), self.bias, groups=xc.shape[1])
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
+        """``x [s, b, c] -> [s, b, c]``; with packed documents ``docs`` no tap reaches into another document."""
+        before = halo(x, self.kernel - 1, self.dims)  # [k-1, b, c]: zeros unless a chunk precedes this one
+        if docs is not None:
+            return self._forward_within_segments(torch.cat([before, x]), docs)
+        xc = torch.cat([before, x]).permute(1, 2, 0)  # [b, c, k - 1 + s]
+        y = F.conv1d(xc, self.weight.unsqueeze(1), self.bias, groups=xc.shape[1])
         return y.permute(2, 0, 1)
 
-    def _forward_within_segments(self, x: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-        """The definition as a sum over lags ``j``: ``w[:, k-1-j] * x_{t-j}``, kept only if same document."""
-        y = torch.zeros_like(x) if self.bias is None else self.bias.expand_as(x).clone()
+    def _forward_within_segments(self, x: torch.Tensor, docs) -> torch.Tensor:
+        """The definition as a sum over lags ``j``: ``w[:, k-1-j] * x_{t-j}``, kept only if same document.
+
+        ``x``: the chunk with the ``k-1`` inputs before it in front."""
+        s, lead = docs.segment_ids.shape[0], self.kernel - 1
+        segments = torch.cat([docs.preceding_segment_ids(lead), docs.segment_ids])  # [k - 1 + s, b]
+        y = torch.zeros_like(x[lead:]) if self.bias is None else self.bias.expand_as(x[lead:]).clone()
         for j in range(self.kernel):
-            shifted = F.pad(x, (0, 0, 0, 0, j, 0))[: x.shape[0]]
-            same = F.pad(segment_ids, (0, 0, j, 0), value=-1)[: x.shape[0]] == segment_ids
-            y = y + shifted * same.unsqueeze(-1) * self.weight[:, self.kernel - 1 - j]
+            same = segments[lead - j: lead - j + s] == docs.segment_ids
+            y = y + x[lead - j: lead - j + s] * same.unsqueeze(-1) * self.weight[:, self.kernel - 1 - j]
         return y
 
     def init_state(self, batch: int, device=None, dtype=None) -> torch.Tensor:

@@ -12,7 +12,12 @@ A file in ``models/mixers/`` (token mixers) or ``models/channels/`` (channel mix
   (a training-only loss of its last forward pass, which the LM adds: MoE's router losses) and
   ``metrics()`` (a dict for the metrics line, under ``<metrics_group>/<layer>/``);
 * ``check_tensor_parallel(config, tp)``: what a tensor-parallel size must divide (a message, or None);
-* ``context_parallel``: what it needs from earlier sequence shards when a sequence spans ranks.
+* ``context_parallel``: what it needs from earlier sequence shards when a sequence spans ranks;
+* ``check_expert_parallel(config, ep)`` (optional): for kinds with experts, what an expert-parallel size
+  must divide; a model none of whose kinds has it cannot use expert parallelism;
+* ``flops_per_token(config, s)`` (optional): forward FLOPs per token at sequence length ``s``, where they are
+  not ``2 x`` the sublayer's weights (attention's scores, a MoE's unvisited experts); pipeline stages are
+  balanced by it.
 
 A file in ``models/shared/`` ends with ``STYLE = SharedBlockStyle(...)``: one way of running a shared
 block (symbols ``0``, ``1``). ``chimera.models.registry`` finds them all; nothing else names them.
@@ -95,6 +100,10 @@ class SublayerSpec:
     build: Callable[[SublayerConfig, Build], nn.Module]
     check_tensor_parallel: Callable[[SublayerConfig, int], str | None]
     context_parallel: Callable[[SublayerConfig], ContextParallel]
+    # what an expert-parallel size must divide (a message), for kinds whose parameters split over experts
+    check_expert_parallel: Callable[[SublayerConfig, int], str | None] | None = None
+    # forward FLOPs per token at sequence length s (pipeline stage balancing); None: 2 x the sublayer's weights
+    flops_per_token: Callable[[SublayerConfig, int], float] | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ groups; ``ParallelDims()`` is one process with nothing split, which needs no pro
 
 A ``ParallelDims`` with ``tp > 1`` but no ``tp_group`` is one rank of a split *emulated* in one
 process: shards have that rank's shapes and every collective is the identity (the caller combines
-the ranks' results itself, as tests do).
+the ranks' results itself, as tests do). Context and expert parallelism always need their groups.
 """
 
 from __future__ import annotations
@@ -26,14 +26,18 @@ class ParallelDims:
     sequence_parallel: bool = False  # the residual stream is split over the tensor-parallel ranks along s
     pp: int = 1  # pipeline stages (this rank's stage: pp_rank)
     pp_rank: int = 0
-    cp: int = 1  # context parallel: ranks a sequence is split over
+    cp: int = 1  # context parallel: ranks a sequence is split over (chimera.parallel.context)
     cp_rank: int = 0
+    cp_group: dist.ProcessGroup | None = None
     ep: int = 1  # expert parallel: ranks the experts of one MoE layer are spread over
     ep_rank: int = 0
+    ep_group: dist.ProcessGroup | None = None
 
     def __post_init__(self):
-        if not 0 <= self.tp_rank < self.tp:
-            raise ValueError(f"tp_rank={self.tp_rank} is not a rank of tp={self.tp}")
+        for size, rank, name in ((self.tp, self.tp_rank, "tp"), (self.pp, self.pp_rank, "pp"),
+                                 (self.cp, self.cp_rank, "cp"), (self.ep, self.ep_rank, "ep")):
+            if not 0 <= rank < size:
+                raise ValueError(f"{name}_rank={rank} is not a rank of {name}={size}")
         if self.sequence_parallel and self.tp == 1:
             object.__setattr__(self, "sequence_parallel", False)  # nothing to split the sequence over
 
@@ -42,6 +46,12 @@ class ParallelDims:
         if n % self.tp:
             raise ValueError(f"tensor-parallel size {self.tp} does not divide {what}={n}")
         return n // self.tp
+
+    def local_experts(self, n: int) -> int:
+        """This rank's share of ``n`` experts split over the expert-parallel ranks."""
+        if n % self.ep:
+            raise ValueError(f"expert-parallel size {self.ep} does not divide the {n} experts")
+        return n // self.ep
 
     @property
     def communicates(self) -> bool:

@@ -47,10 +47,12 @@ def declare(
     *,
     init: Init,
     split_dim: int | None = None,
+    expert_dim: int | None = None,
     partial_grad_over_tp: bool = False,
     weight_decay: bool | None = None,
 ):
-    """Record how ``param`` is initialised (on its full shape) and how TP splits it.
+    """Record how ``param`` is initialised (on its full shape) and how it is split: over tensor-parallel ranks
+    along ``split_dim``, over expert-parallel ranks along ``expert_dim`` (its experts).
 
     ``weight_decay``: whether AdamW decays it; by default matrices do and vectors (norms, biases) don't.
     """
@@ -59,27 +61,50 @@ def declare(
     if split_dim is not None:
         for attr, value in (("tensor_model_parallel", True), ("partition_dim", split_dim), ("partition_stride", 1)):
             setattr(param, attr, value)  # megatron-core's attribute names, which DeepSpeed also reads
+    if expert_dim is not None:
+        if expert_dim == split_dim:
+            raise ValueError("a parameter's expert dim and tensor-parallel dim must differ")
+        param.expert_dim = expert_dim
     param.partial_grad_over_tp = partial_grad_over_tp
     return param
 
 
 def split_dim(param: torch.Tensor) -> int | None:
+    """The dim tensor parallelism splits ``param`` along, or None (replicated over TP ranks)."""
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
 
-def full_shape(param: torch.Tensor, tp_size: int) -> torch.Size:
-    shape = list(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the true shape in ds_shape
-    dim = split_dim(param)
-    if dim is not None:
-        shape[dim] *= tp_size
+def expert_dim(param: torch.Tensor) -> int | None:
+    """The dim expert parallelism splits ``param`` along (its experts), or None (not an expert parameter)."""
+    return getattr(param, "expert_dim", None)
+
+
+def local_shape(param: torch.Tensor) -> torch.Size:
+    return torch.Size(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the true shape in ds_shape
+
+
+def shard_box(param: torch.Tensor, dims: ParallelDims) -> tuple[tuple[int, int], ...]:
+    """The region of the full tensor this rank's ``param`` holds: ``(start, stop)`` per dim."""
+    shape = local_shape(param)
+    box = [(0, n) for n in shape]
+    for dim, rank in ((split_dim(param), dims.tp_rank), (expert_dim(param), dims.ep_rank)):
+        if dim is not None:
+            box[dim] = (rank * shape[dim], (rank + 1) * shape[dim])
+    return tuple(box)
+
+
+def full_shape(param: torch.Tensor, dims: ParallelDims) -> torch.Size:
+    """The shape of ``param``'s full tensor (all tensor- and expert-parallel shards together)."""
+    shape = list(local_shape(param))
+    for dim, size in ((split_dim(param), dims.tp), (expert_dim(param), dims.ep)):
+        if dim is not None:
+            shape[dim] *= size
     return torch.Size(shape)
 
 
-def shard_of(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    dim = split_dim(param)
-    if dim is None:
-        return full
-    return full.chunk(tp_size, dim=dim)[tp_rank]
+def shard_of(full: torch.Tensor, param: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """This rank's shard of ``param``'s full tensor."""
+    return full[tuple(slice(lo, hi) for lo, hi in shard_box(param, dims))]
 
 
 def _param_seed(seed: int, name: str) -> int:
@@ -98,7 +123,7 @@ def _fill(module: torch.nn.Module, dims: ParallelDims, full_of, device=None) -> 
     A parameter on the meta device is replaced by a real one (its declarations carried over); any other
     is filled in place. ``device``: where materialised parameters go (default: the CPU)."""
     for name, p in list(module.named_parameters()):
-        shard = shard_of(full_of(name, p), p, dims.tp_rank, dims.tp)
+        shard = shard_of(full_of(name, p), p, dims)
         if p.is_meta:
             data = shard.to(device=device, dtype=p.dtype).clone(memory_format=torch.contiguous_format)
             real = torch.nn.Parameter(data, requires_grad=p.requires_grad)
@@ -120,7 +145,7 @@ def initialize_parameters(module: torch.nn.Module, seed: int, dims: ParallelDims
         init = getattr(p, "full_init", None)
         if init is None:
             raise RuntimeError(f"parameter {name} was created without chimera.parallel.sharding.declare")
-        t = torch.empty(full_shape(p, dims.tp), dtype=torch.float32)
+        t = torch.empty(full_shape(p, dims), dtype=torch.float32)
         return init(t, torch.Generator().manual_seed(_param_seed(seed, name)))
 
     _fill(module, dims, full, device)
@@ -131,17 +156,17 @@ def full_state_dict(module: torch.nn.Module, dims: ParallelDims = SINGLE_PROCESS
                     ) -> dict[str, torch.Tensor]:
     """Full (unsharded) fp32 tensors of every parameter (or of ``of(param)``, e.g. its gradient), on CPU.
 
-    A collective over the TP group."""
+    A collective over the TP group (and the EP group, for expert parameters)."""
     out = {}
     for name, p in module.named_parameters():
         t = of(p).detach().float()
-        dim = split_dim(p)
-        if dim is not None and dims.tp > 1:
-            if not dims.communicates:
-                raise ValueError(f"{name}: gathering a split parameter needs the tensor-parallel group")
-            parts = [torch.empty_like(t) for _ in range(dims.tp)]
-            dist.all_gather(parts, t.contiguous(), group=dims.tp_group)
-            t = torch.cat(parts, dim=dim)
+        for dim, size, group in ((split_dim(p), dims.tp, dims.tp_group), (expert_dim(p), dims.ep, dims.ep_group)):
+            if dim is not None and size > 1:
+                if group is None:
+                    raise ValueError(f"{name}: gathering a split parameter needs its process group")
+                parts = [torch.empty_like(t) for _ in range(size)]
+                dist.all_gather(parts, t.contiguous(), group=group)
+                t = torch.cat(parts, dim=dim)
         out[name] = t.cpu().clone()
     return out
 
@@ -155,7 +180,7 @@ def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]
     if missing or unexpected:
         raise ValueError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, p in params.items():
-        if state[name].shape != full_shape(p, dims.tp):
+        if state[name].shape != full_shape(p, dims):
             raise ValueError(f"{name}: shape {tuple(state[name].shape)} but the model expects "
-                             f"{tuple(full_shape(p, dims.tp))}")
+                             f"{tuple(full_shape(p, dims))}")
     _fill(module, dims, lambda name, p: state[name], device)

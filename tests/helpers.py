@@ -91,17 +91,23 @@ def hf_round_trip(tmp_path, hf_model, vocab: int):
     return SimpleNamespace(ours=ours, back=back, ref=ref, on_disk=on_disk)
 
 
-def run_tp_layout(tmp_path, preset: str, tp: int, sequence_parallel: bool) -> dict:
-    """Logits, loss and full gradients of ``preset`` computed by ``tests/distributed/tp_worker.py`` on ``tp`` ranks."""
+def run_worker(out: Path, worker: str, nproc: int, *args) -> dict:
+    """Run ``tests/distributed/<worker>`` on ``nproc`` local ranks with ``args``; it saves its results (on rank 0)
+    to ``out``, which is returned loaded."""
     import torch
 
     from chimera.launch.local import launch
 
-    out = tmp_path / f"{preset}-tp{tp}-sp{int(sequence_parallel)}.pt"
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
-    worker = str(REPO / "tests/distributed/tp_worker.py")
-    assert launch(tp, [sys.executable, worker, preset, str(tp), str(int(sequence_parallel)), str(out)]) == 0
+    command = [sys.executable, str(REPO / "tests/distributed" / worker), *map(str, args)]
+    assert launch(nproc, command) == 0, f"{worker} on {nproc} ranks failed"
     return torch.load(out)
+
+
+def run_tp_layout(tmp_path, preset: str, tp: int, sequence_parallel: bool) -> dict:
+    """Logits, loss and full gradients of ``preset`` computed by ``tests/distributed/tp_worker.py`` on ``tp`` ranks."""
+    out = tmp_path / f"{preset}-tp{tp}-sp{int(sequence_parallel)}.pt"
+    return run_worker(out, "tp_worker.py", tp, preset, tp, int(sequence_parallel), out)
 
 
 def assert_same_numbers(got: dict, ref: dict) -> None:

@@ -46,6 +46,18 @@ The computation is split into small functions so that experts can later live on 
 Nothing between ``dispatch`` and ``combine`` looks at token indices, only at the grouped rows and
 per-expert counts, so the two all-to-alls slot in without touching either side.
 
+Expert parallelism (``chimera.parallel.experts``): ``W_gate``, ``W_up``, ``W_down`` split along their
+expert dim (0) over the expert-parallel ranks, ``E / ep`` experts each; the router and the shared expert
+are replicated. Each rank routes its own tokens (so capacity drops are decided where the tokens are, as
+without EP) and the two all-to-alls carry the grouped rows to the experts' ranks and back.
+
+Context parallelism (a sequence split over ranks): routing is per token, but the capacity and the
+auxiliary losses are defined over the whole micro-batch, so under it they use the whole sequence's
+counts: ``C`` from all ``T`` tokens, first come first served in sequence order (the assignments earlier
+ranks made to an expert come first), and ``f_e``, ``P_e``, ``z`` as means over all tokens. Each rank
+reports its share of the losses (the shares sum to the whole-sequence losses; ``chimera.models.causal_lm``
+turns shares into the rank's objective).
+
 Tensor parallelism: every expert is split like ``GatedMLP`` -- ``W_gate``, ``W_up`` by output rows
 of the hidden dim, ``W_down`` by input columns -- so each rank computes a partial ``E_i(x)``; the
 weighted sum over experts is linear, so the sum over ranks happens once, at the end (all-reduce,
@@ -73,7 +85,9 @@ from torch import nn
 from chimera.models.channels.mlp import ACTIVATIONS, Activation, GatedMLP
 from chimera.models.numerics import at_least_fp32
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
+from chimera.parallel.context import gather_counts, sum_over_context
 from chimera.parallel.dims import ParallelDims
+from chimera.parallel.experts import from_experts, to_experts
 from chimera.parallel.layers import leave_tensor_parallel
 from chimera.parallel.sharding import declare, normal
 
@@ -169,18 +183,23 @@ class Dispatch:
     routed: torch.Tensor  # [E] assignments routed to each expert before drops
 
 
-def dispatch_plan(experts: torch.Tensor, num_experts: int, capacity: int | None) -> Dispatch:
-    """Group the assignments by expert; beyond ``capacity`` per expert, drop the later tokens."""
+def dispatch_plan(experts: torch.Tensor, num_experts: int, capacity: int | None,
+                  taken: torch.Tensor | None = None) -> Dispatch:
+    """Group the assignments by expert; beyond ``capacity`` per expert, drop the later tokens.
+
+    ``taken [E]``: slots of each expert already used by earlier tokens of the sequence (context parallelism:
+    those of earlier ranks' chunks)."""
     top_k = experts.shape[-1]
     flat = experts.reshape(-1)  # index t * k + slot: token order
     order = torch.argsort(flat, stable=True)  # expert-major; stable keeps token order within an expert
     routed = torch.bincount(flat, minlength=num_experts)
     counts = routed
     if capacity is not None:
+        room = capacity - (0 if taken is None else taken)
         starts = torch.cumsum(routed, 0) - routed
         rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-        order = order[rank_in_expert < capacity]
-        counts = routed.clamp(max=capacity)
+        order = order[rank_in_expert < torch.as_tensor(room, device=flat.device).expand(num_experts)[flat[order]]]
+        counts = torch.minimum(routed, torch.as_tensor(room, device=flat.device).clamp(min=0))
     return Dispatch(assignment=order, token=order // top_k, counts=counts, routed=routed)
 
 
@@ -234,12 +253,14 @@ class MoE(nn.Module):
         declare(self.router.weight, init=normal(init_std), partial_grad_over_tp=dims.tp > 1)
 
         def expert_param(shape, std, split_dim):
-            return declare(nn.Parameter(torch.empty(shape)), init=normal(std), split_dim=split_dim)
+            return declare(nn.Parameter(torch.empty(shape)), init=normal(std), split_dim=split_dim, expert_dim=0)
 
-        # [E, hidden / tp, d] (split dim 1) and [E, d, hidden / tp] (split dim 2): the hidden dim.
-        self.gate_weight = expert_param((num_experts, hidden_local, d_model), init_std, 1)
-        self.up_weight = expert_param((num_experts, hidden_local, d_model), init_std, 1)
-        self.down_weight = expert_param((num_experts, d_model, hidden_local), out_std, 2)
+        # [E / ep, hidden / tp, d] and [E / ep, d, hidden / tp]: experts split along dim 0 (expert parallel), the
+        # hidden dim along dim 1 and 2 (tensor parallel).
+        experts_local = dims.local_experts(num_experts)
+        self.gate_weight = expert_param((experts_local, hidden_local, d_model), init_std, 1)
+        self.up_weight = expert_param((experts_local, hidden_local, d_model), init_std, 1)
+        self.down_weight = expert_param((experts_local, d_model, hidden_local), out_std, 2)
         # The always-on shared expert (None: none): a gated MLP of width shared_hidden, split as such.
         self.shared_expert = None if shared_hidden is None else GatedMLP(
             d_model, shared_hidden, init_std=init_std, out_std=out_std, dims=dims, activation=activation)
@@ -257,26 +278,39 @@ class MoE(nn.Module):
         s, b, d = x.shape
         flat = x.reshape(s * b, d)
         routing = route(self.router_logits(flat), self.top_k, self.normalize_top_k)
-        capacity = capacity_of(self.capacity_factor, s * b, self.top_k, self.num_experts)
-        plan = dispatch_plan(routing.experts, self.num_experts, capacity)
+        plan = self._plan(routing.experts, s * b)
 
-        counts = plan.counts.tolist()  # split sizes (one host sync, as in any dropless MoE)
-        expert_out = run_experts(dispatch(flat, plan), counts, self.gate_weight, self.up_weight,
-                                 self.down_weight, self.act)
-        y = combine(expert_out, routing.weights, plan, s * b).view(s, b, d)
+        routed = to_experts(dispatch(flat, plan), plan.counts, self.dims)  # expert parallel: to the experts' ranks
+        expert_out = run_experts(routed.rows, routed.counts, self.gate_weight, self.up_weight, self.down_weight,
+                                 self.act)
+        y = combine(from_experts(expert_out, routed, self.dims), routing.weights, plan, s * b).view(s, b, d)
 
         self._record_losses(routing, plan)
         y = leave_tensor_parallel(y, self.dims, self.dims.sequence_parallel)  # the sum over TP ranks, once
         return y if self.shared_expert is None else y + self.shared_expert(x)
 
+    def _plan(self, experts: torch.Tensor, tokens: int) -> Dispatch:
+        """The dispatch of this rank's tokens; under context parallelism the capacity is the whole sequence's and
+        the earlier chunks' assignments come first."""
+        cp = self.dims.cp
+        capacity = capacity_of(self.capacity_factor, tokens * cp, self.top_k, self.num_experts)
+        if capacity is None or cp == 1:
+            return dispatch_plan(experts, self.num_experts, capacity)
+        routed = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+        taken = gather_counts(routed, self.dims)[: self.dims.cp_rank].sum(0)  # by the chunks before this one
+        return dispatch_plan(experts, self.num_experts, capacity, taken)
+
     def _record_losses(self, routing: Routing, plan: Dispatch) -> None:
-        load = plan.routed.to(torch.float32) / routing.experts.numel()
-        aux = load_balancing_loss(routing.probs, load)
-        z = router_z_loss(routing.logits)
+        """The router losses over the whole micro-batch (every context-parallel chunk); this rank's share."""
+        assignments = sum_over_context(torch.tensor(routing.experts.numel(), device=plan.routed.device), self.dims)
+        load = sum_over_context(plan.routed, self.dims).to(torch.float32) / assignments  # f_e, whole sequence
+        share = routing.experts.shape[0] * self.top_k / assignments  # this chunk's fraction of the tokens
+        aux = load_balancing_loss(routing.probs, load) * share  # E sum_e f_e P_e, P_e summed over chunks
+        z = router_z_loss(routing.logits) * share
         total = self.aux_loss_coef * aux + self.z_loss_coef * z
         self.last_aux_loss = _scale_grad(total, 1.0 / self.dims.tp)  # see the module docstring (TP)
         self.last_load = load
-        dropped = 1.0 - plan.counts.sum() / routing.experts.numel()
+        dropped = 1.0 - sum_over_context(plan.counts.sum(), self.dims) / assignments
         stats = torch.stack([t.detach().to(aux.dtype) for t in (aux, z, load.max(), load.min(), dropped)])
         self.last_stats = dict(zip(("aux_loss", "z_loss", "expert_load_max", "expert_load_min", "dropped_fraction"),
                                    stats.tolist()))
@@ -289,7 +323,9 @@ class MoE(nn.Module):
         return self.last_aux_loss
 
     def metrics(self) -> dict:
-        """The last forward pass's router losses and expert load, for the metrics line."""
+        """The last forward pass's router losses and expert load, for the metrics line (none before one)."""
+        if self.last_load is None:
+            return {}
         return {**self.last_stats, "expert_load": [round(float(x), 5) for x in self.last_load]}
 
     def init_state(self, batch: int, max_len: int):
@@ -306,6 +342,19 @@ def build(c: MoEConfig, b: Build) -> MoE:
                shared_hidden=c.moe_shared_hidden)
 
 
+def check_expert_parallel(c: MoEConfig, ep: int) -> str | None:
+    """Whole experts on each rank."""
+    return None if c.moe_experts % ep == 0 else (
+        f"parallel.expert={ep} does not divide model.moe_experts={c.moe_experts}; choose a divisor of "
+        f"{c.moe_experts}")
+
+
+def flops_per_token(c: MoEConfig, seq_len: int) -> float:
+    """2 x the weights a token meets: the router, its ``top_k`` experts and the shared expert."""
+    gated_mlp = 3 * c.d_model
+    return 2.0 * (c.d_model * c.moe_experts + gated_mlp * (c.moe_top_k * c.moe_hidden + (c.moe_shared_hidden or 0)))
+
+
 def check_tensor_parallel(c: MoEConfig, tp: int) -> str | None:
     """Every expert (and the shared expert) splits its hidden dim, like the gated MLP."""
     widths = {"model.moe_hidden": c.moe_hidden}
@@ -317,4 +366,5 @@ def check_tensor_parallel(c: MoEConfig, tp: int) -> str | None:
 SPECS = (SublayerSpec(
     "E", "mixture of experts (gated-MLP experts, top-k router; with moe_shared_hidden also an always-on shared "
     "expert whose output is added to the routed experts', as in Granite-4.0-H / Qwen-MoE / DeepSeek-MoE)",
-    MoEConfig, build, check_tensor_parallel, lambda c: ContextParallel("token")),)
+    MoEConfig, build, check_tensor_parallel, lambda c: ContextParallel("token"),
+    check_expert_parallel=check_expert_parallel, flops_per_token=flops_per_token),)

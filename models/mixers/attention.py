@@ -19,8 +19,13 @@ split too when TP divides their number; otherwise (MQA: one kv head) every rank 
 heads and their projection's gradient, partial per rank, is summed over TP.
 
 Decoding keeps keys/values in a ring buffer of ``window`` slots (local) or ``max_len`` slots
-(global): memory is bounded by the window for local attention. Context parallelism: local
-attention needs the ``window - 1`` positions before a shard, global attention all earlier keys/values.
+(global): memory is bounded by the window for local attention.
+
+Context parallelism (``chimera.parallel.context``; a rank holds one chunk of the sequence): queries stay
+on their rank, keys and values come from the chunks they may see. Global attention gathers every
+chunk's keys and values (an all-gather; causal masking by sequence position hides the later ones);
+local attention receives only the ``window - 1`` positions before its chunk (a halo from the rank(s)
+before). Keys get RoPE on the rank that computes them, at their own positions.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
+from chimera.parallel.context import chunk_start, gather_sequence, halo
 from chimera.parallel.dims import ParallelDims
 from chimera.parallel.layers import ColumnParallel, RowParallel
 from chimera.parallel.sharding import declare, normal, zeros
@@ -88,6 +94,7 @@ class Attention(nn.Module):
                  in_features: int | None = None):
         super().__init__()
         d_in = in_features or d_model
+        self.dims = dims
         self.head_dim, self.window, self.scale = head_dim, window, scale
         self.heads_local = dims.local(num_heads, "num_heads")
         self.rope_base = rope_base
@@ -133,23 +140,37 @@ class Attention(nn.Module):
         return o.permute(2, 0, 1, 3).flatten(-2)  # [s, b, heads * d_head]
 
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """The mask M: key s visible from query t iff t - window < s <= t."""
+        """The mask M: key s visible from query t iff t - window < s <= t (and s is a position, s >= 0)."""
         diff = q_pos[:, None] - k_pos[None, :]
-        allowed = diff >= 0
+        allowed = (diff >= 0) & (k_pos >= 0)[None, :]
         if self.window is not None:
             allowed &= diff < self.window
         return allowed
 
     def forward(self, x: torch.Tensor, docs=None, lora=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
         """``docs``: packed documents; a token then sees only its own document, at in-document positions."""
-        pos = torch.arange(x.shape[0], device=x.device)
-        if docs is None:
-            q, k, v = self._project(x, pos, lora)
-            return self.o_proj(self._attend(q, k, v, self.visible(pos, pos)))
-        q, k, v = self._project(x, docs.position_ids.t().unsqueeze(1), lora)  # positions [b, 1, s]
-        seg = docs.segment_ids.t()  # [b, s]
-        allowed = self.visible(pos, pos) & (seg[:, :, None] == seg[:, None, :])  # [b, s, s]
-        return self.o_proj(self._attend(q, k, v, allowed.unsqueeze(1)))
+        pos = chunk_start(x.shape[0], self.dims) + torch.arange(x.shape[0], device=x.device)  # sequence positions
+        q, k, v = self._project(x, pos if docs is None else docs.position_ids.t().unsqueeze(1), lora)  # RoPE
+        k, v, k_pos = self._keys_values(k, v, pos)
+        allowed = self.visible(pos, k_pos)  # [s, s_k]
+        if docs is not None:  # a token sees only its own document
+            k_seg = docs.all_segment_ids.index_select(0, k_pos.clamp(min=0)).t()  # [b, s_k] (k_pos < 0: masked)
+            allowed = (allowed & (docs.segment_ids.t()[:, :, None] == k_seg[:, None, :])).unsqueeze(1)
+        return self.o_proj(self._attend(q, k, v, allowed))
+
+    def _keys_values(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """The keys and values ``[b, heads, s_k, d]`` this rank's queries (at sequence positions ``pos``) may see,
+        and their positions ``[s_k]``: without context parallelism this chunk's own; under it, every chunk's (global
+        attention) or the ``window - 1`` positions before this chunk, then its own (local attention)."""
+        dims = self.dims
+        if dims.cp == 1:
+            return k, v, pos
+        if self.window is None:
+            k_pos = torch.arange(pos.shape[0] * dims.cp, device=pos.device)
+            return gather_sequence(k, dims, dim=2), gather_sequence(v, dims, dim=2), k_pos
+        n = self.window - 1
+        k_pos = torch.cat([pos[0] - n + torch.arange(n, device=pos.device), pos])
+        return torch.cat([halo(k, n, dims, dim=2), k], 2), torch.cat([halo(v, n, dims, dim=2), v], 2), k_pos
 
     def init_state(self, batch: int, max_len: int):
         slots = min(self.window, max_len) if self.window is not None else max_len

@@ -55,6 +55,8 @@ With heads, TP splits them (TP divides ``H``): a rank's channels are whole heads
 
 Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.models.scan``) over
 ``[s, b, d_inner, N]`` in fp32; ``step`` advances one token with O(1) state (conv window + h).
+Context parallelism carries that state between sequence chunks: the conv's inputs as a halo, ``h``
+combined from the earlier chunks' (decay product, final state) pairs (``chimera.parallel.context``).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
 from chimera.models.scan import linear_scan
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
+from chimera.parallel.context import linear_scan_across
 from chimera.parallel.dims import ParallelDims
 from chimera.parallel.layers import ColumnParallel, RowParallel, enter_tensor_parallel
 from chimera.parallel.sharding import declare, normal, ones
@@ -155,7 +158,7 @@ class MambaMixer(nn.Module):
         self.in_proj_x = ColumnParallel(d_model, self.d_inner, dims, init=normal(init_std), bias=bias)
         self.in_proj_z = ColumnParallel(d_model, self.d_inner, dims, init=normal(init_std), bias=bias)
         # weight [d_inner / tp, d_conv], bias [d_inner / tp]: split along dim 0 (d_inner)
-        self.conv1d = CausalConv1d(inner_local, d_conv, bias=conv_bias)
+        self.conv1d = CausalConv1d(inner_local, d_conv, bias=conv_bias, dims=dims)
         if not self.multi_head:
             # [dt_rank + 2 N, d_inner / tp]: split along dim 1 (d_inner); output all-reduced over TP. The
             # input is this rank's full sequence (inside the mixer), so no sequence-parallel reduce-scatter.
@@ -218,11 +221,11 @@ class MambaMixer(nn.Module):
         """``docs``: packed documents (``chimera.models.documents``); state never crosses a boundary."""
         z = self.in_proj_z(x)
         xi = self.in_proj_x(x)
-        xc = F.silu(self.conv1d(xi) if docs is None else self.conv1d(xi, docs.segment_ids))
+        xc = F.silu(self.conv1d(xi, docs))
         dA, dBx, C, xf = self._ssm_inputs(xc)  # [s, b, H, P, N]
         if docs is not None:
             dA = dA.masked_fill(docs.starts[..., None, None, None], 0.0)  # h_{t-1} dropped at a document's start
-        h = linear_scan(dA, dBx)  # (2a) for all t
+        h = linear_scan_across(linear_scan, dA, dBx, self.dims)[0]  # (2a) for all t (of this rank's chunk)
         return self._output(h, C, xf, z)
 
     def init_state(self, batch: int, max_len: int):

@@ -39,7 +39,9 @@ divides ``d_inner``, ``n_groups`` divides the number of heads, TP divides the nu
 Reference: ``forward`` runs the chunked SSD algorithm (Sec. 6, Listing 1) in fp32: within a chunk
 the quadratic "masked attention" form with a segment-sum decay matrix, between chunks the state
 recurrence by a parallel scan over chunks (``chimera.models.scan``); no loop over tokens. ``step``
-advances one token with O(1) state (conv windows + the ``[H, P, N]`` SSM state).
+advances one token with O(1) state (conv windows + the ``[H, P, N]`` SSM state). Context parallelism
+carries exactly that state between sequence chunks on different ranks: the convs' inputs as halos, and
+the SSM state continuing the scan over chunks across ranks (``chimera.parallel.context``).
 
 Packed documents: the convs keep their taps within a document and the SSM's decay is 0 at a
 document's first token (its log is ``-inf``), so the state never crosses a boundary.
@@ -58,7 +60,8 @@ from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
 from chimera.models.scan import linear_scan
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec
-from chimera.parallel.dims import ParallelDims
+from chimera.parallel.context import linear_scan_across
+from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
 from chimera.parallel.layers import ColumnParallel, RowParallel, sum_over_tensor_parallel
 from chimera.parallel.sharding import declare, normal, ones, zeros
 
@@ -120,13 +123,15 @@ def segsum(log_a: torch.Tensor) -> torch.Tensor:
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
-        reset: torch.Tensor | None = None) -> torch.Tensor:
+        reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS) -> torch.Tensor:
     """``y_t = C_t . h_t`` of ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`` for a whole sequence, chunked.
 
     ``x [s, b, h, p]``, ``dt [s, b, h]``, ``A [h]``, ``B, C [s, b, h, n]`` -> ``y [s, b, h, p]``;
     ``reset [s, b]`` marks tokens where ``h_{t-1}`` is dropped (decay 0). The skip ``D x`` is not added.
     Inside, tensors are ``[b, h, c, q, ...]`` (chunk ``c``, position ``q`` in it), so that every contraction
     is a batched matmul over ``(b, h, c)`` without further copies; states are held as ``[n, p]``.
+    Under context parallelism ``x`` ... ``C`` are this rank's part of the sequence; the scan between chunks
+    (step 3) continues from the state the earlier ranks' chunks leave (``chimera.parallel.context``).
     """
     s = x.shape[0]
     log_a = dt * A  # log of the decay, <= 0
@@ -150,8 +155,10 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
 
     # 3. Between chunks: h_end[c] = (prod of chunk c's decays) h_end[c-1] + chunk_states[c].
     cum = log_a.cumsum(-1)  # [b, h, c, q]: log prod_{k <= l} a_k
-    ends = linear_scan(torch.exp(cum[..., -1]).movedim(2, 0)[..., None, None], chunk_states.movedim(2, 0))
-    entering = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]]).movedim(0, 2)  # the state before each chunk
+    ends, first = linear_scan_across(linear_scan, torch.exp(cum[..., -1]).movedim(2, 0)[..., None, None],
+                                     chunk_states.movedim(2, 0), dims)
+    first = torch.zeros_like(ends[:1]) if first is None else first.unsqueeze(0)  # the state before the 1st chunk
+    entering = torch.cat([first, ends[:-1]]).movedim(0, 2)  # the state before each chunk
 
     # 4. The entering state read out inside the chunk: y_l += (prod_{k <= l} a_k) C_l . h_entering.
     y = y + (C @ entering) * torch.exp(cum).unsqueeze(-1)
@@ -200,10 +207,10 @@ class Mamba2Mixer(nn.Module):
         self.in_proj_dt = ColumnParallel(d_model, n_heads, dims, init=normal(init_std), bias=bias)
 
         # [d_inner / tp, k] and [d_inner / tp]: split along dim 0, with the heads.
-        self.conv_x = CausalConv1d(self.heads_local * head_dim, d_conv, bias=conv_bias)
+        self.conv_x = CausalConv1d(self.heads_local * head_dim, d_conv, bias=conv_bias, dims=dims)
         # [2 G N / tp, k] and [2 G N / tp]: split along dim 0 by group, or replicated like in_proj_bc.
         self.conv_bc = CausalConv1d(2 * n_slots * d_state, d_conv, bias=conv_bias, split=groups_split,
-                                    partial_grad_over_tp=dims.tp > 1)
+                                    partial_grad_over_tp=dims.tp > 1, dims=dims)
 
         def head_param(init):  # [H / tp]: split along dim 0, with the heads; never weight-decayed
             return declare(nn.Parameter(torch.empty(self.heads_local)), init=init, split_dim=0, weight_decay=False)
@@ -253,12 +260,12 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
         """``docs``: packed documents (``chimera.models.documents``); state never crosses a boundary."""
-        seg, reset = (None, None) if docs is None else (docs.segment_ids, docs.starts)
+        reset = None if docs is None else docs.starts
         z, xs, bc, dt = self._project(x)
-        xs, bc = F.silu(self.conv_x(xs, seg)), F.silu(self.conv_bc(bc, seg))
+        xs, bc = F.silu(self.conv_x(xs, docs)), F.silu(self.conv_bc(bc, docs))
         xh, B, C, dt = self._ssm_inputs(xs, bc, dt)
         A = -torch.exp(at_least_fp32(self.A_log))
-        y = ssd(xh, dt, A, B, C, self.chunk_size, reset) + self.D.unsqueeze(-1) * xh
+        y = ssd(xh, dt, A, B, C, self.chunk_size, reset, self.dims) + self.D.unsqueeze(-1) * xh
         return self.out_proj(self._gated_norm(y.flatten(-2), z))
 
     def init_state(self, batch: int, max_len: int):

@@ -22,7 +22,9 @@ per channel, so it needs no communication.
 
 Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.models.scan``);
 ``step`` advances one token with O(1) state (conv window + h), which is also what context
-parallelism carries from one sequence shard to the next.
+parallelism carries from one sequence shard to the next: the conv's ``k - 1`` inputs as a halo, and
+``h`` entering the chunk, combined from the earlier chunks' (decay product, final state) pairs
+(``chimera.parallel.context``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
 from chimera.models.scan import linear_scan
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
+from chimera.parallel.context import linear_scan_across
 from chimera.parallel.dims import ParallelDims
 from chimera.parallel.layers import ColumnParallel, RowParallel
 from chimera.parallel.sharding import declare, normal, zeros
@@ -78,6 +81,7 @@ class RGLRU(nn.Module):
 
     def __init__(self, width: int, heads: int, dims: ParallelDims, reset_unnormalized: bool = False):
         super().__init__()
+        self.dims = dims
         self.reset_unnormalized = reset_unnormalized
         self.heads_local = dims.local(heads, "rnn_heads")
         self.block = width // heads
@@ -113,13 +117,14 @@ class RGLRU(nn.Module):
     def forward(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, w]
         """All states; ``reset [s, b]`` marks a document's first token, where ``h_{t-1}`` is dropped.
 
-        The sequence's first token always starts a document."""
+        The sequence's first token always starts a document (under context parallelism: only the first
+        chunk's first token; later chunks continue the state of the chunks before them)."""
         first = torch.zeros(u.shape[:2], dtype=torch.bool, device=u.device)
-        first[0] = True
+        first[0] = self.dims.cp_rank == 0
         reset = first if reset is None else reset | first
         a, b = self.coefficients(at_least_fp32(u), reset)
         a = a.masked_fill(reset.unsqueeze(-1), 0.0)
-        return linear_scan(a, b).to(u.dtype)  # (4)
+        return linear_scan_across(linear_scan, a, b, self.dims)[0].to(u.dtype)  # (4)
 
     def step(self, u: torch.Tensor, h: torch.Tensor, first: bool = False) -> torch.Tensor:  # [b, w] -> [b, w]
         reset = torch.full(u.shape[:1], first, dtype=torch.bool, device=u.device)
@@ -137,7 +142,7 @@ class RecurrentBlock(nn.Module):
         # W_y, W_x [width / tp, d]: split along dim 0 (channels, whole heads)
         self.linear_y = ColumnParallel(d_model, width, dims, init=normal(init_std), bias=bias)
         self.linear_x = ColumnParallel(d_model, width, dims, init=normal(init_std), bias=bias)
-        self.conv = CausalConv1d(width_local, conv_kernel)  # [width / tp, k]: split along dim 0
+        self.conv = CausalConv1d(width_local, conv_kernel, dims=dims)  # [width / tp, k]: split along dim 0
         self.rglru = RGLRU(width, heads, dims, reset_unnormalized)
         # W_out [d, width / tp]: split along dim 1; output all-reduced (or reduce-scattered)
         self.linear_out = RowParallel(width, d_model, dims, init=normal(out_std), bias=bias)
@@ -148,7 +153,7 @@ class RecurrentBlock(nn.Module):
         if docs is None:
             u = self.rglru(self.conv(self.linear_x(x)))
         else:
-            u = self.rglru(self.conv(self.linear_x(x), docs.segment_ids), reset=docs.starts)
+            u = self.rglru(self.conv(self.linear_x(x), docs), reset=docs.starts)
         return self.linear_out(y * u)
 
     def init_state(self, batch: int, max_len: int):

@@ -147,11 +147,12 @@ def check(cfg) -> None:
     if any(block != BLOCK for block in cfg.shared_blocks):
         raise ValueError(f"shared_block_style zamba runs an attention+MLP block: every entry of shared_blocks must "
                          f"be {BLOCK!r}, not {cfg.shared_blocks}")
-    layers = cfg.layers
+    layers = cfg.staged_pattern  # with pipeline stage boundaries: a use and the sublayer it feeds stay together
     for i, symbol in enumerate(layers):
-        if symbol in SHARED_SYMBOLS and (i + 1 == len(layers) or layers[i + 1] in SHARED_SYMBOLS):
+        if symbol in SHARED_SYMBOLS and (i + 1 == len(layers) or layers[i + 1] in SHARED_SYMBOLS + "|"):
             raise ValueError(f"shared_block_style zamba: shared symbol {symbol!r} at position {i} of "
-                             f"{layers!r} must be followed by the sublayer it feeds (e.g. '0m')")
+                             f"{layers!r} must be followed by the sublayer it feeds (e.g. '0m'), in the same "
+                             "pipeline stage")
 
 
 def check_tensor_parallel(config: ZambaStyleConfig, tp: int) -> str | None:

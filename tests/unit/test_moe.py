@@ -194,11 +194,11 @@ def test_tensor_parallel_emulated(single_process):
     state = full_state_dict(full)
     ranks = []
     for r in range(2):
-        m = MoE(8, 16, 4, 2, init_std=0.5, out_std=0.5, dims=ParallelDims(tp=2, tp_rank=r), z_loss_coef=0.05,
-                aux_loss_coef=0.1).double()
+        dims = ParallelDims(tp=2, tp_rank=r)
+        m = MoE(8, 16, 4, 2, init_std=0.5, out_std=0.5, dims=dims, z_loss_coef=0.05, aux_loss_coef=0.1).double()
         with torch.no_grad():
             for name, p in m.named_parameters():
-                p.copy_(shard_of(state[name], p, r, 2))
+                p.copy_(shard_of(state[name], p, dims))
         ranks.append(m)
     assert ranks[0].router.weight.partial_grad_over_tp and not full.router.weight.partial_grad_over_tp
     assert ranks[0].down_weight.partition_dim == 2 and ranks[0].gate_weight.shape == (4, 8, 8)
