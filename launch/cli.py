@@ -1,6 +1,6 @@
 """The ``chimera`` command.
 
-    chimera train CONFIG --run-dir DIR [--set a.b=c ...] [--nproc N]
+    chimera train CONFIG --run-dir DIR [--set a.b=c ...] [--nproc N] [--dry-run]
     chimera models
     chimera generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P]
     chimera import-hf HF_DIR --out DIR
@@ -47,6 +47,11 @@ def cmd_train(args) -> int:
     if in_worker and args.nproc not in (1, world):
         raise UserError(f"--nproc {args.nproc} inside a launched job of {world} processes; drop --nproc")
     validate_layout(cfg, world)
+    if args.dry_run:
+        from chimera.trainer.plan import format_plan, memory_plan
+
+        print(format_plan(memory_plan(cfg, world), cfg))
+        return 0
     if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
         raise UserError(f"--run-dir {args.run_dir!r} exists and is not a directory")
     latest_checkpoint(args.run_dir)  # a broken checkpoint pointer fails here, before any process starts
@@ -147,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", required=True,
                    help="where checkpoints and metrics go; resumes if it holds a checkpoint")
     t.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="override a config field")
-    t.add_argument("--nproc", type=int, default=1, help="local worker processes")
+    t.add_argument("--nproc", type=int, default=1, help="local worker processes (with --dry-run: the world size)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the per-rank memory plan (parameters, gradients, optimizer, activations, pipeline "
+                        "bubble) for this config and --nproc ranks, and start nothing")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("models", help="list model presets with their parameter counts")

@@ -49,7 +49,7 @@ from chimera.parallel.layers import (
     scatter_sequence,
     vocab_parallel_cross_entropy,
 )
-from chimera.parallel.sharding import full_shape, initialize_parameters, load_full_state_dict, normal
+from chimera.parallel.sharding import fill_shards, full_shape, initialize_parameters, load_full_state_dict, normal
 
 
 class CausalLM(nn.Module):
@@ -183,18 +183,23 @@ class CausalLM(nn.Module):
 
 
 def build_model(cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS, *, seed: int, device=None,
-                weights: dict[str, torch.Tensor] | None = None) -> CausalLM:
+                weights=None, parts: list[str] | None = None) -> CausalLM:
     """The model for ``dims``, built on the meta device; then only this rank's shards are materialised (on
-    ``device``), each drawn from the layout-free init of (``seed``, parameter name), or cut from the full
-    tensors ``weights``. Gradients declared partial over TP are summed as they are produced."""
+    ``device``), each drawn from the layout-free init of (``seed``, parameter name), or from ``weights``: full
+    tensors by name, or a function ``(name, parameter) -> this rank's shard`` (e.g. read from a checkpoint).
+    ``parts``: the submodules to materialise (a pipeline stage's; default all), the rest stays on the meta device.
+    Gradients declared partial over TP are summed as they are produced."""
     with torch.device("meta"):
         model = CausalLM(cfg, dims)
     if weights is None:
-        initialize_parameters(model, seed, dims, device)
+        initialize_parameters(model, seed, dims, device, parts)
+    elif callable(weights):
+        fill_shards(model, dims, weights, device, parts)
     else:
-        load_full_state_dict(model, weights, dims, device)
+        load_full_state_dict(model, weights, dims, device, parts)
     if device is not None:
-        model.to(device)  # the index buffers, built on the CPU
+        for part in parts or [""]:
+            model.get_submodule(part).to(device)  # the index buffers, built on the CPU
     register_partial_grad_hooks(model, dims)
     return model
 

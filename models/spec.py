@@ -124,3 +124,5 @@ class SharedBlockStyle:
     feeds_next: bool
     check: Callable[[ModelConfig], None]
     check_tensor_parallel: Callable[[SublayerConfig, int], str | None]
+    reads_embeddings: bool = False  # reads the model's input embeddings (``Context.embeddings``): pipeline stages
+    # must then carry them

@@ -177,6 +177,8 @@ def register_partial_grad_hooks(module: nn.Module, dims: ParallelDims) -> int:
 
     n = 0
     for p in module.parameters():
+        if p.is_meta:  # another pipeline stage's
+            continue
         if getattr(p, "partial_grad_over_tp", False) and not getattr(p, "_partial_grad_hooked", False):
             p.register_hook(allreduce)
             p._partial_grad_hooked = True

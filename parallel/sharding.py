@@ -17,7 +17,7 @@ Which shard a rank holds comes from the ``ParallelDims`` the model was built for
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -116,14 +116,28 @@ def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (module.get_submodule(path) if path else module), leaf
 
 
+def held(names: Iterable[str], parts: Iterable[str] | None) -> set[str]:
+    """The parameter ``names`` inside the submodules ``parts`` (qualified names; None: all of them)."""
+    if parts is None:
+        return set(names)
+    prefixes = tuple(f"{part}." for part in parts)
+    return {n for n in names if n.startswith(prefixes)}
+
+
 @torch.no_grad()
-def _fill(module: torch.nn.Module, dims: ParallelDims, full_of, device=None) -> None:
-    """Give every parameter this rank's shard of ``full_of(name, param)`` (a full tensor).
+def fill_shards(module: torch.nn.Module, dims: ParallelDims, shard_for, device=None,
+                parts: Iterable[str] | None = None) -> None:
+    """Give every parameter (of the submodules ``parts``, default all) this rank's shard ``shard_for(name, param)``.
 
     A parameter on the meta device is replaced by a real one (its declarations carried over); any other
-    is filled in place. ``device``: where materialised parameters go (default: the CPU)."""
-    for name, p in list(module.named_parameters()):
-        shard = shard_of(full_of(name, p), p, dims)
+    is filled in place; parameters outside ``parts`` are left as they are (on the meta device, they cost
+    nothing: another pipeline stage's). ``device``: where materialised parameters go (default: the CPU)."""
+    named = dict(module.named_parameters())
+    keep = held(named, parts)
+    for name, p in named.items():
+        if name not in keep:
+            continue
+        shard = shard_for(name, p)
         if p.is_meta:
             data = shard.to(device=device, dtype=p.dtype).clone(memory_format=torch.contiguous_format)
             real = torch.nn.Parameter(data, requires_grad=p.requires_grad)
@@ -138,17 +152,17 @@ def _fill(module: torch.nn.Module, dims: ParallelDims, full_of, device=None) -> 
 
 
 def initialize_parameters(module: torch.nn.Module, seed: int, dims: ParallelDims = SINGLE_PROCESS,
-                          device=None) -> None:
-    """Fill (or materialise, if on the meta device) every parameter from its declared initialiser,
+                          device=None, parts: Iterable[str] | None = None) -> None:
+    """Fill (or materialise, if on the meta device) every parameter (of ``parts``) from its declared initialiser,
     independent of the layout: the full tensor is drawn from (seed, name), then this rank's shard kept."""
-    def full(name, p):
+    def shard(name, p):
         init = getattr(p, "full_init", None)
         if init is None:
             raise RuntimeError(f"parameter {name} was created without chimera.parallel.sharding.declare")
         t = torch.empty(full_shape(p, dims), dtype=torch.float32)
-        return init(t, torch.Generator().manual_seed(_param_seed(seed, name)))
+        return shard_of(init(t, torch.Generator().manual_seed(_param_seed(seed, name))), p, dims)
 
-    _fill(module, dims, full, device)
+    fill_shards(module, dims, shard, device, parts)
 
 
 @torch.no_grad()
@@ -172,7 +186,7 @@ def full_state_dict(module: torch.nn.Module, dims: ParallelDims = SINGLE_PROCESS
 
 
 def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor],
-                         dims: ParallelDims = SINGLE_PROCESS, device=None) -> None:
+                         dims: ParallelDims = SINGLE_PROCESS, device=None, parts: Iterable[str] | None = None) -> None:
     """Copy full tensors into this rank's shards (materialising meta parameters); names and full shapes must
     match exactly."""
     params = dict(module.named_parameters())
@@ -183,4 +197,4 @@ def load_full_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]
         if state[name].shape != full_shape(p, dims):
             raise ValueError(f"{name}: shape {tuple(state[name].shape)} but the model expects "
                              f"{tuple(full_shape(p, dims))}")
-    _fill(module, dims, lambda name, p: state[name], device)
+    fill_shards(module, dims, lambda name, p: shard_of(state[name], p, dims), device, parts)

@@ -1,15 +1,26 @@
-"""Checkpoints: save, find, verify, resume; and loading a model for inference.
+"""Checkpoints: save, find, verify, resume (on any layout); and loading a model for inference.
 
 A checkpoint is one directory ``RUN_DIR/checkpoints/step_XXXXXXXX/`` holding
 
-* DeepSpeed's model/optimizer/scheduler shards (layout-specific: used to resume training),
-* ``model.pt``: the full fp32 weights (layout-free: inference, export, other layouts),
-* ``trainer_state.json``: step, the data loader's state (a few cursors), the parallel layout,
-* ``config.yaml``: the resolved run config, ``rng/rank_*.pt``: every rank's RNG states,
-* ``MANIFEST.json``: size and sha256 of every file.
+* ``tensors/``: a layout-free store of logical tensors (``chimera.trainer.tensor_store``, zarr): for every
+  parameter its full fp32 master weights ``model/NAME`` and AdamW moments ``exp_avg/NAME``,
+  ``exp_avg_sq/NAME``, as full (unsharded) tensors whatever the layout that wrote them;
+* ``trainer_state.json``: step, optimizer steps, the data loader's state (a few cursors), the layout;
+* ``config.yaml``: the resolved run config, ``rng/rank_*.pt``: every rank's RNG states;
+* ``manifest/rank_*.json`` and ``MANIFEST.json``: size and sha256 of every file.
 
-It is written under a temporary name and renamed when complete; ``checkpoints/latest`` (replaced
+**Saving** is parallel and never gathers: each rank writes the fragments of master weights and moments it
+holds (``chimera.trainer.optimizer_state``; a tensor-parallel shard, a ZeRO partition of it) to its own
+files of the store and hashes only those; replicas (tensor-parallel copies, tied pipeline copies, the
+data-parallel copies without ZeRO) are written once. Rank 0 merges the ranks' manifests. The directory
+is written under a temporary name and renamed when complete; ``checkpoints/latest`` (replaced
 atomically) names the newest one. A crash mid-save leaves the previous checkpoint intact.
+
+**Resuming** reads only what a rank holds in the new layout: its shard of each weight (when building the
+model), and the fragments of master weights and moments of its partition, from whichever files hold them.
+So a run resumes under any (TP, PP, CP, EP, DP, ZeRO) layout with the same ``chimera train`` command;
+the data position is layout-free already, the learning-rate schedule a function of the step. RNG states
+are restored when the layout is the one that wrote them (training draws no random numbers today).
 """
 
 from __future__ import annotations
@@ -28,13 +39,16 @@ import yaml
 from chimera.checksums import sha256_file
 from chimera.configs.schema import ModelConfig, RunConfig
 from chimera.errors import UserError
+from chimera.trainer.tensor_store import StoreReader, StoreWriter, write_shapes
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE = "trainer_state.json"
 MANIFEST = "MANIFEST.json"
-WEIGHTS = "model.pt"
+TENSORS = "tensors"
 CONFIG = "config.yaml"
+WEIGHTS = "model"  # the kind of the master weights in the store: model/NAME
+MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def step_tag(step: int) -> str:
@@ -47,11 +61,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _hashes(root: Path, files) -> dict:
+    return {str(Path(f).relative_to(root)): {"bytes": Path(f).stat().st_size, "sha256": sha256_file(f)}
+            for f in sorted(map(str, files))}
+
+
 def _write_manifest(path: Path) -> None:
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    manifest = {"files": {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                          for p in files}}
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    """Every file of a checkpoint written by one process: hashed here."""
+    files = [p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST]
+    (path / MANIFEST).write_text(json.dumps({"files": _hashes(path, files)}, indent=1))
 
 
 def is_weights_only(path: Path) -> bool:
@@ -88,8 +106,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def verify(path: Path) -> dict:
-    """Check every file against the manifest; return the trainer state."""
+def verify(path: Path, share: int = 0, of: int = 1) -> dict:
+    """Check the files against the manifest (this process's ``share`` of ``of`` equal parts of them, so that ranks
+    verify a checkpoint together); return the trainer state."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         state = json.loads((path / STATE).read_text())
@@ -97,7 +116,7 @@ def verify(path: Path) -> dict:
         raise UserError(
             f"checkpoint {path} is unreadable ({e}); delete it and its `latest` entry to resume from an older one"
         ) from None
-    for rel, meta in manifest["files"].items():
+    for rel, meta in sorted(manifest["files"].items())[share::of]:
         f = path / rel
         if not f.is_file() or f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
             raise UserError(
@@ -107,8 +126,35 @@ def verify(path: Path) -> dict:
     return state
 
 
+def verify_together(path: Path) -> dict:
+    """``verify`` with every rank checking its share of the files; the first problem found is raised on every rank."""
+    problem = None
+    try:
+        state = verify(path, dist.get_rank(), dist.get_world_size())
+    except UserError as e:
+        problem, state = str(e), None
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p]
+    if found:
+        raise UserError(found[0])
+    return state
+
+
 def read_config(path: Path) -> RunConfig:
     return RunConfig.model_validate(yaml.safe_load((path / CONFIG).read_text()))
+
+
+def weights_reader(path: Path) -> StoreReader:
+    """The store of a checkpoint; ``model/NAME`` holds each parameter's full weights."""
+    return StoreReader(path / TENSORS)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 weights, by name (inference, export)."""
+    reader = weights_reader(path)
+    prefix = f"{WEIGHTS}/"
+    return {n[len(prefix):]: reader.read(n) for n in reader.names() if n.startswith(prefix)}
 
 
 class Checkpointer:
@@ -118,24 +164,39 @@ class Checkpointer:
         self.root = Path(run_dir) / CHECKPOINTS
         self.keep, self.rank = keep, rank
 
-    def save(self, engine, full_weights_fn, cfg: RunConfig, state: dict) -> Path:
+    def save(self, engine, cfg: RunConfig, state: dict) -> Path:
+        """Every rank writes what it holds (``engine.pieces()``); rank 0 the shapes, config and state."""
         step = state["step"]
         final, tmp = self.root / step_tag(step), self.root / f".tmp_{step_tag(step)}"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            (tmp / TENSORS).mkdir(parents=True)
+            (tmp / "rng").mkdir()
+            (tmp / "manifest").mkdir()
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
-        weights = full_weights_fn()
+        writer = StoreWriter(tmp / TENSORS, self.rank)
+        for name, box, start, stop, tensors in engine.pieces():
+            for kind, t in tensors.items():
+                writer.add(f"{kind}/{name}", box, start, stop, t)
+        files = writer.close()
+        rng = tmp / "rng" / f"rank_{self.rank:05d}.pt"
+        torch.save(_rng_state(), rng)
+        files.append(rng)
         if self.rank == 0:
-            torch.save(weights, tmp / WEIGHTS)
-            (tmp / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            (tmp / STATE).write_text(json.dumps(state, indent=1))
+            shapes = {f"{kind}/{name}": list(shape) for name, shape in engine.full_shapes().items()
+                      for kind in (WEIGHTS, *MOMENTS)}
+            files.append(write_shapes(tmp / TENSORS, shapes))
+            for name, text in ((CONFIG, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)),
+                               (STATE, json.dumps({**state, "optimizer_steps": engine.optimizer_steps()}, indent=1))):
+                (tmp / name).write_text(text)
+                files.append(tmp / name)
+        (tmp / "manifest" / f"rank_{self.rank:05d}.json").write_text(json.dumps(_hashes(tmp, files)))
         dist.barrier()
         if self.rank == 0:
-            _write_manifest(tmp)
+            merged = {}
+            for part in sorted((tmp / "manifest").glob("rank_*.json")):
+                merged.update(json.loads(part.read_text()))
+            (tmp / MANIFEST).write_text(json.dumps({"files": merged}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -150,27 +211,14 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, engine, path: Path, layout: dict) -> dict:
-        state = verify(path) if self.rank == 0 else json.loads((path / STATE).read_text())
-        if not _compatible(state["layout"], layout):
-            raise UserError(
-                f"checkpoint {path.name} was written with layout {state['layout']} but this run has {layout}; "
-                f"resume with the same parallel settings (the data-parallel size may change under ZeRO-0)"
-            )
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
-        if load_path is None:
-            raise UserError(f"DeepSpeed could not load checkpoint {path}; it is incomplete or from another run")
+        """Restore the optimizer (master weights, moments, step count, schedule) of ``path`` into ``engine`` (whose
+        model was built from the same checkpoint's weights), whatever the layout that wrote it."""
+        state = verify_together(path)
+        engine.load_optimizer(weights_reader(path), state["optimizer_steps"])
         rng = path / "rng" / f"rank_{self.rank:05d}.pt"
-        if rng.is_file():
+        if state.get("layout") == layout and rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
         return state
-
-
-def _compatible(saved: dict, current: dict) -> bool:
-    """Same layout; or, under ZeRO-0 (optimizer state not partitioned), any data-parallel size."""
-    if saved == current:
-        return True
-    ignore = {"data"} if saved["zero_stage"] == current["zero_stage"] == 0 else set()
-    return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in current.items() if k not in ignore}
 
 
 def _rng_state() -> dict:
@@ -197,7 +245,7 @@ def load_inference_model(path: str | Path) -> torch.nn.Module:
     verify(ckpt)
     model_cfg: ModelConfig = read_config(ckpt).model
     model = meta_model(model_cfg)  # one process, nothing split: ParallelDims()
-    load_full_state_dict(model, torch.load(ckpt / WEIGHTS, map_location="cpu", weights_only=True))
+    load_full_state_dict(model, read_weights(ckpt))
     return model.eval()
 
 
@@ -219,7 +267,11 @@ def write_weights_checkpoint(run_dir: str | Path, model_cfg: ModelConfig, weight
         text = yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False)
         (tmp / "run.yaml").write_text(f"# {source}: edit train/data/parallel, then\n"
                                       f"# chimera train {run_dir}/run.yaml --run-dir {run_dir}\n" + text)
-        torch.save(weights, ckpt / WEIGHTS)
+        writer = StoreWriter(ckpt / TENSORS, 0)
+        for name, t in weights.items():
+            writer.add(f"{WEIGHTS}/{name}", tuple((0, n) for n in t.shape), 0, t.numel(), t.reshape(-1))
+        writer.close()
+        write_shapes(ckpt / TENSORS, {f"{WEIGHTS}/{name}": list(t.shape) for name, t in weights.items()})
         (ckpt / CONFIG).write_text(text)
         (ckpt / STATE).write_text(json.dumps({"step": 0, "weights_only": True, "source": source}, indent=1))
         _write_manifest(ckpt)

@@ -13,13 +13,11 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from chimera.configs.loader import validated
 from chimera.configs.schema import ModelConfig
 from chimera.errors import UserError
 from chimera.models.hf import ARCHITECTURES, export_state, import_state, mapping_for, read_hf_config, read_hf_tensors
-from chimera.trainer.checkpoint import WEIGHTS, read_config, resolve_checkpoint, verify, write_weights_checkpoint
+from chimera.trainer.checkpoint import read_config, read_weights, resolve_checkpoint, verify, write_weights_checkpoint
 
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
@@ -73,7 +71,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
                         f"exportable families: {', '.join(sorted(ARCHITECTURES))}")
     mapping = ARCHITECTURES[cfg.family]
     check_expressible(mapping, cfg)
-    state = torch.load(ckpt / WEIGHTS, map_location="cpu", weights_only=True)
+    state = read_weights(ckpt)
     tensors = export_state(mapping, state, cfg)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

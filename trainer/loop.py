@@ -21,31 +21,36 @@ from chimera.data.loader import DataPipeline
 from chimera.errors import UserError
 from chimera.models.causal_lm import build_model
 from chimera.parallel import topology
+from chimera.parallel.pipeline import stage_bounds, stage_parts
+from chimera.parallel.sharding import shard_box
 from chimera.trainer.checkpoint import (
-    WEIGHTS,
     Checkpointer,
     is_weights_only,
     latest_checkpoint,
     read_config,
-    verify,
+    verify_together,
+    weights_reader,
 )
-from chimera.trainer.engine import build_engine, gathered_full_state_dict
+from chimera.trainer.engine import TrainingEngine
 from chimera.trainer.metrics import MetricsLogger
 
 
-def _mean_over_data_parallel(value: torch.Tensor, topo: topology.Topology) -> float:
-    value = value.detach().float().clone()
-    dist.all_reduce(value, group=topo.data_group)
-    return value.item() / topo.data
+def same_model(a, b) -> bool:
+    """Whether two model configs describe the same model (its name, preset and stage boundaries aside)."""
+    def key(cfg):
+        data = cfg.model_dump(exclude={"name", "preset"})
+        data["pattern"] = data["pattern"].replace("|", "")
+        return data
+    return key(a) == key(b)
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.topo = topology.initialize(cfg.parallel.tensor, cfg.parallel.pipeline)
+        par, t = cfg.parallel, cfg.train
+        self.topo = topology.initialize(par.tensor, par.pipeline, par.context, par.expert)
         self.dp = validate_layout(cfg, self.topo.world_size)
         self.device = topology.device()
-        t = cfg.train
         self.accumulation = accumulation_steps(t, self.dp)  # micro-batches per optimizer step on each rank
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.data = DataPipeline(cfg.data, t.micro_batch_size, t.global_batch_size)
@@ -54,80 +59,80 @@ class Trainer:
                             f"{cfg.model.vocab_size}; raise model.vocab_size (a multiple of parallel.tensor)")
 
         torch.manual_seed(t.seed)
-        self.initialised_from, weights = self._initial_weights()
-        model = build_model(cfg.model, self.topo.dims(cfg.parallel.sequence_parallel), seed=t.seed,
-                            device=self.device, weights=weights)  # this rank's shards only
+        dims = self.topo.dims(par.sequence_parallel)
+        self.checkpoint, weights = self._starting_point(dims)
+        bounds = stage_bounds(cfg.model, par.pipeline, cfg.data.seq_len) if par.pipeline > 1 else None
+        model = build_model(cfg.model, dims, seed=t.seed, device=self.device, weights=weights,
+                            parts=None if bounds is None else stage_parts(cfg.model, bounds, self.topo.pipeline_rank))
         model.activation_checkpointing = t.activation_checkpointing
         self.num_parameters = model.num_parameters()
-        self.engine = build_engine(model, cfg, self.accumulation)
+        self.stage_bounds = bounds
+        self.engine = TrainingEngine(model, cfg, self.topo, self.accumulation, bounds)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.topo.rank)
-        self.layout = {"tensor": self.topo.tensor, "pipeline": self.topo.pipeline, "data": self.dp,
-                       "zero_stage": cfg.parallel.zero_stage}
+        self.layout = {"tensor": self.topo.tensor, "pipeline": self.topo.pipeline, "context": self.topo.context,
+                       "expert": self.topo.expert, "data": self.dp, "zero_stage": par.zero_stage}
         self.step, self.data_state = 0, self.data.initial_state()
         self._stop_requested = False
 
     # ---- state ----------------------------------------------------------------------------------
 
-    def _initial_weights(self) -> tuple[Path | None, dict | None]:
-        """A weights-only checkpoint (e.g. from `chimera import-hf`) and its full weights, which the model starts
-        from instead of its initialisation; (None, None) without one."""
+    def _starting_point(self, dims) -> tuple[Path | None, object]:
+        """The run's latest checkpoint (a resumable one, or weights only, e.g. from `chimera import-hf`) and how the
+        model reads its weights from it: this rank's shard of each, whatever layout wrote them; (None, None)
+        without one."""
         path = latest_checkpoint(self.run_dir)
-        if path is None or not is_weights_only(path):
+        if path is None:
             return None, None
-        if self.topo.rank == 0:
-            verify(path)
-        saved = read_config(path).model.model_dump(exclude={"name", "preset"})
-        if saved != self.cfg.model.model_dump(exclude={"name", "preset"}):
-            diff = sorted(k for k, v in saved.items() if self.cfg.model.model_dump().get(k) != v)
-            raise UserError(f"the run's model differs from checkpoint {path} in {diff}; use the run.yaml written "
-                            "beside it, or another --run-dir")
-        return path, torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+        verify_together(path)
+        saved = read_config(path).model
+        if not same_model(saved, self.cfg.model):
+            current = self.cfg.model.model_dump()
+            diff = sorted(k for k, v in saved.model_dump(exclude={"name", "preset"}).items() if current.get(k) != v)
+            raise UserError(f"the run's model differs from checkpoint {path} in {diff}; use the run's config.yaml "
+                            "(or run.yaml) for the model section, or another --run-dir")
+        reader = weights_reader(path)
+        return path, lambda name, p: reader.read(f"model/{name}", shard_box(p, dims))
+
+    @property
+    def initialised_from(self) -> Path | None:
+        """A weights-only checkpoint the model started from, if any."""
+        return self.checkpoint if self.checkpoint is not None and is_weights_only(self.checkpoint) else None
 
     def resume_if_possible(self) -> bool:
-        path = latest_checkpoint(self.run_dir)
-        if path is None or self.initialised_from is not None:
+        if self.checkpoint is None or self.initialised_from is not None:
             return False
-        state = self.checkpointer.load(self.engine, path, self.layout)
+        state = self.checkpointer.load(self.engine, self.checkpoint, self.layout)
         self.step, self.data_state = state["step"], state["data"]
         return True
 
     def save(self) -> Path:
         state = {"step": self.step, "data": self.data_state, "layout": self.layout}
-        return self.checkpointer.save(self.engine, lambda: gathered_full_state_dict(self.engine), self.cfg, state)
+        return self.checkpointer.save(self.engine, self.cfg, state)
 
     # ---- steps ----------------------------------------------------------------------------------
 
     def train_step(self) -> tuple[float, dict]:
         """One optimizer step over the global batch; returns its loss (the mean over all ranks) and the data log.
 
-        Each rank runs ``accumulation`` micro-steps of forward and backward on its share of the batch; the
-        engine (DeepSpeed, ``managed_gradient_accumulation: false``) keeps their gradients locally, and its
-        ``step()`` reduces them over data-parallel ranks, clips, updates the weights and the learning rate."""
+        Each rank runs ``accumulation`` micro-batches of forward and backward on its share of the batch (with
+        pipeline stages, as a 1F1B schedule over the stages), then the engine reduces the gradients over data x
+        context ranks, clips, updates the weights and the learning rate."""
         plan = self.data.plan(self.step, self.data_state)  # the global batch of this step (a pure function)
         micro_batches = self.data.micro_batches(plan, self.topo.data_rank, self.dp)  # this rank's share
         assert len(micro_batches) == self.accumulation, (len(micro_batches), self.accumulation)
-        losses = []
-        for batch in micro_batches:
-            loss = self.engine(**{k: v.to(self.device) for k, v in batch.items()})  # forward: mean token loss
-            self.engine.backward(loss)  # backward of loss / accumulation, gradients summed over micro-steps
-            losses.append(loss.detach())
-        self.engine.step()  # the optimizer step: all-reduce over DP, clip, AdamW, LR schedule, zero the gradients
+        loss = self.engine.train_batch([{k: v.to(self.device) for k, v in b.items()} for b in micro_batches])
         plan.log["step_tokens"] = sum(b["input_ids"].numel() for b in micro_batches) * self.dp
         self.data_state = plan.next_state
         self.step += 1
-        return _mean_over_data_parallel(torch.stack(losses).mean(), self.topo), plan.log
+        return loss, plan.log
 
-    @torch.no_grad()
     def validation_losses(self) -> dict[str, float]:
         """``val_loss`` (weighted over sources) and ``val_loss/<source>`` when there are several."""
-        self.engine.eval()
         t = self.cfg.train
         out = {}
         for i, name in enumerate(self.data.names):
             batches = self.data.validation_batches(i, t.eval_batches, self.topo.data_rank, self.dp, t.micro_batch_size)
-            losses = [self.engine(**{k: v.to(self.device) for k, v in b.items()}).detach() for b in batches]
-            out[name] = _mean_over_data_parallel(torch.stack(losses).mean(), self.topo)
-        self.engine.train()
+            out[name] = self.engine.eval_loss([{k: v.to(self.device) for k, v in b.items()} for b in batches])
         weights = [s.weight for s in self.cfg.data.sources]
         row = {"val_loss": sum(w * out[n] for w, n in zip(weights, self.data.names)) / sum(weights)}
         if len(out) > 1:
@@ -161,8 +166,8 @@ class Trainer:
             where = f"resumed at step {self.step}" if resumed else (
                 f"from the weights of {self.initialised_from}" if self.initialised_from else "from scratch")
             print(f"chimera: {cfg.model.name} ({self.num_parameters:,} parameters), "
-                  f"{self.topo.world_size} process(es) TP={self.topo.tensor} DP={self.dp} "
-                  f"ZeRO-{cfg.parallel.zero_stage}, {where}" + self._baseline_text(), flush=True)
+                  f"{self.topo.world_size} process(es) {self.topo.describe()} ZeRO-{cfg.parallel.zero_stage}, "
+                  f"{where}" + self._baseline_text(), flush=True)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -170,7 +175,7 @@ class Trainer:
         val_loss = None
         target = min(t.steps, t.stop_after) if t.stop_after else t.steps  # stop_after: end early, resumable
         while self.step < target:
-            lr = self.engine.get_lr()[0]  # the rate this step uses
+            lr = self.engine.get_lr()  # the rate this step uses
             start = time.perf_counter()
             loss, data_log = self.train_step()
             elapsed = time.perf_counter() - start
@@ -181,9 +186,7 @@ class Trainer:
                 row["source_sequences"] = data_log["source_sequences"]
             if self.data.bad.total:
                 row["bad_data_skipped"] = dict(self.data.bad.counts)
-            report = getattr(self.engine.module, "training_metrics", None)
-            if report is not None:
-                row.update(report())  # model-defined extras (e.g. MoE router losses, expert load)
+            row.update(self.engine.training_metrics())  # model-defined extras (e.g. MoE router losses, expert load)
             if cfg.data.log_samples and is_main:
                 with open(self.run_dir / "samples.jsonl", "a") as f:
                     f.write(json.dumps({"step": self.step, "samples": data_log["samples"]}) + "\n")

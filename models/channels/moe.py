@@ -203,6 +203,14 @@ def dispatch_plan(experts: torch.Tensor, num_experts: int, capacity: int | None,
     return Dispatch(assignment=order, token=order // top_k, counts=counts, routed=routed)
 
 
+def even_dispatch(tokens: int, top_k: int, num_experts: int, device) -> Dispatch:
+    """Every assignment kept, spread as evenly as possible over the experts (no routing decisions: for sizing)."""
+    n = tokens * top_k
+    counts = torch.tensor([n // num_experts + (e < n % num_experts) for e in range(num_experts)])
+    order = torch.arange(n, device=device)
+    return Dispatch(assignment=order, token=order // top_k, counts=counts, routed=counts)
+
+
 def dispatch(x: torch.Tensor, plan: Dispatch) -> torch.Tensor:
     """``x [T, d]`` -> the grouped expert inputs ``[N, d]`` (a token appears once per expert it uses)."""
     return x.index_select(0, plan.token)
@@ -285,13 +293,16 @@ class MoE(nn.Module):
                                  self.act)
         y = combine(from_experts(expert_out, routed, self.dims), routing.weights, plan, s * b).view(s, b, d)
 
-        self._record_losses(routing, plan)
+        if not x.is_meta:
+            self._record_losses(routing, plan)
         y = leave_tensor_parallel(y, self.dims, self.dims.sequence_parallel)  # the sum over TP ranks, once
         return y if self.shared_expert is None else y + self.shared_expert(x)
 
     def _plan(self, experts: torch.Tensor, tokens: int) -> Dispatch:
         """The dispatch of this rank's tokens; under context parallelism the capacity is the whole sequence's and
         the earlier chunks' assignments come first."""
+        if experts.is_meta:  # sizing a model on the meta device (chimera.trainer.plan): tokens spread evenly
+            return even_dispatch(tokens, self.top_k, self.num_experts, experts.device)
         cp = self.dims.cp
         capacity = capacity_of(self.capacity_factor, tokens * cp, self.top_k, self.num_experts)
         if capacity is None or cp == 1:

@@ -209,9 +209,20 @@ def check_tensor_parallel(c: AttentionConfig, tp: int) -> str | None:
         else None)
 
 
+def _flops_per_token(local: bool):
+    def flops(c: AttentionConfig, seq_len: int) -> float:
+        """2 x the projections' weights, plus the scores and the weighted values: 2 x 2 x (keys seen) x heads x
+        head_dim, a query seeing (s + 1) / 2 keys on average (global) or up to the window (local)."""
+        weights = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+        keys = min(c.window, seq_len) if local else (seq_len + 1) / 2
+        return 2.0 * weights + 4.0 * keys * c.num_heads * c.head_dim
+    return flops
+
+
 SPECS = (
     SublayerSpec("*", "global causal attention", AttentionConfig, _build(local=False), check_tensor_parallel,
-                 lambda c: ContextParallel("keys_values")),
+                 lambda c: ContextParallel("keys_values"), flops_per_token=_flops_per_token(local=False)),
     SublayerSpec("L", "local sliding-window attention", LocalAttentionConfig, _build(local=True),
-                 check_tensor_parallel, lambda c: ContextParallel("halo", halo=c.window - 1)),
+                 check_tensor_parallel, lambda c: ContextParallel("halo", halo=c.window - 1),
+                 flops_per_token=_flops_per_token(local=True)),
 )

@@ -171,4 +171,5 @@ STYLE = SharedBlockStyle(
     feeds_next=True,
     check=check,
     check_tensor_parallel=check_tensor_parallel,
+    reads_embeddings=True,
 )

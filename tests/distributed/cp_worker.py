@@ -4,9 +4,10 @@ documents at a context-parallel layout.
 usage: cp_worker.py CP TP OUT.pt PRESET[:OVERRIDE,OVERRIDE...] ...
 
 The batch (2 sequences of 32 tokens) packs documents so that one starts exactly at position 16, where a 2-way
-split cuts the sequence, in one row, and one spans it in the other; the loss adds the same tokens unpacked. Saved (rank 0): per preset, the whole sequence's logits, the loss (the mean of the ranks'
-objectives over the context-parallel group: the batch's loss) and every parameter's full gradient (averaged over
-the context-parallel ranks, as data x context gradient averaging does).
+split cuts the sequence, in one row, and one spans it in the other; the loss adds the same tokens unpacked.
+Saved (rank 0): per preset, the whole sequence's logits, the loss (the mean of the ranks' objectives over the
+context-parallel group: the batch's loss) and every parameter's full gradient (averaged over the
+context-parallel ranks, as data x context gradient averaging does).
 """
 
 import sys
