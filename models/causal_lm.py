@@ -49,7 +49,14 @@ from chimera.parallel.layers import (
     scatter_sequence,
     vocab_parallel_cross_entropy,
 )
-from chimera.parallel.sharding import fill_shards, full_shape, initialize_parameters, load_full_state_dict, normal
+from chimera.parallel.sharding import (
+    fill_shards,
+    full_shape,
+    held,
+    initialize_parameters,
+    load_full_state_dict,
+    normal,
+)
 
 
 class CausalLM(nn.Module):
@@ -183,23 +190,33 @@ class CausalLM(nn.Module):
 
 
 def build_model(cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS, *, seed: int, device=None,
-                weights=None, parts: list[str] | None = None) -> CausalLM:
+                weights=None, parts: list[str] | None = None, each_part=None) -> CausalLM:
     """The model for ``dims``, built on the meta device; then only this rank's shards are materialised (on
     ``device``), each drawn from the layout-free init of (``seed``, parameter name), or from ``weights``: full
     tensors by name, or a function ``(name, parameter) -> this rank's shard`` (e.g. read from a checkpoint).
     ``parts``: the submodules to materialise (a pipeline stage's; default all), the rest stays on the meta device.
-    Gradients declared partial over TP are summed as they are produced."""
+    ``each_part(module)``: called on each top-level submodule as soon as it is materialised (ZeRO-3 partitions it
+    there, so that no more than one submodule is ever whole in memory). Gradients declared partial over TP are
+    summed as they are produced."""
     with torch.device("meta"):
         model = CausalLM(cfg, dims)
-    if weights is None:
-        initialize_parameters(model, seed, dims, device, parts)
-    elif callable(weights):
-        fill_shards(model, dims, weights, device, parts)
-    else:
-        load_full_state_dict(model, weights, dims, device, parts)
-    if device is not None:
-        for part in parts or [""]:
-            model.get_submodule(part).to(device)  # the index buffers, built on the CPU
+    wanted = held([name for name, _ in model.named_parameters()], parts)
+    top = [name for name, child in model.named_children() for name in (
+        [f"{name}.{i}" for i in range(len(child))] if isinstance(child, nn.ModuleList) else [name])]
+    groups = [p for p in top if any(w.startswith(p + ".") for w in wanted)] if each_part else [parts]
+    for group in groups:
+        chosen = group if group is None or isinstance(group, list) else [group]
+        if weights is None:
+            initialize_parameters(model, seed, dims, device, chosen)
+        elif callable(weights):
+            fill_shards(model, dims, weights, device, chosen)
+        else:
+            load_full_state_dict(model, weights, dims, device, chosen)
+        if device is not None:
+            for part in chosen or [""]:
+                model.get_submodule(part).to(device)  # the index buffers, built on the CPU
+        if each_part is not None:
+            each_part(model.get_submodule(group))
     register_partial_grad_hooks(model, dims)
     return model
 

@@ -236,6 +236,23 @@ def _check_same_groups(module: PipelineModule, topo: Topology) -> None:
         raise RuntimeError(f"DeepSpeed's pipeline grid {theirs} differs from the topology's groups {ours}")
 
 
+def zero3_partitioner(cfg: RunConfig, topo: Topology):
+    """With ZeRO-3, a function that partitions a just-materialised submodule over the data x context ranks at once
+    (``build_model(each_part=...)``), so that the whole model never exists on one rank; otherwise None."""
+    if cfg.parallel.zero_stage != 3:
+        return None
+    deepspeed.comm.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
+                                    dist_init_required=False)
+    config = deepspeed_config(cfg, 1, topo.data * topo.context)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+    def partition(module: nn.Module) -> None:
+        deepspeed.zero.Init(module=module, data_parallel_group=topo.gradient_group, config_dict_or_path=config,
+                            dtype=dtype, mem_efficient_linear=False, mpu=DeepSpeedMPU())
+
+    return partition
+
+
 class TrainingEngine:
     """The engine the loop drives, with or without pipeline stages."""
 
@@ -317,6 +334,7 @@ class TrainingEngine:
         for each fragment it holds of master weights and moments, each logical element written by one rank."""
         if not optimizer_state.base_optimizer(self.ds).state:  # no step yet: AdamW's state is what it would start at
             optimizer_state.create_state(self.ds, 0)
+        optimizer_state.link_state(self.ds)
         dims = self.model.dims
         for index, f in enumerate(optimizer_state.fragments(self.ds, self.named_parameters())):
             if self._writes(f, index):

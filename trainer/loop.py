@@ -31,7 +31,7 @@ from chimera.trainer.checkpoint import (
     verify_together,
     weights_reader,
 )
-from chimera.trainer.engine import TrainingEngine
+from chimera.trainer.engine import TrainingEngine, zero3_partitioner
 from chimera.trainer.metrics import MetricsLogger
 
 
@@ -63,7 +63,8 @@ class Trainer:
         self.checkpoint, weights = self._starting_point(dims)
         bounds = stage_bounds(cfg.model, par.pipeline, cfg.data.seq_len) if par.pipeline > 1 else None
         model = build_model(cfg.model, dims, seed=t.seed, device=self.device, weights=weights,
-                            parts=None if bounds is None else stage_parts(cfg.model, bounds, self.topo.pipeline_rank))
+                            parts=None if bounds is None else stage_parts(cfg.model, bounds, self.topo.pipeline_rank),
+                            each_part=zero3_partitioner(cfg, self.topo))
         model.activation_checkpointing = t.activation_checkpointing
         self.num_parameters = model.num_parameters()
         self.stage_bounds = bounds

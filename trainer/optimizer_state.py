@@ -82,13 +82,19 @@ def create_state(ds_engine, steps: int) -> None:
     """AdamW's per-tensor state as its first step would create it, zeros, with ``steps`` steps taken; then
     linked to the parameters' fragments (ZeRO-1/2 and bf16 link them after the first step)."""
     opt = base_optimizer(ds_engine)
-    for group in opt.param_groups:
-        for t in group["params"]:
-            state = opt.state[t]
-            state["step"] = torch.tensor(float(steps))
-            for kind in MOMENTS:
-                if kind not in state:
-                    state[kind] = torch.zeros_like(t, memory_format=torch.preserve_format)
+    stepped = getattr(ds_engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3 swaps these in per step
+    for t in stepped if stepped is not None else [t for group in opt.param_groups for t in group["params"]]:
+        state = opt.state[t]
+        state["step"] = torch.tensor(float(steps))
+        for kind in MOMENTS:
+            if kind not in state:
+                state[kind] = torch.zeros_like(t, memory_format=torch.preserve_format)
+    link_state(ds_engine)
+
+
+def link_state(ds_engine) -> None:
+    """Point every parameter's fragment at its moments (ZeRO-1/2 and bf16). DeepSpeed links them once, after the
+    first parameter group's first step, when later groups have no state yet: relinked here before use."""
     link = getattr(ds_engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:
         ds_engine.optimizer._hp_optimizer_states_linked = False
