@@ -5,7 +5,8 @@ That part is a ``Fragment``: a contiguous flat range of the parameter shard this
 tensor- and expert-parallel slice), with views of its master weights and moments:
 
 * no ZeRO, fp32 (the optimizer steps the model's own parameters): the whole shard, on every data-parallel
-  replica (one replica writes it);
+  replica (one replica writes it); no ZeRO, bf16: the same, from the fp32 copies DeepSpeed's unfused
+  mixed-precision optimizer steps;
 * ZeRO-1/2, and bf16 without ZeRO (DeepSpeed's ``BF16_Optimizer``): each rank's partition of the flattened
   parameters, the fragment DeepSpeed links to each parameter (``param._hp_mapping``);
 * ZeRO-3: each rank's partition of every parameter (``param.ds_tensor``), ``[r n, (r + 1) n)`` of its
@@ -48,9 +49,16 @@ def fragments(ds_engine, named: dict[str, torch.nn.Parameter]) -> list[Fragment]
     out = []
     stage3 = ds_engine.zero_optimization_stage() == 3
     opt, state = ds_engine.optimizer, base_optimizer(ds_engine).state
+    copies = None
+    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # DeepSpeed's unfused mixed-precision optimizer
+        copies = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
     for name, p in named.items():
         if stage3:
             out.append(_stage3_fragment(opt, name, p))
+        elif copies is not None:  # bf16 without ZeRO: full fp32 copies of the parameters, stepped
+            copy = copies[id(p)]
+            out.append(Fragment(name, p, 0, p.numel(), master=lambda c=copy: c.data.view(-1),
+                                moment=lambda kind, c=copy: state[c][kind].view(-1), replicated=True))
         elif hasattr(p, "_hp_mapping"):
             mapping = p._hp_mapping
             if mapping is None:  # no element of this parameter in this rank's partition

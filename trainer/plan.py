@@ -6,9 +6,10 @@ no memory, no process group):
 * parameters: the stage's shards (tensor- and expert-parallel slices; the tied embedding and the shared
   blocks a stage uses count on every stage holding a copy), ZeRO-3 partitioned over data x context ranks
   (experts over their expert-data-parallel ranks), each parameter padded to a multiple of them as DeepSpeed does;
-* gradients: one per parameter element (fp32), partitioned with ZeRO-2 and 3;
+* gradients: one per parameter element, in the parameters' precision (the model's ``.grad``), partitioned with
+  ZeRO-2 and 3 (DeepSpeed's reduction buckets come on top: ``reduce_bucket_size``);
 * optimizer: AdamW's two moments and, where DeepSpeed keeps one apart from the parameters (ZeRO 1-3, bf16),
-  an fp32 master copy, all partitioned with ZeRO 1-3 and with bf16 (whose optimizer partitions too);
+  an fp32 master copy, all partitioned with ZeRO 1-3;
 * activations of one micro-batch: the bytes autograd saves for backward in the stage's forward pass, measured
   by running that forward pass on the meta device (so it is this code's own figure, not a formula; sequence
   parallelism's split is not counted, MoE tokens are taken as spread evenly over experts). A 1F1B schedule
@@ -71,12 +72,11 @@ def _bytes_per_rank(cfg: RunConfig, shapes: list[tuple[int, bool]], zero_ranks: 
 
     full = sum(n for n, _ in shapes)
     parts = sum(partition(n, e) for n, e in shapes)
-    param_bytes = (2 if bf16 else 4) * (parts if stage == 3 else full)
-    grad_bytes = 4 * (parts if stage >= 2 else full)
-    if stage == 0 and not bf16:
-        optim_bytes = 8 * full  # the moments; the optimizer steps the parameters themselves
-    else:
-        optim_bytes = 12 * parts  # fp32 master copy and moments of this rank's partition
+    element = 2 if bf16 else 4
+    param_bytes = element * (parts if stage == 3 else full)
+    grad_bytes = element * (parts if stage >= 2 else full)
+    master = 4 if (bf16 or stage > 0) else 0  # an fp32 copy the optimizer steps, apart from the parameters
+    optim_bytes = (8 + master) * (parts if stage > 0 else full)  # the moments (and master) of what this rank steps
     return param_bytes, grad_bytes, optim_bytes
 
 

@@ -2,13 +2,18 @@
 
 import pytest
 
-from helpers import assert_same_numbers, run_tp_layout
+from helpers import assert_same_numbers, run_worker
+
+PRESETS = ["griffin-tiny", "transformer-tiny", "llama-tiny", "mamba-tiny", "mamba2-tiny", "hybrid-moe-tiny"]
 
 
-@pytest.mark.parametrize(
-    "preset", ["griffin-tiny", "transformer-tiny", "llama-tiny", "mamba-tiny", "mamba2-tiny", "hybrid-moe-tiny"]
-)
-def test_tp2_equals_tp1(tmp_path, preset):
-    ref = run_tp_layout(tmp_path, preset, 1, False)
-    for sp in (False, True):
-        assert_same_numbers(run_tp_layout(tmp_path, preset, 2, sp), ref)
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp")
+    return {tp: run_worker(tmp / f"tp{tp}.pt", "tp_worker.py", tp, tp, tmp / f"tp{tp}.pt", *PRESETS) for tp in (1, 2)}
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_tp2_equals_tp1(layouts, preset, sequence_parallel):
+    assert_same_numbers(layouts[2][preset, sequence_parallel], layouts[1][preset, False])
