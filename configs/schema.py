@@ -127,7 +127,7 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     seed: int = 1234
     eval_every: int = Field(50, ge=0, description="0 disables periodic validation")
-    eval_batches: int = Field(4, ge=1)
+    eval_batches: int = Field(4, ge=1, description="validation: global batches of sequences (one set, any layout)")
     log_every: int = Field(1, ge=1)
     stop_after: int | None = Field(
         None, ge=1, description="end this invocation after this step (as a preemption would); rerun resumes"

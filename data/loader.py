@@ -185,13 +185,15 @@ class DataPipeline:
         return batches
 
     def validation_batches(self, source: int, num_batches: int, data_rank: int, data_size: int, rows: int):
-        """``num_batches x data_size x rows`` validation sequences of one source, spread evenly over its
-        validation stream (a fixed set, whatever the layout), this rank's share."""
+        """``num_batches`` global batches of validation sequences of one source (``global_batch_size`` sequences
+        each), spread evenly over its validation stream: a fixed set whatever the layout. This rank's share, as
+        micro-batches of ``rows`` sequences, laid out like a training step's."""
         stream, length = self.streams[source], self.cfg.seq_len
         boundaries = self.cfg.packing == "boundaries"
-        total = num_batches * data_size * rows
-        for b in range(num_batches):
-            first = (b * data_size + data_rank) * rows
+        per_batch = self.tokens_per_step // length
+        total = num_batches * per_batch
+        for micro in range(num_batches * per_batch // (rows * data_size)):
+            first = (micro * data_size + data_rank) * rows
             if stream.kind == "text":
                 span = max(0, stream.validation.epoch_tokens - length - 1)
                 seqs = [stream.sequence(stream.validation, (first + i) * span // total, length, boundaries)

@@ -236,6 +236,10 @@ def _check_same_groups(module: PipelineModule, topo: Topology) -> None:
         raise RuntimeError(f"DeepSpeed's pipeline grid {theirs} differs from the topology's groups {ours}")
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def zero3_partitioner(cfg: RunConfig, topo: Topology):
     """With ZeRO-3, a function that partitions a just-materialised submodule over the data x context ranks at once
     (``build_model(each_part=...)``), so that the whole model never exists on one rank; otherwise None."""
@@ -325,6 +329,17 @@ class TrainingEngine:
     def full_shapes(self) -> dict:
         """Every parameter's full shape, by logical name (every stage's)."""
         return self.model.full_shapes()
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds of parameters (its shards; ZeRO-3: its partitions) and optimizer state (AdamW's
+        moments, and the fp32 master tensors it steps when they are not the parameters themselves)."""
+        params = list(self.named_parameters().values())
+        optimizer = optimizer_state.base_optimizer(self.ds)
+        stepped = optimizer_state.stepped_tensors(self.ds)
+        ours = {id(p) for p in params}
+        state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+        return {"parameters": sum(_nbytes(getattr(p, "ds_tensor", p)) for p in params),
+                "optimizer": sum(map(_nbytes, state)) + sum(_nbytes(t) for t in stepped if id(t) not in ours)}
 
     def optimizer_steps(self) -> int:
         return optimizer_state.steps_taken(self.ds)

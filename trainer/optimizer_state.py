@@ -90,14 +90,19 @@ def create_state(ds_engine, steps: int) -> None:
     """AdamW's per-tensor state as its first step would create it, zeros, with ``steps`` steps taken; then
     linked to the parameters' fragments (ZeRO-1/2 and bf16 link them after the first step)."""
     opt = base_optimizer(ds_engine)
-    stepped = getattr(ds_engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3 swaps these in per step
-    for t in stepped if stepped is not None else [t for group in opt.param_groups for t in group["params"]]:
+    for t in stepped_tensors(ds_engine):
         state = opt.state[t]
         state["step"] = torch.tensor(float(steps))
         for kind in MOMENTS:
             if kind not in state:
                 state[kind] = torch.zeros_like(t, memory_format=torch.preserve_format)
     link_state(ds_engine)
+
+
+def stepped_tensors(ds_engine) -> list[torch.Tensor]:
+    """The tensors AdamW steps: the parameters, or DeepSpeed's fp32 (flat, partitioned) master tensors."""
+    flat = getattr(ds_engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3 swaps these in per step
+    return flat if flat is not None else [t for g in base_optimizer(ds_engine).param_groups for t in g["params"]]
 
 
 def link_state(ds_engine) -> None:

@@ -1,18 +1,26 @@
-"""The layout matrix: every layout gives the single-process run's per-step losses (1e-5 relative), for Griffin,
-Jamba (Mamba-1 + attention + MoE), Zamba2 (Mamba-2 + shared blocks), Mamba and a Mamba/MoE hybrid.
+"""The layout matrix: every layout gives the single-process run's per-step losses and validation loss (1e-5 relative),
+for Griffin, Jamba (Mamba-1 + attention + MoE), Zamba2 (Mamba-2 + shared blocks), Mamba and a Mamba/MoE hybrid.
 
-3 steps of 4 sequences of 32 tokens, fp32, from one seed; the single-process run accumulates 2 micro-batches of 2,
-the layouts split those over data-parallel ranks (same micro-batches, so MoE router losses agree too). Each layout
-also turns on something else a real run combines with it (ZeRO stages where DeepSpeed allows them, sequence
-parallelism, activation checkpointing), so the matrix covers the compositions. The runs go through the trainer
-(``tests/distributed/layout_worker.py``), several per process group, to keep the matrix cheap.
+3 steps of 4 sequences of 32 tokens, fp32, from one seed, on short documents packed with ``packing: boundaries`` (so
+document ids cross pipeline stages and context-parallel splits); the single-process run accumulates 2 micro-batches
+of 2, the layouts split those over data-parallel ranks (same micro-batches, so MoE router losses agree too). Each
+layout also turns on something else a real run combines with it (ZeRO stages where DeepSpeed allows them, sequence
+parallelism, activation checkpointing), so the matrix covers the compositions; Griffin and Zamba2 also run with a
+sequence-length curriculum (16 then 32 tokens: shapes change between steps) on the pipelined and context-parallel
+layouts. The runs go through the trainer (``tests/distributed/layout_worker.py``), several per process group.
 """
+
+import json
+import random
 
 import pytest
 
 from helpers import run_worker
 
-MODELS = ["griffin-tiny", "jamba-tiny", "zamba2-tiny", "mamba-tiny", "hybrid-moe-tiny"]
+# name: (preset, fields)
+MODELS = {m: (m, []) for m in ["griffin-tiny", "jamba-tiny", "zamba2-tiny", "mamba-tiny", "hybrid-moe-tiny"]}
+CURRICULUM = ["data.curriculum={stages: [[0, 16], [2, 32]]}"]
+MODELS.update({f"{m}+curriculum": (m, CURRICULUM) for m in ["griffin-tiny", "zamba2-tiny"]})
 WITH_EXPERTS = {"jamba-tiny", "hybrid-moe-tiny"}
 
 # name: (ranks, fields)
@@ -31,25 +39,42 @@ LAYOUTS = {
 
 
 def applies(model: str, layout: str) -> bool:
+    if model.endswith("+curriculum"):
+        return layout in ("pp2", "tp2pp2", "cp2dp2")
     return "ep" not in layout or model in WITH_EXPERTS
+
+
+CASES = [(m, layout) for m in MODELS for layout in LAYOUTS if applies(m, layout)]
 
 
 @pytest.fixture(scope="module")
 def losses(tmp_path_factory):
+    from chimera.data.prepare import prepare
+
     tmp = tmp_path_factory.mktemp("matrix")
+    rng = random.Random(0)
+    words = ["def", "return", "x", "self", "(", ")", ":", "=", "1", "if", "for", "in", "print"]
+    with open(tmp / "docs.jsonl", "w") as f:  # short documents: several boundaries in every 32-token sequence
+        for _ in range(600):
+            f.write(json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(1, 12)))}) + "\n")
+    prepare([str(tmp / "docs.jsonl")], "bytes", "zarr", str(tmp / "data"), progress=False)
+    data = [f"data.sources=[{{type: zarr, path: {tmp / 'data'}}}]", "data.packing=boundaries"]
     out = {}
     for ranks in (1, 2, 4):
-        specs = [f"{m}/single={m}" for m in MODELS] if ranks == 1 else [
-            f"{m}/{layout}={m},{','.join(fields)}" for layout, (n, fields) in LAYOUTS.items() if n == ranks
-            for m in MODELS if applies(m, layout)]
+        if ranks == 1:
+            specs = [f"{m}/single={';'.join([preset, *data, *fields])}" for m, (preset, fields) in MODELS.items()]
+        else:
+            specs = [f"{m}/{layout}={';'.join([MODELS[m][0], *data, *MODELS[m][1], *LAYOUTS[layout][1]])}"
+                     for m, layout in CASES if LAYOUTS[layout][0] == ranks]
         out.update(run_worker(tmp / f"w{ranks}.pt", "layout_worker.py", ranks, tmp / f"w{ranks}.pt", *specs))
     return out
 
 
-@pytest.mark.parametrize("model, layout", [(m, layout) for m in MODELS for layout in LAYOUTS if applies(m, layout)])
+@pytest.mark.parametrize("model, layout", CASES)
 def test_layout_equals_single_process(losses, model, layout):
     got, ref = losses[f"{model}/{layout}"], losses[f"{model}/single"]
-    assert len(got) == len(ref) == 3
+    assert len(got) == len(ref) == 4  # 3 steps, then validation
     for step, (a, b) in enumerate(zip(got, ref), start=1):
-        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {a} vs single-process {b}"
+        what = f"step {step}" if step <= 3 else "validation"
+        assert abs(a - b) <= 1e-5 * abs(b), f"{what}: {a} vs single-process {b}"
     assert ref[2] < ref[0]  # it trains
