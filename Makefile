@@ -21,8 +21,10 @@ demo: $(STAMP)
 	$(BIN)/chimera train configs/runs/demo.yaml --run-dir runs/demo
 	$(BIN)/chimera generate runs/demo --prompt "def " --max-new-tokens 200 --temperature 0.7 --top-k 40
 
+# Two pytest workers, one test file each at a time (a file's shared fixtures are computed once): on 2 cores the
+# multi-process tests leave a core idle while processes start, which the other worker fills.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -x -n 2 --dist loadfile tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

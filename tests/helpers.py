@@ -91,6 +91,17 @@ def hf_round_trip(tmp_path, hf_model, vocab: int):
     return SimpleNamespace(ours=ours, back=back, ref=ref, on_disk=on_disk)
 
 
+def run_configs(specs, base: list[str]):
+    """``(name, RunConfig)`` of each ``NAME=PRESET[;FIELD=VALUE...]`` spec: configs/runs/tiny.yaml with the ``base``
+    fields, the preset, then the spec's fields (``;``-separated: values may hold commas)."""
+    from chimera.configs.loader import load_run_config
+
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        preset, *fields = rest.split(";")
+        yield name, load_run_config(REPO / "configs/runs/tiny.yaml", [*base, f"model.preset={preset}", *fields])
+
+
 def run_worker(out: Path, worker: str, nproc: int, *args) -> dict:
     """Run ``tests/distributed/<worker>`` on ``nproc`` local ranks with ``args``; it saves its results (on rank 0)
     to ``out``, which is returned loaded."""

@@ -16,10 +16,9 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from chimera.configs.loader import load_run_config  # noqa: E402
 from chimera.parallel import topology  # noqa: E402
 from chimera.trainer.loop import Trainer  # noqa: E402
-from helpers import REPO  # noqa: E402
+from helpers import run_configs  # noqa: E402
 
 BASE = ["train.steps=3", "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_len=32",
         "train.eval_batches=1", "logging.wandb=disabled"]
@@ -27,10 +26,7 @@ BASE = ["train.steps=3", "train.global_batch_size=4", "train.micro_batch_size=2"
 out, specs = sys.argv[1], sys.argv[2:]
 results = {}
 with tempfile.TemporaryDirectory() as run_dir:
-    for spec in specs:
-        name, _, rest = spec.partition("=")
-        preset, *fields = rest.split(";")
-        cfg = load_run_config(REPO / "configs/runs/tiny.yaml", [*BASE, f"model.preset={preset}", *fields])
+    for name, cfg in run_configs(specs, BASE):
         trainer = Trainer(cfg, run_dir)
         results[name] = [trainer.train_step()[0] for _ in range(cfg.train.steps)]
         results[name].append(trainer.validation_losses()["val_loss"])

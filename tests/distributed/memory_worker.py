@@ -1,7 +1,7 @@
 """Run by tests on N ranks: for several layouts, the per-rank state a real run holds against the plan
 ``chimera train --dry-run`` prints (``chimera.trainer.plan``).
 
-usage: memory_worker.py OUT.pt NAME=PRESET[,FIELD=VALUE...] ...
+usage: memory_worker.py OUT.pt NAME=PRESET[;FIELD=VALUE...] ...
 
 After one training step, each rank measures the bytes of parameters and optimizer state it holds
 (``TrainingEngine.held_bytes``: from the tensors themselves) and of gradients as the optimizer step sees them; and its
@@ -17,12 +17,11 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from chimera.configs.loader import load_run_config  # noqa: E402
 from chimera.parallel import topology  # noqa: E402
 from chimera.trainer.loop import Trainer  # noqa: E402
 from chimera.trainer.optimizer_state import base_optimizer, stepped_tensors  # noqa: E402
 from chimera.trainer.plan import memory_plan  # noqa: E402
-from helpers import REPO  # noqa: E402
+from helpers import run_configs  # noqa: E402
 
 BASE = ["train.steps=1", "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_len=32",
         "logging.wandb=disabled"]
@@ -49,17 +48,13 @@ def measure(trainer) -> dict:
 out, specs = sys.argv[1], sys.argv[2:]
 results = {}
 with tempfile.TemporaryDirectory() as run_dir:
-    for spec in specs:
-        name, _, rest = spec.partition("=")
-        preset, *fields = rest.split(",")
-        cfg = load_run_config(REPO / "configs/runs/tiny.yaml", [*BASE, f"model.preset={preset}", *fields])
+    for name, cfg in run_configs(specs, BASE):
         trainer = Trainer(cfg, run_dir)
         stage = memory_plan(cfg, dist.get_world_size()).stages[trainer.topo.pipeline_rank]
         planned = {"parameters": stage.parameter_bytes, "optimizer": stage.optimizer_bytes,
                    "gradients": stage.gradient_bytes}
-        mine = {"measured": measure(trainer), "planned": planned}
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
+        dist.all_gather_object(everyone, {"measured": measure(trainer), "planned": planned})
         results[name] = everyone
         del trainer
 if dist.get_rank() == 0:

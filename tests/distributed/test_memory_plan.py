@@ -22,7 +22,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("memory") / "memory.pt"
-    specs = [f"{name}={','.join([model, *fields])}" for name, (model, fields) in LAYOUTS.items()]
+    specs = [f"{name}={';'.join([model, *fields])}" for name, (model, fields) in LAYOUTS.items()]
     return run_worker(out, "memory_worker.py", 2, out, *specs)
 
 
