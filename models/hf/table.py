@@ -220,7 +220,7 @@ def check_shapes(state: dict[str, torch.Tensor], expected: dict, where: str, opt
     if missing or unexpected:
         raise UserError(f"{where}: tensors do not match the config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for name, shape in {**optional, **expected}.items():
+    for name, shape in {**expected, **optional}.items():
         if name in state and tuple(state[name].shape) != tuple(shape):
             raise UserError(f"{where}: {name} has shape {tuple(state[name].shape)} but the config implies "
                             f"{tuple(shape)}")
@@ -231,7 +231,8 @@ def to_ours(table: list[Entry], tensors: dict[str, torch.Tensor], ours: dict[str
     """An HF state dict -> our full state dict, after checking its names and shapes against the table."""
     shapes = hf_shapes(table, ours)
     required = {n for e in table if e.on_import == "required" for n in e.hf}
-    check_shapes(tensors, {n: shapes[n] for n in required}, where,
+    # in table order, so that the first mismatch reported is the same in every process (a set's order is not)
+    check_shapes(tensors, {n: s for n, s in shapes.items() if n in required}, where,
                  optional={n: s for n, s in shapes.items() if n not in required})
     out: dict[str, torch.Tensor] = {}
     for role in ("required", "preferred", "checked"):
