@@ -59,9 +59,12 @@ def deepspeed_config(cfg: RunConfig, accumulation: int, gradient_ranks: int) -> 
     Without stages the loop owns the accumulation boundary: ``backward()`` only accumulates, ``step()`` reduces and
     updates."""
     t, par = cfg.train, cfg.parallel
-    zero = {"stage": par.zero_stage}
+    # Communication buckets of 5e7 elements (DeepSpeed's defaults, 5e8, are 2 GB fp32 buffers each: a 1 B model's
+    # whole size) and, with ZeRO-3, at most 1e8 gathered parameters alive at once (default 1e9: a 1 B model whole).
+    zero = {"stage": par.zero_stage, "reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7)}
     if par.zero_stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0  # partition every parameter, small ones too
+        zero.update(stage3_param_persistence_threshold=0,  # partition every parameter, small ones too
+                    stage3_max_live_parameters=int(1e8), stage3_prefetch_bucket_size=int(5e7))
     out = {
         "train_batch_size": t.micro_batch_size * accumulation * gradient_ranks,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
