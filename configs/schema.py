@@ -159,6 +159,9 @@ class ParallelConfig(Section):
                              "context x pipeline)")
     sequence_parallel: bool = False
     zero_stage: int = Field(0, ge=0, le=3)
+    zero_bucket_size: int = Field(50_000_000, ge=1, description="elements per ZeRO communication bucket (gradient "
+                                  "reduction, parameter gathers) and per ZeRO-3 optimizer sub-group; bounds the "
+                                  "temporary buffers a step allocates")
 
 
 class CheckpointConfig(Section):

@@ -59,12 +59,16 @@ def deepspeed_config(cfg: RunConfig, accumulation: int, gradient_ranks: int) -> 
     Without stages the loop owns the accumulation boundary: ``backward()`` only accumulates, ``step()`` reduces and
     updates."""
     t, par = cfg.train, cfg.parallel
-    # Communication buckets of 5e7 elements (DeepSpeed's defaults, 5e8, are 2 GB fp32 buffers each: a 1 B model's
-    # whole size) and, with ZeRO-3, at most 1e8 gathered parameters alive at once (default 1e9: a 1 B model whole).
-    zero = {"stage": par.zero_stage, "reduce_bucket_size": int(5e7), "allgather_bucket_size": int(5e7)}
+    # Temporary buffers bounded by ``zero_bucket_size`` elements (DeepSpeed's defaults are a 1 B model's whole size):
+    # communication buckets; with ZeRO-3, gathered parameters alive at once (2 buckets) and the optimizer's
+    # sub-groups, which bound AdamW's temporaries and the gradient buffer ZeRO-3 fills to create AdamW's state
+    # (``ds_numel`` elements of the whole sub-group, not of this rank's partition).
+    bucket = par.zero_bucket_size
+    zero = {"stage": par.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if par.zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=0,  # partition every parameter, small ones too
-                    stage3_max_live_parameters=int(1e8), stage3_prefetch_bucket_size=int(5e7))
+                    stage3_max_live_parameters=2 * bucket, stage3_max_reuse_distance=bucket,
+                    stage3_prefetch_bucket_size=bucket, sub_group_size=bucket)
     out = {
         "train_batch_size": t.micro_batch_size * accumulation * gradient_ranks,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -254,6 +258,10 @@ def zero3_partitioner(cfg: RunConfig, topo: Topology):
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
     def partition(module: nn.Module) -> None:
+        # in the training precision first: ``zero.Init(module=...)`` partitions parameters as they are (fp32 as
+        # drawn), and the engine converts only the empty placeholders then, so bf16 runs would keep fp32 shards
+        for p in module.parameters():
+            p.data = p.data.to(dtype)
         deepspeed.zero.Init(module=module, data_parallel_group=topo.gradient_group, config_dict_or_path=config,
                             dtype=dtype, mem_efficient_linear=False, mpu=DeepSpeedMPU())
 

@@ -16,6 +16,7 @@ LAYOUTS = {
     "tp2": ("griffin-tiny", ["parallel.tensor=2"]),
     "ep2-zero1": ("jamba-tiny", ["parallel.expert=2", "parallel.zero_stage=1"]),
     "dp2-bf16": ("griffin-tiny", ["train.precision=bf16"]),
+    "dp2-zero3-bf16": ("griffin-tiny", ["parallel.zero_stage=3", "train.precision=bf16"]),
 }
 
 
