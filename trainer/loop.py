@@ -32,6 +32,7 @@ from chimera.trainer.checkpoint import (
     weights_reader,
 )
 from chimera.trainer.engine import TrainingEngine, zero3_partitioner
+from chimera.trainer.host_memory import map_large_blocks_apart, release_free_host_memory
 from chimera.trainer.metrics import MetricsLogger
 
 
@@ -48,6 +49,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         par, t = cfg.parallel, cfg.train
+        map_large_blocks_apart()  # freed shards, gathers and gradients go back to the system (host_memory)
         self.topo = topology.initialize(par.tensor, par.pipeline, par.context, par.expert)
         self.dp = validate_layout(cfg, self.topo.world_size)
         self.device = topology.device()
@@ -69,6 +71,7 @@ class Trainer:
         self.num_parameters = model.num_parameters()
         self.stage_bounds = bounds
         self.engine = TrainingEngine(model, cfg, self.topo, self.accumulation, bounds)
+        release_free_host_memory()  # what building the shards and the engine freed, before the first step needs it
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.topo.rank)
         self.layout = {"tensor": self.topo.tensor, "pipeline": self.topo.pipeline, "context": self.topo.context,
                        "expert": self.topo.expert, "data": self.dp, "zero_stage": par.zero_stage}
