@@ -5,8 +5,9 @@
 
 Each layout is one real run (``chimera.launch.local`` ranks, the trainer, one optimizer step); each rank reports what
 it holds (``TrainingEngine.held_bytes``: parameters and AdamW state, from the tensors themselves) and, with pipeline
-stages, how long its stage computed (forward and backward passes) within the step. The bubble of a stage is
-``1 - busy / step time``; its ideal, a balanced 1F1B schedule's.
+stages, how long its stage computed (forward and backward passes) within the step's 1F1B schedule (the step without
+the gradient reductions and the optimizer step that follow it). The bubble of a stage is ``1 - busy / schedule
+time``; its ideal, a balanced 1F1B schedule's.
 """
 
 from __future__ import annotations
@@ -36,25 +37,30 @@ def worker(spec: dict, out: str) -> None:
     cfg = load_run_config(REPO / "configs/runs/tiny.yaml", spec["fields"])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir)
-        busy = [0.0]
-        if trainer.engine.pipelined:  # time this stage's forward and backward passes within the step
+        busy, after = [0.0], [0.0]  # forward/backward passes; the reductions and optimizer step after the schedule
+        if trainer.engine.pipelined:  # time this stage's instructions within the step
             ds = trainer.engine.ds
             timed = dict(ds._INSTRUCTION_MAP)
-            for kind in (k for k in timed if k.__name__ in ("ForwardPass", "BackwardPass")):
-                def run(self, *args, _f=timed[kind], **kwargs):
+            for kind in timed:
+                into = {"ForwardPass": busy, "BackwardPass": busy, "ReduceGrads": after, "ReduceTiedGrads": after,
+                        "OptimizerStep": after}.get(kind.__name__)
+                if into is None:
+                    continue
+
+                def run(self, *args, _f=timed[kind], _into=into, **kwargs):
                     start = time.perf_counter()
                     _f(self, *args, **kwargs)
-                    busy[0] += time.perf_counter() - start
+                    _into[0] += time.perf_counter() - start
                 timed[kind] = run
             ds._INSTRUCTION_MAP = timed
         trainer.train_step()  # warm-up: the optimizer state exists after it
-        busy[0] = 0.0
+        busy[0] = after[0] = 0.0
         dist.barrier()
         start = time.perf_counter()
         trainer.train_step()
         elapsed = time.perf_counter() - start
         mine = {**trainer.engine.held_bytes(), "stage": trainer.topo.pipeline_rank, "busy": busy[0],
-                "step": elapsed}
+                "schedule": elapsed - after[0]}
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         if dist.get_rank() == 0:
@@ -78,6 +84,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="griffin-small")
     p.add_argument("--out", default=None)
+    p.add_argument("--only-bubble", action="store_true")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -88,7 +95,7 @@ def main() -> None:
             "train.warmup_steps=1"]
     rows = {"memory": [], "bubble": []}
     single = None
-    for dp in (1, 2, 4):
+    for dp in () if args.only_bubble else (1, 2, 4):
         for zero in (0, 1, 2, 3):
             if dp == 1 and zero:
                 continue
@@ -103,7 +110,7 @@ def main() -> None:
             rows["memory"].append({"layout": f"DP={dp} ZeRO-{zero}", "bytes": held, "ratio": held / single,
                                    "ideal": ideal})
             print(rows["memory"][-1], flush=True)
-    for pp in (2, 4):
+    for pp in () if args.only_bubble else (2, 4):
         fields = base + [f"parallel.pipeline={pp}", "train.micro_batch_size=2", "train.global_batch_size=2"]
         ranks = run(pp, fields)
         held = max(r["parameters"] + r["optimizer"] for r in ranks)
@@ -113,7 +120,7 @@ def main() -> None:
     for micro in (1, 2, 4, 8):
         fields = base + ["parallel.pipeline=2", "train.micro_batch_size=2", f"train.global_batch_size={2 * micro}"]
         ranks = run(2, fields)
-        measured = [1 - r["busy"] / r["step"] for r in ranks]
+        measured = [1 - r["busy"] / r["schedule"] for r in ranks]
         rows["bubble"].append({"stages": 2, "micro_batches": micro, "measured": measured,
                                "ideal": 1 / (micro + 1)})
         print(rows["bubble"][-1], flush=True)
