@@ -31,13 +31,20 @@ DEMO = Path(__file__).resolve().parents[1] / "configs/runs/demo.yaml"
 
 def loader_rate(source: dict, steps: int, packing: str) -> float:
     cfg = DataConfig(sources=[source], seq_len=256, packing=packing)
-    data = DataPipeline(cfg, micro_batch_size=16, global_batch_size=16)
+    return produce(DataPipeline(cfg, micro_batch_size=16, global_batch_size=16), steps)
+
+
+def produce(data: DataPipeline, steps: int, step_s: float = 0.0) -> float:
+    """Tokens/s of one rank producing ``steps`` steps' batches from the start, ``step_s`` seconds of simulated
+    training after each."""
     state, tokens = data.initial_state(), 0
     start = time.perf_counter()
     for step in range(steps):
         plan = data.plan(step, state)
         tokens += sum(b["input_ids"].numel() for b in data.micro_batches(plan, 0, 1))
         state = plan.next_state
+        if step_s:
+            time.sleep(step_s)
     return tokens / (time.perf_counter() - start)
 
 

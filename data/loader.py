@@ -33,7 +33,9 @@ def build_source(spec, name: str, cfg: DataConfig, bad: BadData):
     if spec.type == "builtin":
         return sources.BuiltinSource(get_tokenizer(cfg.tokenizer), spec.include_tests, name)
     if spec.type == "webdataset":
-        return sources.WebDatasetSource(spec.path, name, bad, cfg.verify_checksums, spec.urls)
+        return sources.WebDatasetSource(spec.path, name, bad, cfg.verify_checksums, spec.urls,
+                                        cache_shards=spec.cache_shards, prefetch_shards=spec.prefetch_shards,
+                                        read_attempts=spec.read_attempts, retry_delay=spec.retry_delay)
     if spec.type == "zarr":
         return sources.ZarrSource(spec.path, name, bad, cfg.verify_checksums)
     raise ValueError(spec.type)
@@ -50,7 +52,7 @@ class TextStreams:
         self.train = TokenStream(source, train_groups, cfg.seed)
         if len(val_ids) == 0:  # tiny datasets: validate on the first training group
             val_ids = train_groups[0]
-        self.validation = TokenStream(source, [val_ids], cfg.seed, shuffle=False)
+        self.validation = TokenStream(source, [val_ids], cfg.seed, shuffle=False, prefetch=False)
         self.vocab_size = source.vocab_size
 
     def sequence(self, stream: TokenStream, start: int, length: int, boundaries: bool) -> dict:
@@ -118,6 +120,7 @@ class DataPipeline:
         self.schedule = SeqLenSchedule(micro_batch_size * cfg.seq_len, cfg.seq_len, cfg.curriculum)
         self.tokens_per_step = global_batch_size * cfg.seq_len
         self.vocab_size = max(s.vocab_size for s in self.streams)
+        self._read_totals: dict[str, dict] = {}  # read_stats() at its previous call, by source
         self._check_tokenizers()
 
     def _check_tokenizers(self) -> None:
@@ -137,6 +140,28 @@ class DataPipeline:
 
     def excluded_documents(self) -> dict:
         return {s.name: s.source.excluded for s in self.streams if s.kind == "text" and s.source.excluded}
+
+    def read_stats(self) -> dict[str, float]:
+        """What reading shards cost this rank since the previous call (the first call: since the start), for each
+        source that reads shards (WebDataset): ``data_read_mb/<source>`` (10^6 bytes read, retries included),
+        ``data_read_s/<source>`` (seconds those reads took, summed over prefetch threads), ``data_read_mb_s/<source>``
+        (the two's ratio: the rate of one read; 0 without reads), ``data_retries/<source>`` (attempts repeated)
+        and ``data_wait_s/<source>`` (seconds the step loop waited for shards: the reading prefetch did not hide)."""
+        out = {}
+        for s in self.streams:
+            stats = getattr(getattr(s, "source", None), "read_stats", None)
+            if stats is None:
+                continue
+            now = stats.totals()
+            before = self._read_totals.get(s.name, dict.fromkeys(now, 0))
+            self._read_totals[s.name] = now
+            d = {k: now[k] - before[k] for k in now}
+            out[f"data_read_mb/{s.name}"] = d["bytes"] / 1e6
+            out[f"data_read_s/{s.name}"] = d["seconds"]
+            out[f"data_read_mb_s/{s.name}"] = d["bytes"] / 1e6 / d["seconds"] if d["seconds"] > 0 else 0.0
+            out[f"data_retries/{s.name}"] = float(d["retries"])
+            out[f"data_wait_s/{s.name}"] = d["wait_seconds"]
+        return out
 
     def _choose(self, n: int) -> int:
         if len(self.streams) == 1:

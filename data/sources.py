@@ -6,11 +6,23 @@ group, so reads stay local) and ``read(doc_id)``. Documents are split into train
 by a hash of their id. Bad shards or chunks found when the source opens follow the data policy
 (``fail``: one line naming the file; ``skip``: their documents leave the order and are counted);
 corruption found while reading always stops the run with one line - never a wrong batch.
+
+WebDataset shards are read whole. A token stream tells its source which shards it will read next
+(``prefetch``), and the source loads a few of them ahead on background threads; what is read is
+the same either way, only when. Shards behind a command or a network (``pipe:``, http, s3, gs) are
+retried with exponential backoff when a read fails or its checksum does not match; a local shard
+that fails its checksum is corrupt and stops the run at once. Each source counts what reading cost
+(``ReadStats``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +40,62 @@ def validation_mask(num_docs: int, fraction: float) -> np.ndarray:
     return h.astype(np.float64) / float(1 << 24) < fraction
 
 
+REMOTE_PREFIXES = ("pipe:", "http:", "https:", "s3:", "gs:")
+
+
+def is_remote(url: str) -> bool:
+    """A shard read through a command or over a network, whose failures may be transient."""
+    return url.startswith(REMOTE_PREFIXES)
+
+
+def pause_before_retry(seconds: float) -> None:
+    """The backoff between attempts at a remote shard (a function of its own, so a test can record it)."""
+    time.sleep(seconds)
+
+
 class LRU(OrderedDict):
+    """The ``capacity`` most recently used values by key. Room is made before a value is loaded, so it never
+    holds more than ``capacity`` values, not even while loading one."""
+
     def __init__(self, capacity: int):
         super().__init__()
+        if capacity < 1:
+            raise ValueError(f"an LRU cache needs a capacity of at least 1, got {capacity}")
         self.capacity = capacity
 
     def get_or(self, key, load):
         if key in self:
             self.move_to_end(key)
             return self[key]
-        value = self[key] = load(key)
-        if len(self) > self.capacity:
+        if len(self) >= self.capacity:
             self.popitem(last=False)
+        value = self[key] = load(key)
         return value
+
+
+@dataclass
+class ReadStats:
+    """Running totals of a source's shard reads; prefetch threads add to them, so additions take a lock.
+
+    ``bytes`` and ``seconds``: what reading shards (every attempt) moved and took, summed over threads;
+    ``retries``: attempts repeated after a failed read; ``wait_seconds``: how long the caller (the step
+    loop) waited for shards - the part of reading that prefetch did not hide."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+    wait_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **amounts: float) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def totals(self) -> dict[str, float]:
+        with self._lock:
+            return {"bytes": self.bytes, "seconds": self.seconds, "retries": self.retries,
+                    "wait_seconds": self.wait_seconds}
 
 
 class DocumentSource:
@@ -50,9 +105,18 @@ class DocumentSource:
     lengths: np.ndarray
     groups: list[np.ndarray]
     excluded: int = 0  # documents dropped by the skip policy
+    prefetch_depth: int = 0  # shards ahead the source wants to hear of (see ``prefetch``); 0: it does not prefetch
+    read_stats: ReadStats | None = None  # sources that read shards count the cost here
 
     def read(self, doc_id: int) -> np.ndarray:
         raise NotImplementedError
+
+    def shards_of(self, doc_ids: np.ndarray) -> np.ndarray:
+        """The shard each document lives in; asked only of sources with ``prefetch_depth > 0``."""
+        raise NotImplementedError
+
+    def prefetch(self, shards: list[int]) -> None:
+        """A hint: the reader will next read ``shards``, in this order, after the one it is in."""
 
     def split_ids(self, val_fraction: float) -> tuple[list[np.ndarray], np.ndarray]:
         """(train groups, validation ids) after the validation split."""
@@ -87,8 +151,14 @@ class BuiltinSource(DocumentSource):
 class PreparedSource(DocumentSource):
     """Common part of WebDataset and zarr sources: the manifest and the document lengths."""
 
+    FORMAT: str  # the manifest's "format" this source reads
+
     def __init__(self, path: str, name: str, bad: BadData, verify: bool):
         self.root, self.manifest = read_manifest(path)
+        found = self.manifest.get("format")
+        if found != self.FORMAT:
+            raise UserError(f"source {name!r}: {path} holds a {found} dataset, not {self.FORMAT}; set "
+                            f"type: {found} for this source")
         self.name, self.bad, self.verify = name, bad, verify
         tok = self.manifest["tokenizer"]
         self.eos_id, self.vocab_size = tok["eos_id"], tok["vocab_size"]
@@ -105,11 +175,30 @@ class WebDatasetSource(PreparedSource):
 
     ``urls``: a brace pattern naming the shards in manifest order, e.g.
     ``pipe:aws s3 cp s3://bucket/ds/shard-{000000..000041}.tar -``; default: beside the manifest.
+
+    Memory: the ``cache_shards`` most recently read shards, plus at most ``prefetch_shards`` loads started
+    ahead (running, or done and not yet read): never more than ``cache_shards + prefetch_shards`` shards.
+    ``prefetch_shards=0`` reads each shard when the stream reaches it. A remote shard (``is_remote``) is
+    tried ``read_attempts`` times, waiting ``retry_delay`` seconds after the first failure and twice as
+    long after each next one; local shards are tried once.
+
+    Threads: the cache and the pending loads belong to the caller's thread; a prefetch thread only runs
+    ``_load``, which shares nothing with it but ``read_stats``.
     """
 
+    FORMAT = "webdataset"
+
     def __init__(self, path: str, name: str, bad: BadData, verify: bool = True, urls: str | None = None,
-                 cache_shards: int = 4):
+                 cache_shards: int = 4, prefetch_shards: int = 2, read_attempts: int = 4, retry_delay: float = 0.5):
+        # webdataset's readers are imported here, in the caller's thread: a package imported by two threads at
+        # once (the step loop and a prefetch thread, at the first shard) can be seen half-initialised by one
+        import webdataset.gopen  # noqa: F401
+        import webdataset.tariterators  # noqa: F401
+
         super().__init__(path, name, bad, verify)
+        if prefetch_shards < 0 or read_attempts < 1 or retry_delay < 0:
+            raise ValueError(f"prefetch_shards={prefetch_shards} (>= 0), read_attempts={read_attempts} (>= 1), "
+                             f"retry_delay={retry_delay} (>= 0)")
         shards = self.manifest["shards"]
         if urls:
             import braceexpand
@@ -126,11 +215,14 @@ class WebDatasetSource(PreparedSource):
                 self.groups.append(np.arange(self.first[i], self.first[i + 1]))
             else:
                 self.excluded += shard["documents"]
+        self.prefetch_depth, self.read_attempts, self.retry_delay = prefetch_shards, read_attempts, retry_delay
+        self.read_stats = ReadStats()
         self._cache = LRU(cache_shards)
+        self._pending: dict[int, Future] = {}  # shard -> its load started ahead
 
     def _shard_ok(self, i: int, shard: dict) -> bool:
         url = self.urls[i]
-        if url.startswith(("pipe:", "http:", "https:", "s3:", "gs:")):
+        if is_remote(url):
             return True  # remote: verified when read
         path = Path(url)
         if not path.is_file():
@@ -143,17 +235,35 @@ class WebDatasetSource(PreparedSource):
         return True
 
     def _load(self, i: int) -> dict[int, np.ndarray]:
+        """Shard ``i`` read, checked and parsed: ``{doc_id: tokens}``. A remote shard whose read fails or does
+        not match the manifest is read again after a backoff; the last failure is a one-line ``UserError``."""
+        attempts = self.read_attempts if is_remote(self.urls[i]) else 1
+        for attempt in range(1, attempts):
+            try:
+                return self._load_once(i)
+            except UserError:
+                self.read_stats.add(retries=1)
+                pause_before_retry(self.retry_delay * 2 ** (attempt - 1))
+        try:
+            return self._load_once(i)
+        except UserError as e:
+            if attempts == 1:
+                raise
+            raise UserError(f"{e} (gave up after {attempts} attempts)") from None
+
+    def _load_once(self, i: int) -> dict[int, np.ndarray]:
         from webdataset.gopen import gopen
 
         url, shard = self.urls[i], self.manifest["shards"][i]
+        data, started = b"", time.perf_counter()
         try:
             with gopen(url, "rb") as stream:
                 data = stream.read()
         except Exception as e:  # gopen raises plain exceptions for failed pipes
             raise UserError(f"shard {url} could not be read ({e})") from None
+        finally:
+            self.read_stats.add(bytes=len(data), seconds=time.perf_counter() - started)
         if self.verify:
-            import hashlib
-
             if hashlib.sha256(data).hexdigest() != shard["sha256"]:
                 raise UserError(f"shard {url} does not match its manifest checksum ({len(data)} bytes read); "
                                 "it is corrupt - re-create or re-download it")
@@ -164,11 +274,59 @@ class WebDatasetSource(PreparedSource):
 
     def read(self, doc_id: int) -> np.ndarray:
         i = int(np.searchsorted(self.first, doc_id, side="right") - 1)
-        return self._cache.get_or(i, self._load)[doc_id]
+        return self._cache.get_or(i, self._take)[doc_id]
+
+    def _take(self, i: int) -> dict[int, np.ndarray]:
+        """Shard ``i`` for the cache: its load started ahead if there is one, else read now; the wait is counted."""
+        started = time.perf_counter()
+        try:
+            ahead = self._pending.pop(i, None)
+            return ahead.result() if ahead is not None else self._load(i)
+        finally:
+            self.read_stats.add(wait_seconds=time.perf_counter() - started)
+
+    def shards_of(self, doc_ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.first, doc_ids, side="right") - 1
+
+    def prefetch(self, shards: list[int]) -> None:
+        """Start loading the first ``prefetch_depth`` of ``shards`` that are neither cached nor already started.
+
+        A started load the reader no longer expects (after a jump, e.g. a resume elsewhere) is dropped once it
+        has finished - its error, if it failed, is never raised - and holds its place until then, so the
+        bound on memory holds. A failed load that is expected raises when the reader reaches its shard."""
+        wanted = shards[: self.prefetch_depth]
+        for i, load in list(self._pending.items()):
+            if i not in wanted and load.done():
+                del self._pending[i]
+        for i in wanted:
+            if len(self._pending) >= self.prefetch_depth:
+                break
+            if i not in self._cache and i not in self._pending:
+                self._pending[i] = self._load_in_background(i)
+
+    def wait_for_loads_ahead(self) -> None:
+        """Block until every load started ahead has finished (its shard stays pending for the reader), e.g.
+        before counting what was read."""
+        wait(list(self._pending.values()))
+
+    def _load_in_background(self, i: int) -> Future:
+        result: Future = Future()
+
+        def run():
+            try:
+                result.set_result(self._load(i))
+            except Exception as e:  # handed to the reader, which raises it when it reaches the shard
+                result.set_exception(e)
+
+        # a daemon thread: a hung remote read must not keep a stopping run from exiting
+        threading.Thread(target=run, name=f"prefetch {self.name} shard {i}", daemon=True).start()
+        return result
 
 
 class ZarrSource(PreparedSource):
     """A chunked token array with document offsets; reads are served from whole cached chunks."""
+
+    FORMAT = "zarr"
 
     def __init__(self, path: str, name: str, bad: BadData, verify: bool = True, cache_chunks: int = 16):
         import zarr
