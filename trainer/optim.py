@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -21,12 +22,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+@dataclass(frozen=True)
+class ScheduleAnchor:
+    """Where a run's schedule was re-laid when it resumed with another ``train.steps``: from update ``step`` on, the
+    rate falls from ``lr`` (what it was there) to ``min_lr`` at the new last step, so it never jumps."""
+
+    step: int
+    lr: float
+
+
+def lr_at(step: int, cfg: TrainConfig, anchor: ScheduleAnchor | None = None) -> float:
+    """The rate of update ``step`` (0-based): linear warmup to ``lr`` over ``warmup_steps`` (reached at update
+    ``warmup_steps - 1``), then a cosine that reaches ``min_lr`` at the last update, ``steps - 1``; with an
+    ``anchor``, from its step a cosine from its rate to ``min_lr`` at the last update."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    last = cfg.steps - 1
+    start, peak = max(cfg.warmup_steps - 1, 0), cfg.lr  # the cosine starts where warmup ends, at its peak
+    if anchor is not None and step >= anchor.step:
+        start, peak = anchor.step, anchor.lr
+    progress = min(1.0, (step - start) / max(1, last - start))
+    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -37,6 +53,19 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
                              fused=True)
 
 
-def build_schedule(cfg: TrainConfig):
-    """A factory DeepSpeed calls with the optimizer it wraps; stepped once per optimizer step."""
-    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
+class Schedule:
+    """The run's learning-rate schedule as DeepSpeed steps it (once per update); its anchor is set when a resumed run
+    re-lays it (``chimera.trainer.resumption``)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.anchor = cfg, None
+
+    def factor(self, step: int) -> float:
+        return lr_at(step, self.cfg, self.anchor) / self.cfg.lr
+
+    def __call__(self, optimizer):  # DeepSpeed calls this with the optimizer it wraps
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
+
+
+def build_schedule(cfg: TrainConfig) -> Schedule:
+    return Schedule(cfg)
