@@ -6,6 +6,8 @@ Errors are ``UserError`` with one line naming the field path, the bad value and 
 from __future__ import annotations
 
 import copy
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -51,13 +53,39 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _field_annotation(keys: list[str]):
+    """The type annotation of the config field at ``keys`` (None where the path is not a typed field)."""
+    node = RunConfig
+    annotation = None
+    for key in keys:
+        fields = getattr(node, "model_fields", None)
+        if fields is None or key not in fields:
+            return None
+        annotation = fields[key].annotation
+        node = annotation
+    return annotation
+
+
+def _is_text(annotation) -> bool:
+    """A field that holds text (``str`` or ``str | None``)."""
+    if annotation is str:
+        return True
+    args = typing.get_args(annotation)
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and str in args and all(
+        a in (str, type(None)) for a in args)
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value``: text fields take the value as given (a pattern ``-`` or ``|`` is text, not YAML); others parse
+    it as YAML (numbers, booleans, lists, mappings, null)."""
     if "=" not in item:
         raise UserError(f"--set {item!r} is not of the form a.b=value")
     key, raw = item.split("=", 1)
     keys = key.strip().split(".")
     if not all(keys):
         raise UserError(f"--set {item!r}: empty field name in {key!r}")
+    if _is_text(_field_annotation(keys)) and raw.strip() not in ("null", "~"):
+        return keys, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -115,6 +143,8 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if isinstance(data.get("model"), str):
         data["model"] = {"preset": data["model"]}
     data = apply_overrides(data, list(overrides))
+    if isinstance(data.get("model"), str):  # --set model=NAME: another preset
+        data["model"] = {"preset": data["model"]}
     return validated(RunConfig, _resolve_model(data))
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from chimera.configs.section import Section
 from chimera.errors import UserError
 from chimera.models.config import ModelConfig
 
 __all__ = ["ModelConfig", "RunConfig", "DataConfig", "TrainConfig", "ParallelConfig", "CheckpointConfig",
-           "LoggingConfig", "Curriculum", "validate_layout", "accumulation_steps"]
+           "LoggingConfig", "LaunchConfig", "Curriculum", "validate_layout", "accumulation_steps", "parse_duration"]
 
 
 class BuiltinSourceConfig(Section):
@@ -37,6 +37,10 @@ class WebDatasetSourceConfig(Section):
     path: str = Field(..., description="the prepared dataset directory (or its manifest.json)")
     urls: str | None = Field(None, description="brace pattern of shard URLs (e.g. pipe:...) in manifest order")
     weight: float = Field(1.0, gt=0)
+    cache_shards: int = Field(4, ge=1, description="shards kept in memory after reading")
+    prefetch_shards: int = Field(2, ge=0, description="shards read ahead in the background (0: on demand)")
+    read_attempts: int = Field(4, ge=1, description="tries of a remote shard read (pipe:, http, s3, gs)")
+    retry_delay: float = Field(0.5, ge=0, description="seconds before the second try, doubling after")
 
 
 class ZarrSourceConfig(Section):
@@ -112,6 +116,25 @@ class DataConfig(Section):
         return [s.name or (s.type if len(self.sources) == 1 else f"{s.type}{i}") for i, s in enumerate(self.sources)]
 
 
+class SpikeConfig(Section):
+    """Bad steps: a step whose loss or gradient norm is NaN or infinite is always a bad step; with ``factor``, so is
+    one whose loss exceeds ``factor`` times the median loss of the last ``window`` good steps. A bad step's update is
+    skipped (its batch is consumed, the weights, optimizer and schedule stay where they were)."""
+
+    factor: float | None = Field(None, gt=1, description="loss spike threshold over the running median (None: off)")
+    window: int = Field(20, ge=3, description="good steps the running median is taken over")
+    max_consecutive: int = Field(3, ge=1, description="bad steps in a row before the run rolls back to its last "
+                                 "checkpoint and skips their batches")
+
+
+class FaultInjection(Section):
+    """Faults a run injects into itself, to exercise its recovery (tests, drills); empty in real runs."""
+
+    nan_loss_at: list[int] = Field(default_factory=list, description="steps whose loss is made NaN before backward")
+    stall_at: list[int] = Field(default_factory=list, description="steps during which rank 0 stalls (a hang)")
+    stall_seconds: float = Field(0.0, ge=0, description="how long a stall lasts")
+
+
 class TrainConfig(Section):
     steps: int = Field(..., ge=1, description="optimizer steps of the whole run (the schedule's length)")
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per forward/backward")
@@ -132,11 +155,17 @@ class TrainConfig(Section):
     stop_after: int | None = Field(
         None, ge=1, description="end this invocation after this step (as a preemption would); rerun resumes"
     )
+    spike: SpikeConfig = SpikeConfig()
+    skip_steps: list[int] = Field(default_factory=list, description="steps whose batch is read and discarded, "
+                                  "without an update (a known bad batch)")
+    fault_injection: FaultInjection = FaultInjection()
 
     @model_validator(mode="after")
     def _check(self):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} exceeds lr={self.lr}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}; lower warmup_steps")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"global_batch_size={self.global_batch_size} is not a multiple of "
@@ -159,20 +188,81 @@ class ParallelConfig(Section):
                              "context x pipeline)")
     sequence_parallel: bool = False
     zero_stage: int = Field(0, ge=0, le=3)
+    timeout: float = Field(600.0, gt=0, description="seconds a collective may wait for the other ranks before the "
+                           "run gives up (a dead or hung rank); the step watchdog dumps every rank's stack after it")
     zero_bucket_size: int = Field(50_000_000, ge=1, description="elements per ZeRO communication bucket (gradient "
                                   "reduction, parameter gathers) and per ZeRO-3 optimizer sub-group; bounds the "
                                   "temporary buffers a step allocates")
 
 
 class CheckpointConfig(Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     every: int = Field(100, ge=0, description="save every N steps (0: only at the end)")
     keep: int = Field(2, ge=1, description="checkpoints kept on disk")
+    asynchronous: bool = Field(False, alias="async", description="write checkpoints in the background while "
+                               "training continues (a snapshot in host memory is written)")
 
 
 class LoggingConfig(Section):
     wandb: Literal["offline", "online", "disabled"] = "offline"
     project: str = "chimera"
     progress: bool = True
+    rank_stats_every: int = Field(50, ge=0, description="every N steps: per-rank step time (min/median/max, the "
+                                  "slowest rank) and peak memory in the metrics (0: never)")
+
+
+SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "QUIT", "XCPU")
+
+
+class LaunchConfig(Section):
+    """How a run is started and kept alive: the cluster launcher's fields (``chimera launch slurm`` takes the same
+    as flags), the preemption signals and the restarts after a failure."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (one task each); 0: CPU ranks")
+    tasks_per_node: int | None = Field(None, ge=1, description="ranks per node; default: gpus_per_node, or 1")
+    cpus_per_task: int | None = Field(None, ge=1)
+    partition: str | None = None
+    time: str = Field("01:00:00", description="the job's time limit, [D-]HH:MM:SS")
+    account: str | None = None
+    qos: str | None = None
+    exclusive: bool = False
+    constraint: str | None = None
+    mem: str | None = Field(None, description="memory per node, e.g. 64G")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before the ranks start")
+    save_before_end: str = Field("5m", description="save and requeue this long before the time limit (s, m, h)")
+    stop_signals: list[str] = Field(default_factory=lambda: ["USR2", "TERM"], description="signals that make every "
+                                    "rank save at the next step and stop (NCCL takes USR1: nccl#704)")
+    max_restarts: int = Field(3, ge=0, description="restarts from the last valid checkpoint after a failure")
+
+    @model_validator(mode="after")
+    def _check(self):
+        parse_duration(self.time, "launch.time")
+        parse_duration(self.save_before_end, "launch.save_before_end")
+        bad = [s for s in self.stop_signals if s.upper().removeprefix("SIG") not in SIGNALS]
+        if bad:
+            raise ValueError(f"unknown signal(s) {bad}; use names from {list(SIGNALS)}")
+        return self
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+
+def parse_duration(text: str, field: str = "duration") -> float:
+    """Seconds of ``90``, ``90s``, ``5m``, ``2h``, ``HH:MM:SS``, ``MM:SS`` or ``D-HH:MM:SS``."""
+    value = str(text).strip()
+    try:
+        if ":" in value or "-" in value:
+            days, _, clock = value.rpartition("-")
+            parts = [float(p) for p in clock.split(":")]
+            seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+            return seconds + 86400 * (float(days) if days else 0.0)
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(value[-1:].lower())
+        return float(value[:-1]) * unit if unit else float(value)
+    except ValueError:
+        raise ValueError(f"{field}={text!r} is not a duration; write e.g. 90s, 5m, 2h or 01:30:00") from None
 
 
 class RunConfig(Section):
@@ -182,6 +272,7 @@ class RunConfig(Section):
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    launch: LaunchConfig = LaunchConfig()
 
 
 def accumulation_steps(train: TrainConfig, data_parallel: int) -> int:

@@ -1,6 +1,9 @@
 """The ``chimera`` command.
 
-    chimera train CONFIG --run-dir DIR [--set a.b=c ...] [--nproc N] [--dry-run]
+    chimera train CONFIG --run-dir DIR [--set a.b=c ...] [--nproc N] [--dry-run] [--restart | --resume-from STEP]
+    chimera checkpoint verify DIR | list DIR
+    chimera launch slurm CONFIG --run-dir DIR [--nodes N --gpus-per-node G --partition P --time T ...] [--dry-run]
+    chimera launch status DIR | cancel DIR
     chimera models
     chimera generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P]
     chimera import-hf HF_DIR --out DIR
@@ -8,8 +11,9 @@
     chimera data prepare INPUT... --tokenizer T --format {webdataset,zarr} --out DIR
     chimera data train-tokenizer INPUT... --vocab-size N --out tokenizer.json
 
-User errors print one line and exit with code 2. Heavy imports (megatron-core, DeepSpeed) happen
-only after the input has been validated.
+User errors print one line and exit with code 2 (``chimera.errors`` lists the exit codes: 75 is a run stopped
+early by a signal or its time limit, after saving). Heavy imports (megatron-core, DeepSpeed) happen only after
+the input has been validated.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 
-from chimera.errors import UserError
+from chimera.errors import EXIT_INTERRUPTED, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +42,8 @@ def _quiet() -> None:
 def cmd_train(args) -> int:
     from chimera.configs.loader import load_run_config
     from chimera.configs.schema import validate_layout
-    from chimera.trainer.checkpoint import latest_checkpoint
+    from chimera.errors import EXIT_STOPPED
+    from chimera.trainer import stopping
 
     cfg = load_run_config(args.config, args.set)
     in_worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -46,26 +52,103 @@ def cmd_train(args) -> int:
         raise UserError(f"--nproc {args.nproc}: must be at least 1")
     if in_worker and args.nproc not in (1, world):
         raise UserError(f"--nproc {args.nproc} inside a launched job of {world} processes; drop --nproc")
+    if args.restart and args.resume_from is not None:
+        raise UserError("--restart and --resume-from exclude each other; choose one")
+    if args.max_restarts is not None and args.max_restarts < 0:
+        raise UserError(f"--max-restarts {args.max_restarts}: must be 0 or more")
     validate_layout(cfg, world)
     if args.dry_run:
         from chimera.trainer.plan import format_plan, memory_plan
 
         print(format_plan(memory_plan(cfg, world), cfg))
         return 0
-    if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
-        raise UserError(f"--run-dir {args.run_dir!r} exists and is not a directory")
-    latest_checkpoint(args.run_dir)  # a broken checkpoint pointer fails here, before any process starts
+    stopping.install(cfg.launch.stop_signals)  # from here on a Ctrl-C or a preemption signal stops cleanly
+    if not in_worker:  # once, before any rank starts: what the run directory holds and what may change
+        from chimera.trainer.resumption import prepare
+
+        resume = prepare(args.run_dir, cfg, restart=args.restart, resume_from=args.resume_from)
+        if resume.finished:
+            print(f"chimera: {args.run_dir} is finished: it reached step {resume.step} (train.steps="
+                  f"{cfg.train.steps}); raise train.steps to train on")
+            return 0
     if world > 1 and not in_worker:
         from chimera.data.loader import DataPipeline
         from chimera.launch.local import launch
 
         DataPipeline(cfg.data, cfg.train.micro_batch_size, cfg.train.global_batch_size)  # bad data: fail here, once
-
         argv = ["train", args.config, "--run-dir", args.run_dir] + [x for s in args.set for x in ("--set", s)]
-        return launch(world, [sys.executable, "-m", "chimera.launch.cli", *argv])
+        restarts = cfg.launch.max_restarts if args.max_restarts is None else args.max_restarts
+        return launch(world, [sys.executable, "-m", "chimera.launch.cli", *argv], max_restarts=restarts,
+                      run_dir=args.run_dir, forward=cfg.launch.stop_signals)
+    if stopping.REQUEST.reason:
+        return EXIT_STOPPED
     from chimera.trainer.loop import train
 
-    train(cfg, args.run_dir)
+    try:
+        result = train(cfg, args.run_dir, announce=False)  # prepare() has said what the run resumes with
+    except Exception as e:
+        if in_worker and _lost_peer(e):  # another rank died: the launcher says which, and restarts the run
+            print(f"chimera: rank {os.environ['RANK']}: lost contact with another rank ({type(e).__name__}); "
+                  "stopping", file=sys.stderr, flush=True)
+            return 1
+        raise
+    if result["final_save_failed"]:
+        raise UserError(f"training reached step {result['step']} but its checkpoint could not be written (see "
+                        "above); free space or fix permissions, then run the same command again")
+    return EXIT_STOPPED if result["stopped"] else 0
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because another rank is gone (gloo's closed or reset connection,
+    NCCL's and torch's distributed errors, a timeout)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, (dist.DistError, TimeoutError)) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out"))
+
+
+def cmd_checkpoint_verify(args) -> int:
+    from chimera.trainer.checkpoint import STATE, problem, step_dirs
+
+    path = Path(args.dir)
+    checkpoints = [path] if (path / STATE).is_file() or (path / "MANIFEST.json").is_file() else step_dirs(path)
+    if not checkpoints:
+        raise UserError(f"{args.dir!r} holds no checkpoint (neither a checkpoint nor a run directory with some)")
+    bad = 0
+    for ckpt in checkpoints:
+        why = problem(ckpt)
+        print(f"{ckpt}: {'valid' if why is None else 'INVALID: ' + why}")
+        bad += why is not None
+    if bad:
+        raise UserError(f"{bad} of {len(checkpoints)} checkpoint(s) in {args.dir} failed verification (see above)")
+    return 0
+
+
+def cmd_checkpoint_list(args) -> int:
+    import json
+
+    from chimera.trainer.checkpoint import STATE, problem, step_dirs, step_of
+
+    checkpoints = step_dirs(args.dir)
+    if not checkpoints:
+        raise UserError(f"{args.dir!r} holds no checkpoints (no checkpoints/step_*)")
+    latest = Path(args.dir) / "checkpoints" / "latest"
+    pointed = latest.read_text().strip() if latest.is_file() else None
+    print(f"{'step':>9}  {'layout':<34} {'size':>10}  valid")
+    for ckpt in sorted(checkpoints, key=step_of):
+        try:
+            state = json.loads((ckpt / STATE).read_text())
+            layout = state.get("layout") or ({"weights only": True} if state.get("weights_only") else {})
+            text = " ".join(f"{k[0].upper() if k != 'zero_stage' else 'ZeRO'}{v}" for k, v in layout.items()) \
+                if "weights only" not in layout else "weights only"
+        except (OSError, ValueError):
+            text = "?"
+        size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+        why = problem(ckpt)
+        mark = " (latest)" if ckpt.name == pointed else ""
+        print(f"{step_of(ckpt):>9}  {text:<34} {size / (1 << 20):>8.1f} MB  "
+              f"{'yes' if why is None else 'no: ' + why}{mark}")
     return 0
 
 
@@ -89,6 +172,8 @@ def cmd_generate(args) -> int:
         raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: must be at least 1 (or leave it out: no top-k filter)")
     from chimera.trainer.checkpoint import read_config, resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.run_dir)
@@ -110,9 +195,27 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _writable_output(path: str, flag: str = "--out") -> None:
+    """``path`` (a directory the command creates) can be written: its parent exists or can be made, and takes files.
+    Checked before any work, so a bad path costs nothing and leaves nothing."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {path!r} exists and is not a directory")
+    parent = target.parent
+    probe = parent / f".chimera-write-test-{os.getpid()}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path!r} cannot be written ({e.strerror or e}); choose a writable location") \
+            from None
+
+
 def cmd_data_prepare(args) -> int:
     from chimera.data.prepare import prepare
 
+    _writable_output(args.out)
     if args.shard_mb <= 0 or args.chunk_tokens < 1:
         raise UserError("--shard-mb and --chunk-tokens must be positive")
     prepare(args.inputs, args.tokenizer, args.format, args.out, on_error=args.on_error, text_field=args.text_field,
@@ -130,6 +233,7 @@ def cmd_data_train_tokenizer(args) -> int:
 def cmd_import_hf(args) -> int:
     from chimera.trainer.interchange import import_hf
 
+    _writable_output(args.out)
     out = import_hf(args.hf_dir, args.out)
     print(f"imported {args.hf_dir} -> {out}; continue with: chimera train {out}/run.yaml --run-dir {out}")
     return 0
@@ -138,8 +242,56 @@ def cmd_import_hf(args) -> int:
 def cmd_export(args) -> int:
     from chimera.trainer.interchange import export_hf
 
+    _writable_output(args.out)
     out = export_hf(args.checkpoint, args.out)
     print(f"exported -> {out} (transformers AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
+LAUNCH_FLAGS = {  # flag -> (launch field, type)
+    "--nodes": ("nodes", int), "--gpus-per-node": ("gpus_per_node", int), "--tasks-per-node": ("tasks_per_node", int),
+    "--cpus-per-task": ("cpus_per_task", int), "--partition": ("partition", str), "--time": ("time", str),
+    "--account": ("account", str), "--qos": ("qos", str), "--constraint": ("constraint", str), "--mem": ("mem", str),
+    "--save-before-end": ("save_before_end", str), "--max-restarts": ("max_restarts", int),
+}
+
+
+def cmd_launch_slurm(args) -> int:
+    import yaml
+
+    from chimera.launch import slurm
+
+    flags = {name: getattr(args, name) for name, _ in LAUNCH_FLAGS.values() if getattr(args, name) is not None}
+    if args.exclusive:
+        flags["exclusive"] = True
+    if args.setup:
+        flags["setup"] = args.setup
+    submission = slurm.prepare(args.config, args.set, args.run_dir, flags, args.sweep, dry_run=args.dry_run)
+    if args.dry_run:
+        print("# sbatch script (submitted through submitit; nothing written, nothing submitted)")
+        print(slurm.sbatch_script(submission))
+        for where, cfg in submission.points:
+            print(f"# resolved config of {where}")
+            print(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+        return 0
+    ids = slurm.submit(submission)
+    world = submission.launch.nodes * submission.launch.ranks_per_node
+    print(f"chimera: submitted job {', '.join(ids)} ({world} tasks each); logs in {args.run_dir}/slurm; "
+          f"`chimera launch status {args.run_dir}` shows it")
+    return 0
+
+
+def cmd_launch_status(args) -> int:
+    from chimera.launch import slurm
+
+    print("\n".join(slurm.status(args.run_dir)))
+    return 0
+
+
+def cmd_launch_cancel(args) -> int:
+    from chimera.launch import slurm
+
+    print(f"chimera: cancelled job {', '.join(slurm.cancel(args.run_dir))}")
     return 0
 
 
@@ -156,7 +308,44 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="print the per-rank memory plan (parameters, gradients, optimizer, activations, pipeline "
                         "bubble) for this config and --nproc ranks, and start nothing")
+    t.add_argument("--restart", action="store_true",
+                   help="start afresh in a run directory that holds a run (its files move to RUN_DIR/restarted/N)")
+    t.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                   help="resume from this checkpoint step (newer checkpoints move to RUN_DIR/superseded)")
+    t.add_argument("--max-restarts", type=int, default=None,
+                   help="with --nproc > 1: restarts from the last valid checkpoint after a rank fails "
+                        "(default: launch.max_restarts)")
     t.set_defaults(func=cmd_train)
+
+    la = sub.add_parser("launch", help="run on a cluster (Slurm)")
+    lsub = la.add_subparsers(dest="launch_command", required=True, parser_class=_Parser)
+    ls = lsub.add_parser("slurm", help="submit a run as a Slurm job (one task per GPU or CPU rank)")
+    ls.add_argument("config", help="YAML run file; its launch: section holds the same fields as these flags")
+    ls.add_argument("--run-dir", required=True)
+    for flag, (name, kind) in LAUNCH_FLAGS.items():
+        ls.add_argument(flag, dest=name, type=kind, default=None)
+    ls.add_argument("--exclusive", action="store_true")
+    ls.add_argument("--setup", action="append", default=[], metavar="SHELL", help="e.g. 'module load cuda'")
+    ls.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="override a config field")
+    ls.add_argument("--sweep", action="append", default=[], metavar="A.B=V1,V2",
+                    help="a job array: one run (and run directory under --run-dir) per combination")
+    ls.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved config only")
+    ls.set_defaults(func=cmd_launch_slurm)
+    lst = lsub.add_parser("status", help="the job's state and the run's last metrics line")
+    lst.add_argument("run_dir")
+    lst.set_defaults(func=cmd_launch_status)
+    lc = lsub.add_parser("cancel", help="cancel the run's job")
+    lc.add_argument("run_dir")
+    lc.set_defaults(func=cmd_launch_cancel)
+
+    c = sub.add_parser("checkpoint", help="inspect a run's checkpoints")
+    csub = c.add_subparsers(dest="checkpoint_command", required=True, parser_class=_Parser)
+    cv = csub.add_parser("verify", help="check every file of a run's checkpoints (or of one) against its manifest")
+    cv.add_argument("dir", help="run directory or checkpoint directory")
+    cv.set_defaults(func=cmd_checkpoint_verify)
+    cl = csub.add_parser("list", help="a run's checkpoints: step, layout, size, valid?")
+    cl.add_argument("dir", help="run directory")
+    cl.set_defaults(func=cmd_checkpoint_list)
 
     m = sub.add_parser("models", help="list model presets with their parameter counts")
     m.set_defaults(func=cmd_models)
@@ -208,8 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as e:
-        print(f"chimera: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank refuses alike: one of them says it
+            print(f"chimera: error: {e}", file=sys.stderr)
         return UserError.exit_code
+    except KeyboardInterrupt:  # a Ctrl-C before the stop handler was installed (imports, config)
+        print("chimera: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from megatron.core import parallel_state as ps
 
 from chimera.parallel.cpu_compat import enable_cpu_fallback
@@ -90,11 +91,15 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _init_process_group() -> None:
+def _init_process_group(timeout_s: float | None = None) -> None:
+    """The default process group; a collective waits ``timeout_s`` seconds for the other ranks (``parallel.timeout``)
+    before it fails, so a dead rank ends the run instead of hanging it."""
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = datetime.timedelta(minutes=int(os.environ.get("CHIMERA_DIST_TIMEOUT_MIN", "30")))
+    timeout = datetime.timedelta(seconds=timeout_s if timeout_s is not None else 1800)
+    # the groups made later (megatron-core's get it explicitly; DeepSpeed's pipeline grid does not) wait as long
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -109,16 +114,18 @@ def _sizes() -> tuple[int, int, int, int]:
             ps.get_context_parallel_world_size(), ps.get_expert_model_parallel_world_size())
 
 
-def initialize(tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int = 1) -> Topology:
+def initialize(tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int = 1,
+               timeout_s: float | None = None) -> Topology:
     """Create (or reuse) the process groups; return this rank's place in them."""
     enable_cpu_fallback()
-    _init_process_group()
+    _init_process_group(timeout_s)
     if ps.model_parallel_is_initialized() and _sizes() != (tensor, pipeline, context, expert):
         ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
                                      context_parallel_size=context, expert_model_parallel_size=expert,
-                                     create_gloo_process_groups=False)
+                                     create_gloo_process_groups=False,
+                                     distributed_timeout_minutes=c10d.default_pg_timeout.total_seconds() / 60)
     return current()
 
 

@@ -22,6 +22,9 @@ their logical names (``chimera.trainer.checkpoint`` saves and restores through i
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -107,10 +110,71 @@ def global_grad_norm(parameters: Iterable[nn.Parameter], topo: Topology) -> torc
     return total.sqrt().float()
 
 
+class UpdateGate:
+    """Whether this step's optimizer update happens, decided once per step on every rank alike; and the step's
+    gradient norm (before clipping).
+
+    A step is bad when its loss is (``judge``: NaN, infinite, a spike; decided before the update from the loss
+    averaged over all ranks) or its gradient norm is not finite. A bad step's update is skipped: the torch
+    optimizer's ``step`` and the learning-rate schedule's are not run (DeepSpeed's ZeRO and bf16 optimizers call the
+    former after computing the norm, so they still reduce, clip and copy, all of it discarded), so the weights, AdamW's
+    moments and step count, and the schedule stay where they were; the gradients are cleared as after any step."""
+
+    def __init__(self, topo: Topology):
+        self.topo = topo
+        self.judge = lambda loss: None  # the trainer's: loss -> why the step is bad, or None
+        self.verdict: str | None = None
+        self.grad_norm: float | None = None
+        self._checked_norm = False
+
+    def start_step(self) -> None:
+        self.verdict, self.grad_norm, self._checked_norm = None, None, False
+
+    def judge_loss(self, loss: float) -> None:
+        if self.verdict is None:
+            self.verdict = self.judge(loss)
+
+    def install(self, ds) -> None:
+        """Wrap the torch optimizer's and the schedule's ``step`` of DeepSpeed engine ``ds``."""
+        optimizer, schedule = optimizer_state.base_optimizer(ds), ds.lr_scheduler
+        step, schedule_step = optimizer.step, schedule.step
+
+        def gated_step(*args, **kwargs):
+            if not self._checked_norm:  # first call of the step (ZeRO-3 steps each sub-group): check the norm
+                self._checked_norm = True
+                self.grad_norm = self._norm(ds)
+                if self.verdict is None and self.grad_norm is not None and not math.isfinite(self.grad_norm):
+                    self.verdict = "non-finite gradient norm"
+            return None if self.verdict is not None else step(*args, **kwargs)
+
+        def gated_schedule(*args, **kwargs):
+            return None if self.verdict is not None else schedule_step(*args, **kwargs)
+
+        optimizer.step, schedule.step = gated_step, gated_schedule
+
+    def _norm(self, ds) -> float | None:
+        """The global gradient norm of this step: DeepSpeed's ZeRO/bf16 optimizers have computed it by now; without
+        them, the engine's clipping has (``clip_fp32_gradients``), or it is computed here (no clipping)."""
+        if ds.optimizer is not optimizer_state.base_optimizer(ds):
+            norm = getattr(ds.optimizer, "_global_grad_norm", None)
+        else:
+            norm = self.grad_norm if self.grad_norm is not None else global_grad_norm(ds.module.parameters(), self.topo)
+        return None if norm is None else float(norm)
+
+    def after_update(self, ds) -> None:
+        """DeepSpeed's optimizers skip a non-finite norm themselves (their ``overflow``): a bad step too."""
+        if getattr(ds.optimizer, "overflow", False) and self.verdict is None:
+            self.verdict = "non-finite gradient norm"
+        if self.grad_norm is None and ds.get_global_grad_norm() is not None:
+            self.grad_norm = float(ds.get_global_grad_norm())
+
+
 class _ChimeraEngineMixin:
-    """What Chimera's models need of a DeepSpeed engine beyond its defaults (``topology`` set before ``__init__``)."""
+    """What Chimera's models need of a DeepSpeed engine beyond its defaults (``chimera_topology`` and
+    ``chimera_gate`` set before ``__init__``)."""
 
     chimera_topology: Topology
+    chimera_gate: UpdateGate
 
     def _configure_distributed_model(self, model):
         super()._configure_distributed_model(model)
@@ -120,10 +184,19 @@ class _ChimeraEngineMixin:
 
     def clip_fp32_gradients(self):  # without ZeRO: the exact global norm
         norm = global_grad_norm(self.module.parameters(), self.chimera_topology)
+        self.chimera_gate.grad_norm = float(norm)
         coef = torch.clamp(self.gradient_clipping() / (norm + 1e-6), max=1.0)
         for p in self.module.parameters():
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.device))
+
+    def _take_model_step(self, lr_kwargs):
+        self._chimera_before_update()
+        super()._take_model_step(lr_kwargs)
+        self.chimera_gate.after_update(self)
+
+    def _chimera_before_update(self) -> None:
+        pass
 
 
 class _DataParallelEngine(_ChimeraEngineMixin, DeepSpeedEngine):
@@ -131,14 +204,24 @@ class _DataParallelEngine(_ChimeraEngineMixin, DeepSpeedEngine):
 
 
 class _PipelineEngine(_ChimeraEngineMixin, PipelineEngine):
-    pass
+    def _chimera_before_update(self) -> None:
+        """The loss is known on the last stage only: its mean over micro-batches and data-parallel ranks reaches every
+        rank (collective: every rank runs the optimizer-step instruction once per batch) before the verdict."""
+        topo = self.chimera_topology
+        mine = self.is_last_stage() and topo.tensor_rank == 0 and self.total_loss is not None
+        value = torch.tensor([float(self.total_loss.sum()) / self.micro_batches if mine else 0.0, float(mine)],
+                             dtype=torch.float64, device=device())
+        dist.all_reduce(value)
+        self.chimera_gate.judge_loss(value[0].item() / max(value[1].item(), 1.0))
 
 
-def _construct(engine_cls, topo: Topology, model, optimizer, schedule, config: dict, mpu):
+def _construct(engine_cls, topo: Topology, gate: UpdateGate, model, optimizer, schedule, config: dict, mpu):
     """What ``deepspeed.initialize`` does for our two engine classes (it would build DeepSpeed's own)."""
-    engine_cls.chimera_topology = topo
-    return engine_cls(args=None, model=model, optimizer=optimizer, lr_scheduler=schedule, mpu=mpu,
-                      dist_init_required=False, config=config, config_class=DeepSpeedConfig(config, mpu))
+    engine_cls.chimera_topology, engine_cls.chimera_gate = topo, gate
+    ds = engine_cls(args=None, model=model, optimizer=optimizer, lr_scheduler=schedule, mpu=mpu,
+                    dist_init_required=False, config=config, config_class=DeepSpeedConfig(config, mpu))
+    gate.install(ds)
+    return ds
 
 
 def _register_expert_groups(topo: Topology) -> str:
@@ -201,7 +284,8 @@ class _StagedPipeline(PipelineModule):
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
-def pipeline_module(model, cfg: RunConfig, topo: Topology, bounds: list[tuple[int, int]]) -> PipelineModule:
+def pipeline_module(model, cfg: RunConfig, topo: Topology, bounds: list[tuple[int, int]],
+                    poisoned=lambda: False) -> PipelineModule:
     """The model as a sequence of pipeline layers: the embedding, each layer unit (each shared block tied in
     before its first use on a stage), the output; cut at ``bounds`` (layer units per stage)."""
     carry = pipeline.Carry(embeddings=model.cfg.style.reads_embeddings, documents=cfg.data.packing == "boundaries")
@@ -224,8 +308,12 @@ def pipeline_module(model, cfg: RunConfig, topo: Topology, bounds: list[tuple[in
     parts.append(len(layers))
     topology = PipeModelDataParallelTopology(num_pp=topo.pipeline, num_mp=topo.tensor,
                                              num_dp=topo.data * topo.context)
-    module = _StagedPipeline(layers, parts, topology=topology, loss_fn=pipeline.pipeline_loss(model, output),
-                             dynamic_shape=True)
+    loss = pipeline.pipeline_loss(model, output)
+
+    def loss_fn(outputs, labels):  # a poisoned step (fault injection) turns NaN here, before backward
+        return loss(outputs, labels) * (float("nan") if poisoned() else 1.0)
+
+    module = _StagedPipeline(layers, parts, topology=topology, loss_fn=loss_fn, dynamic_shape=True)
     _check_same_groups(module, topo)
     return module
 
@@ -247,13 +335,20 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _adopt_process_group() -> None:
+    """DeepSpeed's communication layer on our process group (it prints a line each time it loads its CPU
+    shared-memory op: kept off the run's output)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.comm.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
+                                        dist_init_required=False)
+
+
 def zero3_partitioner(cfg: RunConfig, topo: Topology):
     """With ZeRO-3, a function that partitions a just-materialised submodule over the data x context ranks at once
     (``build_model(each_part=...)``), so that the whole model never exists on one rank; otherwise None."""
     if cfg.parallel.zero_stage != 3:
         return None
-    deepspeed.comm.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
-                                    dist_init_required=False)
+    _adopt_process_group()
     config = deepspeed_config(cfg, 1, topo.data * topo.context)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
@@ -274,33 +369,43 @@ class TrainingEngine:
     def __init__(self, model, cfg: RunConfig, topo: Topology, accumulation: int, stage_bounds=None):
         self.model, self.cfg, self.topo = model, cfg, topo
         self.pipelined = topo.pipeline > 1
-        deepspeed.comm.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
-                                        dist_init_required=False)  # adopts our process group
+        _adopt_process_group()
         gradient_ranks = topo.data * topo.context
         config = deepspeed_config(cfg, accumulation, gradient_ranks)
+        self.gate = UpdateGate(topo)
+        self.schedule = build_schedule(cfg.train)
+        self.poisoned = False  # fault injection: this step's loss is made NaN before backward
         if self.pipelined:
-            wrapped = pipeline_module(model, cfg, topo, stage_bounds)
+            wrapped = pipeline_module(model, cfg, topo, stage_bounds, poisoned=lambda: self.poisoned)
             _mark_experts(wrapped.parameters(), topo)
-            self.ds = _construct(_PipelineEngine, topo, wrapped, _optimizer(wrapped, cfg), build_schedule(cfg.train),
+            self.ds = _construct(_PipelineEngine, topo, self.gate, wrapped, _optimizer(wrapped, cfg), self.schedule,
                                  config, wrapped.mpu())
         else:
             _mark_experts(model.parameters(), topo)
-            self.ds = _construct(_DataParallelEngine, topo, model, _optimizer(model, cfg), build_schedule(cfg.train),
+            self.ds = _construct(_DataParallelEngine, topo, self.gate, model, _optimizer(model, cfg), self.schedule,
                                  config, DeepSpeedMPU())
 
     # ---- steps ----------------------------------------------------------------------------------------
 
-    def train_batch(self, micro_batches: list[dict]) -> float:
-        """One optimizer step over this rank's micro-batches; the step's loss, averaged over every rank's."""
+    def train_batch(self, micro_batches: list[dict], poisoned: bool = False) -> float:
+        """One optimizer step over this rank's micro-batches; the step's loss, averaged over every rank's. Whether the
+        update happened, and why not, is ``gate.verdict``; the gradient norm ``gate.grad_norm``. ``poisoned``: the
+        loss is made NaN before backward (fault injection)."""
+        self.gate.start_step()
+        self.poisoned = poisoned
         if self.pipelined:
             return self.ds.train_batch(self._pipeline_batches(micro_batches)).item()
         losses = []
         for batch in micro_batches:
             loss = self.ds(**batch)  # forward: this rank's objective
+            if poisoned:
+                loss = loss * float("nan")
             self.ds.backward(loss)  # backward of loss / accumulation, gradients summed over micro-steps
             losses.append(loss.detach())
+        mean = self._mean_over_ranks(torch.stack(losses).mean())
+        self.gate.judge_loss(mean)
         self.ds.step()  # all-reduce over data x context, clip, AdamW, LR schedule, zero the gradients
-        return self._mean_over_ranks(torch.stack(losses).mean())
+        return mean
 
     @torch.no_grad()
     def eval_loss(self, batches: list[dict]) -> float:

@@ -23,7 +23,8 @@ from chimera.trainer.optimizer_state import base_optimizer, stepped_tensors  # n
 from chimera.trainer.plan import memory_plan  # noqa: E402
 from helpers import run_configs  # noqa: E402
 
-BASE = ["train.steps=1", "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_len=32",
+BASE = ["train.steps=1", "train.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=2",
+        "data.seq_len=32",
         "logging.wandb=disabled"]
 
 

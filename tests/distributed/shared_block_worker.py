@@ -24,7 +24,8 @@ from helpers import REPO  # noqa: E402
 
 out, run_dir = sys.argv[1], sys.argv[2]
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-fields = ["model.preset=zamba2-tiny", "train.steps=1", "train.global_batch_size=2", "train.micro_batch_size=1",
+fields = ["model.preset=zamba2-tiny", "train.steps=1", "train.warmup_steps=1", "train.global_batch_size=2",
+          "train.micro_batch_size=1",
           "data.seq_len=32", "train.grad_clip=0", "logging.wandb=disabled",
           f"model.pattern={'MM0M|M1MM0M' if world == 2 else 'MM0MM1MM0M'}", f"parallel.pipeline={world}"]
 trainer = Trainer(load_run_config(REPO / "configs/runs/tiny.yaml", fields), run_dir)

@@ -59,10 +59,61 @@ def test_broken_checkpoint_pointer(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints/latest").write_text("step_00000009")
     proc = run_chimera("train", TINY, "--run-dir", tmp_path)
-    assert_user_error(proc, "missing or incomplete")
+    assert_user_error(proc, "which is missing, and there is no other checkpoint")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "latest"]
 
 
 def test_generate_without_checkpoint(tmp_path):
     proc = run_chimera("generate", tmp_path, "--prompt", "def ")
     assert_user_error(proc, "holds no checkpoint")
+
+
+@pytest.fixture(scope="module")
+def webdataset_dir(tmp_path_factory):
+    from chimera.data.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("wds")
+    (tmp / "doc.txt").write_text("def f(x):\n    return x\n" * 50)
+    prepare([str(tmp / "doc.txt")], "bytes", "webdataset", str(tmp / "data"), progress=False)
+    return tmp / "data"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", TINY, "--run-dir", "/proc/x"], "--run-dir '/proc/x' cannot be written"),
+    (["train", TINY, "--run-dir", REPO / "README.md" / "sub"], "cannot be written"),
+    (["data", "prepare", REPO / "README.md", "--tokenizer", "bytes", "--format", "zarr", "--out", "/proc/x"],
+     "--out '/proc/x' cannot be written"),
+    (["export", REPO, "--out", "/proc/x"], "--out '/proc/x' cannot be written"),
+    (["import-hf", REPO, "--out", "/proc/x"], "--out '/proc/x' cannot be written"),
+    (["generate", REPO, "--prompt", "x", "--top-k", "-3"], "--top-k -3: must be at least 1"),
+    (["checkpoint", "verify", REPO / "configs"], "holds no checkpoint"),
+    (["train", TINY, "--run-dir", "RUN", "--restart", "--resume-from", "2"], "exclude each other"),
+])
+def test_bad_paths_and_arguments(tmp_path, argv, expected):
+    proc = run_chimera(*[str(tmp_path / "run") if a == "RUN" else a for a in argv])
+    assert_user_error(proc, expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_zarr_source_on_a_webdataset_directory(tmp_path, webdataset_dir):
+    proc = run_chimera("train", TINY, "--run-dir", tmp_path / "run",
+                       "--set", f"data.sources=[{{type: zarr, path: {webdataset_dir}}}]")
+    assert_user_error(proc, "holds a webdataset dataset, not zarr; set type: webdataset")
+
+
+def test_a_tensor_parallel_refusal_is_said_once(tmp_path):
+    proc = run_chimera("train", TINY, "--run-dir", tmp_path / "run", "--nproc", 2, "--set", "parallel.tensor=2",
+                       "--set", "model.num_heads=1", "--set", "model.head_dim=64")
+    assert_user_error(proc, "parallel.tensor=2 does not divide model.num_heads=1")
+
+
+def test_the_summary_says_higher_and_where_the_checkpoint_is(tmp_path):
+    proc = run_chimera("train", TINY, "--run-dir", tmp_path / "a", "--set", "train.steps=1",
+                       "--set", "train.warmup_steps=1", "--set", "train.eval_every=1", "--set", "train.eval_batches=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "vs unigram baseline" in last and "% higher)" in last and "(-" not in last, last
+    assert f"checkpoint in {tmp_path / 'a' / 'checkpoints'}" in last
+    proc = run_chimera("train", TINY, "--run-dir", tmp_path / "b")  # eval_every: 0
+    assert proc.stdout.strip().splitlines()[-1] == f"chimera: step 4; checkpoint in {tmp_path / 'b' / 'checkpoints'}"
+    assert "built successfully" not in proc.stdout + proc.stderr  # DeepSpeed's op-build line

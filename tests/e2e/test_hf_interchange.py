@@ -42,7 +42,8 @@ def test_imported_run_continues_training(tmp_path):
     TINY_HF["llama"]().save_pretrained(tmp_path / "hf")
     assert run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run").returncode == 0
     proc = run_chimera("train", tmp_path / "run/run.yaml", "--run-dir", tmp_path / "run", "--set", "train.steps=3",
-                       "--set", "train.micro_batch_size=2", "--set", "train.global_batch_size=2",
+                       "--set", "train.warmup_steps=1", "--set", "train.micro_batch_size=2",
+                       "--set", "train.global_batch_size=2",
                        "--set", "data.seq_len=32", "--set", "logging.wandb=disabled", "--set", "train.eval_every=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "from the weights of" in proc.stdout
@@ -74,13 +75,15 @@ def test_export_refuses_what_the_hf_config_cannot_express(tmp_path):
     TINY_HF["llama"]().save_pretrained(tmp_path / "hf")
     assert run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run").returncode == 0
     proc = run_chimera("train", tmp_path / "run/run.yaml", "--run-dir", tmp_path / "run", "--set", "train.steps=1",
-                       "--set", "model.residual_multiplier=0.5", "--set", "train.micro_batch_size=1",
+                       "--set", "train.warmup_steps=0", "--set", "model.residual_multiplier=0.5",
+                       "--set", "train.micro_batch_size=1",
                        "--set", "train.global_batch_size=1", "--set", "data.seq_len=16",
                        "--set", "logging.wandb=disabled", "--set", "train.eval_every=0")
     # the imported weights define a plain Llama, so a run that changes the model is refused
     assert proc.returncode == 2 and "residual_multiplier" in proc.stderr
     proc = run_chimera("train", TINY, "--run-dir", tmp_path / "other", "--set", "model.preset=llama-tiny",
-                       "--set", "model.residual_multiplier=0.5", "--set", "train.steps=1")
+                       "--set", "model.residual_multiplier=0.5", "--set", "train.steps=1",
+                       "--set", "train.warmup_steps=0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run_chimera("export", tmp_path / "other", "--format", "hf", "--out", tmp_path / "exported")
     lines = proc.stderr.strip().splitlines()

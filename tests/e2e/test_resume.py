@@ -36,7 +36,8 @@ def test_interrupted_run_continues_exactly(tmp_path, nproc, extra):
 
 
 def test_preemption_signal_checkpoints_and_the_rerun_resumes(tmp_path):
-    """SIGTERM to the launcher: every rank finishes its step, one checkpoint is written, exit 0."""
+    """SIGTERM to the launcher: every rank finishes its step, one checkpoint is written, and the run exits with the
+    code of a run stopped early (75), so that a scheduler tells it from a finished one."""
     import os
     import signal
     import subprocess
@@ -54,7 +55,8 @@ def test_preemption_signal_checkpoints_and_the_rerun_resumes(tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 75, err[-3000:]
+    assert "Traceback" not in err
     steps = [r["step"] for r in read_metrics(tmp_path)]
     saved = json.loads((tmp_path / "checkpoints" / (tmp_path / "checkpoints/latest").read_text()
                         / "trainer_state.json").read_text())

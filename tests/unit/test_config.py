@@ -76,3 +76,29 @@ def test_layout_checks():
     with pytest.raises(UserError, match="does not divide model.num_heads=6"):  # the shared block's attention
         validate_layout(load_run_config(TINY, zamba + ["model.num_heads=6", "model.num_kv_heads=6",
                                                        "model.ssm_heads=4"]), 4)
+
+
+def test_text_fields_take_set_values_as_given():
+    from chimera.configs.loader import load_run_config
+
+    cfg = load_run_config(REPO / "configs/runs/tiny.yaml", ["model.pattern=-", "model.num_layers=1"])
+    assert cfg.model.pattern == "-"
+    cfg = load_run_config(REPO / "configs/runs/tiny.yaml", ["model.pattern=R-|R-", "model.num_layers=4"])
+    assert cfg.model.pattern == "R-|R-"
+    cfg = load_run_config(REPO / "configs/runs/tiny.yaml", ["train.stop_after=null", "train.lr=1e-3"])
+    assert cfg.train.stop_after is None and cfg.train.lr == 1e-3  # other fields: YAML
+
+
+def test_set_model_to_a_name_switches_the_preset():
+    from chimera.configs.loader import load_run_config
+
+    cfg = load_run_config(REPO / "configs/runs/tiny.yaml", ["model=jamba-tiny"])
+    assert cfg.model.preset == "jamba-tiny" and "E" in cfg.model.pattern
+
+
+def test_warmup_longer_than_the_run_is_refused():
+    from chimera.configs.loader import load_run_config
+    from chimera.errors import UserError
+
+    with pytest.raises(UserError, match="warmup_steps=5 exceeds steps=3"):
+        load_run_config(REPO / "configs/runs/tiny.yaml", ["train.steps=3", "train.warmup_steps=5"])
