@@ -293,3 +293,28 @@ def test_per_rank_step_times_and_peak_memory_are_in_the_metrics(tmp_path):
         assert 0 < r["step_s_min"] <= r["step_s_median"] <= r["step_s_max"] and r["slowest_rank"] in (0, 1)
         assert 0.1 < r["peak_memory_gib"] < 20 and r["peak_memory_rank"] in (0, 1)
         assert r["grad_norm"] > 0
+
+
+def test_the_time_limit_margin_stops_and_saves_like_a_signal(tmp_path):
+    """CHIMERA_DEADLINE is the job's end (the Slurm launcher sets it from squeue); with launch.save_before_end of 1 h
+    a job ending in 30 min is past its margin: the run saves after its first step and exits 75."""
+    proc = run_chimera("train", TINY, "--run-dir", tmp_path, "--set", "launch.save_before_end=1h",
+                       "--set", "logging.progress=false", env={"CHIMERA_DEADLINE": str(time.time() + 1800)})
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "stopped after step 1 (the time limit)" in proc.stdout
+    assert json.loads((tmp_path / "checkpoints/step_00000001/trainer_state.json").read_text())["step"] == 1
+
+
+def test_checkpoint_list_and_verify_say_which_checkpoints_are_valid(tmp_path, one_rank_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_rank_run / "run", run_dir)
+    said = corrupt(run_dir, "flipped bytes")
+    listing = run_chimera("checkpoint", "list", run_dir)
+    assert listing.returncode == 0, listing.stderr
+    rows = listing.stdout.strip().splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["2", "4", "6"]
+    assert rows[0].endswith("yes") and rows[1].endswith("yes") and "T1 P1 C1 E1 D1 ZeRO0" in rows[0]
+    assert "no: file tensors/rank_00000.zarr" in rows[2] and said in rows[2] and rows[2].endswith("(latest)")
+    verify = run_chimera("checkpoint", "verify", run_dir)
+    assert verify.returncode == 2 and "1 of 3 checkpoint(s)" in verify.stderr
+    assert verify.stdout.count(": valid") == 2 and "step_00000006: INVALID" in verify.stdout

@@ -141,3 +141,21 @@ def test_a_run_directory_of_another_model_is_refused_before_submitting(tmp_path,
 def test_status_of_a_directory_without_a_job(tmp_path, cluster):
     proc = run_chimera("launch", "status", tmp_path, env=cluster.env)
     assert proc.returncode == 2 and "has no job launched" in proc.stderr
+
+
+def test_a_killed_task_requeues_the_job_which_finishes_exactly(tmp_path, cluster):
+    args = [*RUN, "--set", "train.steps=10", "--set", "checkpoint.every=2"]
+    local(tmp_path / "local", *args)
+    assert launch(cluster, tmp_path / "slurm", *args).returncode == 0
+    job, run_dir = job_of(tmp_path / "slurm"), tmp_path / "slurm"
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(read_metrics(run_dir)) >= 3):
+        assert job_state(cluster, job) in ("PENDING", "RUNNING"), logs(run_dir)
+        time.sleep(0.2)
+    victim = next(pid for pid in cluster.run("pgrep", "-f", "submitit.core._submit").stdout.split()
+                  if "SLURM_PROCID=1" in open(f"/proc/{pid}/environ").read().split("\0"))
+    cluster.run("kill", "-9", victim, check=True)
+    assert wait_for_job(cluster, job, timeout=600) == "COMPLETED", logs(run_dir)
+    failures = [e for e in events.read(run_dir) if e["event"] == "failure"]
+    assert len(failures) == 1 and failures[0]["restarting"] and failures[0]["job"] == job
+    assert_same_run(run_dir, tmp_path / "local")
