@@ -2,9 +2,11 @@
 failure.
 
 Each worker gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` and joins the
-process group through ``env://``. The workers run in a session of their own, so a Ctrl-C at the terminal reaches
-the launcher only, which passes each SIGINT (and each stop signal, e.g. a scheduler's SIGTERM) on to every worker
-exactly once; the workers die with the launcher.
+process group through ``env://``. The rendezvous store is the launcher's own (torchrun's agent store): it is bound
+to a port the system picks before any worker starts, so no other process can take the port between its choice and
+its use, and each start gets a fresh store. The workers run in a session of their own, so a Ctrl-C at the terminal
+reaches the launcher only, which passes each SIGINT (and each stop signal, e.g. a scheduler's SIGTERM) on to every
+worker exactly once; the workers die with the launcher.
 
 If a worker fails (a non-zero exit other than a user error or a clean stop, or killed by a signal such as SIGKILL),
 the others are killed at once (their collectives could only wait on the dead one) and, up to ``max_restarts``
@@ -17,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +26,6 @@ import time
 from chimera.errors import EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USER_ERROR
 
 FINAL = (0, EXIT_USER_ERROR, EXIT_STOPPED, EXIT_INTERRUPTED)  # exit codes a restart would not change
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -52,11 +47,15 @@ class _Attempt:
     """One start of all the workers."""
 
     def __init__(self, nproc: int, command: list[str]):
-        port = free_port()
+        from torch.distributed import TCPStore
+
+        self.store = TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
+        port = self.store.port
         self.procs = []
         for rank in range(nproc):
             env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       TORCHELASTIC_USE_AGENT_STORE="True",
                        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
             self.procs.append(subprocess.Popen(command, env=env, preexec_fn=_die_with_parent))
 
