@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from chimera.errors import UserError
 from chimera.models.hf import mamba2
+from chimera.models.hf.rope import rope_from_hf, rope_to_hf
 from chimera.models.hf.table import Concat, Entry, embeddings, prefixed, rename
 
 MODEL_TYPE = "granitemoehybrid"
@@ -50,10 +51,7 @@ HF_MIXERS = {"M": "mamba", "*": "attention"}  # the names of released config.jso
 def _rope(hf: dict) -> dict:
     if hf.get("position_embedding_type") != "rope":
         return {"rope_fraction": 0.0}
-    params = hf.get("rope_parameters") or {}
-    if params.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
-        raise UserError(f"Granite with RoPE scaling is not supported yet: {params or hf.get('rope_scaling')}")
-    return {"rope_fraction": 1.0, "rope_base": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    return {"rope_fraction": 1.0, **rope_from_hf(hf)}
 
 
 def config_from_hf(hf: dict) -> dict:
@@ -170,7 +168,7 @@ def config_to_hf(cfg) -> dict:
         "attention_bias": cfg.attention_bias,
         "attention_multiplier": cfg.attention_scale or cfg.sublayer("*").head_dim ** -0.5,
         "position_embedding_type": "rope" if rope else "nope",
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+        **rope_to_hf(cfg),
         "embedding_multiplier": cfg.embedding_multiplier,
         "residual_multiplier": cfg.residual_multiplier,
         "logits_scaling": cfg.logits_divisor,

@@ -8,6 +8,7 @@ kv-head assignment and RMSNorm agree exactly, so the mapping is a renaming.
 from __future__ import annotations
 
 from chimera.errors import UserError
+from chimera.models.hf.rope import rope_from_hf, rope_to_hf
 from chimera.models.hf.table import Entry, embeddings, prefixed, rename
 
 MODEL_TYPE = "llama"
@@ -15,8 +16,6 @@ MODEL_TYPE = "llama"
 
 def config_from_hf(hf: dict) -> dict:
     unsupported = {k: hf.get(k) for k in ("attention_bias", "mlp_bias") if hf.get(k)}
-    if hf.get("rope_scaling"):
-        unsupported["rope_scaling"] = hf["rope_scaling"]
     if hf.get("hidden_act", "silu") != "silu":
         unsupported["hidden_act"] = hf["hidden_act"]
     if unsupported:
@@ -34,7 +33,7 @@ def config_from_hf(hf: dict) -> dict:
         "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
         "mlp_hidden": hf["intermediate_size"],
         "mlp_activation": "silu",
-        "rope_base": float(hf.get("rope_theta", 10000.0)),
+        **rope_from_hf(hf),
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }
@@ -53,11 +52,11 @@ def config_to_hf(cfg) -> dict:
         "head_dim": cfg.effective("head_dim"),
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_base,
+        **rope_to_hf(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": max(4096, cfg.rope_original_max_positions + 1),
         "torch_dtype": "float32",
     }
 

@@ -16,6 +16,7 @@ HF layer ``i`` (a recurrent or local-attention temporal block, then the MLP) is 
 from __future__ import annotations
 
 from chimera.errors import UserError
+from chimera.models.hf.rope import rope_from_hf, rope_to_hf
 from chimera.models.hf.table import Entry, Negate, Unsqueeze, prefixed, rename
 
 MODEL_TYPE = "recurrent_gemma"
@@ -49,8 +50,7 @@ def config_from_hf(hf: dict) -> dict:
         "num_kv_heads": hf["num_key_value_heads"],
         "head_dim": hf["head_dim"],
         "window": hf["attention_window_size"],
-        "rope_base": float(hf.get("rope_theta", 10000.0)),
-        "rope_fraction": hf.get("partial_rotary_factor", 0.5),
+        **rope_from_hf(hf, default_fraction=0.5),
         "mlp_hidden": hf["intermediate_size"] // 2,
         "mlp_activation": "gelu_tanh",
         "rnn_width": hf["lru_width"] or hf["hidden_size"],
@@ -83,8 +83,7 @@ def config_to_hf(cfg) -> dict:
         "conv1d_width": cfg.conv_kernel,
         "logits_soft_cap": cfg.logits_soft_cap,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_base,
-        "partial_rotary_factor": cfg.rope_fraction,
+        **rope_to_hf(cfg, with_fraction=True),
         "block_types": blocks,
         "hidden_activation": "gelu_pytorch_tanh",
         "embeddings_scale_by_sqrt_dim": True,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from chimera.errors import UserError
 from chimera.models.hf import mamba2, zamba
+from chimera.models.hf.rope import rope_from_hf, rope_to_hf
 from chimera.models.hf.table import Concat, Entry, prefixed, rename
 
 MODEL_TYPE = "zamba2"
@@ -49,13 +50,12 @@ def config_from_hf(hf: dict) -> dict:
     heads = hf.get("n_mamba_heads", 8)
     if (expand * d) % heads:
         raise UserError(f"n_mamba_heads={heads} must divide mamba_expand x hidden_size = {expand * d}")
-    rope = hf.get("rope_parameters") or {}
     return {
         "name": "zamba2",
         **zamba.hybrid_config(hf, zamba.hf_layer_types(hf, _default_types(hf)), MIXER, blocks),
         "ssm_state": hf.get("mamba_d_state", 64),
         "rope_fraction": 1.0 if hf.get("use_mem_rope") else 0.0,
-        "rope_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        **rope_from_hf(hf),
         "shared_lora_rank": hf.get("adapter_rank", 128),
         "shared_lora_attention": bool(hf.get("use_shared_attention_adapter", False)),
         "ssm_head_dim": expand * d // heads,
@@ -88,7 +88,7 @@ def config_to_hf(cfg) -> dict:
     return {"architectures": ["Zamba2ForCausalLM"], "model_type": MODEL_TYPE, **zamba.hybrid_config_to_hf(cfg),
             "num_mem_blocks": len(cfg.shared_blocks), "adapter_rank": cfg.shared_lora_rank,
             "use_shared_attention_adapter": cfg.shared_lora_attention, "use_mem_rope": cfg.rope_fraction == 1.0,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+            **rope_to_hf(cfg),
             "n_mamba_heads": inner // cfg.ssm_head_dim, "mamba_ngroups": cfg.ssm_groups, "chunk_size": cfg.ssm_chunk,
             "time_step_min": cfg.ssm_dt_min, "use_conv_bias": True, "add_bias_linear": False}
 

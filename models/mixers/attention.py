@@ -7,7 +7,14 @@ Symbols ``*`` (global) and ``L`` (local, Griffin Sec. 2.4: each position attends
     o_h = softmax(q_h k_g^T / sqrt(d_head) + M) v_g,   M_ts = 0 if t - window < s <= t else -inf
     out = W_o [o_1; ...; o_H]
 
-RoPE (Su et al., arXiv 2104.09864) rotates the first ``rope_fraction`` of each head's dims.
+RoPE (Su et al., arXiv 2104.09864) rotates the first ``rope_fraction`` of each head's dims, pair ``i`` at the
+frequency ``theta_i = base^(-2i / rot)``. Context extension rescales those frequencies (``rope_scaling``):
+
+    linear:  theta_i / factor                                   (position interpolation, arXiv 2306.15595)
+    llama3:  with wavelength lambda_i = 2 pi / theta_i and the original context C = rope_original_max_positions,
+             theta_i                          where lambda_i < C / high_freq_factor   (high frequencies kept)
+             theta_i / factor                 where lambda_i > C / low_freq_factor    (low frequencies scaled)
+             (1 - a) theta_i / factor + a theta_i,  a = (C / lambda_i - low) / (high - low),  in between
 ``scale`` replaces ``1 / sqrt(d_head)`` where a model sets its own (Granite's
 ``attention_multiplier``); ``qkv_bias`` adds biases to ``W_q``, ``W_k``, ``W_v`` (``out_bias`` to ``W_o``).
 ``in_features`` is the input width when it is not ``d_model`` (Zamba's shared block reads
@@ -30,6 +37,10 @@ before). Keys get RoPE on the rank that computes them, at their own positions.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -50,6 +61,11 @@ class AttentionConfig(SublayerConfig):
     head_dim: int | None = Field(None, ge=1, description="resolved: d_model / num_heads")
     rope_base: float = Field(10000.0, gt=0)
     rope_fraction: float = Field(1.0, ge=0, le=1.0, description="fraction of head dims rotated by RoPE (0: no RoPE)")
+    rope_scaling: Literal["none", "linear", "llama3"] = Field("none", description="RoPE frequency rescaling")
+    rope_factor: float = Field(1.0, gt=0, description="rope_scaling: how much longer the context is made")
+    rope_low_freq_factor: float = Field(1.0, gt=0, description="llama3 scaling: the low-frequency bound")
+    rope_high_freq_factor: float = Field(4.0, gt=0, description="llama3 scaling: the high-frequency bound")
+    rope_original_max_positions: int = Field(8192, ge=1, description="llama3 scaling: the original context")
     attention_scale: float | None = Field(
         None, gt=0, description="softmax scale of attention scores (None: 1 / sqrt(head_dim))"
     )
@@ -71,11 +87,41 @@ class LocalAttentionConfig(AttentionConfig):
     window: int = Field(1024, ge=1, description="sliding window of local attention (symbol L)")
 
 
-def rope_tables(positions: torch.Tensor, rot_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of ``positions [s]`` (or ``[b, 1, s]``) times the RoPE frequencies: ``[..., s, rot/2]``."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim))
-    angles = positions.float().unsqueeze(-1) * inv_freq
-    return angles.cos(), angles.sin()
+@dataclass(frozen=True)
+class Rope:
+    """RoPE's frequencies: ``rot_dim`` rotated dims, ``base``, and the rescaling (see the module's docstring)."""
+
+    rot_dim: int
+    base: float
+    scaling: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+    def frequencies(self, device=None) -> torch.Tensor:
+        """``theta_i`` of the ``rot_dim / 2`` pairs, rescaled: ``[rot/2]``, fp32."""
+        theta = 1.0 / (self.base ** (torch.arange(0, self.rot_dim, 2, dtype=torch.float32, device=device)
+                                     / self.rot_dim))
+        if self.scaling == "linear":
+            return theta / self.factor
+        if self.scaling == "llama3":
+            wavelength = 2 * math.pi / theta
+            context, low, high = self.original_max_positions, self.low_freq_factor, self.high_freq_factor
+            blend = ((context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: scaled, 1: kept
+            return (1 - blend) * theta / self.factor + blend * theta
+        return theta
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``positions [s]`` (or ``[b, 1, s]``) times the frequencies: ``[..., s, rot/2]``."""
+        angles = positions.float().unsqueeze(-1) * self.frequencies(positions.device)
+        return angles.cos(), angles.sin()
+
+
+def rope_of(c: AttentionConfig) -> Rope:
+    """The RoPE of an attention config."""
+    return Rope(int(c.head_dim * c.rope_fraction) // 2 * 2, c.rope_base, c.rope_scaling, c.rope_factor,
+                c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_original_max_positions)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -89,7 +135,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int | None,
-                 rope_base: float, rope_fraction: float, init_std: float, out_std: float, dims: ParallelDims,
+                 rope: Rope, init_std: float, out_std: float, dims: ParallelDims,
                  out_bias: bool = False, qkv_bias: bool = False, scale: float | None = None,
                  in_features: int | None = None):
         super().__init__()
@@ -97,8 +143,7 @@ class Attention(nn.Module):
         self.dims = dims
         self.head_dim, self.window, self.scale = head_dim, window, scale
         self.heads_local = dims.local(num_heads, "num_heads")
-        self.rope_base = rope_base
-        self.rot_dim = int(head_dim * rope_fraction) // 2 * 2
+        self.rope = rope
         group = num_heads // num_kv_heads  # query heads per kv head
         # W_q [H / tp * d_head, d_in]: split along dim 0, by head
         self.q_proj = ColumnParallel(d_in, num_heads * head_dim, dims, init=normal(init_std), bias=qkv_bias)
@@ -130,7 +175,7 @@ class Attention(nn.Module):
         if lora is not None:
             q, k, v = (t + lora[name](x)[0] for t, name in ((q, "q"), (k, "k"), (v, "v")))
         q, k, v = heads(q), heads(k), heads(v)
-        cos, sin = rope_tables(positions, self.rot_dim, self.rope_base)
+        cos, sin = self.rope.tables(positions)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
@@ -195,7 +240,7 @@ class Attention(nn.Module):
 def _build(local: bool):
     def build(c: AttentionConfig, b: Build) -> Attention:
         return Attention(c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, window=c.window if local else None,
-                         rope_base=c.rope_base, rope_fraction=c.rope_fraction, init_std=b.init_std,
+                         rope=rope_of(c), init_std=b.init_std,
                          out_std=b.out_std, dims=b.dims, out_bias=c.linear_bias or c.attention_bias,
                          qkv_bias=c.attention_bias, scale=c.attention_scale)
     return build

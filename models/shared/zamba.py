@@ -36,7 +36,7 @@ from torch import nn
 
 from chimera.models.channels.mlp import GatedMLP
 from chimera.models.lora import LoRA
-from chimera.models.mixers.attention import Attention
+from chimera.models.mixers.attention import Attention, rope_of
 from chimera.models.norms import RMSNorm
 from chimera.models.registry import SHARED_SYMBOLS
 from chimera.models.spec import SharedBlockStyle, SublayerConfig, divisibility
@@ -74,7 +74,7 @@ class SharedTransformer(nn.Module):
         self.dims = dims
         self.input_norm = RMSNorm(2 * d, cfg.norm_eps, sequence_parallel=sp)
         self.attention = Attention(d, att.num_heads, att.num_kv_heads, att.head_dim, window=None,
-                                   rope_base=att.rope_base, rope_fraction=att.rope_fraction, init_std=cfg.init_std,
+                                   rope=rope_of(att), init_std=cfg.init_std,
                                    out_std=cfg.init_std, dims=dims, scale=att.attention_scale, in_features=2 * d)
         self.mlp_norm = RMSNorm(d, cfg.norm_eps, sequence_parallel=sp)
         self.mlp = GatedMLP(d, mlp.mlp_hidden, init_std=cfg.init_std, out_std=cfg.init_std, dims=dims,

@@ -38,6 +38,59 @@ def test_import_export_round_trip(arch, tmp_path, single_process):
     hf_round_trip(tmp_path, TINY_HF[arch]().eval(), vocab=320)
 
 
+def llama_with_rope(**rope) -> transformers.LlamaForCausalLM:
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=64, **rope))
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+ROPES = {
+    "theta-5e4": {"rope_theta": 5e4},
+    "theta-5e5": {"rope_theta": 5e5},
+    "llama3": {"rope_parameters": {"rope_theta": 5e5, **LLAMA3}},
+    "linear": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 4.0}},
+}
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_rope_settings_import_and_export_exactly(tmp_path, rope, single_process):
+    """transformers 5 keeps RoPE in config.rope_parameters: a base or scaling read from anywhere else would give
+    other logits (the round trip compares them at 1e-4, and the export's rope_parameters are HF's own)."""
+    torch.manual_seed(0)
+    hf = llama_with_rope(**ROPES[rope]).eval()
+    plain = llama_with_rope().eval()
+    plain.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(ids).logits - plain(ids).logits).abs().max() > 1e-3  # the setting changes these logits
+    hf_round_trip(tmp_path, hf, vocab=320)
+    written = json.loads((tmp_path / "exported/config.json").read_text())["rope_parameters"]
+    assert written == {k: v for k, v in hf.config.rope_parameters.items()}
+
+
+def test_recurrent_gemma_reads_its_rope_parameters(tmp_path, single_process):
+    torch.manual_seed(0)
+    hf = transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, lru_width=64, attention_window_size=16, conv1d_width=4,
+        rms_norm_eps=1e-6, partial_rotary_factor=0.5, rope_theta=5e4,
+        block_types=["attention", "recurrent", "attention"])).eval()
+    hf_round_trip(tmp_path, hf, vocab=320)
+
+
+def test_an_unsupported_rope_type_is_one_line(tmp_path):
+    llama_with_rope().save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf/config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+    (tmp_path / "hf/config.json").write_text(json.dumps(cfg))
+    proc = run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "RoPE type 'yarn' is not supported" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_imported_run_continues_training(tmp_path):
     TINY_HF["llama"]().save_pretrained(tmp_path / "hf")
     assert run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run").returncode == 0

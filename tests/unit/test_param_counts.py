@@ -30,7 +30,7 @@ HF_CONFIGS = {
         num_key_value_heads=8, num_experts=16, num_experts_per_tok=2, attn_layer_period=8, attn_layer_offset=4,
         expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
         mamba_dt_rank=256, mamba_conv_bias=True, mamba_proj_bias=False, tie_word_embeddings=False),
-    "granite-4.0-h-tiny-7b": lambda: transformers.GraniteMoeHybridConfig(  # ibm-granite/granite-4.0-h-tiny: 7B
+    "granite-4.0-h-tiny": lambda: transformers.GraniteMoeHybridConfig(  # ibm-granite/granite-4.0-h-tiny: 7B
         vocab_size=100352, hidden_size=1536, intermediate_size=512, shared_intermediate_size=1024,
         num_hidden_layers=40, num_attention_heads=12, num_key_value_heads=4, num_local_experts=64,
         num_experts_per_tok=6, layer_types=["attention" if i % 10 == 5 else "mamba" for i in range(40)],

@@ -47,7 +47,7 @@ def test_same_parameter_names_shapes_and_count(preset):
     assert model.num_parameters() == ref["parameters"]
 
 
-@pytest.mark.parametrize("preset", sorted(p for p in REFERENCE if p.endswith("-tiny")))
+@pytest.mark.parametrize("preset", sorted(p for p in REFERENCE if "init_fingerprint" in REFERENCE[p]))
 def test_same_initial_weights_and_numbers(preset):
     ref = REFERENCE[preset]
     model = build_model(preset, seed=0)
