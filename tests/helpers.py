@@ -19,6 +19,17 @@ def build_model(preset: str, seed: int = 0, overrides=(), dims=None):
     return causal_lm.build_model(load_model_config(preset, list(overrides)), dims or ParallelDims(), seed=seed)
 
 
+TEST_SIZE = 1_000_000  # parameters: below this a preset is one of ours for tests (published names keep published sizes)
+
+
+def test_size_presets() -> list[str]:
+    """The presets built for tests (``*-tiny``, ``granite-tiny``; ``*-small`` are benchmark sizes), told apart by
+    size, not by name: a published model's name may end in ``-tiny`` too (IBM's granite-4.0-h-tiny has 7 B)."""
+    from chimera.configs.loader import load_model_config, preset_names
+
+    return [p for p in preset_names() if meta_model(load_model_config(p)).num_parameters() < TEST_SIZE]
+
+
 def meta_model(cfg):
     from chimera.models.causal_lm import meta_model as build_meta
 

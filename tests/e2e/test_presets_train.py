@@ -2,13 +2,12 @@
 
 import pytest
 
-from chimera.configs.loader import preset_names
-from helpers import REPO, read_metrics, run_chimera
+from helpers import REPO, read_metrics, run_chimera, test_size_presets
 
 TINY = REPO / "configs/runs/tiny.yaml"
 
 
-@pytest.mark.parametrize("preset", [p for p in preset_names() if p.endswith("-tiny")])
+@pytest.mark.parametrize("preset", test_size_presets())
 def test_tiny_preset_trains_with_tensor_parallelism(tmp_path, preset):
     proc = run_chimera("train", TINY, "--run-dir", tmp_path, "--nproc", 2, "--set", f"model.preset={preset}",
                        "--set", "parallel.tensor=2", "--set", "train.steps=30", "--set", "train.lr=0.005",

@@ -32,8 +32,9 @@ def shape_lines(shapes: dict) -> str:
     return "".join(f"{n} {tuple(s)}\n" for n, s in sorted(shapes.items()))
 
 
-def test_reference_covers_every_preset():
-    assert sorted(REFERENCE) == preset_names()
+def test_every_preset_of_the_restructuring_is_still_there():
+    """Presets added since (model zoo II) have no pre-restructuring build to match; their own tests hold them."""
+    assert set(REFERENCE) <= set(preset_names())
 
 
 @pytest.mark.parametrize("preset", sorted(REFERENCE))
