@@ -1,6 +1,8 @@
 """Based (arXiv 2402.18668): the Taylor feature map, the parallel, chunked and recurrent forms equal to each other and
-to the recurrence run token by token, decoding, causality, document resets and BaseConv."""
+to the recurrence run token by token, decoding, causality, document resets, BaseConv, and fla's reference ops."""
 
+import importlib.metadata
+import importlib.util
 import math
 
 import pytest
@@ -169,3 +171,30 @@ def test_bad_values_name_the_field():
     assert cfg.check_tensor_parallel(4) is None
     assert "model.baseconv_width=96" in ModelConfig(pattern="V", vocab_size=64, d_model=64,
                                                      baseconv_width=96).check_tensor_parallel(64)
+
+
+# ---- fla's reference ops (fla-core, a test extra): fla/ops/based/naive.py is plain torch, loaded by file path
+# (importing the fla package needs triton) ----------------------------------------------------------------------
+
+
+def fla_naive():
+    path = importlib.metadata.distribution("fla-core").locate_file("fla/ops/based/naive.py")
+    spec = importlib.util.spec_from_file_location("fla_based_naive", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_equals_fla_reference_on_the_same_weights(single_process):
+    naive = fla_naive()
+    mixer, cfg = make_mixer("B", dtype=torch.float32, based_chunk=8)
+    x = randn(32, 2, 64, seed=7, dtype=torch.float32)  # fla's chunked reference needs a multiple of its chunk
+    q, k, v = (t.permute(1, 2, 0, 3) for t in mixer.project(x))  # fla's layout [b, h, s, d]
+    for o in (naive.naive_parallel_based(q, k, v, use_norm=True), naive.naive_chunk_based(q, k, v, chunk_size=8)):
+        expected = mixer.o_proj(o.permute(2, 0, 1, 3).flatten(-2))
+        torch.testing.assert_close(mixer(x), expected, rtol=1e-5, atol=1e-5)
+    # and each of our forms against fla's quadratic form, per head
+    q, k, v = mixer.project(x)
+    fla = naive.naive_parallel_based(*(t.permute(1, 2, 0, 3) for t in (q, k, v))).permute(2, 0, 1, 3)
+    for ours in (based_parallel(q, k, v), based_recurrent(q, k, v), based_chunked(q, k, v, 5)):
+        torch.testing.assert_close(ours, fla, rtol=1e-5, atol=1e-5)
