@@ -198,3 +198,50 @@ def test_equals_fla_reference_on_the_same_weights(single_process):
     fla = naive.naive_parallel_based(*(t.permute(1, 2, 0, 3) for t in (q, k, v))).permute(2, 0, 1, 3)
     for ours in (based_parallel(q, k, v), based_recurrent(q, k, v), based_chunked(q, k, v, 5)):
         torch.testing.assert_close(ours, fla, rtol=1e-5, atol=1e-5)
+
+
+# ---- published sizes: the released configs (HazyResearch/based, train/configs/experiment/reference/) -----------
+
+RELEASED = {  # the fields of based-360m.yaml and based-1b.yaml that size the model
+    "based-360m": dict(n_embd=1024, n_layer=27, alt_mixer_layers=[1, 6, 11, 16, 21],
+                       alt_mixer_2_layers=[2, 7, 12, 17, 22], num_heads=16, feature_dim=16),
+    "based-1.3b": dict(n_embd=1792, n_layer=36, alt_mixer_layers=[1, 6, 11, 16, 21, 27, 33],
+                       alt_mixer_2_layers=[2, 7, 12, 17, 22, 28, 34], num_heads=16, feature_dim=16),
+}
+
+
+def reference_parameter_count(n_embd, n_layer, alt_mixer_layers, alt_mixer_2_layers, num_heads, feature_dim,
+                              vocab_size=50257, pad_vocab_size_multiple=8, expand_proj=4, kernel_size=3):
+    """The parameters of Based's GPTLMHeadModel as its modules declare them (based/models/gpt.py, block.py, mlp.py,
+    mixers/convolution.py, linear_attention.py, slide_attention.py), with the configs' settings: RMSNorm (weight
+    only), SwiGLU GatedMlp with n_inner = 2 n_embd (rounded up to 256) and no biases, no position embeddings,
+    tied LM head."""
+    d = n_embd
+    vocab = math.ceil(vocab_size / pad_vocab_size_multiple) * pad_vocab_size_multiple
+
+    def linear(i, o, bias=False):
+        return i * o + (o if bias else 0)
+
+    hidden = (2 * d + 255) // 256 * 256
+    mlp = linear(d, 2 * hidden) + linear(hidden, d)  # fc1 (gate and value), fc2
+    d_inner = expand_proj * d // 2
+    base_conv = linear(d, expand_proj * d, True) + d_inner * kernel_size + linear(d_inner, d, True)  # conv: no bias
+    head_dim = d // num_heads
+    linear_attention = 2 * linear(d, feature_dim * num_heads) + linear(d, num_heads * head_dim) + linear(d, d)
+    sliding_attention = linear(d, 3 * d) + linear(d, d)  # Wqkv, out_proj; qkv_proj_bias = out_proj_bias = False
+    total = vocab * d + d  # word embeddings (tied with lm_head), ln_f
+    for i in range(n_layer):
+        mixer = (linear_attention if i in alt_mixer_layers else sliding_attention if i in alt_mixer_2_layers
+                 else base_conv)
+        total += mixer + mlp + 2 * d  # norm1, norm2
+    return total
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED))
+def test_published_sizes_equal_the_released_configs(single_process, preset):
+    from chimera.models.causal_lm import CausalLM
+
+    with torch.device("meta"):
+        ours = CausalLM(load_model_config(preset)).num_parameters()
+    assert ours == reference_parameter_count(**RELEASED[preset])
+    assert ours == {"based-360m": 362_620_928, "based-1.3b": 1_349_453_056}[preset]  # the figures in the presets
