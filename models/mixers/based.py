@@ -234,12 +234,12 @@ def check_tensor_parallel(c: BasedConfig, tp: int) -> str | None:
 
 
 def flops_per_token(c: BasedConfig, seq_len: int) -> float:
-    """2 x the projections' weights, plus per head: the chunk's quadratic form (scores over ``f`` dims and the
-    weighted ``[v, 1]``, about ``chunk / 2`` keys each) and the state's update and read-out (``2 x 2 D (p + 1)``)."""
+    """The chunked form's matrix products: 2 x the projections' weights, plus per head the chunk's quadratic form
+    (scores over ``f`` dims and the weighted ``[v, 1]``, against all ``chunk`` keys of the chunk: the causal mask is
+    applied after the product) and the state's update and read-out (``2 x 2 D (p + 1)``)."""
     h, f, p = c.num_heads, c.based_feature_dim, c.based_head_dim
     weights = c.d_model * h * (2 * f + 2 * p)
-    keys = min(c.based_chunk, seq_len) / 2
-    return 2.0 * weights + h * (2.0 * keys * (f + p + 1) + 4.0 * c.expanded_dim * (p + 1))
+    return 2.0 * weights + h * (2.0 * c.based_chunk * (f + p + 1) + 4.0 * c.expanded_dim * (p + 1))
 
 
 SPECS = (SublayerSpec("B", "Based linear attention (Taylor feature map)", BasedConfig, build, check_tensor_parallel,

@@ -245,3 +245,17 @@ def test_published_sizes_equal_the_released_configs(single_process, preset):
         ours = CausalLM(load_model_config(preset)).num_parameters()
     assert ours == reference_parameter_count(**RELEASED[preset])
     assert ours == {"based-360m": 362_620_928, "based-1.3b": 1_349_453_056}[preset]  # the figures in the presets
+
+
+def test_flops_per_token_counts_the_chunked_forms_products(single_process):
+    """The pipeline balancer's figure equals torch's count of the forward's matrix products (s a multiple of the
+    chunk)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from chimera.models.mixers.based import flops_per_token
+
+    mixer, cfg = make_mixer("B", dtype=torch.float32)
+    x = randn(64, 2, 64, seed=8, dtype=torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        mixer(x)
+    assert counter.get_total_flops() == flops_per_token(cfg.sublayer("B"), 64) * 64 * 2
