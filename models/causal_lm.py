@@ -27,6 +27,8 @@ The pieces ``input_stream``, ``run_layers``, ``logits_local``, ``language_model_
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -78,11 +80,12 @@ class CausalLM(nn.Module):
         """One module per unit of the pattern (``ModelConfig.layer_units``): a sublayer, or a use of a shared block
         (fused with the sublayer after it when its style feeds that one)."""
         layers = []
-        for unit in cfg.layer_units():
+        for index, unit in enumerate(cfg.layer_units()):
+            at = dataclasses.replace(build, layer=index)
             if unit[0] not in SHARED_SYMBOLS:
-                layers.append(Sublayer(unit, cfg, build))
+                layers.append(Sublayer(unit, cfg, at))
                 continue
-            fed = Sublayer(unit[1], cfg, build) if len(unit) > 1 else None
+            fed = Sublayer(unit[1], cfg, at) if len(unit) > 1 else None
             layers.append(cfg.style.build_use(self.shared[int(unit[0])], int(unit[0]), fed, cfg, build))
         return layers
 
