@@ -87,3 +87,12 @@ def test_preset_sizes_follow_from_the_architecture(preset, d, P, heads, kv, hidd
         assert expected < 1_000_000
     else:
         assert 2.1e6 < expected < 2.5e6  # transformer-small's size
+
+
+def test_chimera_models_lists_the_gryphon_presets(single_process, capsys):
+    from chimera.launch.cli import main
+
+    assert main(["models"]) == 0
+    table = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    for preset in ("gryphon-tiny", "gryphon-small"):
+        assert int(table[preset].replace(",", "")) == meta_model(load_model_config(preset)).num_parameters()
