@@ -96,3 +96,14 @@ def test_chimera_models_lists_the_gryphon_presets(single_process, capsys):
     table = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
     for preset in ("gryphon-tiny", "gryphon-small"):
         assert int(table[preset].replace(",", "")) == meta_model(load_model_config(preset)).num_parameters()
+
+
+def test_the_whole_model_decodes_as_it_runs_forward(single_process):
+    """Token-by-token decoding of gryphon-tiny (S5 states and BigBird's KV cache together) gives the forward logits;
+    41 tokens: blocks of 4 with random ones from block 5 on, and a last block cut short."""
+    model = build_model("gryphon-tiny", seed=4, overrides=["init_std=0.2"]).double().eval()
+    ids = torch.randint(0, 320, (2, 41), generator=torch.Generator().manual_seed(1))
+    full = model(ids)
+    state = model.init_state(2, 41)
+    steps = torch.stack([model.step(ids[:, t], state, t) for t in range(41)], 1)
+    torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9)
