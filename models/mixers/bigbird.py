@@ -20,7 +20,8 @@ Heads, projections and RoPE are global attention's (``chimera.models.mixers.atte
 Reference and fast path: ``forward_dense`` is the definition, dense scores masked by ``M``; ``forward`` computes
 only the visible blocks: for each query block, its (at most ``w + g + r``) key blocks are gathered, giving
 ``[blocks, b, (w + g + r) b]`` scores instead of ``[s, s]``. With packed documents the pattern is laid out per
-document (blocks of in-document positions, as if each document ran alone) and the dense masked form is used.
+document (blocks of in-document positions, as if each document ran alone): query blocks then start where documents
+do, and are gathered from the flattened batch with their key blocks (``forward_dense`` masks the same way).
 
 Decoding (``step``) keeps every earlier key and value (a KV cache of ``max_len`` slots, as global attention):
 a random block may be any earlier block, so the cache is not bounded; the token at ``t`` reads exactly the
@@ -122,9 +123,9 @@ class BigBirdAttention(Attention):
     # ---- the fast path: only the visible blocks -----------------------------------------------------------
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
-        """``docs``: packed documents (the pattern per document, computed densely, see the module's docstring)."""
+        """``docs``: packed documents (the pattern per document, see ``_forward_documents``)."""
         if docs is not None:
-            return self.forward_dense(x, docs)
+            return self._forward_documents(x, docs)
         s, bs = x.shape[0], self.block
         start = chunk_start(s, self.dims)
         pos = start + torch.arange(s, device=x.device)
@@ -154,6 +155,50 @@ class BigBirdAttention(Attention):
         weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         o = (weights @ v_sel).flatten(2, 3)[:, :, front:front + s]  # [b, h, s, d]
         return self.o_proj(o.permute(2, 0, 1, 3).flatten(-2))
+
+
+    def _forward_documents(self, x: torch.Tensor, docs) -> torch.Tensor:
+        """The block-sparse path with packed documents: query blocks are blocks of in-document positions (a block
+        starts where a document does, and at every ``b`` positions after), wherever they fall in the sequence; each
+        is gathered with its key blocks (positions ``document start + j b + r``) from the flattened batch."""
+        s, batch, bs = x.shape[0], x.shape[1], self.block
+        start = chunk_start(s, self.dims)
+        pos = start + torch.arange(s, device=x.device)
+        doc_pos = docs.position_ids.t()  # [b, s]
+        q, k, v = self._project(x, doc_pos.unsqueeze(1))  # RoPE at in-document positions
+        k, v, _ = self._keys_values(k, v, pos)  # [b, kv, s_k, d]: every position up to this chunk's end
+        k, v = k[:, self.kv_of_head], v[:, self.kv_of_head]
+        s_k = k.shape[2]
+        block_start = pos - doc_pos % bs  # [b, s]: sequence position where each query's block starts
+        row = torch.arange(batch, device=x.device)[:, None].expand_as(block_start)
+        blocks, which = torch.unique(row * s_k + block_start, return_inverse=True)  # query blocks, by (row, start)
+        n = blocks.shape[0]
+        block_row, first = blocks // s_k, blocks % s_k
+        in_doc_block = torch.zeros(n, dtype=torch.long, device=x.device).scatter_(
+            0, which.flatten(), (doc_pos // bs).flatten())  # j: the block's index within its document
+        segment = torch.zeros(n, dtype=torch.long, device=x.device).scatter_(
+            0, which.flatten(), docs.segment_ids.t().flatten())
+        query_pos = first[:, None] + torch.arange(bs, device=x.device)  # [n, bs]
+        local = query_pos - start
+        all_seg = docs.all_segment_ids.t()  # [b, S]
+        real = ((local >= 0) & (local < s)
+                & (all_seg[block_row[:, None], query_pos.clamp(max=all_seg.shape[1] - 1)] == segment[:, None]))
+        table = self.table(int(in_doc_block.max()) + 1).to(x.device)[in_doc_block]  # [n, slots]
+        doc_start = first - in_doc_block * bs
+        key_pos = (doc_start[:, None, None] + table[:, :, None] * bs + torch.arange(bs, device=x.device)).flatten(1)
+        allowed = ((table >= 0).repeat_interleave(bs, 1)[:, None, :]
+                   & (key_pos[:, None, :] <= query_pos[:, :, None]) & real[:, :, None])  # [n, bs, slots * bs]
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # padding queries see something (dropped)
+        q_index = block_row[:, None] * s + local.clamp(0, s - 1)  # into the flattened [b * s] queries
+        k_index = block_row[:, None] * s_k + key_pos.clamp(0, s_k - 1)  # into the flattened [b * s_k] keys
+        heads, d = q.shape[1], q.shape[3]
+        q_sel = q.transpose(0, 1).flatten(1, 2)[:, q_index]  # [h, n, bs, d]
+        k_flat, v_flat = k.transpose(0, 1).flatten(1, 2), v.transpose(0, 1).flatten(1, 2)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+        scores = (q_sel @ k_flat[:, k_index].transpose(-1, -2)) * scale  # [h, n, bs, slots * bs]
+        o_sel = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v_flat[:, k_index]  # [h, n, bs, d]
+        out = o_sel.new_zeros(batch * s, heads, d).index_put((q_index[real],), o_sel[:, real].transpose(0, 1))
+        return self.o_proj(out.unflatten(0, (batch, s)).transpose(0, 1).flatten(-2))  # [s, b, h * d]
 
 
 def in_document_positions(segment_ids: torch.Tensor) -> torch.Tensor:

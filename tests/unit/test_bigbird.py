@@ -119,6 +119,20 @@ def test_packed_documents_each_get_their_own_pattern():
     torch.testing.assert_close(attention(x, docs), separate, rtol=1e-10, atol=1e-10)
 
 
+def test_block_sparse_path_with_documents_equals_the_dense_masked_form():
+    """Rows packed differently (documents of 1 token, blocks cut short by a document's end): values and gradients."""
+    attention, _ = make_attention()
+    x = x_seq(s=50).requires_grad_(True)
+    lengths = [(13, 37), (5, 1, 30, 14)]
+    seg = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    docs = PackedDocuments.from_batch(seg, pos)
+    sparse, dense = attention(x, docs), attention.forward_dense(x, docs)
+    torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-10)
+    (g_sparse,), (g_dense,) = (torch.autograd.grad(y.square().sum(), x) for y in (sparse, dense))
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-9, atol=1e-9)
+
+
 def test_bad_pattern_values_are_refused_in_one_line():
     with pytest.raises(ValidationError, match="bigbird_block"):
         ModelConfig(pattern="K", vocab_size=64, d_model=16, bigbird_block=0)
