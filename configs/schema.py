@@ -146,6 +146,8 @@ class TrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="the training loss's target is (1 - e) one-hot + e "
+                                   "uniform over the vocabulary (torch's definition); validation loss stays unsmoothed")
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
     seed: int = 1234

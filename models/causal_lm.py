@@ -27,6 +27,8 @@ The pieces ``input_stream``, ``run_layers``, ``logits_local``, ``language_model_
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -73,16 +75,18 @@ class CausalLM(nn.Module):
         self.head = None if cfg.tie_embeddings else ColumnParallel(cfg.d_model, cfg.vocab_size, dims,
                                                                    init=normal(cfg.init_std))
         self.activation_checkpointing = False
+        self.label_smoothing = 0.0  # of the training loss (the trainer sets it); validation is never smoothed
 
     def _build_layers(self, cfg: ModelConfig, build: Build) -> list[nn.Module]:
         """One module per unit of the pattern (``ModelConfig.layer_units``): a sublayer, or a use of a shared block
         (fused with the sublayer after it when its style feeds that one)."""
         layers = []
-        for unit in cfg.layer_units():
+        for index, unit in enumerate(cfg.layer_units()):
+            at = dataclasses.replace(build, layer=index)
             if unit[0] not in SHARED_SYMBOLS:
-                layers.append(Sublayer(unit, cfg, build))
+                layers.append(Sublayer(unit, cfg, at))
                 continue
-            fed = Sublayer(unit[1], cfg, build) if len(unit) > 1 else None
+            fed = Sublayer(unit[1], cfg, at) if len(unit) > 1 else None
             layers.append(cfg.style.build_use(self.shared[int(unit[0])], int(unit[0]), fed, cfg, build))
         return layers
 
@@ -114,12 +118,14 @@ class CausalLM(nn.Module):
         logits = torch.matmul(h, self.embed.weight.t()) if self.head is None else self.head(h)
         return self.numerics.logits(logits)
 
-    def language_model_loss(self, logits_local: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def language_model_loss(self, logits_local: torch.Tensor, labels: torch.Tensor,
+                            label_smoothing: float = 0.0) -> torch.Tensor:
         """This rank's share of the mean next-token loss of whole-sequence ``labels [b, S]`` (positions labelled
-        ``IGNORE_INDEX`` left out): its chunk's summed losses over the whole sequence's count."""
+        ``IGNORE_INDEX`` left out): its chunk's summed losses over the whole sequence's count; with
+        ``label_smoothing`` each token's loss is the smoothed cross entropy (``vocab_parallel_cross_entropy``)."""
         targets = local_chunk(labels, self.dims, 1).transpose(0, 1).contiguous()
         mask = targets != IGNORE_INDEX
-        losses = vocab_parallel_cross_entropy(logits_local, torch.where(mask, targets, 0), self.dims)
+        losses = vocab_parallel_cross_entropy(logits_local, torch.where(mask, targets, 0), self.dims, label_smoothing)
         return (losses * mask).sum() / sum_over_context(mask.sum(), self.dims).clamp(min=1)
 
     def auxiliary_loss(self, modules=None) -> torch.Tensor | None:
@@ -141,7 +147,7 @@ class CausalLM(nn.Module):
         logits = self.logits_local(self.run_layers(x, context))  # [s, b, V / tp]
         if labels is None:
             return gather_vocab(logits, self.dims).transpose(0, 1)  # [b, s, V] (this rank's chunk)
-        loss = self.language_model_loss(logits, labels)
+        loss = self.language_model_loss(logits, labels, self.label_smoothing if self.training else 0.0)
         if self.training:  # auxiliary losses train (e.g. a router); validation reports the language-model loss alone
             auxiliary = self.auxiliary_loss()
             loss = loss if auxiliary is None else loss + auxiliary

@@ -61,6 +61,7 @@ class Build:
     dims: ParallelDims
     init_std: float  # weights read from the residual stream
     out_std: float  # output projections, scaled with depth (GPT-2) so the residual stream's variance stays O(1)
+    layer: int = 0  # the index of the sublayer's unit in the layer pattern (a per-layer seed); 0 outside the stack
 
     @classmethod
     def of(cls, cfg: ModelConfig, dims: ParallelDims) -> Build:

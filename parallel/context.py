@@ -161,7 +161,10 @@ def state_entering(decay: torch.Tensor, final: torch.Tensor, dims: ParallelDims)
     ``decay``: ``prod_t a_t`` over this rank's chunk, ``final``: its last state scanned from zero (``decay``
     broadcasts against ``final``). Differentiable: the gradient reaches the earlier ranks' pairs."""
     pair = torch.stack(torch.broadcast_tensors(decay, final))  # [2, ...]
-    pairs = gather_sequence(pair.unsqueeze(0), dims)  # [cp, 2, ...]
+    if pair.is_complex():  # complex states (S5) travel as real pairs
+        pairs = torch.view_as_complex(gather_sequence(torch.view_as_real(pair).unsqueeze(0), dims))
+    else:
+        pairs = gather_sequence(pair.unsqueeze(0), dims)  # [cp, 2, ...]
     h = torch.zeros_like(final)
     for c in range(dims.cp - 1):  # (A, H) . (A', H') = (A' A, A' H + H'), applied to the state
         # Chunks at or after this rank's leave h as it is; multiplying by 0 rather than skipping them keeps every

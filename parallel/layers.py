@@ -151,18 +151,32 @@ def gather_vocab(logits_local: torch.Tensor, dims: ParallelDims) -> torch.Tensor
 
 
 def vocab_parallel_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor,
-                                 dims: ParallelDims) -> torch.Tensor:
-    """Per-token cross entropy (fp32) from vocabulary-sharded logits ``[..., V / tp]``."""
+                                 dims: ParallelDims, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-token cross entropy (fp32) from vocabulary-sharded logits ``[..., V / tp]``.
+
+    ``label_smoothing`` ``e``: torch's definition, the target ``(1 - e) one-hot + e / V``, i.e.
+    ``(1 - e) (-log p_target) + e mean_j (-log p_j)`` with ``mean_j (-log p_j) = logsumexp(z) - mean_j z_j``.
+    (megatron-core's ``label_smoothing`` spreads ``e`` over the ``V - 1`` other tokens instead: not used.) Under TP
+    the logsumexp and the mean of the logits over the whole vocabulary come from all-reduced per-shard sums."""
     if dims.tp == 1:
-        return F.cross_entropy(logits_local.float().flatten(0, -2), targets.flatten(), reduction="none").view_as(
-            targets)
+        return F.cross_entropy(logits_local.float().flatten(0, -2), targets.flatten(), reduction="none",
+                               label_smoothing=label_smoothing).view_as(targets)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as megatron_cross_entropy
 
     # megatron-core's function reads its tensor-parallel group from parallel_state: make sure it is ours
     if dims.tp_group is not parallel_state.get_tensor_model_parallel_group():
         raise RuntimeError("vocab-parallel cross entropy needs the model's TP group to be parallel_state's")
-    return megatron_cross_entropy(logits_local.float(), targets)
+    if not label_smoothing:
+        return megatron_cross_entropy(logits_local.float(), targets)
+    z = logits_local.float()
+    nll = megatron_cross_entropy(z.clone(), targets)  # it shifts and exponentiates its input in place
+    largest = z.detach().amax(-1, keepdim=True)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=dims.tp_group)  # a shift only: no gradient needed
+    reduce = _mappings().reduce_from_tensor_model_parallel_region  # sum over ranks; each keeps its shard's gradient
+    logsumexp = largest.squeeze(-1) + reduce((z - largest).exp().sum(-1), group=dims.tp_group).log()
+    mean_logit = reduce(z.sum(-1), group=dims.tp_group) / (z.shape[-1] * dims.tp)
+    return (1.0 - label_smoothing) * nll + label_smoothing * (logsumexp - mean_logit)
 
 
 def register_partial_grad_hooks(module: nn.Module, dims: ParallelDims) -> int:

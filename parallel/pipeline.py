@@ -236,7 +236,7 @@ def pipeline_loss(model, output: OutputStage):
     (auxiliary losses in training only)."""
     def loss(outputs: tuple, labels: torch.Tensor) -> torch.Tensor:
         logits, auxiliary = outputs
-        shares = model.language_model_loss(logits, labels)
+        shares = model.language_model_loss(logits, labels, model.label_smoothing if output.training else 0.0)
         if output.training:
             shares = shares + auxiliary
         return model.objective(shares)

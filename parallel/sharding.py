@@ -50,14 +50,17 @@ def declare(
     expert_dim: int | None = None,
     partial_grad_over_tp: bool = False,
     weight_decay: bool | None = None,
+    lr_scale: float = 1.0,
 ):
     """Record how ``param`` is initialised (on its full shape) and how it is split: over tensor-parallel ranks
     along ``split_dim``, over expert-parallel ranks along ``expert_dim`` (its experts).
 
     ``weight_decay``: whether AdamW decays it; by default matrices do and vectors (norms, biases) don't.
+    ``lr_scale``: its learning rate is this times the run's (at every step of the schedule); 1 by default.
     """
     param.full_init = init
     param.weight_decay = param.dim() >= 2 if weight_decay is None else weight_decay
+    param.lr_scale = lr_scale
     if split_dim is not None:
         for attr, value in (("tensor_model_parallel", True), ("partition_dim", split_dim), ("partition_stride", 1)):
             setattr(param, attr, value)  # megatron-core's attribute names, which DeepSpeed also reads

@@ -81,6 +81,7 @@ class Trainer:
                             parts=None if bounds is None else stage_parts(cfg.model, bounds, self.topo.pipeline_rank),
                             each_part=zero3_partitioner(cfg, self.topo))
         model.activation_checkpointing = t.activation_checkpointing
+        model.label_smoothing = t.label_smoothing  # read by the training loss only
         self.num_parameters = model.num_parameters()
         self.stage_bounds = bounds
         self.engine = TrainingEngine(model, cfg, self.topo, self.accumulation, bounds)

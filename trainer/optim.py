@@ -10,16 +10,29 @@ import torch
 from chimera.configs.schema import TrainConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay what the model declared decayable (matrices); never norms, biases or recurrence parameters."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """Decay what the model declared decayable (matrices); never norms, biases or recurrence parameters.
+
+    Parameters declared with an ``lr_scale`` other than 1 (``chimera.parallel.sharding.declare``) get groups of their
+    own, after the two plain ones, whose ``lr`` is ``lr_scale x lr`` (the schedule then scales every group's rate
+    alike, so the ratio holds at every step)."""
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if getattr(p, "weight_decay", p.dim() >= 2) else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+            key = (bool(getattr(p, "weight_decay", p.dim() >= 2)), float(getattr(p, "lr_scale", 1.0)))
+            groups.setdefault(key, []).append(p)
+    out = []
+    for (decays, scale), params in groups.items():
+        if scale != 1.0 and not params:
+            continue
+        name = ("decay" if decays else "no_decay") + ("" if scale == 1.0 else f"_lr_x{scale:g}")
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0, "name": name}
+        if scale != 1.0:
+            if lr is None:
+                raise ValueError("parameters with an lr_scale need the base learning rate (lr=)")
+            group.update(lr=lr * scale, lr_scale=scale)
+        out.append(group)
+    return out
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     """torch's fused AdamW (CPU and CUDA): one in-place pass over each tensor, where the default single-tensor form
     allocates temporaries of its size; under ZeRO the tensors are flat partitions, so those temporaries were a
     sizeable share of a rank's memory (measured in benchmarks/RESULTS.md)."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                              fused=True)
 
 
