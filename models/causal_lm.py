@@ -131,7 +131,8 @@ class CausalLM(nn.Module):
     def auxiliary_loss(self, modules=None) -> torch.Tensor | None:
         """The sum of the auxiliary losses of the last forward pass of the sublayers in ``modules`` (default: the
         whole model) that produce one, e.g. a MoE router's; None if none does."""
-        found = [a for _, m in self._reporting(modules) if (a := m.auxiliary_loss()) is not None]
+        found = [a for _, m in self._reporting(modules)
+                 if hasattr(m, "auxiliary_loss") and (a := m.auxiliary_loss()) is not None]
         return sum(found[1:], found[0]) if found else None
 
     def objective(self, shares: torch.Tensor) -> torch.Tensor:

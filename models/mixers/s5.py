@@ -248,9 +248,6 @@ class S5Layer(nn.Module):
         y, state["x"] = self.ssm.step(x[0], state["x"], first=pos == 0)
         return F.gelu(leave_tensor_parallel(y.to(x.dtype).unsqueeze(0), self.dims, False), approximate="tanh")
 
-    def auxiliary_loss(self) -> None:  # a reporting sublayer (``metrics``) answers both; S5 adds no loss
-        return None
-
     @torch.no_grad()
     def metrics(self) -> dict:
         """``max |Lambda_bar|`` and the fraction of states with ``|Lambda_bar| > 1 - eps``, over all the layer's
