@@ -299,7 +299,7 @@ class Hyena(nn.Module):
             last_doc = (starts.flip(0).long().cumsum(0).flip(0) - starts.long()) == 0  # no start after tau
             passes = ~starts.any(0)  # [b]: the entering state crosses the chunk
         # this chunk's final state from zero, of its last document: sum_j p^{s-1-j} z_j  -> [b, c, S]
-        final = torch.einsum("jbc,csj->bcs", (z * last_doc.unsqueeze(-1)).to(powers.dtype), powers[..., s - 1::-1])
+        final = torch.einsum("jbc,csj->bcs", (z * last_doc.unsqueeze(-1)).to(powers.dtype), powers[..., :s].flip(-1))
         decay = powers[..., s].unsqueeze(0) * passes[:, None, None]  # [b, c, S]
         pairs = gather_sequence(torch.view_as_real(torch.stack([decay, final])).unsqueeze(0), self.dims)
         pairs = torch.view_as_complex(pairs)  # [cp, 2, b, c, S]
