@@ -26,6 +26,14 @@ The long filters ``h^n_t`` (``hyena_filter``):
   ``filter.poles`` / ``filter.residues``. It is the impulse response of the diagonal linear recurrence
   ``s_t = p s_{t-1} + z_t``, ``y_t = Re(R . s_t)``.
 
+* ``explicit`` (StripedHyena 2 / Evo 2's multi-hybrid, arXiv 2503.01868; symbols ``X`` and ``D``): the taps
+  themselves are parameters, a depthwise causal FIR of a fixed length: ``X`` short explicit
+  (``hyena_short_filter_len``, 7 in Evo 2), ``D`` medium regularised (``hyena_medium_filter_len``, 128 in Evo 2), whose
+  taps are multiplied by a fixed decay ``exp(-beta_c t / len)`` (``beta_c`` spread over the channels from ``|ln 0.01|
+  / 1.5`` to ``|ln 0.01| / 0.3``), which keeps them from leaning on their far end. Being FIRs they run as depthwise
+  convolutions (``CausalConv1d``), decode with a window of ``len - 1`` inputs and, under context parallelism, take
+  a halo (rule ``halo``: ``(k - 1) + (N - 1)(len - 1)`` positions, the short conv's and the filters' together).
+
 Reference and fast path: ``forward`` materialises the filters for the sequence's length and convolves by FFT,
 ``O(L log L)`` (``fft_long_conv``); ``direct_long_conv`` is the definition, the sum over lags as a Toeplitz matrix,
 beside it, and the tests hold one to the other and both to the step-by-step recurrence.
@@ -106,6 +114,18 @@ class HyenaConfig(SublayerConfig):
             raise ValueError(f"hyena_filter_emb={self.hyena_filter_emb} must be odd (t plus a cos and a sin per band); "
                              f"use {self.hyena_filter_emb + 1}")
         return self
+
+
+class ShortExplicitConfig(HyenaConfig):
+    """The ``model:`` fields of StripedHyena 2's short explicit Hyena (symbol ``X``)."""
+
+    hyena_short_filter_len: int = Field(7, ge=1, description="Hyena X: taps of the short explicit filter")
+
+
+class MediumRegularizedConfig(HyenaConfig):
+    """The ``model:`` fields of StripedHyena 2's medium regularised Hyena (symbol ``D``)."""
+
+    hyena_medium_filter_len: int = Field(128, ge=1, description="Hyena D: taps of the medium regularised filter")
 
 
 # ---- the long causal convolution ---------------------------------------------------------------------
@@ -231,15 +251,54 @@ class ModalFilter(nn.Module):
         return (residues.unsqueeze(-1) * self.powers(log_p, t)).sum(-2).real  # [filters, channels / tp, length]
 
 
+class ExplicitFilter(nn.Module):
+    """``filters`` depthwise causal FIRs of ``length`` taps over this rank's channels (``X``; with ``decay``, ``D``)."""
+
+    def __init__(self, filters: int, channels: int, length: int, decay: bool, dims: ParallelDims):
+        super().__init__()
+        self.length, self.decay, self.dims, self.channels = length, decay, dims, channels
+        local = dims.local(channels, "d_model")
+        # each [channels / tp, length], split along dim 0; weight[:, -1] multiplies the current input
+        self.convs = nn.ModuleList(CausalConv1d(local, length, bias=False, dims=dims) for _ in range(filters))
+
+    def weight(self, n: int) -> torch.Tensor:
+        """Filter ``n``'s conv weight ``[channels / tp, length]``, its decay applied (``D``)."""
+        w = self.convs[n].weight
+        if not self.decay:
+            return w
+        local = w.shape[0]
+        first = self.dims.tp_rank * local
+        c = torch.arange(first, first + local, dtype=w.dtype, device=w.device)
+        fast, slow = -math.log(WINDOW_TARGET) / WINDOW_FAST, -math.log(WINDOW_TARGET) / WINDOW_SLOW
+        beta = slow + (fast - slow) * c / max(self.channels - 1, 1)
+        lag = torch.arange(self.length - 1, -1, -1, dtype=w.dtype, device=w.device) / self.length  # weight's order
+        return w * torch.exp(-beta[:, None] * lag)
+
+    def forward(self, length: int) -> torch.Tensor:
+        """The taps ``h [filters, channels / tp, length]`` (``h[..., t]`` for lag ``t``; 0 beyond the filter)."""
+        taps = torch.stack([self.weight(n).flip(-1) for n in range(len(self.convs))])
+        return taps[..., :length] if length <= self.length else torch.nn.functional.pad(taps, (0, length - self.length))
+
+    def convolve(self, n: int, z: torch.Tensor, docs) -> torch.Tensor:
+        """Filter ``n`` over ``z [s, b, c]``: the conv module run with the (decayed) weight (halo, documents)."""
+        conv = self.convs[n]
+        if not self.decay:
+            return conv(z, docs)
+        return torch.func.functional_call(conv, {"weight": self.weight(n)}, (z, docs))
+
+
 # ---- the operator ------------------------------------------------------------------------------------
 
 
 class Hyena(nn.Module):
     """Symbol ``H``: the Hyena operator of order ``N`` over this rank's heads."""
 
-    def __init__(self, c: HyenaConfig, *, init_std: float, out_std: float, dims: ParallelDims):
+    def __init__(self, c: HyenaConfig, *, init_std: float, out_std: float, dims: ParallelDims, kind: str | None = None,
+                 filter_len: int = 0):
+        """``kind``: ``short`` (``X``) or ``medium`` (``D``): FIRs of ``filter_len`` taps; default ``hyena_filter``."""
         super().__init__()
-        d, self.order, self.dims, self.kind = c.d_model, c.hyena_order, dims, c.hyena_filter
+        d, self.order, self.dims = c.d_model, c.hyena_order, dims
+        self.kind = kind or c.hyena_filter
         self.heads_local = dims.local(c.num_heads, "num_heads")
         self.head_dim = d // c.num_heads
         self.channels_local = self.heads_local * self.head_dim
@@ -250,7 +309,9 @@ class Hyena(nn.Module):
         self.short_conv = CausalConv1d(streams * self.channels_local, c.hyena_short_kernel, bias=c.hyena_short_bias,
                                        dims=dims)
         filters = self.order - 1
-        if self.kind == "implicit":
+        if self.kind in ("short", "medium"):
+            self.filter = ExplicitFilter(filters, d, filter_len, self.kind == "medium", dims)
+        elif self.kind == "implicit":
             self.filter = ImplicitFilter(filters, d, c.hyena_filter_emb, c.hyena_filter_width, c.hyena_filter_max_len,
                                          c.hyena_filter_sine_freq, dims)
         else:
@@ -271,6 +332,8 @@ class Hyena(nn.Module):
 
     def _long_conv(self, n: int, z: torch.Tensor, docs) -> torch.Tensor:
         """``h^n (*) z`` for this rank's chunk ``z [s, b, c]`` (fp32 or wider)."""
+        if isinstance(self.filter, ExplicitFilter):  # a FIR: the halo of its taps under context parallelism
+            return self.filter.convolve(n, z, docs)
         if self.kind == "implicit":
             whole = gather_sequence(z, self.dims)  # every earlier input (the rule keys_values)
             h = self.filter(whole.shape[0])[n]
@@ -327,7 +390,9 @@ class Hyena(nn.Module):
         dtype = torch.promote_types(w.dtype, torch.float32)
         state = {"conv": self.short_conv.init_state(batch, device=w.device, dtype=w.dtype)}
         filters, c = self.order - 1, self.channels_local
-        if self.kind == "implicit":  # the exact O(L) cache: every long-conv input, and the taps
+        if isinstance(self.filter, ExplicitFilter):  # each FIR's window of its last inputs
+            state["windows"] = [conv.init_state(batch, device=w.device, dtype=dtype) for conv in self.filter.convs]
+        elif self.kind == "implicit":  # the exact O(L) cache: every long-conv input, and the taps
             state["inputs"] = torch.zeros(filters, max_len, batch, c, device=w.device, dtype=dtype)
             with torch.no_grad():
                 state["taps"] = at_least_fp32(self.filter(max_len)).flip(-1).contiguous()  # h_{max_len-1} .. h_0
@@ -337,6 +402,10 @@ class Hyena(nn.Module):
         return state
 
     def _step_long_conv(self, n: int, z: torch.Tensor, state, pos: int) -> torch.Tensor:  # z [b, c]
+        if isinstance(self.filter, ExplicitFilter):
+            window = torch.cat([state["windows"][n], z.unsqueeze(-1)], dim=-1)  # [b, c, len]
+            state["windows"][n] = window[..., 1:]
+            return (window * self.filter.weight(n)).sum(-1)
         if self.kind == "implicit":
             state["inputs"][n, pos] = z
             taps = state["taps"][n, :, state["taps"].shape[-1] - 1 - pos:]  # [c, pos + 1]: h_pos .. h_0
@@ -369,5 +438,27 @@ def context_parallel(c: HyenaConfig) -> ContextParallel:
     return ContextParallel("keys_values" if c.hyena_filter == "implicit" else "state")
 
 
-SPECS = (SublayerSpec("H", "Hyena operator: gated long convolutions (implicit or modal filter)", HyenaConfig, build,
-                      check_tensor_parallel, context_parallel),)
+def build_short(c: ShortExplicitConfig, b: Build) -> Hyena:
+    return Hyena(c, init_std=b.init_std, out_std=b.out_std, dims=b.dims, kind="short",
+                 filter_len=c.hyena_short_filter_len)
+
+
+def build_medium(c: MediumRegularizedConfig, b: Build) -> Hyena:
+    return Hyena(c, init_std=b.init_std, out_std=b.out_std, dims=b.dims, kind="medium",
+                 filter_len=c.hyena_medium_filter_len)
+
+
+def explicit_halo(c: HyenaConfig, filter_len: int) -> ContextParallel:
+    """What output ``t`` reads: the short conv's ``k - 1`` inputs, then each FIR's ``len - 1`` before those."""
+    return ContextParallel("halo", halo=(c.hyena_short_kernel - 1) + (c.hyena_order - 1) * (filter_len - 1))
+
+
+SPECS = (
+    SublayerSpec("H", "Hyena operator: gated long convolutions (implicit or modal filter)", HyenaConfig, build,
+                 check_tensor_parallel, context_parallel),
+    SublayerSpec("X", "Hyena with a short explicit filter (StripedHyena 2 hyena_se)", ShortExplicitConfig,
+                 build_short, check_tensor_parallel, lambda c: explicit_halo(c, c.hyena_short_filter_len)),
+    SublayerSpec("D", "Hyena with a medium regularised explicit filter (StripedHyena 2 hyena_mr)",
+                 MediumRegularizedConfig, build_medium, check_tensor_parallel,
+                 lambda c: explicit_halo(c, c.hyena_medium_filter_len)),
+)

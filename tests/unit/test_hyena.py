@@ -20,9 +20,9 @@ def config(**overrides) -> ModelConfig:
     return ModelConfig(**{**FIELDS, **overrides})
 
 
-def hyena(seed=0, **overrides):
-    cfg = config(**overrides)
-    m = build_mixer("H", cfg, Build.of(cfg, ParallelDims()))
+def hyena(seed=0, symbol="H", **overrides):
+    cfg = config(pattern=symbol, **overrides)
+    m = build_mixer(symbol, cfg, Build.of(cfg, ParallelDims()))
     initialize_parameters(m, seed)
     return m.double()
 
@@ -31,7 +31,10 @@ def randn(*shape, seed=1):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-KINDS = [("implicit", 2), ("implicit", 3), ("modal", 2), ("modal", 3)]
+# (symbol, hyena_filter, order): H with either filter; StripedHyena 2's short explicit X and medium regularised D
+KINDS = [("H", "implicit", 2), ("H", "implicit", 3), ("H", "modal", 2), ("H", "modal", 3), ("X", "implicit", 2),
+         ("D", "implicit", 3)]
+ALL = [("H", "implicit"), ("H", "modal"), ("X", "implicit"), ("D", "implicit")]
 
 
 def test_fft_conv_equals_direct_sum():
@@ -80,11 +83,11 @@ def test_implicit_filter_is_window_times_sine_mlp_of_positions():
     torch.testing.assert_close(f(length)[0], torch.stack(rows, -1), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind,order", KINDS)
-def test_operator_follows_its_equations(kind, order):
+@pytest.mark.parametrize("symbol,kind,order", KINDS)
+def test_operator_follows_its_equations(symbol, kind, order):
     """``z^1 = x^1 v``, ``z^{n+1} = x^{n+1} (h^n (*) z^n + D^n z^n)``, ``y = W_out z^N``, written with the direct sum
     and the projection's rows ``[heads, (x^N .. x^1, v), head_dim]``."""
-    m = hyena(hyena_filter=kind, hyena_order=order)
+    m = hyena(symbol=symbol, hyena_filter=kind, hyena_order=order, hyena_medium_filter_len=12)
     u = randn(24, 2, 32)
     p = m.short_conv(m.in_proj(u)).unflatten(-1, (4, order + 1, 8))
     x = {n: p[..., order - n, :].flatten(-2) for n in range(1, order + 1)}
@@ -95,9 +98,9 @@ def test_operator_follows_its_equations(kind, order):
     torch.testing.assert_close(m(u), m.out_proj(z), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind,order", KINDS)
-def test_decoding_steps_equal_full_forward(kind, order):
-    m = hyena(hyena_filter=kind, hyena_order=order)
+@pytest.mark.parametrize("symbol,kind,order", KINDS)
+def test_decoding_steps_equal_full_forward(symbol, kind, order):
+    m = hyena(symbol=symbol, hyena_filter=kind, hyena_order=order, hyena_medium_filter_len=12)
     x = randn(40, 2, 32)
     full = m(x)
     state = m.init_state(batch=2, max_len=40)
@@ -105,11 +108,11 @@ def test_decoding_steps_equal_full_forward(kind, order):
     torch.testing.assert_close(steps, full, rtol=1e-9, atol=1e-9 * full.abs().max().item())
 
 
-@pytest.mark.parametrize("kind", ["implicit", "modal"])
-def test_causality(kind):
+@pytest.mark.parametrize("symbol,kind", ALL)
+def test_causality(symbol, kind):
     """A change at ``t`` moves no earlier output beyond the FFT's rounding (fp64: <= 1e-13 relative), and does move
     output ``t`` (the direct sum, exactly causal by construction, equals the FFT: above)."""
-    m = hyena(hyena_filter=kind)
+    m = hyena(symbol=symbol, hyena_filter=kind)
     x, t = randn(40, 2, 32), 23
     x2 = x.clone()
     x2[t] += randn(2, 32, seed=3)
@@ -130,11 +133,11 @@ def test_long_conv_within_documents_equals_documents_convolved_separately():
     torch.testing.assert_close(long_conv_within_documents(z, h, seg), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["implicit", "modal"])
-def test_packed_documents_equal_documents_run_separately(kind):
+@pytest.mark.parametrize("symbol,kind", ALL)
+def test_packed_documents_equal_documents_run_separately(symbol, kind):
     from chimera.models.documents import PackedDocuments
 
-    m = hyena(hyena_filter=kind, hyena_order=3)
+    m = hyena(symbol=symbol, hyena_filter=kind, hyena_order=3, hyena_medium_filter_len=12)
     lengths = [7, 20, 1, 12]
     seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -159,6 +162,17 @@ def test_modal_filter_carries_a_bounded_state():
     assert (m(x2)[20] - m(x)[20]).abs().max() > 1e-10
     sizes = [sum(v.numel() for v in m.init_state(2, n).values()) for n in (16, 64)]
     assert sizes[0] == sizes[1] > 0
+
+
+def test_medium_filter_taps_decay_and_short_filter_taps_do_not():
+    short = hyena(symbol="X")
+    raw = short.filter.convs[0].weight
+    torch.testing.assert_close(short.filter(10)[0], torch.nn.functional.pad(raw.flip(-1), (0, 3)), rtol=0, atol=0)
+    medium = hyena(symbol="D", hyena_medium_filter_len=16)
+    raw = medium.filter.convs[0].weight.flip(-1)  # [c, lag]
+    beta = torch.linspace(math.log(100) / 1.5, math.log(100) / 0.3, 32, dtype=torch.float64)
+    lag = torch.arange(16, dtype=torch.float64)
+    torch.testing.assert_close(medium.filter(16)[0], raw * torch.exp(-beta[:, None] * lag / 16), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("overrides,message", [
