@@ -19,7 +19,7 @@ from helpers import run_worker
 
 PRESETS = ["llama-tiny", "local-transformer-tiny:window=24", "griffin-tiny", "mamba-tiny", "mamba2-tiny:ssm_chunk=6",
            "hybrid-moe-tiny:moe_capacity_factor=1.0", "zamba-tiny", "zamba2-tiny", "jamba-tiny", "hyena-tiny",
-           "striped-hyena-tiny"]
+           "striped-hyena-tiny", "striped-hyena2-tiny"]
 WITH_TP = ["griffin-tiny", "jamba-tiny", "zamba2-tiny", "striped-hyena-tiny"]
 
 

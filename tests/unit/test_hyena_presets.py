@@ -49,7 +49,7 @@ def test_striped_hyena_7b_parameter_count_equals_the_released_model():
     assert round(released / 1e7) * 1e7 == PUBLISHED_7B
 
 
-@pytest.mark.parametrize("preset", ["hyena-tiny", "striped-hyena-tiny"])
+@pytest.mark.parametrize("preset", ["hyena-tiny", "striped-hyena-tiny", "striped-hyena2-tiny"])
 def test_tiny_presets_are_test_size_and_split_over_two_ranks(preset):
     cfg = load_model_config(preset)
     assert meta_model(cfg).num_parameters() < 1_000_000 and cfg.vocab_size == 320 and cfg.d_model == 64
@@ -63,7 +63,7 @@ def test_small_presets_are_about_transformer_small(preset):
     assert abs(ours - reference) < 0.05 * reference
 
 
-@pytest.mark.parametrize("preset", ["hyena-tiny", "striped-hyena-tiny"])
+@pytest.mark.parametrize("preset", ["hyena-tiny", "striped-hyena-tiny", "striped-hyena2-tiny"])
 def test_model_decoding_equals_forward(single_process, preset):
     model = build_model(preset, seed=1).double().eval()
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
