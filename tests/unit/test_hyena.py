@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chimera.models.config import ModelConfig
-from chimera.models.mixers.hyena import direct_long_conv, fft_long_conv, long_conv_within_documents
+from chimera.models.mixers.hyena import direct_long_conv, fft_long_conv, fit_modal, long_conv_within_documents
 from chimera.models.spec import Build
 from chimera.models.sublayer import build_mixer
 from chimera.parallel.dims import ParallelDims
@@ -190,3 +190,27 @@ def test_tensor_parallel_split_must_divide_heads():
     cfg = config()
     assert "model.num_heads=4" in cfg.check_tensor_parallel(8)
     assert cfg.check_tensor_parallel(2) is None
+
+
+def modal_taps(poles, residues, length):
+    p, r = torch.view_as_complex(poles.contiguous()), torch.view_as_complex(residues.contiguous())
+    return (r.unsqueeze(-1) * p.unsqueeze(-1) ** torch.arange(length, dtype=torch.float64)).sum(-2).real
+
+
+def test_fit_modal_recovers_a_modal_filter_exactly():
+    m = hyena(hyena_filter="modal", hyena_state=3)
+    h = m.filter(64)[0]  # 3 complex modes = 6 real-signal modes (conjugate pairs)
+    poles, residues = fit_modal(h, 6)
+    torch.testing.assert_close(modal_taps(poles, residues, 64), h, rtol=1e-8, atol=1e-8 * h.abs().max().item())
+
+
+def test_fit_modal_of_an_implicit_filter_has_a_measured_error():
+    """The implicit filter is not a few modes: the fit's relative error (measured: 0.30 with 4 modes, 0.16 with 16,
+    at 256 taps of a freshly initialised filter) falls with more modes but stays far above rounding, which is why
+    the implicit filter decodes from an exact cache instead."""
+    h = hyena(hyena_filter_max_len=256).filter(256)[0]
+    errors = {}
+    for modes in (4, 16):
+        poles, residues = fit_modal(h, modes)
+        errors[modes] = ((modal_taps(poles, residues, 256) - h).norm() / h.norm()).item()
+    assert 1e-3 < errors[16] < errors[4]
