@@ -457,6 +457,24 @@ def check_tensor_parallel(c: HyenaConfig, tp: int) -> str | None:
     return divisibility(tp, {"model.num_heads": c.num_heads})
 
 
+def flops_per_token(c: HyenaConfig, seq_len: int) -> float:
+    """2 x the projections' weights (the filter's parameters are not per token), plus per channel and long filter the
+    FFT convolution: three transforms of ``2s`` points (input, product back; the filter's amortised over the batch)
+    at ``~2.5 n log2 n`` real FLOPs each, per token ``~15 log2(2s)``, and the gates and skip (``~4``)."""
+    d, n = c.d_model, c.hyena_order
+    weights = d * (n + 1) * d + d * d + (n + 1) * d * c.hyena_short_kernel
+    return 2.0 * weights + (n - 1) * d * (15.0 * math.log2(2 * max(seq_len, 1)) + 4.0) + 2.0 * d
+
+
+def explicit_flops(filter_len_of):
+    def flops(c: HyenaConfig, seq_len: int) -> float:
+        """2 x the projections' and the FIRs' taps (depthwise: 2 FLOPs per tap and channel), gates and skip."""
+        d, n = c.d_model, c.hyena_order
+        weights = d * (n + 1) * d + d * d + (n + 1) * d * c.hyena_short_kernel + (n - 1) * d * filter_len_of(c)
+        return 2.0 * weights + (n - 1) * 4.0 * d + 2.0 * d
+    return flops
+
+
 def context_parallel(c: HyenaConfig) -> ContextParallel:
     """The implicit filter reads every earlier input of its long conv; the modal one carries its recurrence's state."""
     return ContextParallel("keys_values" if c.hyena_filter == "implicit" else "state")
@@ -479,10 +497,12 @@ def explicit_halo(c: HyenaConfig, filter_len: int) -> ContextParallel:
 
 SPECS = (
     SublayerSpec("H", "Hyena operator: gated long convolutions (implicit or modal filter)", HyenaConfig, build,
-                 check_tensor_parallel, context_parallel),
+                 check_tensor_parallel, context_parallel, flops_per_token=flops_per_token),
     SublayerSpec("X", "Hyena with a short explicit filter (StripedHyena 2 hyena_se)", ShortExplicitConfig,
-                 build_short, check_tensor_parallel, lambda c: explicit_halo(c, c.hyena_short_filter_len)),
+                 build_short, check_tensor_parallel, lambda c: explicit_halo(c, c.hyena_short_filter_len),
+                 flops_per_token=explicit_flops(lambda c: c.hyena_short_filter_len)),
     SublayerSpec("D", "Hyena with a medium regularised explicit filter (StripedHyena 2 hyena_mr)",
                  MediumRegularizedConfig, build_medium, check_tensor_parallel,
-                 lambda c: explicit_halo(c, c.hyena_medium_filter_len)),
+                 lambda c: explicit_halo(c, c.hyena_medium_filter_len),
+                 flops_per_token=explicit_flops(lambda c: c.hyena_medium_filter_len)),
 )
