@@ -6,7 +6,9 @@ spanning it in the other, and the loss adds the same rows unpacked, so each mixe
 exercised both ways: global attention (keys/values of every chunk), sliding-window attention (a halo of
 ``window - 1`` positions, here wider than a chunk), short convolutions (a halo of ``kernel - 1``), the RG-LRU,
 Mamba-1 (one and several heads) and Mamba-2 (scans carried across ranks; Mamba-2 with chunks that do not divide
-a rank's part), MoE with a capacity (whole-sequence capacity and router losses), and Zamba's shared blocks.
+a rank's part), Hyena's long convolutions (implicit filter: the whole sequence's inputs gathered; modal filter: its
+recurrence's state carried into the next chunk), MoE with a capacity (whole-sequence capacity and router losses),
+and Zamba's shared blocks.
 fp64 weights; the loss is fp32 (the cross entropy's precision).
 """
 
@@ -16,10 +18,11 @@ import torch
 from helpers import run_worker
 
 PRESETS = ["llama-tiny", "local-transformer-tiny:window=24", "griffin-tiny", "mamba-tiny", "mamba2-tiny:ssm_chunk=6",
-           "hybrid-moe-tiny:moe_capacity_factor=1.0", "zamba-tiny", "zamba2-tiny", "jamba-tiny",
-           "based-tiny:based_chunk=6",
+           "hybrid-moe-tiny:moe_capacity_factor=1.0", "zamba-tiny", "zamba2-tiny", "jamba-tiny", "hyena-tiny",
+           "striped-hyena-tiny", "striped-hyena2-tiny", "based-tiny:based_chunk=6",
            "gryphon-tiny:bigbird_block=3"]  # blocks of 3: the split at 16 falls inside a block
-WITH_TP = ["griffin-tiny", "jamba-tiny", "zamba2-tiny", "based-tiny:based_chunk=6", "gryphon-tiny:bigbird_block=3"]
+WITH_TP = ["griffin-tiny", "jamba-tiny", "zamba2-tiny", "striped-hyena-tiny", "based-tiny:based_chunk=6",
+           "gryphon-tiny:bigbird_block=3"]
 
 
 @pytest.fixture(scope="module")

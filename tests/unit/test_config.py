@@ -36,7 +36,7 @@ def test_pattern_expansion():
         (["train.lrr=0.1"], "train.lrr: unknown field"),
         (["train.lr=-1"], "train.lr: bad value -1"),
         (["parallel.zero_stage=5"], "parallel.zero_stage: bad value 5"),
-        (["model.pattern=RXQ"], "unknown layer symbol(s) ['Q', 'X']"),
+        (["model.pattern=RQ~"], "unknown layer symbol(s) ['Q', '~']"),
         (["train.precision=fp8"], "'fp32' or 'bf16'"),
         (["model.preset=griffin-huge"], "unknown model preset 'griffin-huge'"),
         (["model.preset=zamba-tiny", "model.pattern=mm0"], "must be followed by the sublayer it feeds"),
