@@ -170,7 +170,11 @@ class GoldAttention(nn.Module):
         mix_k, mix_v = torch.einsum("...fl,fld->f...d", lora, self.time_maa_kv_w2)
         k = kc + (shift_sequence(kc, starts) - kc) * (self.time_maa_k + mix_k)
         v = xo + dxo * (self.time_maa_v + mix_v)
-        k = self.ln_k(k + torch.tanh(k @ self.time_key_w1) @ self.time_key_w2)
+        k = k + torch.tanh(k @ self.time_key_w1) @ self.time_key_w2
+        # LN_k's bias b adds q . b to every score of a query, which the softmax ignores: it is kept (the authors'
+        # parameter) but left out of the scores, so its gradient is exactly 0 rather than rounding noise
+        k = (F.layer_norm(at_least_fp32(k), k.shape[-1:], self.ln_k.weight.to(at_least_fp32(k).dtype), None,
+                          self.eps) + 0.0 * self.ln_k.bias).to(k.dtype)
         v = self.ln_v(v + torch.tanh(v @ self.time_value_w1) @ self.time_value_w2)
         mine = slice(self.first_channel, self.first_channel + self.heads_local * self.head_size)
         return self._heads(k[..., mine]), self._heads(v[..., mine])

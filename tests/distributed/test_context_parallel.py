@@ -16,8 +16,9 @@ import torch
 from helpers import run_worker
 
 PRESETS = ["llama-tiny", "local-transformer-tiny:window=24", "griffin-tiny", "mamba-tiny", "mamba2-tiny:ssm_chunk=6",
-           "hybrid-moe-tiny:moe_capacity_factor=1.0", "zamba-tiny", "zamba2-tiny", "jamba-tiny"]
-WITH_TP = ["griffin-tiny", "jamba-tiny", "zamba2-tiny"]
+           "hybrid-moe-tiny:moe_capacity_factor=1.0", "zamba-tiny", "zamba2-tiny", "jamba-tiny",
+           "goldfinch-tiny:rwkv_chunk=6"]
+WITH_TP = ["griffin-tiny", "jamba-tiny", "zamba2-tiny", "goldfinch-tiny:rwkv_chunk=6"]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ import pytest
 
 from helpers import assert_same_numbers, run_worker
 
-PRESETS = ["griffin-tiny", "transformer-tiny", "llama-tiny", "mamba-tiny", "mamba2-tiny", "hybrid-moe-tiny"]
+PRESETS = ["griffin-tiny", "transformer-tiny", "llama-tiny", "mamba-tiny", "mamba2-tiny", "hybrid-moe-tiny",
+           "goldfinch-tiny"]
 
 
 @pytest.fixture(scope="module")
