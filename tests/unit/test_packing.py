@@ -13,7 +13,8 @@ def packed_batch(docs):
     return ids, seg, pos
 
 
-@pytest.mark.parametrize("preset", ["griffin-tiny", "hawk-tiny", "transformer-tiny", "local-transformer-tiny"])
+@pytest.mark.parametrize("preset", ["griffin-tiny", "hawk-tiny", "transformer-tiny", "local-transformer-tiny",
+                                    "goldfinch-tiny"])
 def test_packed_equals_separate(single_process, preset):
     model = build_model(preset, seed=1).double()
     g = torch.Generator().manual_seed(0)
