@@ -103,3 +103,16 @@ def test_pipeline_layouts_are_refused_in_one_line():
     cfg = load_run_config(REPO / "configs/runs/tiny.yaml", ["model.preset=goldfinch-tiny", "parallel.pipeline=2"])
     with pytest.raises(UserError, match=r"parallel.pipeline=2: sublayer 'G' .* set parallel.pipeline=1"):
         validate_layout(cfg, 2)
+
+
+def test_activation_checkpointing_keeps_every_gradient():
+    """Recomputing the layers in backward (the first GOLD layer publishes the cache again) changes no gradient."""
+    grads = []
+    for checkpointing in (False, True):
+        model = goldfinch().train()
+        model.activation_checkpointing = checkpointing
+        tokens = ids()
+        model(tokens, labels=torch.roll(tokens, -1, 1)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-12, atol=0, msg=name)
