@@ -333,6 +333,17 @@ def _check_pipeline(cfg: RunConfig) -> None:
     if par.pipeline > units:
         raise UserError(f"parallel.pipeline={par.pipeline} stages but the model has only {units} layers: a stage "
                         f"would have no layers; use at most {units} stages")
+    if par.pipeline > 1:
+        from chimera.models import registry
+
+        refused = [s for s in model.kinds() if not registry.sublayers()[s].pipeline_parallel]
+        if refused:
+            raise UserError(f"parallel.pipeline={par.pipeline}: sublayer {refused[0]!r} "
+                            f"({registry.sublayers()[refused[0]].summary}) reads what earlier sublayers publish in "
+                            "the pass, which pipeline stages do not carry; set parallel.pipeline=1")
+        if model.numerics.embedding_norm:
+            raise UserError(f"parallel.pipeline={par.pipeline} with model.embedding_norm: the pipeline's first stage "
+                            "does not hold the embedding norm; set parallel.pipeline=1")
     if par.pipeline > 1 and par.zero_stage > 1:
         raise UserError(f"parallel.zero_stage={par.zero_stage} with parallel.pipeline={par.pipeline}: DeepSpeed's "
                         "pipeline engine runs ZeRO stage 0 or 1 only; set parallel.zero_stage=1")

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from chimera.data import IGNORE_INDEX
 from chimera.models.config import ModelConfig
 from chimera.models.documents import PackedDocuments
-from chimera.models.norms import RMSNorm
+from chimera.models.norms import build_norm
 from chimera.models.registry import SHARED_SYMBOLS
 from chimera.models.spec import Build
 from chimera.models.sublayer import Context, Sublayer
@@ -69,9 +69,10 @@ class CausalLM(nn.Module):
         build = Build.of(cfg, dims)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, dims, init=normal(cfg.init_std))
         self.shared = nn.ModuleList(cfg.style.build_block(cfg, i, build) for i in range(len(cfg.shared_blocks)))
+        # RWKV's ln0: on the embeddings, before the residual stream is split along the sequence
+        self.embed_norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps) if cfg.numerics.embedding_norm else None
         self.layers = nn.ModuleList(self._build_layers(cfg, build))
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=dims.sequence_parallel,
-                                  offset=cfg.numerics.norm_offset)
+        self.final_norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps, sequence_parallel=dims.sequence_parallel)
         self.head = None if cfg.tie_embeddings else ColumnParallel(cfg.d_model, cfg.vocab_size, dims,
                                                                    init=normal(cfg.init_std))
         self.activation_checkpointing = False
@@ -80,11 +81,12 @@ class CausalLM(nn.Module):
     def _build_layers(self, cfg: ModelConfig, build: Build) -> list[nn.Module]:
         """One module per unit of the pattern (``ModelConfig.layer_units``): a sublayer, or a use of a shared block
         (fused with the sublayer after it when its style feeds that one)."""
-        layers = []
+        layers, seen = [], set()
         for index, unit in enumerate(cfg.layer_units()):
             at = dataclasses.replace(build, layer=index)
             if unit[0] not in SHARED_SYMBOLS:
-                layers.append(Sublayer(unit, cfg, at))
+                layers.append(Sublayer(unit, cfg, dataclasses.replace(at, first_of_kind=unit not in seen)))
+                seen.add(unit)
                 continue
             fed = Sublayer(unit[1], cfg, at) if len(unit) > 1 else None
             layers.append(cfg.style.build_use(self.shared[int(unit[0])], int(unit[0]), fed, cfg, build))
@@ -95,11 +97,15 @@ class CausalLM(nn.Module):
         """Whole sequences ``[b, S]`` -> this rank's residual stream ``[s(/tp), b, d]`` (its context-parallel chunk,
         its sequence-parallel shard of that) and the context every sublayer of the pass reads."""
         docs = None if segment_ids is None else PackedDocuments.from_batch(segment_ids, position_ids, self.dims)
-        ids = local_chunk(input_ids, self.dims, 1)
-        x = self.numerics.embed(self.embed(ids)).transpose(0, 1).contiguous()  # [b, s, d] -> [s, b, d]
+        x = self.embed_tokens(local_chunk(input_ids, self.dims, 1).t())  # [s, b, d]
         if self.dims.sequence_parallel:
             x = scatter_sequence(x, self.dims)
-        return x, Context(embeddings=x, docs=docs)
+        return x, Context(embeddings=x, docs=docs, tokens=input_ids, embed=self.embed_tokens)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[s, b]`` -> the model's input ``[s, b, d]``: embedding, numerics, embedding norm."""
+        x = self.numerics.embed(self.embed(ids.contiguous()))
+        return x if self.embed_norm is None else self.embed_norm(x)
 
     def run_layers(self, x: torch.Tensor, context: Context, layers=None) -> torch.Tensor:
         """``layers`` (default: all) in turn on the residual stream; recomputed in backward with activation
@@ -179,8 +185,8 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: list, pos: int) -> torch.Tensor:
         """One token per sequence ``[b]`` at position ``pos`` -> logits ``[b, V]``; updates ``state``."""
-        x = self.numerics.embed(self.embed(tokens[None, :]))  # [1, b, d]
-        context = Context(embeddings=x, position=pos)
+        x = self.embed_tokens(tokens[None, :])  # [1, b, d]
+        context = Context(embeddings=x, position=pos, tokens=tokens, embed=self.embed_tokens)
         for layer, layer_state in zip(self.layers, state):
             x = layer.step(x, layer_state, context)
         return gather_vocab(self.logits_local(x, False), self.dims)[0]

@@ -1,9 +1,11 @@
 """RMSNorm (Zhang & Sennrich 2019): ``y = x / sqrt(mean(x^2) + eps) * w``, computed in fp32.
 
-With ``offset`` (Gemma, RecurrentGemma) the scale is ``1 + w`` and ``w`` starts at 0.
+With ``offset`` (Gemma, RecurrentGemma) the scale is ``1 + w`` and ``w`` starts at 0. LayerNorm (Ba et al. 2016):
+``y = (x - mean(x)) / sqrt(var(x) + eps) * w + b`` (RWKV). ``build_norm`` picks the one ``model.norm`` names.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from chimera.parallel.sharding import declare, ones, zeros
@@ -23,3 +25,23 @@ class RMSNorm(nn.Module):
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         scale = 1.0 + self.weight.float() if self.offset else self.weight.float()
         return (y * scale).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, sequence_parallel: bool = False):
+        super().__init__()
+        self.eps = eps
+        # Replicated on TP ranks; partial gradients under sequence parallelism, as RMSNorm's.
+        self.weight = declare(nn.Parameter(torch.empty(dim)), init=ones, partial_grad_over_tp=sequence_parallel)
+        self.bias = declare(nn.Parameter(torch.empty(dim)), init=zeros, partial_grad_over_tp=sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+def build_norm(numerics, dim: int, eps: float, sequence_parallel: bool = False) -> nn.Module:
+    """The norm ``numerics.norm`` names (``chimera.models.numerics``)."""
+    if numerics.norm == "layernorm":
+        return LayerNorm(dim, eps, sequence_parallel)
+    return RMSNorm(dim, eps, sequence_parallel, offset=numerics.norm_offset)

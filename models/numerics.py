@@ -2,17 +2,21 @@
 
 The defaults leave a model unchanged. RecurrentGemma sets ``scale_embeddings``, ``norm_offset`` and
 ``logits_soft_cap``; Granite-4.0-H sets its muP multipliers (``embedding_multiplier``,
-``residual_multiplier``, ``logits_divisor``). The generic LM applies them and knows no model::
+``residual_multiplier``, ``logits_divisor``); RWKV sets ``norm: layernorm`` and ``embedding_norm``. The generic
+LM applies them and knows no model::
 
     x      = embed(ids) * embedding_multiplier [* bf16(sqrt(d_model)) with scale_embeddings]
+    x      = norm(x)                                          # only with embedding_norm (RWKV's ln0)
     x      = x + residual_multiplier * f(norm(x))             # every sublayer
-    norm   : y * w, or y * (1 + w) with norm_offset (w starts at 0)
+    norm   : rmsnorm: y * w, or y * (1 + w) with norm_offset (w starts at 0), y = x / rms(x)
+             layernorm: (x - mean(x)) / sqrt(var(x) + eps) * w + b
     logits = cap * tanh((h W^T / logits_divisor) / cap)      # the soft cap only with logits_soft_cap
 """
 
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -25,6 +29,9 @@ class Numerics(SublayerConfig):
 
     scale_embeddings: bool = Field(False, description="multiply embeddings by sqrt(d_model), rounded to bf16")
     norm_offset: bool = Field(False, description="RMSNorm scales by (1 + w), w initialised to 0")
+    norm: Literal["rmsnorm", "layernorm"] = Field(
+        "rmsnorm", description="the norm before every sublayer and the head: rmsnorm, or layernorm (with a bias)")
+    embedding_norm: bool = Field(False, description="normalise the embeddings before the first sublayer (RWKV's ln0)")
     logits_soft_cap: float | None = Field(None, gt=0, description="logits -> cap * tanh(logits / cap)")
     embedding_multiplier: float = Field(1.0, gt=0, description="embeddings are multiplied by this")
     residual_multiplier: float = Field(

@@ -15,6 +15,8 @@ A file in ``models/mixers/`` (token mixers) or ``models/channels/`` (channel mix
 * ``context_parallel``: what it needs from earlier sequence shards when a sequence spans ranks;
 * ``check_expert_parallel(config, ep)`` (optional): for kinds with experts, what an expert-parallel size
   must divide; a model none of whose kinds has it cannot use expert parallelism;
+* ``pipeline_parallel`` (optional): False for a kind that pipeline stages cannot run (it reads tensors earlier
+  sublayers publish in the pass's ``Context``, which stages do not carry);
 * ``flops_per_token(config, s)`` (optional): forward FLOPs per token at sequence length ``s``, where they are
   not ``2 x`` the sublayer's weights (attention's scores, a MoE's unvisited experts); pipeline stages are
   balanced by it.
@@ -62,6 +64,9 @@ class Build:
     init_std: float  # weights read from the residual stream
     out_std: float  # output projections, scaled with depth (GPT-2) so the residual stream's variance stays O(1)
     layer: int = 0  # the index of the sublayer's unit in the layer pattern (a per-layer seed); 0 outside the stack
+    # the sublayer being built is the first of its kind in the layer pattern (a kind whose first use builds what
+    # its later uses share holds the parameters for it there)
+    first_of_kind: bool = True
 
     @classmethod
     def of(cls, cfg: ModelConfig, dims: ParallelDims) -> Build:
@@ -105,6 +110,8 @@ class SublayerSpec:
     check_expert_parallel: Callable[[SublayerConfig, int], str | None] | None = None
     # forward FLOPs per token at sequence length s (pipeline stage balancing); None: 2 x the sublayer's weights
     flops_per_token: Callable[[SublayerConfig, int], float] | None = None
+    # False: the kind reads what earlier sublayers publish in the pass's Context, which pipeline stages do not carry
+    pipeline_parallel: bool = True
 
 
 @dataclass(frozen=True)

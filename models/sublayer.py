@@ -5,12 +5,19 @@ this file names no mixer. ``r`` is the model's residual multiplier (1 but in Gra
 
 Every module of the layer stack has ``forward(x, context)`` and ``step(x, state, context)`` on the
 residual stream ``[s(/tp), b, d]``, ``context`` being what every sublayer of one pass may read
-(``Context``: packed documents, the model's input embeddings, the decoding position).
+(``Context``: packed documents, the model's input embeddings, the decoding position, and what earlier sublayers of
+the pass published for later ones).
+
+A mixer with ``reads_context = True`` is called as ``mixer(h, docs, context=context, residual=u)``: besides its
+normed input ``h`` it reads the pass's context (and may publish into ``context.published``) and the residual
+stream ``u`` it is added to, laid out like ``h`` (entered into the tensor-parallel region the same way).
+Decoding calls ``mixer.step(h, state, pos, context=context, residual=u)`` likewise.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +25,7 @@ from torch import nn
 
 from chimera.models import registry
 from chimera.models.documents import PackedDocuments
-from chimera.models.norms import RMSNorm
+from chimera.models.norms import build_norm
 from chimera.models.spec import Build
 from chimera.parallel.layers import enter_tensor_parallel
 
@@ -33,6 +40,13 @@ class Context:
     embeddings: torch.Tensor  # the model's input embeddings, laid out like the residual stream (Zamba reads them)
     docs: PackedDocuments | None = None  # several documents packed per sequence (forward only)
     position: int = 0  # decoding: the position of the token being decoded
+    # tensors a sublayer publishes for the later sublayers of the same pass or decoding step (one cache built once
+    # and read by several layers), by name; a pass's own, never carried to the next
+    published: dict = field(default_factory=dict)
+    tokens: torch.Tensor | None = None  # the input token ids, [b, S] (forward: whole sequences) or [b] (decoding)
+    # ids -> embeddings [s, b, d] as the model's input (its embedding, numerics and embedding norm), for sublayers that
+    # keep token ids in their decoding state rather than vectors
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def build_mixer(symbol: str, cfg: ModelConfig, build: Build) -> nn.Module:
@@ -48,15 +62,20 @@ class Sublayer(nn.Module):
         super().__init__()
         self.symbol = symbol
         self.dims = build.dims
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, sequence_parallel=build.dims.sequence_parallel,
-                            offset=cfg.numerics.norm_offset)
+        self.norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps, sequence_parallel=build.dims.sequence_parallel)
         self.mixer = build_mixer(symbol, cfg, build)
         self.numerics = cfg.numerics
+        self.reads_context = getattr(self.mixer, "reads_context", False)
 
     def forward(self, x: torch.Tensor, context: Context, injected: torch.Tensor | None = None) -> torch.Tensor:
         u = x if injected is None else x + injected
-        h = enter_tensor_parallel(self.norm(u), self.dims, self.dims.sequence_parallel)
-        return self.numerics.residual(x, self.mixer(h, context.docs))
+        sp = self.dims.sequence_parallel
+        h = enter_tensor_parallel(self.norm(u), self.dims, sp)
+        if self.reads_context:
+            out = self.mixer(h, context.docs, context=context, residual=enter_tensor_parallel(u, self.dims, sp))
+        else:
+            out = self.mixer(h, context.docs)
+        return self.numerics.residual(x, out)
 
     def init_state(self, batch: int, max_len: int):
         return self.mixer.init_state(batch, max_len)
@@ -64,4 +83,9 @@ class Sublayer(nn.Module):
     def step(self, x: torch.Tensor, state, context: Context, injected: torch.Tensor | None = None) -> torch.Tensor:
         u = x if injected is None else x + injected  # x: [1, b, d], no sequence sharding
         h = enter_tensor_parallel(self.norm(u), self.dims, False)
-        return self.numerics.residual(x, self.mixer.step(h, state, context.position))
+        if self.reads_context:
+            out = self.mixer.step(h, state, context.position, context=context,
+                                  residual=enter_tensor_parallel(u, self.dims, False))
+        else:
+            out = self.mixer.step(h, state, context.position)
+        return self.numerics.residual(x, out)

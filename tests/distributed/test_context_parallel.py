@@ -20,9 +20,9 @@ from helpers import run_worker
 PRESETS = ["llama-tiny", "local-transformer-tiny:window=24", "griffin-tiny", "mamba-tiny", "mamba2-tiny:ssm_chunk=6",
            "hybrid-moe-tiny:moe_capacity_factor=1.0", "zamba-tiny", "zamba2-tiny", "jamba-tiny", "hyena-tiny",
            "striped-hyena-tiny", "striped-hyena2-tiny", "based-tiny:based_chunk=6",
-           "gryphon-tiny:bigbird_block=3"]  # blocks of 3: the split at 16 falls inside a block
+           "goldfinch-tiny:rwkv_chunk=6", "gryphon-tiny:bigbird_block=3"]  # BigBird blocks of 3: a split inside one
 WITH_TP = ["griffin-tiny", "jamba-tiny", "zamba2-tiny", "striped-hyena-tiny", "based-tiny:based_chunk=6",
-           "gryphon-tiny:bigbird_block=3"]
+           "gryphon-tiny:bigbird_block=3", "goldfinch-tiny:rwkv_chunk=6"]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ import pytest
 from helpers import assert_same_numbers, run_worker
 
 PRESETS = ["griffin-tiny", "transformer-tiny", "llama-tiny", "mamba-tiny", "mamba2-tiny", "hybrid-moe-tiny",
-           "based-tiny", "gryphon-tiny", "hyena-tiny", "striped-hyena-tiny", "striped-hyena2-tiny"]
+           "based-tiny", "gryphon-tiny", "hyena-tiny", "striped-hyena-tiny", "striped-hyena2-tiny",
+           "goldfinch-tiny"]
 
 
 @pytest.fixture(scope="module")

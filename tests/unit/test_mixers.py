@@ -14,7 +14,7 @@ from chimera.parallel.dims import ParallelDims
 from chimera.parallel.sharding import initialize_parameters
 from helpers import assert_causal
 
-SYMBOLS = ["R", "L", "*", "-", "B", "V"]
+SYMBOLS = ["R", "L", "*", "-", "B", "V", "W", "C"]
 
 
 def make_mixer(symbol, seed=0, **overrides):

@@ -15,7 +15,7 @@ def packed_batch(docs):
 
 @pytest.mark.parametrize("preset", ["griffin-tiny", "hawk-tiny", "transformer-tiny", "local-transformer-tiny",
                                     "based-tiny", "gryphon-tiny", "hyena-tiny", "striped-hyena-tiny",
-                                    "striped-hyena2-tiny"])
+                                    "striped-hyena2-tiny", "goldfinch-tiny"])
 def test_packed_equals_separate(single_process, preset):
     model = build_model(preset, seed=1).double()
     g = torch.Generator().manual_seed(0)

@@ -16,7 +16,8 @@ from chimera.parallel.sharding import initialize_parameters
 # One small model with every registered kind in its pattern (a new kind adds its fields here if it needs any).
 EVERY_KIND = dict(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, mlp_hidden=64, window=6, ssm_state=8,
                   ssm_head_dim=16, ssm_chunk=8, moe_experts=4, moe_top_k=2, ssm_dt_rank=4, based_chunk=8,
-                  s5_state=8, bigbird_block=4, hyena_medium_filter_len=8,
+                  s5_state=8, bigbird_block=4, hyena_medium_filter_len=8, rwkv_head_size=8,
+                  rwkv_chunk=8,
                   init_std=0.2)  # large weights: every true dependence shows far above rounding (measured >= 1e-3)
 
 
