@@ -16,20 +16,15 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import tempfile
-import time
 import warnings
 from datetime import date
-from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from train_throughput import DEMO, seconds_per_step  # noqa: E402  (benchmarks/, the script's folder)
 
 from chimera.configs.loader import load_run_config  # noqa: E402
-from chimera.trainer.loop import Trainer  # noqa: E402
-
-DEMO = Path(__file__).resolve().parents[1] / "configs/runs/demo.yaml"
 
 
 def step_time(preset: str, seq_len: int, tokens: int, steps: int, warmup: int) -> float:
@@ -38,14 +33,7 @@ def step_time(preset: str, seq_len: int, tokens: int, steps: int, warmup: int) -
     cfg = load_run_config(DEMO, [f"model.preset={preset}", "logging.wandb=disabled", f"data.seq_len={seq_len}",
                                  f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}",
                                  "train.eval_every=0"])
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, run_dir)
-        for _ in range(warmup):
-            trainer.train_step()
-        start = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step()
-        return (time.perf_counter() - start) / steps
+    return seconds_per_step(cfg, steps, warmup)[0]
 
 
 def exponent(lengths: list[int], seconds_per_sequence: list[float]) -> float:

@@ -27,8 +27,8 @@ from chimera.trainer.loop import Trainer  # noqa: E402
 DEMO = Path(__file__).resolve().parents[1] / "configs/runs/demo.yaml"
 
 
-def measure(preset: str, steps: int, warmup: int) -> float:
-    cfg = load_run_config(DEMO, [f"model.preset={preset}", "logging.wandb=disabled"])
+def seconds_per_step(cfg, steps: int, warmup: int) -> tuple[float, int]:
+    """(seconds per training step after ``warmup`` untimed ones, tokens per step) of the run ``cfg``."""
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, run_dir)
         for _ in range(warmup):
@@ -36,8 +36,13 @@ def measure(preset: str, steps: int, warmup: int) -> float:
         start = time.perf_counter()
         for _ in range(steps):
             trainer.train_step()
-        elapsed = time.perf_counter() - start
-    return steps * trainer.tokens_per_step / elapsed
+        return (time.perf_counter() - start) / steps, trainer.tokens_per_step
+
+
+def measure(preset: str, steps: int, warmup: int) -> float:
+    seconds, tokens = seconds_per_step(load_run_config(DEMO, [f"model.preset={preset}", "logging.wandb=disabled"]),
+                                       steps, warmup)
+    return tokens / seconds
 
 
 def main() -> None:
