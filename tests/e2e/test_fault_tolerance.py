@@ -255,9 +255,16 @@ def test_a_crash_during_an_asynchronous_save_leaves_the_previous_checkpoint(tmp_
             "--set", "train.global_batch_size=2"]
     proc = start(tmp_path, *args)
     wait_for_step(tmp_path, 2, proc)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list((tmp_path / "checkpoints").glob(".tmp_step_*")):
+    checkpoints = tmp_path / "checkpoints"
+
+    def newest(pattern: str) -> int:
+        return max((int(p.name.rsplit("_", 1)[1]) for p in checkpoints.glob(pattern)), default=0)
+
+    deadline = time.time() + 120  # saves run one at a time: a save newer than a complete one is in flight
+    while time.time() < deadline and not 0 < newest("step_*") < newest(".tmp_step_*"):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.005)
+    assert 0 < newest("step_*") < newest(".tmp_step_*"), sorted(p.name for p in checkpoints.iterdir())
     proc.kill()  # in-process run: the one rank dies, its writer thread with it
     proc.communicate()
     verify = run_chimera("checkpoint", "verify", tmp_path)
