@@ -38,9 +38,18 @@ LAYOUTS = {
 }
 
 
+# the compositions of pipeline or context parallelism with data parallelism, and the deeper pipeline, run on the
+# models where they take another path: Zamba2's shared block on 4 stages, MoE router losses over data ranks
+# (every model already runs pp2 and cp2 alone, and tp2pp2)
+COMPOSED_ON = {"pp4": {"griffin-tiny", "zamba2-tiny"}, "pp2dp2": {"jamba-tiny", "zamba2-tiny"},
+               "cp2dp2": {"griffin-tiny", "jamba-tiny"}}
+
+
 def applies(model: str, layout: str) -> bool:
     if model.endswith("+curriculum"):
         return layout in ("pp2", "tp2pp2", "cp2dp2")
+    if layout in COMPOSED_ON:
+        return model in COMPOSED_ON[layout]
     return "ep" not in layout or model in WITH_EXPERTS
 
 
