@@ -160,21 +160,37 @@ class ByteLatentLM(nn.Module):
 
     # ---- one pass ------------------------------------------------------------------------------
 
+    def _entropy_logits(self, input_ids, segment_ids, position_ids) -> torch.Tensor:
+        x, context = self.entropy.input_stream(input_ids, segment_ids, position_ids)
+        return self.entropy.logits_local(self.entropy.run_layers(x, context))
+
+    def _patches(self, entropy_logits_local, segment_ids, position_ids) -> Patches:
+        """The patches, from the entropy model's logits (no gradient through the decision)."""
+        logits = gather_vocab(entropy_logits_local.detach(), self.dims).transpose(0, 1)  # [b, s, V]
+        return segment(closes_patch(self.settings, logits, position_ids), segment_ids)
+
+    @torch.no_grad()
+    def patches(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> Patches:
+        """The patches of bytes ``[b, s]`` (a function of the bytes and the entropy model alone)."""
+        position_ids = self._positions(input_ids, position_ids)
+        return self._patches(self._entropy_logits(input_ids, segment_ids, position_ids), segment_ids, position_ids)
+
+    @staticmethod
+    def _positions(input_ids, position_ids):
+        b, s = input_ids.shape
+        return torch.arange(s, device=input_ids.device).expand(b, s) if position_ids is None else position_ids
+
     def _decoder_stream(self, input_ids, segment_ids, position_ids, sequence_type, labels=None):
         """Everything up to the decoder's output ``[s, b, d_local]``; with ``labels``, also the entropy model's
         share of the loss."""
         b, s = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        # the entropy model: which bytes close a patch (no gradient through the decision)
-        x, context = self.entropy.input_stream(input_ids, segment_ids, position_ids)
-        entropy_logits = self.entropy.logits_local(self.entropy.run_layers(x, context))  # [s, b, V / tp]
+        position_ids = self._positions(input_ids, position_ids)
+        entropy_logits = self._entropy_logits(input_ids, segment_ids, position_ids)  # [s, b, V / tp]
         entropy_loss = None
         if labels is not None and self.training and self.settings.entropy_loss_weight > 0:
             entropy_loss = self.entropy.language_model_loss(entropy_logits, labels) * self.settings.entropy_loss_weight
-        closes = closes_patch(self.settings, gather_vocab(entropy_logits.detach(), self.dims).transpose(0, 1),
-                              position_ids)
-        patches = segment(closes, segment_ids)
+        patches = self._patches(entropy_logits, segment_ids, position_ids)
         # the local encoder, its outputs pooled per patch
         x, context = self.local.input_stream(input_ids, segment_ids, position_ids)
         x = x + self.bridge.type_embedding[self._type_ids(sequence_type, b, x.device)].to(x.dtype)[None]
