@@ -51,7 +51,7 @@ from chimera.models.causal_lm import CausalLM, build_layers, reported_metrics, s
 from chimera.models.config import ModelConfig
 from chimera.models.documents import PackedDocuments
 from chimera.models.norms import build_norm
-from chimera.models.patching import SEQUENCE_TYPES, Patches, closes_patch, pool, read_back, segment
+from chimera.models.patching import SEQUENCE_TYPES, Patches, closes_patch, next_byte_entropy, pool, read_back, segment
 from chimera.models.spec import Build
 from chimera.models.sublayer import Context
 from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
@@ -65,7 +65,9 @@ def _parameter(*shape: int, std: float) -> nn.Parameter:
 
 class Bridge(nn.Module):
     """What joins the byte level and the patch level: the type embedding, the projections between the widths, the
-    vector a byte reads before its document's first patch has closed; and the patch statistics of the last pass."""
+    vector a byte reads before its document's first patch has closed; and the patch statistics of the last pass
+    (mean patch length in bytes, patches per sequence, compression ratio = bytes / the global model's length, the mean
+    next-byte entropy in nats, the number to set ``entropy_threshold`` against)."""
 
     metrics_group = "byte_latent"
 
@@ -79,7 +81,7 @@ class Bridge(nn.Module):
 
     def record(self, patches: Patches, bytes_: int, merged_length: int | None = None) -> None:
         count = int(patches.count.sum())
-        self.stats = {"mean_patch_length": bytes_ / count, "patches": count / patches.count.numel(),
+        self.stats |= {"mean_patch_length": bytes_ / count, "patches": count / patches.count.numel(),
                       "compression_ratio": patches.starts.shape[1] / patches.length}
         if merged_length is not None:
             self.stats["merged_length"] = merged_length
@@ -166,8 +168,9 @@ class ByteLatentLM(nn.Module):
 
     def _patches(self, entropy_logits_local, segment_ids, position_ids) -> Patches:
         """The patches, from the entropy model's logits (no gradient through the decision)."""
-        logits = gather_vocab(entropy_logits_local.detach(), self.dims).transpose(0, 1)  # [b, s, V]
-        return segment(closes_patch(self.settings, logits, position_ids), segment_ids)
+        entropy = next_byte_entropy(gather_vocab(entropy_logits_local.detach(), self.dims).transpose(0, 1))  # [b, s]
+        self.bridge.stats = {"next_byte_entropy": float(entropy.mean())}
+        return segment(closes_patch(self.settings, entropy, position_ids), segment_ids)
 
     @torch.no_grad()
     def patches(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
@@ -248,7 +251,7 @@ class ByteLatentLM(nn.Module):
     def _step_row(self, token: torch.Tensor, row: dict, pos: int) -> torch.Tensor:
         n_enc = self.settings.encoder_layers
         entropy_logits = self.entropy.step(token, row["entropy"], pos)  # [1, V]
-        closes = bool(closes_patch(self.settings, entropy_logits[None], torch.tensor([[pos]]))[0, 0])
+        closes = bool(closes_patch(self.settings, next_byte_entropy(entropy_logits[None]), torch.tensor([[pos]]))[0, 0])
         x = self.local.embed_tokens(token[None, :])
         x = x + self.bridge.type_embedding[row["type"]].to(x.dtype)
         context = Context(embeddings=x, position=pos, tokens=token, embed=self.local.embed_tokens)

@@ -7,6 +7,11 @@ A patch closes after byte ``t`` (a new one begins at ``t + 1``) when ``closes_t`
   ``H(x_{t+1} | x_{<=t}) = - sum_v p(v | x_{<=t}) log p(v | x_{<=t})`` (nats) exceeds ``entropy_threshold``;
 * ``stride`` (the fixed-size fallback, Sec. 2.1): the in-document position ``t + 1`` is a multiple of ``stride``.
 
+With entropy patching, ``max_patch_length`` (0: none) also closes a patch where the in-document position ``t + 1`` is
+a multiple of it, so no patch is longer: DNA is close to its alphabet's maximum entropy (ln 4) everywhere, and a
+threshold alone would cut it into either single bytes or whole documents. The cap is aligned to positions, not to
+the patch's start, so that it stays a function of each byte alone (no scan over the sequence).
+
 A document's first byte always begins a patch, so patches never span documents. With ``starts_t`` (byte ``t``
 begins a patch) the patch of byte ``t`` is ``index_t = sum_{u <= t} starts_u - 1``.
 
@@ -35,6 +40,8 @@ class ByteLatentConfig(Section):
     patching: Literal["entropy", "stride"] = Field("entropy", description="where patches begin: entropy or stride")
     entropy_threshold: float = Field(1.0, gt=0, description="next-byte entropy (nats) above which a patch begins")
     stride: int = Field(4, ge=1, description="bytes per patch with patching: stride")
+    max_patch_length: int = Field(0, ge=0, description="with patching: entropy, also close a patch at every "
+                                  "multiple of this in-document position (0: no cap)")
     entropy_model: dict[str, Any] = Field(
         default_factory=dict, description="model fields of the entropy model (a small byte LM) that differ from "
         "the global model's; default d_model 32, pattern 'H-', num_layers 2")
@@ -54,12 +61,15 @@ def next_byte_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def closes_patch(cfg: ByteLatentConfig, entropy_logits: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
-    """``closes_t`` ``[b, s]`` (bool): a patch ends at byte ``t``, from the entropy model's logits at ``t``
-    ``[b, s, V]`` (entropy patching) or the in-document positions ``[b, s]`` (stride patching)."""
+def closes_patch(cfg: ByteLatentConfig, entropy: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    """``closes_t`` ``[b, s]`` (bool): a patch ends at byte ``t``, from the next-byte entropy at ``t`` ``[b, s]``
+    (``next_byte_entropy`` of the entropy model's logits; entropy patching) and the in-document positions ``[b, s]``."""
     if cfg.patching == "stride":
         return (positions + 1) % cfg.stride == 0
-    return next_byte_entropy(entropy_logits) > cfg.entropy_threshold
+    closes = entropy > cfg.entropy_threshold
+    if cfg.max_patch_length:
+        closes |= (positions + 1) % cfg.max_patch_length == 0
+    return closes
 
 
 @dataclass(frozen=True)

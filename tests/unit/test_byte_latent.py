@@ -89,6 +89,12 @@ def test_the_threshold_gives_patches_of_varied_length(model):
     assert 1 < patches.count.float().mean() < 48 and patches.length < 48
 
 
+def test_max_patch_length_caps_every_patch(threshold):
+    capped = model_with(f"byte_latent.entropy_threshold={threshold * 100}", "byte_latent.max_patch_length=5")
+    patches = capped.patches(ids(2, 48))  # no entropy exceeds the threshold: the cap alone cuts, every 5 bytes
+    assert patches.index.tolist() == [[t // 5 for t in range(48)]] * 2
+
+
 def test_byte_logits_are_causal(model):
     x = ids(2, 48)
     t = 30
