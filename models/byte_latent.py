@@ -209,7 +209,8 @@ class ByteLatentLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 sequence_type=None) -> torch.Tensor:
-        """``sequence_type``: a name of ``SEQUENCE_TYPES`` or ``[b]`` indices (default: ``byte_latent.sequence_type``)."""
+        """``sequence_type``: a name of ``SEQUENCE_TYPES`` or ``[b]`` indices (default:
+        ``byte_latent.sequence_type``)."""
         y, entropy_loss = self._decoder_stream(input_ids, segment_ids, position_ids, sequence_type, labels)
         logits = self.local.logits_local(y, False)  # [s, b, V / tp]
         if labels is None:

@@ -208,7 +208,8 @@ class ModelCore(ModelFields):
                 "entropy_model", {"d_model": 32, "pattern": "H-", "num_layers": 2}, {"byte_latent": None})
             resolved["local_model"] = self._byte_latent_part(
                 "local_model", {"d_model": 32, "pattern": "H-"},
-                {"byte_latent": None, "num_layers": bl.encoder_layers + bl.decoder_layers, "vocab_size": self.vocab_size})
+                {"byte_latent": None, "num_layers": bl.encoder_layers + bl.decoder_layers,
+                 "vocab_size": self.vocab_size})
         return self
 
     def _check_pattern(self) -> None:

@@ -46,7 +46,8 @@ def test_trains_on_a_genome_and_resumes(tmp_path, genome):
     # learnt the alphabet (entropy near ln 4, around the preset's threshold 1.5); never past max_patch_length 8
     lengths = [r["byte_latent/bridge/mean_patch_length"] for r in rows]
     assert lengths[0] == 1.0 and max(lengths[-20:]) > 1.5 and max(lengths) <= 8, lengths
-    assert rows[0]["byte_latent/bridge/next_byte_entropy"] > 5.0 > 2.0 > rows[-1]["byte_latent/bridge/next_byte_entropy"]
+    entropy = [r["byte_latent/bridge/next_byte_entropy"] for r in rows]
+    assert entropy[0] > 5.0 and entropy[-1] < 2.0
     assert all(r["byte_latent/bridge/compression_ratio"] >= 1.0 for r in rows)
 
     proc = train(cut, genome, "--set", "train.stop_after=30")
