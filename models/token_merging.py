@@ -68,6 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chimera.models.documents import in_document_positions
+
 
 @dataclass(frozen=True)
 class Merges:
@@ -86,6 +88,17 @@ class Merges:
         out = torch.gather(y, 1, index[..., None].expand(-1, -1, y.shape[-1]))
         return out * (self.read_index >= 0)[..., None].to(y.dtype)
 
+    def then(self, later: Merges) -> Merges:
+        """This merge followed by ``later`` (a merge of this one's merged tokens) as one ``Merges`` from the input
+        positions to ``later``'s merged tokens: ``later.unmerge`` then ``self.unmerge``, in one gather. Each of the
+        two reads is causal (module docstring), so their composition is."""
+
+        def through(index: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+            return torch.where(index >= 0, torch.gather(outer, 1, index.clamp(min=0)), -1)
+
+        return Merges(through(self.group_index, later.group_index), through(self.read_index, later.read_index),
+                      later.sizes, later.segment_ids, later.merged_length, self.input_length)
+
     @property
     def ratio(self) -> float:
         """Merged tokens over input tokens in the batch (1.0: nothing merged; 0.5: every pair merged)."""
@@ -94,17 +107,7 @@ class Merges:
     @property
     def position_ids(self) -> torch.Tensor:
         """``[b, m]`` position of each merged token within its document (for RoPE); 0 at padding."""
-        return in_document_positions(self.segment_ids) * (self.segment_ids >= 0)
-
-
-def in_document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
-    """``[b, n]``: each token's index within its run of equal segment ids (a document)."""
-    n = segment_ids.shape[1]
-    t = torch.arange(n, device=segment_ids.device).expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    last_start = torch.cummax(torch.where(starts, t, torch.zeros_like(t)), dim=1).values
-    return t - last_start
+        return in_document_positions(self.segment_ids.t()).t() * (self.segment_ids >= 0)
 
 
 def _check(max_ratio: float, temperature: float) -> None:
@@ -136,7 +139,7 @@ def merge(x: torch.Tensor, segment_ids: torch.Tensor | None, threshold: float | 
     # pairs: B tokens (odd in-document position) with their left neighbour in the same document
     same_doc_as_prev = torch.zeros_like(valid)
     same_doc_as_prev[:, 1:] = valid[:, 1:] & valid[:, :-1] & (seg[:, 1:] == seg[:, :-1])
-    odd = in_document_positions(torch.where(valid, seg, -1)) % 2 == 1
+    odd = in_document_positions(torch.where(valid, seg, -1).t()).t() % 2 == 1
     second = same_doc_as_prev & odd
     first = valid & ~second
     cos = torch.zeros(b, n, dtype=x.dtype, device=device)

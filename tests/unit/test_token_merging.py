@@ -168,6 +168,34 @@ def test_repeated_merges_are_means_over_input_tokens():
             assert {int(seg[i, t]) for t in members} == {int(s2[i, slot])}
 
 
+def test_composed_merges_unmerge_in_one_step_and_stay_causal():
+    x, seg = neighbourly(n=32, p_similar=0.8), packed_segments(n=32)
+
+    def twice(inp):
+        z1, s1, m1 = merge(inp, seg, 0.5)
+        z2, _, m2 = merge(z1, s1, 0.5, sizes=m1.sizes)
+        y = causal_model(z2)
+        both = m1.then(m2)
+        torch.testing.assert_close(both.unmerge(y), m1.unmerge(m2.unmerge(y)), rtol=0, atol=0)
+        assert both.merged_length.tolist() == m2.merged_length.tolist() and both.ratio == pytest.approx(
+            float(m2.merged_length.sum() / (seg >= 0).sum()))
+        return both.unmerge(y)
+
+    base = twice(x)
+    for t in (0, 5, 13, 20, 31):
+        x2 = x.clone()
+        x2[:, t] = 0.3
+        torch.testing.assert_close(twice(x2)[:, :t], base[:, :t], rtol=0, atol=0)
+
+
+def test_merged_position_ids_count_within_documents():
+    x = torch.ones(1, 9, 2, dtype=torch.float64)
+    seg = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1, -1]])
+    _, merged_seg, merges = merge(x, seg, 0.0)
+    assert merged_seg.tolist() == [[0, 0, 0, 1, 1]]
+    assert merges.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+
+
 def test_cap_holds_at_every_prefix():
     x = torch.ones(1, 40, 3, dtype=torch.float64)
     for ratio in (0.1, 0.25, 0.5):
