@@ -43,6 +43,8 @@ are refused (``chimera.configs.schema.validate_layout``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -79,19 +81,25 @@ class Bridge(nn.Module):
         self.none = _parameter(d_global, std=std)
         self.stats: dict = {}
 
-    def record(self, patches: Patches, bytes_: int, merged_length: int | None = None) -> None:
+    def record(self, patches: Patches, bytes_: int) -> None:
         count = int(patches.count.sum())
         self.stats |= {"mean_patch_length": bytes_ / count, "patches": count / patches.count.numel(),
                       "compression_ratio": patches.starts.shape[1] / patches.length}
-        if merged_length is not None:
-            self.stats["merged_length"] = merged_length
 
     def metrics(self) -> dict:
         return dict(self.stats)
 
 
 class GlobalModel(nn.Module):
-    """The layer pattern's sublayers over patch vectors ``[P, b, d]``, then a final norm."""
+    """The layer pattern's sublayers over patch vectors ``[P, b, d]``, then a final norm.
+
+    With ``byte_latent.token_merging``, after the first ``merge_after`` sublayers similar neighbouring patches are
+    merged (``chimera.models.token_merging``: causal neighbour pairs within documents), the remaining sublayers run on
+    the merged sequence, and what they add is un-merged onto the patch stream: ``g = x + unmerge(y - z)`` (``x`` the
+    patch stream at the merge, ``z`` the merged tokens, ``y`` their output), so that a patch whose un-merge reads
+    nothing (or the group before it) keeps its own vector. Decoding follows the merge patch by patch: a patch that
+    may still merge with the next waits (and reads the group before it, as un-merging does), a pair that merges goes
+    through the later sublayers as its mean, at the merged sequence's position."""
 
     def __init__(self, cfg: ModelConfig, dims: ParallelDims):
         super().__init__()
@@ -100,24 +108,77 @@ class GlobalModel(nn.Module):
         self.layers = nn.ModuleList(build_layers(cfg, build, self.shared))
         self.final_norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps)
         self.activation_checkpointing = False
+        bl = cfg.byte_latent
+        self.merge, self.merge_after = None, len(self.layers)
+        if bl.token_merging:
+            from chimera.models.token_merging import NeighbourMerge
 
-    def forward(self, p: torch.Tensor, docs: PackedDocuments | None) -> torch.Tensor:
-        context = Context(embeddings=p, docs=docs)
-        for layer in self.layers:
+            self.merge_after = len(self.layers) // 2 if bl.merge_after is None else bl.merge_after
+            with torch.device("cpu"):  # its threshold buffer is built here, not drawn (the model is built on meta)
+                self.merge = NeighbourMerge(bl.merge_threshold, max_ratio=bl.merge_max_ratio,
+                                            learned=bl.merge_learned)
+            self.merge.metrics_group = "byte_latent"
+            if bl.merge_learned:
+                declare(self.merge.threshold, init=lambda t, g: t.fill_(bl.merge_threshold), weight_decay=False)
+
+    def _run(self, x: torch.Tensor, docs: PackedDocuments | None, layers) -> torch.Tensor:
+        context = Context(embeddings=x, docs=docs)
+        for layer in layers:
             if self.activation_checkpointing and self.training:
-                p = checkpoint(layer, p, context, use_reentrant=False)
+                x = checkpoint(layer, x, context, use_reentrant=False)
             else:
-                p = layer(p, context)
-        return self.final_norm(p)
+                x = layer(x, context)
+        return x
 
-    def init_state(self, batch: int, max_len: int) -> list:
-        return [layer.init_state(batch, max_len) for layer in self.layers]
+    def forward(self, p: torch.Tensor, docs: PackedDocuments | None, segment_ids: torch.Tensor) -> torch.Tensor:
+        """``p [P, b, d]``, ``segment_ids [b, P]`` the patches' documents (``docs``: None for one per row)."""
+        x = self._run(p, docs, self.layers[: self.merge_after])
+        if self.merge is None:
+            return self.final_norm(x)
+        z, merged_segments, merges = self.merge(x.transpose(0, 1), segment_ids)  # [b, m, d]
+        merged_docs = None if docs is None else PackedDocuments.from_batch(merged_segments, merges.position_ids)
+        y = self._run(z.transpose(0, 1), merged_docs, self.layers[self.merge_after:]).transpose(0, 1)
+        return self.final_norm(x + merges.unmerge(y - z).transpose(0, 1))
 
-    def step(self, p: torch.Tensor, state: list, pos: int) -> torch.Tensor:
-        context = Context(embeddings=p, position=pos)
-        for layer, layer_state in zip(self.layers, state):
-            p = layer.step(p, layer_state, context)
-        return self.final_norm(p)
+    # ---- decoding -----------------------------------------------------------------------------
+
+    def init_state(self, batch: int, max_len: int) -> dict:
+        return {"layers": [layer.init_state(batch, max_len) for layer in self.layers], "pending": None,
+                "merges": 0, "seen": 0, "pushed": 0, "last": None}
+
+    def _step_layers(self, x: torch.Tensor, state: dict, lo: int, hi: int, pos: int) -> torch.Tensor:
+        context = Context(embeddings=x, position=pos)
+        for layer, layer_state in zip(self.layers[lo:hi], state["layers"][lo:hi]):
+            x = layer.step(x, layer_state, context)
+        return x
+
+    def _push(self, z: torch.Tensor, state: dict) -> torch.Tensor:
+        """A merged token through the later sublayers (at the merged sequence's next position); what they add."""
+        y = self._step_layers(z, state, self.merge_after, len(self.layers), state["pushed"])
+        state["pushed"] += 1
+        state["last"] = y - z
+        return state["last"]
+
+    def step(self, p: torch.Tensor, state: dict, pos: int) -> torch.Tensor:
+        """Patch ``pos`` (one document) ``[1, 1, d]`` -> its global output ``[1, 1, d]``."""
+        x = self._step_layers(p, state, 0, self.merge_after, pos)
+        if self.merge is None:
+            return self.final_norm(x)
+        tau, rho = float(self.merge.threshold), self.merge.max_ratio
+        state["seen"] += 1
+        pending, state["pending"] = state["pending"], None
+        if pos % 2 == 1:  # the second of a pair: merges with a waiting first, or both go on alone
+            similar = pending is not None and float(torch.cosine_similarity(x, pending, dim=-1)) > tau
+            if similar and state["merges"] + 1 <= math.floor(rho * state["seen"]):
+                state["merges"] += 1
+                return self.final_norm(x + self._push((pending + x) / 2, state))
+            if pending is not None:
+                self._push(pending, state)
+            return self.final_norm(x + self._push(x, state))
+        if tau < 1 and state["merges"] < math.floor(rho * (state["seen"] + 1)):  # may merge with the next: waits
+            state["pending"] = x
+            return self.final_norm(x if state["last"] is None else x + state["last"])
+        return self.final_norm(x + self._push(x, state))
 
 
 class ByteLatentLM(nn.Module):
@@ -201,7 +262,7 @@ class ByteLatentLM(nn.Module):
         h = self.local.run_layers(x, context, self.encoder)  # [s, b, dl]
         p = pool(h.transpose(0, 1), patches) @ self.bridge.down.t().to(h.dtype)  # [b, P, D]
         docs = None if segment_ids is None else PackedDocuments.from_batch(patches.segment_ids, patches.position_ids)
-        g = self.global_model(p.transpose(0, 1), docs).transpose(0, 1)  # [b, P, D]
+        g = self.global_model(p.transpose(0, 1), docs, patches.segment_ids).transpose(0, 1)  # [b, P, D]
         self.bridge.record(patches, b * s)
         c = read_back(g, patches, self.bridge.none) @ self.bridge.up.t().to(g.dtype)  # [b, s, dl]
         return self.local.run_layers(h + c.transpose(0, 1), context, self.decoder), entropy_loss

@@ -204,6 +204,10 @@ class ModelCore(ModelFields):
         self.style.check(self)
         if self.byte_latent is not None:
             bl = self.byte_latent
+            units = len(self.layer_units())
+            if bl.merge_after is not None and bl.merge_after > units:
+                raise ValueError(f"byte_latent.merge_after={bl.merge_after} but the global model has {units} layers; "
+                                 f"use at most {units}")
             resolved["entropy_model"] = self._byte_latent_part(
                 "entropy_model", {"d_model": 32, "pattern": "H-", "num_layers": 2}, {"byte_latent": None})
             resolved["local_model"] = self._byte_latent_part(

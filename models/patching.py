@@ -52,7 +52,12 @@ class ByteLatentConfig(Section):
     decoder_layers: int = Field(2, ge=1, description="sublayers of the local decoder")
     entropy_loss_weight: float = Field(1.0, ge=0, description="weight of the entropy model's own next-byte loss")
     sequence_type: Literal[SEQUENCE_TYPES] = Field("dna", description="the type embedding used when none is given")
-    token_merging: bool = Field(False, description="merge similar neighbouring patches between global blocks")
+    token_merging: bool = Field(False, description="merge similar neighbouring patches between global blocks "
+                                "(chimera.models.token_merging)")
+    merge_after: int | None = Field(None, ge=0, description="global sublayers before the merge (default: half)")
+    merge_threshold: float = Field(0.9, ge=-1, le=1, description="cosine similarity above which neighbours merge")
+    merge_max_ratio: float = Field(0.5, ge=0, le=0.5, description="at most this fraction of patches merged away")
+    merge_learned: bool = Field(False, description="learn the merge threshold (straight-through gate)")
 
 
 def next_byte_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -206,6 +206,9 @@ def test_is_a_byte_latent_model_below_the_test_size():
     ("byte_latent.local_model={d_model: 0}", "byte_latent.local_model.d_model"),
     ("byte_latent.entropy_model={pattern: 'Q'}", "byte_latent.entropy_model"),
     ("byte_latent.colour=blue", "byte_latent.colour: unknown field"),
+    ("byte_latent.merge_max_ratio=0.7", "byte_latent.merge_max_ratio"),
+    ("byte_latent.merge_threshold=2", "byte_latent.merge_threshold"),
+    ("byte_latent.merge_after=9", "byte_latent.merge_after=9 but the global model has 4 layers"),
 ])
 def test_bad_byte_latent_fields_name_the_field(override, expected):
     from chimera.errors import UserError
@@ -213,3 +216,54 @@ def test_bad_byte_latent_fields_name_the_field(override, expected):
     with pytest.raises(UserError) as err:
         load_model_config(PRESET, [override])
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def merging(threshold):
+    """Token merging between the global blocks, at a threshold low enough that neighbouring patches merge."""
+    return model_with(f"byte_latent.entropy_threshold={threshold}", "byte_latent.token_merging=true",
+                      "byte_latent.merge_threshold=0.0")
+
+
+def test_token_merging_shortens_the_global_sequence_and_reports_it(merging):
+    x = ids(2, 48)
+    with torch.no_grad():
+        merging(x)
+    metrics = merging.training_metrics()
+    patches = merging.patches(x)
+    merged = metrics["byte_latent/global_model.merge/merged_length"]
+    assert merged < float(patches.count.float().mean())  # something merged: fewer tokens than patches
+    assert merged >= 0.5 * float(patches.count.float().mean())  # neighbour pairs: at most every second merged away
+
+
+def test_token_merging_keeps_byte_logits_causal_and_decoding_equal_to_forward(merging):
+    x = ids(2, 48, seed=3)
+    t = 29
+    y = x.clone()
+    y[:, t] = (y[:, t] + 11) % 256
+    with torch.no_grad():
+        a, b = merging(x), merging(y)
+    assert (a[:, :t] - b[:, :t]).abs().max() < 1e-5 and (a[:, t] - b[:, t]).abs().max() > 1e-4
+    state = merging.init_state(2, 48)
+    stepped = torch.stack([merging.step(x[:, s], state, s) for s in range(48)], 1)
+    assert (stepped - a).abs().max() < 1e-4
+    assert all(row["global"]["merges"] > 0 for row in state)  # decoding merged too
+
+
+def test_token_merging_off_is_the_unmerged_model(model, threshold):
+    never = model_with(f"byte_latent.entropy_threshold={threshold}", "byte_latent.token_merging=true",
+                       "byte_latent.merge_threshold=1.0")
+    x = ids(2, 48)
+    with torch.no_grad():
+        assert (never(x) - model(x)).abs().max() < 1e-5
+
+
+def test_token_merging_keeps_packed_documents_apart(merging):
+    """At merge_max_ratio 0.5 (the default). Below it the merge's cap counts the tokens of the whole row
+    (``chimera.models.token_merging``), so an earlier document's merges change how many a later one may make."""
+    first, second = ids(1, 20, seed=6), ids(1, 28, seed=7)
+    segment_ids = torch.tensor([[0] * 20 + [1] * 28])
+    position_ids = torch.cat([torch.arange(20), torch.arange(28)])[None]
+    with torch.no_grad():
+        together = merging(torch.cat([first, second], 1), segment_ids=segment_ids, position_ids=position_ids)
+        assert (together[:, 20:] - merging(second)).abs().max() < 1e-4
