@@ -267,3 +267,18 @@ def test_token_merging_keeps_packed_documents_apart(merging):
     with torch.no_grad():
         together = merging(torch.cat([first, second], 1), segment_ids=segment_ids, position_ids=position_ids)
         assert (together[:, 20:] - merging(second)).abs().max() < 1e-4
+
+
+def test_a_learned_merge_threshold_gets_a_gradient_and_decodes_like_forward():
+    learned = model_with("byte_latent.patching=stride", "byte_latent.stride=2", "byte_latent.token_merging=true",
+                         "byte_latent.merge_learned=true", "byte_latent.merge_threshold=0.0")
+    x = ids(2, 40)
+    learned.train()
+    learned(x, x.roll(-1, 1)).backward()
+    assert learned.global_model.merge.threshold.grad.abs().sum() > 0
+    learned.eval()
+    with torch.no_grad():
+        full = learned(x)
+    state = learned.init_state(2, 40)
+    stepped = torch.stack([learned.step(x[:, t], state, t) for t in range(40)], 1)
+    assert (stepped - full).abs().max() < 1e-4
