@@ -68,6 +68,8 @@ def test_trains_on_a_genome_and_resumes(tmp_path, genome):
      "parallel.sequence_parallel with a byte-latent model"),
     (["--set", "model.byte_latent.patching=sometimes"], "model.byte_latent.patching: bad value 'sometimes'"),
     (["--set", "model.byte_latent.local_model={d_model: 30}"], "byte_latent.local_model"),
+    (["--set", "model.byte_latent.merge_max_ratio=0.9"], "model.byte_latent.merge_max_ratio: bad value 0.9"),
+    (["--dry-run"], "chimera plan does not model a byte-latent model's memory"),
 ])
 def test_what_it_cannot_run_is_one_line(tmp_path, args, expected):
     run_dir = tmp_path / "run"
