@@ -306,6 +306,7 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
     problem = model.check_tensor_parallel(par.tensor)  # each sublayer kind's own rule
     if problem:
         raise UserError(problem)
+    _check_byte_latent(cfg)
     _check_pipeline(cfg)
     _check_experts(cfg, dp)
     t = cfg.train
@@ -321,6 +322,20 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
         _check_sequence_split(par, length)
     accumulation_steps(t, dp)
     return dp
+
+
+def _check_byte_latent(cfg: RunConfig) -> None:
+    """A byte-latent model runs under tensor and data parallelism only (its patches are cut over whole sequences)."""
+    par = cfg.parallel
+    if cfg.model.byte_latent is None:
+        return
+    for value, field in ((par.pipeline, "parallel.pipeline"), (par.context, "parallel.context")):
+        if value > 1:
+            raise UserError(f"{field}={value}: a byte-latent model (model.byte_latent) runs under tensor and data "
+                            f"parallelism only; set {field}=1")
+    if par.sequence_parallel and par.tensor > 1:
+        raise UserError("parallel.sequence_parallel with a byte-latent model (model.byte_latent): its patches are cut "
+                        "over whole sequences; set parallel.sequence_parallel=false")
 
 
 def _check_pipeline(cfg: RunConfig) -> None:

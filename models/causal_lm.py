@@ -61,6 +61,47 @@ from chimera.parallel.sharding import (
 )
 
 
+def build_layers(cfg: ModelConfig, build: Build, shared: nn.ModuleList) -> list[nn.Module]:
+    """One module per unit of the pattern (``ModelConfig.layer_units``): a sublayer, or a use of a shared block of
+    ``shared`` (fused with the sublayer after it when its style feeds that one)."""
+    layers, seen = [], set()
+    for index, unit in enumerate(cfg.layer_units()):
+        at = dataclasses.replace(build, layer=index)
+        if unit[0] not in SHARED_SYMBOLS:
+            layers.append(Sublayer(unit, cfg, dataclasses.replace(at, first_of_kind=unit not in seen)))
+            seen.add(unit)
+            continue
+        fed = Sublayer(unit[1], cfg, at) if len(unit) > 1 else None
+        layers.append(cfg.style.build_use(shared[int(unit[0])], int(unit[0]), fed, cfg, build))
+    return layers
+
+
+def reporting_modules(root: nn.Module, modules=None) -> list[tuple[str, nn.Module]]:
+    """The sublayers (of ``modules``, default: ``root``) that report an auxiliary loss or metrics
+    (``auxiliary_loss()``, ``metrics()``)."""
+    roots = [root] if modules is None else modules
+    return [(name, m) for r in roots for name, m in r.named_modules()
+            if m is not root and (hasattr(m, "auxiliary_loss") or hasattr(m, "metrics"))]
+
+
+def summed_auxiliary_loss(root: nn.Module, modules=None) -> torch.Tensor | None:
+    """The sum of the auxiliary losses of the last forward pass of the reporting sublayers; None if none has one."""
+    found = [a for _, m in reporting_modules(root, modules)
+             if hasattr(m, "auxiliary_loss") and (a := m.auxiliary_loss()) is not None]
+    return sum(found[1:], found[0]) if found else None
+
+
+def reported_metrics(root: nn.Module) -> dict:
+    """Each reporting sublayer's ``metrics()`` of the last forward pass, under ``<its metrics_group>/<its
+    name>/<metric>`` (e.g. ``moe/layers.3/expert_load``)."""
+    out = {}
+    for name, module in reporting_modules(root):
+        if hasattr(module, "metrics"):
+            prefix = f"{getattr(module, 'metrics_group', 'layer')}/{name.removesuffix('.mixer')}"
+            out.update({f"{prefix}/{k}": v for k, v in module.metrics().items()})
+    return out
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS):
         super().__init__()
@@ -71,26 +112,12 @@ class CausalLM(nn.Module):
         self.shared = nn.ModuleList(cfg.style.build_block(cfg, i, build) for i in range(len(cfg.shared_blocks)))
         # RWKV's ln0: on the embeddings, before the residual stream is split along the sequence
         self.embed_norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps) if cfg.numerics.embedding_norm else None
-        self.layers = nn.ModuleList(self._build_layers(cfg, build))
+        self.layers = nn.ModuleList(build_layers(cfg, build, self.shared))
         self.final_norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps, sequence_parallel=dims.sequence_parallel)
         self.head = None if cfg.tie_embeddings else ColumnParallel(cfg.d_model, cfg.vocab_size, dims,
                                                                    init=normal(cfg.init_std))
         self.activation_checkpointing = False
         self.label_smoothing = 0.0  # of the training loss (the trainer sets it); validation is never smoothed
-
-    def _build_layers(self, cfg: ModelConfig, build: Build) -> list[nn.Module]:
-        """One module per unit of the pattern (``ModelConfig.layer_units``): a sublayer, or a use of a shared block
-        (fused with the sublayer after it when its style feeds that one)."""
-        layers, seen = [], set()
-        for index, unit in enumerate(cfg.layer_units()):
-            at = dataclasses.replace(build, layer=index)
-            if unit[0] not in SHARED_SYMBOLS:
-                layers.append(Sublayer(unit, cfg, dataclasses.replace(at, first_of_kind=unit not in seen)))
-                seen.add(unit)
-                continue
-            fed = Sublayer(unit[1], cfg, at) if len(unit) > 1 else None
-            layers.append(cfg.style.build_use(self.shared[int(unit[0])], int(unit[0]), fed, cfg, build))
-        return layers
 
     def input_stream(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
                      position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Context]:
@@ -137,9 +164,7 @@ class CausalLM(nn.Module):
     def auxiliary_loss(self, modules=None) -> torch.Tensor | None:
         """The sum of the auxiliary losses of the last forward pass of the sublayers in ``modules`` (default: the
         whole model) that produce one, e.g. a MoE router's; None if none does."""
-        found = [a for _, m in self._reporting(modules)
-                 if hasattr(m, "auxiliary_loss") and (a := m.auxiliary_loss()) is not None]
-        return sum(found[1:], found[0]) if found else None
+        return summed_auxiliary_loss(self, modules)
 
     def objective(self, shares: torch.Tensor) -> torch.Tensor:
         """This rank's loss from its shares of the sequence's losses: their sum times the context-parallel size, so
@@ -160,22 +185,10 @@ class CausalLM(nn.Module):
             loss = loss if auxiliary is None else loss + auxiliary
         return self.objective(loss)
 
-    def _reporting(self, modules=None) -> list[tuple[str, nn.Module]]:
-        """The sublayers (of ``modules``, default: the model) that report an auxiliary loss or metrics
-        (``auxiliary_loss()``, ``metrics()``)."""
-        roots = [self] if modules is None else modules
-        return [(name, m) for root in roots for name, m in root.named_modules()
-                if m is not self and (hasattr(m, "auxiliary_loss") or hasattr(m, "metrics"))]
-
     def training_metrics(self) -> dict:
         """What the last forward pass reports beyond the loss: each reporting sublayer's ``metrics()``, under
         ``<its metrics_group>/<its layer>/<name>`` (e.g. ``moe/layers.3/expert_load``)."""
-        out = {}
-        for name, module in self._reporting():
-            if hasattr(module, "metrics"):
-                prefix = f"{getattr(module, 'metrics_group', 'layer')}/{name.removesuffix('.mixer')}"
-                out.update({f"{prefix}/{k}": v for k, v in module.metrics().items()})
-        return out
+        return reported_metrics(self)
 
     # ---- decoding -----------------------------------------------------------------------------
 
@@ -202,8 +215,18 @@ class CausalLM(nn.Module):
         return sum(s.numel() for s in self.full_shapes().values())
 
 
+def model_class(cfg: ModelConfig) -> type[nn.Module]:
+    """The module a model config builds: a byte-latent model when it has a ``byte_latent:`` section
+    (``chimera.models.byte_latent``), else the causal LM of its layer pattern."""
+    if cfg.byte_latent is not None:
+        from chimera.models.byte_latent import ByteLatentLM
+
+        return ByteLatentLM
+    return CausalLM
+
+
 def build_model(cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS, *, seed: int, device=None,
-                weights=None, parts: list[str] | None = None, each_part=None) -> CausalLM:
+                weights=None, parts: list[str] | None = None, each_part=None) -> nn.Module:
     """The model for ``dims``, built on the meta device; then only this rank's shards are materialised (on
     ``device``), each drawn from the layout-free init of (``seed``, parameter name), or from ``weights``: full
     tensors by name, or a function ``(name, parameter) -> this rank's shard`` (e.g. read from a checkpoint).
@@ -212,7 +235,7 @@ def build_model(cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS, *, seed: 
     there, so that no more than one submodule is ever whole in memory). Gradients declared partial over TP are
     summed as they are produced."""
     with torch.device("meta"):
-        model = CausalLM(cfg, dims)
+        model = model_class(cfg)(cfg, dims)
     wanted = held([name for name, _ in model.named_parameters()], parts)
     top = [name for name, child in model.named_children() for name in (
         [f"{name}.{i}" for i in range(len(child))] if isinstance(child, nn.ModuleList) else [name])]
@@ -234,7 +257,7 @@ def build_model(cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS, *, seed: 
     return model
 
 
-def meta_model(cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS) -> CausalLM:
+def meta_model(cfg: ModelConfig, dims: ParallelDims = SINGLE_PROCESS) -> nn.Module:
     """The model without weights (meta device): names, shapes and counts, at no memory cost."""
     with torch.device("meta"):
-        return CausalLM(cfg, dims)
+        return model_class(cfg)(cfg, dims)

@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 
 from chimera.models import registry
 from chimera.models.numerics import Numerics
+from chimera.models.patching import ByteLatentConfig
 from chimera.models.spec import ModelFields, SharedBlockStyle, SublayerConfig, divisibility
 
 
@@ -38,6 +39,8 @@ class ModelCore(ModelFields):
     )
     shared_block_style: str = Field("residual", description="how a shared block runs: one of the styles of "
                                     "chimera.models.shared (residual, zamba)")
+    byte_latent: ByteLatentConfig | None = Field(
+        None, description="run on bytes: entropy-model patches, a local encoder and decoder, the pattern over patches")
 
     _resolved: dict = PrivateAttr(default_factory=dict)
 
@@ -140,7 +143,38 @@ class ModelCore(ModelFields):
             problem = self.style.check_tensor_parallel(self.style_config, tp)
             if problem:
                 return problem
+        if self.byte_latent is not None:
+            for part in (self.entropy_model, self.local_model):
+                problem = part.check_tensor_parallel(tp)
+                if problem:
+                    return problem
         return divisibility(tp, {"model.vocab_size": self.vocab_size})  # the embedding's and the head's rows
+
+    @property
+    def entropy_model(self) -> ModelCore:
+        """The byte-latent model's entropy model (a small causal byte LM)."""
+        return self._resolved["entropy_model"]
+
+    @property
+    def local_model(self) -> ModelCore:
+        """The byte-latent model's local encoder and decoder: one byte-level stack, encoder layers first."""
+        return self._resolved["local_model"]
+
+    def _byte_latent_part(self, field: str, defaults: dict, fixed: dict) -> ModelCore:
+        """A byte-latent part's config: the global model's fields, then ``defaults``, the part's own fields
+        (``byte_latent.<field>``), then ``fixed``."""
+        own = getattr(self.byte_latent, field)
+        data = {k: v for k, v in self.model_dump().items() if k not in ("byte_latent", "preset", "name", "num_layers")}
+        width = own.get("d_model", defaults["d_model"])
+        data.update(defaults, mlp_hidden=2 * width)
+        data.update(own, **fixed)
+        try:
+            return type(self).model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"byte_latent.{field}.{where}: bad value {first.get('input')!r}: "
+                             f"{first['msg'].removeprefix('Value error, ')}") from None
 
     def check_expert_parallel(self, ep: int) -> str | None:
         """What an expert-parallel size ``ep`` does not divide (a message), or None."""
@@ -168,6 +202,18 @@ class ModelCore(ModelFields):
         resolved["style"] = _view(self.style.config, data)
         self._resolved = resolved
         self.style.check(self)
+        if self.byte_latent is not None:
+            bl = self.byte_latent
+            units = len(self.layer_units())
+            if bl.merge_after is not None and bl.merge_after > units:
+                raise ValueError(f"byte_latent.merge_after={bl.merge_after} but the global model has {units} layers; "
+                                 f"use at most {units}")
+            resolved["entropy_model"] = self._byte_latent_part(
+                "entropy_model", {"d_model": 32, "pattern": "H-", "num_layers": 2}, {"byte_latent": None})
+            resolved["local_model"] = self._byte_latent_part(
+                "local_model", {"d_model": 32, "pattern": "H-"},
+                {"byte_latent": None, "num_layers": bl.encoder_layers + bl.decoder_layers,
+                 "vocab_size": self.vocab_size})
         return self
 
     def _check_pattern(self) -> None:

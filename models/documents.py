@@ -47,3 +47,13 @@ class PackedDocuments:
         if missing:
             before = torch.cat([before.new_full((missing, before.shape[1]), -1), before])
         return before
+
+
+def in_document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``[S, b]``: each position's distance from its document's first token (documents contiguous)."""
+    S = segment_ids.shape[0]
+    index = torch.arange(S, device=segment_ids.device)[:, None].expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[1:] = segment_ids[1:] != segment_ids[:-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(0).values
+    return index - first

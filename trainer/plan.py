@@ -117,6 +117,11 @@ def memory_plan(cfg: RunConfig, world: int) -> MemoryPlan:
 
     par = cfg.parallel
     dp = validate_layout(cfg, world)
+    if cfg.model.byte_latent is not None:
+        from chimera.errors import UserError
+
+        raise UserError("chimera plan does not model a byte-latent model's memory (model.byte_latent) yet; "
+                        "plan its global model alone by removing model.byte_latent")
     micro = accumulation_steps(cfg.train, dp)
     dims = ParallelDims(tp=par.tensor, ep=par.expert, pp=par.pipeline, sequence_parallel=par.sequence_parallel)
     with torch.device("meta"):

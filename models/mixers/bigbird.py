@@ -39,6 +39,7 @@ import math
 import torch
 from pydantic import Field
 
+from chimera.models.documents import in_document_positions
 from chimera.models.mixers.attention import Attention, AttentionConfig, check_tensor_parallel, rope_of
 from chimera.models.spec import Build, ContextParallel, SublayerSpec
 from chimera.parallel.context import chunk_start
@@ -199,16 +200,6 @@ class BigBirdAttention(Attention):
         o_sel = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v_flat[:, k_index]  # [h, n, bs, d]
         out = o_sel.new_zeros(batch * s, heads, d).index_put((q_index[real],), o_sel[:, real].transpose(0, 1))
         return self.o_proj(out.unflatten(0, (batch, s)).transpose(0, 1).flatten(-2))  # [s, b, h * d]
-
-
-def in_document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
-    """``[S, b]``: each position's distance from its document's first token (documents contiguous)."""
-    S = segment_ids.shape[0]
-    index = torch.arange(S, device=segment_ids.device)[:, None].expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[1:] = segment_ids[1:] != segment_ids[:-1]
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(0).values
-    return index - first
 
 
 def build(c: BigBirdConfig, b: Build) -> BigBirdAttention:

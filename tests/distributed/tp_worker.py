@@ -1,7 +1,7 @@
 """Run by tests under 1 or 2 ranks: logits, loss and full gradients of several models at a TP layout (with 2 ranks,
 without and with sequence parallelism).
 
-usage: tp_worker.py TP OUT.pt PRESET...
+usage: tp_worker.py TP OUT.pt PRESET...   (a PRESET may carry model overrides: ``name+field=value+field=value``)
 
 Saved (rank 0): ``{(preset, sequence_parallel): {"logits", "loss", "grads"}}``.
 """
@@ -13,6 +13,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
+from chimera.configs.loader import load_model_config  # noqa: E402
 from chimera.parallel import topology  # noqa: E402
 from chimera.parallel.sharding import full_state_dict  # noqa: E402
 from helpers import build_model  # noqa: E402
@@ -21,9 +22,11 @@ tp, out, presets = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 topo = topology.initialize(tensor=tp)
 results = {}
 for preset in presets:
-    for sp in (False, True) if tp > 1 else (False,):
+    name, *overrides = preset.split("+")
+    byte_latent = load_model_config(name, overrides).byte_latent is not None  # refuses sequence parallelism
+    for sp in (False, True) if tp > 1 and not byte_latent else (False,):
         torch.manual_seed(0)
-        model = build_model(preset, seed=3, dims=topo.dims(sequence_parallel=sp))
+        model = build_model(name, seed=3, overrides=overrides, dims=topo.dims(sequence_parallel=sp))
         ids = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(5))
         logits = model(ids)
         loss = model(ids, labels=torch.roll(ids, -1, dims=1))
