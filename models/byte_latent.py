@@ -118,9 +118,7 @@ class GlobalModel(nn.Module):
                 self.merge = NeighbourMerge(bl.merge_threshold, max_ratio=bl.merge_max_ratio,
                                             learned=bl.merge_learned)
             self.merge.metrics_group = "byte_latent"
-            if bl.merge_learned:  # one element, not 0-d: DeepSpeed's broadcast of the weights cannot view a 0-d tensor
-                with torch.device("cpu"):
-                    self.merge.threshold = nn.Parameter(torch.full((1,), bl.merge_threshold))
+            if bl.merge_learned:
                 declare(self.merge.threshold, init=lambda t, g: t.fill_(bl.merge_threshold), weight_decay=False)
 
     def _run(self, x: torch.Tensor, docs: PackedDocuments | None, layers) -> torch.Tensor:

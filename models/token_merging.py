@@ -12,15 +12,16 @@ input tokens it stands for) and merged vectors are size-weighted means. For a se
 
     c_t     = cos(x_{t-1}, x_t)                                   # similarity of t with its left neighbour
     want_t  = [t is a B token] and [t-1 is in t's document] and [c_t > tau]
-    cap_t   = floor(rho * N_t),  N_t = number of (non-padding) tokens at positions <= t
-    M_t     = min(cap_t, M_{t-1} + want_t),  M_{-1} = 0           # merges accepted so far (greedy, left to right)
-            = W_t + min(0, min_{j <= t} (cap_j - W_j)),  W_t = sum_{j <= t} want_j   (closed form, one cummin)
+    cap_t   = floor(rho * N_t),  N_t = number of (non-padding) tokens of t's document at positions <= t
+    M_t     = min(cap_t, M_{t-1} + want_t),  M = 0 before a document  # merges accepted so far in t's document
+            = W_t + min(0, min_{j <= t} (cap_j - W_j)),  W_t = sum_{j <= t} want_j   (j in t's document; one cummin)
     merge_t = M_t - M_{t-1}                                       # B token t joins its A partner t - 1
     group g = a maximal run {t-1, t} with merge_t, or a single token
     z_g     = sum_{t in g} s_t x_t / S_g,  S_g = sum_{t in g} s_t   # size-weighted mean; S_g is z_g's size
 
 ``rho`` (``max_ratio``, at most 1/2: pairs can remove at most every second token) bounds the fraction of tokens a
-call removes, at every prefix: after any position t at most ``floor(rho N_t)`` merges have happened. The cap is
+call removes, at every prefix of every document: after any position t at most ``floor(rho N_t)`` merges have
+happened in its document (so one document's merges never change another's). The cap is
 applied greedily from the left and not as ToMe's global top-r, because a global top-r would let a later pair's
 similarity decide whether an earlier pair merges, which breaks causality.
 
@@ -125,7 +126,7 @@ def merge(x: torch.Tensor, segment_ids: torch.Tensor | None, threshold: float | 
 
     ``segment_ids [b, n]``: document of each token (None: one document; < 0: padding). ``sizes [b, n]``: tokens
     each input stands for (None: 1; pass ``Merges.sizes`` when merging merged tokens again). ``threshold``: a
-    float, or a 0-d tensor that requires grad (learned; straight-through gate of temperature ``temperature``).
+    float, or a one-element tensor that requires grad (learned; straight-through gate of temperature ``temperature``).
     Returns ``(merged [b, m, d], merged_segment_ids [b, m], Merges)``.
     """
     _check(max_ratio, temperature)
@@ -146,11 +147,16 @@ def merge(x: torch.Tensor, segment_ids: torch.Tensor | None, threshold: float | 
     cos[:, 1:] = F.cosine_similarity(x[:, 1:], x[:, :-1], dim=-1)
     want = second & (cos > tau.detach())
 
-    # the cap, greedily from the left: M_t = W_t + min(0, cummin_j (cap_j - W_j))
-    seen = torch.cumsum(valid.long(), dim=1)  # N_t
+    # the cap, per document, greedily from the left: M_t = W_t + min(0, cummin_j (cap_j - W_j)), j in t's document
+    starts = valid & ~same_doc_as_prev
+    seen_row, wanted_row = torch.cumsum(valid.long(), dim=1), torch.cumsum(want.long(), dim=1)
+    seen = seen_row - torch.cummax(torch.where(starts, seen_row - 1, 0), dim=1).values  # N_t
+    wanted = wanted_row - torch.cummax(torch.where(starts, wanted_row, 0), dim=1).values  # W_t
     cap = torch.floor(max_ratio * seen.to(torch.float64)).long()
-    wanted = torch.cumsum(want.long(), dim=1)  # W_t
-    accepted = wanted + torch.cummin(cap - wanted, dim=1).values.clamp(max=0)  # M_t
+    # a running minimum that restarts at each document: every later document's values are shifted below all
+    # earlier ones (|cap - W| <= n), so the minimum up to t is taken over t's document only
+    shift = torch.cumsum(starts.long(), dim=1) * (2 * n + 1)
+    accepted = wanted + (torch.cummin(cap - wanted - shift, dim=1).values + shift).clamp(max=0)  # M_t
     accepted_before = F.pad(accepted, (1, 0))[:, :-1]  # M_{t-1}
     merged_into_prev = (accepted - accepted_before) > 0
 
@@ -199,9 +205,11 @@ def merge_reference(x: torch.Tensor, segment_ids: torch.Tensor | None, threshold
             if seg[t] < 0:
                 reads.append(-1)
                 continue
-            seen += 1
             in_doc = t > 0 and seg[t - 1] == seg[t]
             pos = pos + 1 if in_doc else 0
+            if not in_doc:  # the cap counts within a document
+                merges_so_far, seen = 0, 0
+            seen += 1
             if pos % 2 == 1:  # B token: may join its A partner t - 1
                 similar = F.cosine_similarity(x[i, t], x[i, t - 1], dim=0) > threshold
                 if similar and merges_so_far + 1 <= math.floor(max_ratio * seen):
@@ -232,10 +240,11 @@ class NeighbourMerge(nn.Module):
         super().__init__()
         _check(max_ratio, temperature)
         self.max_ratio, self.temperature, self.causal = max_ratio, temperature, causal
+        # one element, not 0-d: DeepSpeed's broadcast of the weights cannot view a 0-d tensor
         if learned:
-            self.threshold = nn.Parameter(torch.tensor(float(threshold)))
+            self.threshold = nn.Parameter(torch.full((1,), float(threshold)))
         else:
-            self.register_buffer("threshold", torch.tensor(float(threshold)), persistent=False)
+            self.register_buffer("threshold", torch.full((1,), float(threshold)), persistent=False)
         self._last: dict[str, float] = {}
 
     def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None,

@@ -206,6 +206,20 @@ def test_cap_holds_at_every_prefix():
         assert (merged_so_far <= torch.floor(ratio * torch.arange(1, 41))).all()
 
 
+@pytest.mark.parametrize("max_ratio", [0.2, 0.35])
+def test_a_documents_merges_do_not_depend_on_the_documents_before_it(max_ratio):
+    x = neighbourly(b=1, n=30, p_similar=0.9, seed=3)
+    seg = torch.zeros(1, 30, dtype=torch.long)
+    seg[0, 13:] = 1  # the first document can use up a row-wide cap; the cap counts per document
+    _, merged_seg, packed = merge(x, seg, 0.5, max_ratio=max_ratio)
+    _, _, alone = merge(x[:, 13:], None, 0.5, max_ratio=max_ratio)
+    second = packed.group_index[0, 13:]
+    assert torch.equal(second - second[0], alone.group_index[0])
+    assert int((merged_seg[0] == 1).sum()) == int(alone.merged_length[0])
+    _, _, first_alone = merge(x[:, :13], None, 0.5, max_ratio=max_ratio)
+    assert torch.equal(packed.group_index[0, :13], first_alone.group_index[0])
+
+
 def test_learned_threshold_straight_through_gradient():
     """Values equal the hard merge; d loss / d tau is the closed form of the module docstring."""
     x, seg = neighbourly(), packed_segments()
@@ -229,7 +243,7 @@ def test_learned_threshold_straight_through_gradient():
                 expected += float((w[i, g[i, t]] * (zg - x[i, t].detach())).sum() * -p[i, t - 1] * (1 - p[i, t - 1])
                                   / 0.1)
     assert layer.threshold.grad is not None and layer.threshold.grad.abs() > 0
-    torch.testing.assert_close(layer.threshold.grad, torch.tensor(expected, dtype=torch.float64), rtol=1e-9,
+    torch.testing.assert_close(layer.threshold.grad, torch.tensor([expected], dtype=torch.float64), rtol=1e-9,
                                atol=1e-12)
     assert x.grad is not None and x.grad.abs().sum() > 0
 
