@@ -162,3 +162,17 @@ def test_finetune_of_a_missing_run_or_task_file_is_one_line(tmp_path, run_dir):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = run_chimera("finetune", run_dir)
     assert proc.returncode == 2 and "--task" in proc.stderr
+
+
+def test_features_are_the_final_norm_output_the_logits_read():
+    """One vector per input token; the language-model head applied to them gives forward's logits."""
+    from chimera.models.causal_lm import build_model
+    from chimera.configs.loader import load_model_config
+
+    model = build_model(load_model_config("transformer-tiny"), seed=0).eval()
+    ids = torch.randint(0, 6, (2, 17))
+    with torch.no_grad():
+        h = model.features(ids)
+        assert h.shape == (2, 17, model.embed.weight.shape[1])
+        logits = model.numerics.logits(h @ model.embed.weight.t() if model.head is None else model.head(h))
+        torch.testing.assert_close(logits, model(ids))
