@@ -47,11 +47,12 @@ class TextStreams:
     kind = "text"
 
     def __init__(self, source, cfg: DataConfig):
+        from chimera.data.sources import splittable
+
+        source = splittable(source, cfg.val_fraction, cfg.seq_len)  # few long documents: cut into windows
         self.source, self.name = source, source.name
         train_groups, val_ids = source.split_ids(cfg.val_fraction)
         self.train = TokenStream(source, train_groups, cfg.seed)
-        if len(val_ids) == 0:  # tiny datasets: validate on the first training group
-            val_ids = train_groups[0]
         self.validation = TokenStream(source, [val_ids], cfg.seed, shuffle=False, prefetch=False)
         self.vocab_size = source.vocab_size
 
@@ -137,6 +138,10 @@ class DataPipeline:
 
     def initial_state(self) -> dict:
         return {"sequences": 0, "cursors": {n: 0 for n in self.names}}
+
+    def windowed_sources(self) -> dict:
+        """Sources whose documents were cut into windows for the train/validation split: how (recorded in the run)."""
+        return {s.name: s.source.describe() for s in self.streams if s.kind == "text" and hasattr(s.source, "describe")}
 
     def excluded_documents(self) -> dict:
         return {s.name: s.source.excluded for s in self.streams if s.kind == "text" and s.source.excluded}

@@ -126,6 +126,55 @@ class DocumentSource:
         return [g for g in train_groups if len(g)], np.sort(in_groups[val[in_groups]])
 
 
+class DocumentWindows(DocumentSource):
+    """A source's documents cut into consecutive windows of ``window_tokens`` tokens (the last of a document
+    shorter), each window a document of its own: what a source of few long documents (a genome, a chromosome)
+    is split into so that the train/validation split has something on both sides. Window ``w`` of the list
+    is the ``w``-th window in document order, so the cut is a pure function of (lengths, window_tokens)."""
+
+    def __init__(self, source: DocumentSource, window_tokens: int):
+        self.inner, self.window_tokens = source, int(window_tokens)
+        self.name, self.eos_id, self.vocab_size = source.name, source.eos_id, source.vocab_size
+        self.excluded, self.read_stats = source.excluded, source.read_stats
+        counts = -(-source.lengths // self.window_tokens)  # windows per document (ceil)
+        self.document = np.repeat(np.arange(len(source.lengths)), counts)  # window -> its document
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.start = (np.arange(len(self.document)) - first[self.document]) * self.window_tokens
+        self.lengths = np.minimum(source.lengths[self.document] - self.start, self.window_tokens)
+        in_source = np.zeros(len(source.lengths), dtype=bool)
+        if source.groups:
+            in_source[np.concatenate(source.groups)] = True
+        self.groups = [np.array([w]) for w in np.flatnonzero(in_source[self.document])]
+
+    def read(self, doc_id: int) -> np.ndarray:
+        lo = int(self.start[doc_id])
+        return self.inner.read(int(self.document[doc_id]))[lo : lo + int(self.lengths[doc_id])]
+
+    def describe(self) -> dict:
+        return {"window_tokens": self.window_tokens, "windows": len(self.lengths),
+                "documents": len(self.inner.lengths)}
+
+
+def splittable(source: DocumentSource, val_fraction: float, seq_len: int) -> DocumentSource:
+    """``source`` itself when its documents fall on both sides of the validation split; else its documents cut
+    into windows (``DocumentWindows``) so that about ``4 / val_fraction`` of them share the tokens (the
+    validation split then holds about four), none shorter than a sequence (``seq_len + 1`` tokens).
+    A source that cannot be split even so is a one-line ``UserError``."""
+    train, val = source.split_ids(val_fraction)
+    if train and len(val):
+        return source
+    total = int(source.lengths.sum())
+    window = max(seq_len + 1, -(-total // int(np.ceil(4 / val_fraction))))
+    windows = DocumentWindows(source, window)
+    train, val = windows.split_ids(val_fraction)
+    if not train or not len(val):
+        raise UserError(f"source {source.name!r}: {len(source.lengths)} document(s) of {total:,} tokens cannot be "
+                        f"split into train and validation (data.val_fraction={val_fraction}, windows of "
+                        f"{window:,} tokens for data.seq_len={seq_len}); add data, lower data.seq_len or raise "
+                        "data.val_fraction")
+    return windows
+
+
 class BuiltinSource(DocumentSource):
     """The interpreter's standard-library sources; split by file path as in ``chimera.data.builtin``."""
 

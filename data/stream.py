@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from chimera.data.sources import DocumentSource
+from chimera.errors import UserError
 
 
 @dataclass
@@ -50,7 +51,8 @@ class TokenStream:
         self.num_docs = len(source.lengths)
         ids = np.concatenate(groups) if groups else np.zeros(0, np.int64)
         if len(ids) == 0:
-            raise ValueError(f"source {source.name!r} has no documents in this split")
+            raise UserError(f"source {source.name!r} has no documents in this split; add documents or change "
+                            "data.val_fraction")
         self.epoch_tokens = int((source.lengths[ids] + 1).sum())
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._runs: dict[int, tuple[np.ndarray, np.ndarray]] = {}

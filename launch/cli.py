@@ -10,6 +10,8 @@
     chimera export RUN_DIR_OR_CKPT --format hf --out DIR
     chimera data prepare INPUT... --tokenizer T --format {webdataset,zarr} --out DIR
     chimera data train-tokenizer INPUT... --vocab-size N --out tokenizer.json
+    chimera data genomic-tasks GENOME.fasta.gz... --out DIR [--window N --per-genome N --heldout F --seed S]
+    chimera finetune RUN_DIR --task TASK.yaml [--out DIR]
 
 User errors print one line and exit with code 2 (``chimera.errors`` lists the exit codes: 75 is a run stopped
 early by a signal or its time limit, after saving). Heavy imports (megatron-core, DeepSpeed) happen only after
@@ -230,6 +232,24 @@ def cmd_data_train_tokenizer(args) -> int:
     return 0
 
 
+def cmd_data_genomic_tasks(args) -> int:
+    from chimera.data.genomic_tasks import build_tasks
+
+    _writable_output(args.out)
+    build_tasks(args.genomes, args.out, window=args.window, per_genome=args.per_genome, heldout=args.heldout,
+                seed=args.seed)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from chimera.trainer.finetune import finetune
+
+    if args.out:
+        _writable_output(args.out)
+    finetune(args.run_dir, args.task, args.out)
+    return 0
+
+
 def cmd_import_hf(args) -> int:
     from chimera.trainer.interchange import import_hf
 
@@ -388,6 +408,20 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--out", required=True, help="path of the tokenizer.json to write")
     dt.add_argument("--text-field", default="text")
     dt.set_defaults(func=cmd_data_train_tokenizer)
+    dg = dsub.add_parser("genomic-tasks", help="fine-tuning tasks (species, GC, chimeric-read origin) from genomes")
+    dg.add_argument("genomes", nargs="+", help="one FASTA(.gz) file per genome (its class)")
+    dg.add_argument("--out", required=True, help="new directory for the tasks")
+    dg.add_argument("--window", type=int, default=1000, help="bases per example")
+    dg.add_argument("--per-genome", type=int, default=200, help="examples per genome and split")
+    dg.add_argument("--heldout", type=float, default=0.2, help="fraction of each genome (its end) held out")
+    dg.add_argument("--seed", type=int, default=0)
+    dg.set_defaults(func=cmd_data_genomic_tasks)
+
+    f = sub.add_parser("finetune", help="train task heads on a pretrained run's features; held-out metrics")
+    f.add_argument("run_dir", help="a run directory or checkpoint")
+    f.add_argument("--task", required=True, help="task file (YAML): tasks (data, weight), steps, lr, ...")
+    f.add_argument("--out", help="directory for the results (default RUN_DIR/finetune)")
+    f.set_defaults(func=cmd_finetune)
     return p
 
 

