@@ -282,6 +282,11 @@ class ByteLatentLM(nn.Module):
                 loss = loss if extra is None else loss + extra
         return loss
 
+    @property
+    def features_width(self) -> int:
+        """The width of ``features``' vectors (the local model's)."""
+        return self.cfg.local_model.d_model
+
     def features(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None, sequence_type=None) -> torch.Tensor:
         """One hidden vector per input byte ``[b, s, d_local]``: the decoder's output after its final norm (each

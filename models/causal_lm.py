@@ -171,6 +171,11 @@ class CausalLM(nn.Module):
         that its mean over the context-parallel ranks is the sequence's loss."""
         return shares * self.dims.cp
 
+    @property
+    def features_width(self) -> int:
+        """The width of ``features``' vectors."""
+        return self.cfg.d_model
+
     def features(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final norm's output, one vector per input token, ``[b, s, d]``: what task heads read (one process,

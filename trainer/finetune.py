@@ -129,6 +129,22 @@ def evaluate(net: Finetuner, task: Task, batch_size: int) -> dict:
     return metrics(task.kind, pred, labels.numpy(), task.num_classes)
 
 
+def bases_as_model_ids(run_dir: str) -> torch.Tensor:
+    """A table from the tasks' ``dna`` tokenizer ids (A, C, G, T, N) to the ids of the tokenizer the run was
+    pretrained with (``data.tokenizer``: ``dna`` maps to itself, ``bytes`` to the letters' bytes), so that a byte-level
+    model reads its own bytes; a tokenizer that does not spell each base as one token is refused."""
+    from chimera.data.tokenizers import DNATokenizer, get_tokenizer
+    from chimera.trainer.checkpoint import read_config, resolve_checkpoint
+
+    spec = read_config(resolve_checkpoint(run_dir)).data.tokenizer
+    tokenizer = get_tokenizer(spec)
+    ids = [tokenizer.encode(base) for base in DNATokenizer.alphabet]
+    if any(len(i) != 1 for i in ids):
+        raise UserError(f"{run_dir} was pretrained with tokenizer {spec!r}, which does not spell each base as one "
+                        "token; finetune a model pretrained with data.tokenizer=dna or bytes")
+    return torch.tensor([int(i[0]) for i in ids], dtype=torch.long)
+
+
 def finetune(run_dir: str, task_file: str, out: str | None = None) -> dict:
     from chimera.trainer.checkpoint import load_inference_model
 
@@ -138,13 +154,14 @@ def finetune(run_dir: str, task_file: str, out: str | None = None) -> dict:
     if len(set(names)) != len(names):
         raise UserError(f"task file: tasks: two tasks are named alike ({names}); give one a `name:`")
     model = load_inference_model(run_dir)
-    vocab = model.embed.weight.shape[0]
+    to_model = bases_as_model_ids(run_dir)
     for t in tasks:
-        if int(t.splits["train"][0].max()) >= vocab:
-            raise UserError(f"task {t.name!r} holds token ids up to {int(t.splits['train'][0].max())} but the model of "
-                            f"{run_dir} has {vocab} tokens; pretrain with data.tokenizer=dna")
+        if int(t.splits["train"][0].max()) >= len(to_model):
+            raise UserError(f"task {t.name!r} holds token ids up to {int(t.splits['train'][0].max())}, not bases of "
+                            "the dna tokenizer; rebuild it with `chimera data genomic-tasks`")
+        t.splits = {split: (to_model[ids], labels) for split, (ids, labels) in t.splits.items()}
     torch.manual_seed(cfg.seed)
-    net = Finetuner(model, tasks, model.embed.weight.shape[1])
+    net = Finetuner(model, tasks, model.features_width)
     for p in net.model.parameters():
         p.requires_grad_(cfg.train_backbone)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,

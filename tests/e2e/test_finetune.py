@@ -176,3 +176,25 @@ def test_features_are_the_final_norm_output_the_logits_read():
         assert h.shape == (2, 17, model.embed.weight.shape[1])
         logits = model.numerics.logits(h @ model.embed.weight.t() if model.head is None else model.head(h))
         torch.testing.assert_close(logits, model(ids))
+
+
+def test_a_byte_model_reads_the_bases_as_its_own_bytes(run_dir):
+    from chimera.trainer.finetune import bases_as_model_ids
+
+    assert bases_as_model_ids(run_dir).tolist() == [ord(c) for c in "ACGTN"]  # the run's tokenizer: bytes
+
+
+def test_token_heads_on_hyena_glt_give_one_prediction_per_input_base():
+    """Through patches and token merging, the token head predicts every base; the sequence head one per window."""
+    from chimera.configs.loader import load_model_config
+    from chimera.models.causal_lm import build_model
+
+    cfg = load_model_config("hyena-glt-tiny", ["byte_latent.token_merging=true", "byte_latent.merge_threshold=0.0"])
+    model = build_model(cfg, seed=0).eval()
+    ids = torch.tensor([[ord(c) for c in "ACGTTGCAAC" * 5]] * 3)
+    token, sequence = TaskHead("token_classification", model.features_width, 4), \
+        TaskHead("sequence_classification", model.features_width, 4)
+    h = model.features(ids)
+    merged = model.training_metrics()["byte_latent/global_model.merge/merged_length"]
+    assert merged < float(model.patches(ids).count.float().mean())  # merging shortened the patch sequence
+    assert token.predict(token(h)).shape == ids.shape and sequence.predict(sequence(h)).shape == (3,)
