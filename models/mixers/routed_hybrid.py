@@ -73,6 +73,7 @@ from chimera.models.documents import PackedDocuments
 from chimera.models.mixers import attention, mamba2
 from chimera.models.mixers.attention import AttentionConfig
 from chimera.models.mixers.mamba2 import Mamba2Config
+from chimera.models.numerics import at_least_fp32
 from chimera.models.spec import Build, ContextParallel, SublayerSpec
 from chimera.parallel.sharding import declare, normal, ones, zeros
 
@@ -214,8 +215,8 @@ class RoutedHybrid(nn.Module):
     # ---- routing --------------------------------------------------------------------------------
 
     def _router(self, h: torch.Tensor):
-        """``h [..., d]`` -> (``p [..., 2]`` fp32, first choices)."""
-        logits = self.router(h).float()
+        """``h [..., d]`` -> (``p [..., 2]`` in at least fp32, first choices)."""
+        logits = at_least_fp32(self.router(h))
         if self.forced:
             first = torch.full(h.shape[:-1], int(self.router.bias.argmax()), dtype=torch.long, device=h.device)
             return torch.ones_like(logits), first
