@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationError, field_validator, model_validator
 from torch import nn
 
+from chimera.models.channels.moe import _scale_grad
 from chimera.models.documents import PackedDocuments
 from chimera.models.mixers import attention, mamba2
 from chimera.models.mixers.attention import AttentionConfig
@@ -216,7 +217,9 @@ class RoutedHybrid(nn.Module):
 
     def _router(self, h: torch.Tensor):
         """``h [..., d]`` -> (``p [..., 2]`` in at least fp32, first choices)."""
-        logits = at_least_fp32(self.router(h))
+        # h's gradient is summed over TP on the way back (it entered the tensor-parallel region); the router, whole
+        # on every rank, would count its share tp times: its input's gradient is divided by tp (MoE's router too)
+        logits = at_least_fp32(self.router(_scale_grad(h, 1.0 / self.dims.tp)))
         if self.forced:
             first = torch.full(h.shape[:-1], int(self.router.bias.argmax()), dtype=torch.long, device=h.device)
             return torch.ones_like(logits), first
