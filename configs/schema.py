@@ -308,6 +308,7 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
         raise UserError(problem)
     _check_byte_latent(cfg)
     _check_pipeline(cfg)
+    _check_whole_sequences(cfg)
     _check_experts(cfg, dp)
     t = cfg.train
     tokens_per_micro = t.micro_batch_size * cfg.data.seq_len
@@ -362,6 +363,19 @@ def _check_pipeline(cfg: RunConfig) -> None:
     if par.pipeline > 1 and par.zero_stage > 1:
         raise UserError(f"parallel.zero_stage={par.zero_stage} with parallel.pipeline={par.pipeline}: DeepSpeed's "
                         "pipeline engine runs ZeRO stage 0 or 1 only; set parallel.zero_stage=1")
+
+
+def _check_whole_sequences(cfg: RunConfig) -> None:
+    """Kinds that reorder a sequence's tokens (``SublayerSpec.whole_sequence``) need each sequence on one rank."""
+    par = cfg.parallel
+    split = par.context > 1 or (par.sequence_parallel and par.tensor > 1)
+    if split:
+        from chimera.models import registry
+
+        refused = [s for s in cfg.model.kinds() if registry.sublayers()[s].whole_sequence]
+        if refused:
+            raise UserError(f"sublayer {refused[0]!r} ({registry.sublayers()[refused[0]].summary}) needs each whole "
+                            f"sequence on one rank; set parallel.context=1 and parallel.sequence_parallel=false")
 
 
 def _check_experts(cfg: RunConfig, dp: int) -> None:

@@ -6,7 +6,7 @@
     chimera launch status DIR | cancel DIR
     chimera models
     chimera generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P]
-    chimera import-hf HF_DIR --out DIR
+    chimera import-hf HF_DIR --out DIR [--into dynamic-hybrid]
     chimera export RUN_DIR_OR_CKPT --format hf --out DIR
     chimera data prepare INPUT... --tokenizer T --format {webdataset,zarr} --out DIR
     chimera data train-tokenizer INPUT... --vocab-size N --out tokenizer.json
@@ -254,7 +254,7 @@ def cmd_import_hf(args) -> int:
     from chimera.trainer.interchange import import_hf
 
     _writable_output(args.out)
-    out = import_hf(args.hf_dir, args.out)
+    out = import_hf(args.hf_dir, args.out, into=args.into)
     print(f"imported {args.hf_dir} -> {out}; continue with: chimera train {out}/run.yaml --run-dir {out}")
     return 0
 
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import-hf", help="a transformers checkpoint directory -> a Chimera run directory")
     i.add_argument("hf_dir")
     i.add_argument("--out", required=True, help="new run directory")
+    i.add_argument("--into", choices=["dynamic-hybrid"], default=None,
+                   help="convert on import: dynamic-hybrid = Granite-4.0-H's mixers as routed hybrid blocks ('Y')")
     i.set_defaults(func=cmd_import_hf)
     e = sub.add_parser("export", help="a run or checkpoint -> a transformers checkpoint directory")
     e.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")

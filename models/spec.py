@@ -17,6 +17,8 @@ A file in ``models/mixers/`` (token mixers) or ``models/channels/`` (channel mix
   must divide; a model none of whose kinds has it cannot use expert parallelism;
 * ``pipeline_parallel`` (optional): False for a kind that pipeline stages cannot run (it reads tensors earlier
   sublayers publish in the pass's ``Context``, which stages do not carry);
+* ``whole_sequence`` (optional): True for a kind that needs each whole sequence on one rank (it reorders the
+  sequence's tokens: the routed hybrid), which context and sequence parallelism refuse;
 * ``flops_per_token(config, s)`` (optional): forward FLOPs per token at sequence length ``s``, where they are
   not ``2 x`` the sublayer's weights (attention's scores, a MoE's unvisited experts); pipeline stages are
   balanced by it.
@@ -112,6 +114,8 @@ class SublayerSpec:
     flops_per_token: Callable[[SublayerConfig, int], float] | None = None
     # False: the kind reads what earlier sublayers publish in the pass's Context, which pipeline stages do not carry
     pipeline_parallel: bool = True
+    # True: the kind needs each whole sequence on one rank, so context and sequence parallelism are refused
+    whole_sequence: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from chimera.models.hf import ARCHITECTURES, export_state, import_state, mapping
 from chimera.trainer.checkpoint import read_config, read_weights, resolve_checkpoint, verify, write_weights_checkpoint
 
 
-def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """A transformers checkpoint directory -> a Chimera run directory holding a weights-only checkpoint."""
+def import_hf(hf_dir: str | Path, out: str | Path, into: str | None = None) -> Path:
+    """A transformers checkpoint directory -> a Chimera run directory holding a weights-only checkpoint; ``into``
+    converts the model on the way (``dynamic-hybrid``: Granite-4.0-H -> ``chimera.models.hf.granite_dynamic``)."""
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
         raise UserError(f"{str(hf_dir)!r} is not a directory")
@@ -32,7 +33,13 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     tensors = read_hf_tensors(hf_dir)
     cfg = validated(ModelConfig, mapping.config_from_hf(hf), prefix=f"{hf_dir / 'config.json'} -> model.")
     state = import_state(mapping, tensors, cfg, str(hf_dir))
-    return write_weights_checkpoint(out, cfg, state, source=f"transformers {hf['model_type']} from {hf_dir}")
+    source = f"transformers {hf['model_type']} from {hf_dir}"
+    if into is not None:
+        from chimera.models.hf import granite_dynamic
+
+        cfg, state = granite_dynamic.convert(hf, cfg, state, str(hf_dir))
+        source += f", converted into {into}"
+    return write_weights_checkpoint(out, cfg, state, source=source)
 
 
 # Fields that do not change a model's output (training settings, names, how it is computed; the layers are

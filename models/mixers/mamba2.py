@@ -231,6 +231,12 @@ class Mamba2Mixer(nn.Module):
         self.n_slots, self.heads_per_group = n_slots, heads_per_group
         # This rank's heads among the heads of the groups held here: a contiguous range from this offset.
         self.first_head_slot = dims.tp_rank * self.heads_local - first_group * heads_per_group
+        # An optional map of the state's input and read-out vectors (B, C) -> (B', C') with ``size`` entries each,
+        # e.g. a lower-rank state (``chimera.models.mixers.routed_hybrid``); None: the full d_state.
+        self.state_projection: nn.Module | None = None
+
+    def _state_vectors(self, B: torch.Tensor, C: torch.Tensor):
+        return (B, C) if self.state_projection is None else self.state_projection(B, C)
 
     def _project(self, u: torch.Tensor):
         return self.in_proj_z(u), self.in_proj_x(u), self.in_proj_bc(u), self.in_proj_dt(u)
@@ -264,6 +270,7 @@ class Mamba2Mixer(nn.Module):
         z, xs, bc, dt = self._project(x)
         xs, bc = F.silu(self.conv_x(xs, docs)), F.silu(self.conv_bc(bc, docs))
         xh, B, C, dt = self._ssm_inputs(xs, bc, dt)
+        B, C = self._state_vectors(B, C)
         A = -torch.exp(at_least_fp32(self.A_log))
         y = ssd(xh, dt, A, B, C, self.chunk_size, reset, self.dims) + self.D.unsqueeze(-1) * xh
         return self.out_proj(self._gated_norm(y.flatten(-2), z))
@@ -273,7 +280,9 @@ class Mamba2Mixer(nn.Module):
         return {
             "conv_x": self.conv_x.init_state(batch, device=w.device, dtype=w.dtype),
             "conv_bc": self.conv_bc.init_state(batch, device=w.device, dtype=w.dtype),
-            "ssm": torch.zeros(batch, self.heads_local, self.head_dim, self.d_state, device=w.device,
+            "ssm": torch.zeros(batch, self.heads_local, self.head_dim,
+                               self.d_state if self.state_projection is None else self.state_projection.size,
+                               device=w.device,
                                dtype=torch.promote_types(w.dtype, torch.float32)),
         }
 
@@ -282,6 +291,7 @@ class Mamba2Mixer(nn.Module):
         xs, state["conv_x"] = self.conv_x.step(xs, state["conv_x"])
         bc, state["conv_bc"] = self.conv_bc.step(bc, state["conv_bc"])
         xh, B, C, dt = self._ssm_inputs(F.silu(xs), F.silu(bc), dt)
+        B, C = self._state_vectors(B, C)
         A = -torch.exp(at_least_fp32(self.A_log))
         h = torch.exp(dt * A)[..., None, None] * state["ssm"] + (dt.unsqueeze(-1) * xh).unsqueeze(-1) * B.unsqueeze(-2)
         state["ssm"] = h

@@ -19,3 +19,11 @@ def layouts(tmp_path_factory):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_tp2_equals_tp1(layouts, preset, sequence_parallel):
     assert_same_numbers(layouts[2][preset, sequence_parallel], layouts[1][preset, False])
+
+
+def test_routed_hybrid_tp2_equals_tp1(tmp_path):
+    """The routed hybrid ('Y', no sequence parallelism): routing identical on both ranks, each path split."""
+    preset = "dynamic-hybrid-tiny"
+    got = {tp: run_worker(tmp_path / f"tp{tp}.pt", "tp_worker.py", tp, tp, tmp_path / f"tp{tp}.pt", preset)
+           for tp in (1, 2)}
+    assert_same_numbers(got[2][preset, False], got[1][preset, False])

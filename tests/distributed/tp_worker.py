@@ -18,13 +18,20 @@ from chimera.parallel import topology  # noqa: E402
 from chimera.parallel.sharding import full_state_dict  # noqa: E402
 from helpers import build_model  # noqa: E402
 
+def splits_sequences(preset: str, overrides: list[str]) -> bool:
+    """False for models that refuse sequence parallelism: byte-latent ones, and those with a kind that needs whole
+    sequences on a rank."""
+    from chimera.models import registry
+    cfg = load_model_config(preset, overrides)
+    return cfg.byte_latent is None and not any(registry.sublayers()[k].whole_sequence for k in cfg.kinds())
+
+
 tp, out, presets = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 topo = topology.initialize(tensor=tp)
 results = {}
 for preset in presets:
     name, *overrides = preset.split("+")
-    byte_latent = load_model_config(name, overrides).byte_latent is not None  # refuses sequence parallelism
-    for sp in (False, True) if tp > 1 and not byte_latent else (False,):
+    for sp in (False, True) if tp > 1 and splits_sequences(name, overrides) else (False,):
         torch.manual_seed(0)
         model = build_model(name, seed=3, overrides=overrides, dims=topo.dims(sequence_parallel=sp))
         ids = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(5))
