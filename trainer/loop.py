@@ -49,7 +49,7 @@ from chimera.trainer.checkpoint import (
 from chimera.trainer.engine import TrainingEngine, zero3_partitioner
 from chimera.trainer.host_memory import map_large_blocks_apart, release_free_host_memory
 from chimera.trainer.metrics import MetricsLogger
-from chimera.trainer.resumption import compare, refusal, same_model, supersede
+from chimera.trainer.resumption import compare, refusal, start_from_weights, supersede
 from chimera.trainer.watchdog import StepWatchdog, rank_stats
 
 STOP_SIGNAL, STOP_DEADLINE = 1, 2  # why a run stops early, as agreed over the ranks
@@ -121,8 +121,7 @@ class Trainer:
         state = json.loads((path / "trainer_state.json").read_text())
         saved = read_config(path)
         if is_weights_only(path):
-            if not same_model(saved.model, self.cfg.model):
-                raise refusal(path, compare(saved, state, self.cfg))
+            start_from_weights(path, saved, state, self.cfg)
             changes = None
         else:
             changes = compare(saved, state, self.cfg)

@@ -76,6 +76,20 @@ def same_model(a, b) -> bool:
     return model_key(a) == model_key(b)
 
 
+def start_from_weights(path: Path, saved: RunConfig, state: dict, current: RunConfig) -> list[str]:
+    """The model fields a run starting from weights-only checkpoint ``path`` (e.g. ``chimera import-hf``) changes.
+    Any field may change that keeps every parameter's name and shape (a converted model's routing, say); a change
+    that does not is refused (one line)."""
+    if same_model(saved.model, current.model):
+        return []
+    from chimera.models.causal_lm import meta_model
+
+    if meta_model(saved.model).full_shapes() != meta_model(current.model).full_shapes():
+        raise refusal(path, compare(saved, state, current))
+    theirs, ours = model_key(saved.model), model_key(current.model)
+    return [f"model.{k}" for k in sorted(ours) if ours[k] != theirs.get(k)]
+
+
 def _flatten(data, prefix: str = "") -> dict:
     if isinstance(data, dict):
         out = {}
@@ -272,9 +286,10 @@ def prepare(run_dir: str | Path, cfg: RunConfig, restart: bool = False, resume_f
         saved = read_config(path)
     except (OSError, ValueError, CheckpointProblem) as e:
         raise UserError(f"checkpoint {path} cannot be read ({e}); move it away to resume from an older one") from None
-    if is_weights_only(path):  # e.g. from `chimera import-hf`: only the model must match
-        if not same_model(saved.model, cfg.model):
-            raise refusal(path, compare(saved, state, cfg))
+    if is_weights_only(path):  # e.g. from `chimera import-hf`: only the parameters must match
+        changed = start_from_weights(path, saved, state, cfg)
+        if changed:
+            say(f"chimera: starting from the weights of {path} with model changes: {', '.join(changed)}")
         return Resume(path, 0, False, None)
     changes = compare(saved, state, cfg)
     if changes.refused:

@@ -60,6 +60,29 @@ def test_converted_granite_trains_with_routing_on(converted, single_process):
     assert 0 < got["routed/layers.2/fraction_attention"] <= 0.25 and got["routed/layers.2/capacity_overflow"] > 0
 
 
+def test_chimera_train_continues_the_converted_run_with_routing_on(converted, tmp_path):
+    """`chimera train` on the converted run directory with routing switched on (a model change that keeps every
+    parameter's shape, allowed from weights-only checkpoints and said): the loss falls and attention holds at most
+    its capacity; a change of shapes is refused in one line."""
+    import shutil
+
+    _, tmp = converted
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "run", run)
+    common = ["--run-dir", run, "--set", "train.steps=8", "--set", "train.warmup_steps=1", "--set", "train.lr=0.003",
+              "--set", "train.micro_batch_size=4", "--set", "train.global_batch_size=4", "--set", "data.seq_len=64",
+              "--set", "logging.progress=false", "--set", "train.eval_every=0"]
+    refused = run_chimera("train", run / "run.yaml", *common, "--set", "model.num_heads=2")
+    assert_user_error(refused, "model.num_heads")
+    proc = run_chimera("train", run / "run.yaml", *common, "--set", "model.routed_forced=false",
+                       "--set", "model.routed_capacity_attention=0.25")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "with model changes: model.routed_capacity_attention, model.routed_forced" in proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert all(0 < r["routed/layers.2/fraction_attention"] <= 0.25 for r in rows)
+
+
 TINY = REPO / "configs/runs/tiny.yaml"
 
 
