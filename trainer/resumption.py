@@ -5,8 +5,9 @@ A run directory belongs to one run. Re-running its command resumes it from its n
 
 * **refused** (one line naming the fields, exit 2, nothing written): the model (any field; a renamed preset or
   ``|`` stage marks aside; a run starting from a weights-only checkpoint, as ``import-hf`` writes, may change the
-  model fields that keep every parameter's name and shape, e.g. a converted model's routing), the tokenizer, the data seed and the validation split (they fix which document comes
-  next: changing them would repeat or skip data);
+  model fields that keep every parameter's name and shape, e.g. a converted model's routing), the tokenizer, the
+  data seed and the validation split (they fix which document comes next: changing them would repeat or skip
+  data);
 * **allowed and said** (one line when the run resumes, and an event): the layout (``parallel``), the data sources
   and their weights (the cursors of the sources continue), the sequence length and curriculum, the batch size, the
   learning rate and its bounds, and ``train.steps``, with this schedule rule: from the update where the run

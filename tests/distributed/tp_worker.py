@@ -18,6 +18,7 @@ from chimera.parallel import topology  # noqa: E402
 from chimera.parallel.sharding import full_state_dict  # noqa: E402
 from helpers import build_model  # noqa: E402
 
+
 def splits_sequences(preset: str, overrides: list[str]) -> bool:
     """False for models that refuse sequence parallelism: byte-latent ones, and those with a kind that needs whole
     sequences on a rank."""

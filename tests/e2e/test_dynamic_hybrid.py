@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from e2e.test_cli_errors import assert_user_error
+from e2e.test_hf_granite import IDS, tiny_granite
 
 import chimera
 from helpers import REPO, run_chimera
-from e2e.test_cli_errors import assert_user_error
-from e2e.test_hf_granite import IDS, tiny_granite
 
 
 @pytest.fixture(scope="module")

@@ -166,8 +166,8 @@ def test_finetune_of_a_missing_run_or_task_file_is_one_line(tmp_path, run_dir):
 
 def test_features_are_the_final_norm_output_the_logits_read():
     """One vector per input token; the language-model head applied to them gives forward's logits."""
-    from chimera.models.causal_lm import build_model
     from chimera.configs.loader import load_model_config
+    from chimera.models.causal_lm import build_model
 
     model = build_model(load_model_config("transformer-tiny"), seed=0).eval()
     ids = torch.randint(0, 6, (2, 17))
