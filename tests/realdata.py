@@ -52,17 +52,21 @@ def shakespeare_texts(max_files: int | None = None) -> tuple[list[Path], bool]:
     return (files[:max_files] if max_files else files), True
 
 
+def debian_package(name: str, tmp: str) -> Path:
+    """The files of Debian package ``name``, downloaded (``apt-get download``) and unpacked (``dpkg -x``) in ``tmp``."""
+    subprocess.run(["apt-get", "download", name], cwd=tmp, check=True, capture_output=True, timeout=300)
+    deb = next(Path(tmp).glob(f"{name}_*.deb"))
+    subprocess.run(["dpkg", "-x", str(deb), tmp + "/x"], check=True, capture_output=True, timeout=300)
+    return Path(tmp, "x")
+
+
 def lambda_phage_fasta() -> tuple[Path, bool]:
     """(FASTA.gz of the phage lambda genome, whether it is the real genome)."""
     target = CACHE / "lambda_virus.fa.gz"
     if not target.exists():
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                subprocess.run(["apt-get", "download", "bowtie2-examples"], cwd=tmp, check=True,
-                               capture_output=True, timeout=300)
-                deb = next(Path(tmp).glob("bowtie2-examples_*.deb"))
-                subprocess.run(["dpkg", "-x", str(deb), tmp + "/x"], check=True, capture_output=True, timeout=300)
-                found = next(Path(tmp, "x").rglob("lambda_virus.fa*"))
+                found = next(debian_package("bowtie2-examples", tmp).rglob("lambda_virus.fa*"))
                 CACHE.mkdir(parents=True, exist_ok=True)
                 if found.suffix == ".gz":
                     shutil.copy(found, target)
@@ -80,11 +84,7 @@ def bacterial_genomes() -> tuple[dict[str, Path], bool]:
     if not (target / "DONE").exists():
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                subprocess.run(["apt-get", "download", "ragout-examples"], cwd=tmp, check=True,
-                               capture_output=True, timeout=300)
-                deb = next(Path(tmp).glob("ragout-examples_*.deb"))
-                subprocess.run(["dpkg", "-x", str(deb), tmp + "/x"], check=True, capture_output=True, timeout=300)
-                found = sorted(Path(tmp, "x").rglob("references/*.fasta.gz"))
+                found = sorted(debian_package("ragout-examples", tmp).rglob("references/*.fasta.gz"))
                 if not found:
                     raise OSError("no references/*.fasta.gz in ragout-examples")
                 for f in found:
