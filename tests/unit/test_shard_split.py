@@ -80,3 +80,21 @@ def test_too_small_shard_mb_is_one_line_exit_2(inputs, tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(Exception, match="--shard-mb"):
         ShardWriter(tmp_path, np.uint16, 2047)
+
+
+def test_shuffled_windows_with_prefetch_and_one_cached_shard_match_the_reference(inputs):
+    """Split documents under the real reading path (shuffled order, loads ahead, a cache of one shard), cut into
+    short windows as data-parallel ranks would take them: each window equals the same cut of the whole text."""
+    ref = WebDatasetSource(str(prepared(inputs, "small", SHARD_MB)), "r", BadData("fail"), prefetch_shards=0)
+    fast = WebDatasetSource(str(prepared(inputs, "small", SHARD_MB)), "f", BadData("fail"), cache_shards=1,
+                            prefetch_shards=2)
+    a, b = TokenStream(ref, ref.groups, seed=3), TokenStream(fast, fast.groups, seed=3)
+    order = a.order(0)[0]
+    files = inputs[1]
+    expected = np.concatenate([np.append(np.frombuffer(open(files[d], "rb").read(), np.uint8), ref.eos_id)
+                               for d in order])  # epoch 0 from the input files
+    for start in range(0, len(expected) - 1000, 1000):  # consecutive rows: rank r takes every r-th one
+        w = b.window(start, 1000)
+        assert np.array_equal(w.tokens, expected[start : start + 1000])
+        assert np.array_equal(w.sample_ids, a.window(start, 1000).sample_ids)
+    fast.wait_for_loads_ahead()
