@@ -37,18 +37,20 @@ def doc_key(doc_id: int) -> str:
 
 
 class ShardWriter:
-    """WebDataset shards of at most ``shard_bytes`` bytes plus the tar record padding (``TAR_RECORD``).
+    """WebDataset shards of at most ``max(shard_bytes, TAR_RECORD)`` bytes (tar pads to whole records).
 
     A document that does not fit in the current shard starts the next one; one longer than a whole shard is cut
     into chunks: the first fills the current shard, the next ones fill consecutive shards."""
 
-    MEMBER = 1024  # bytes a member may add beyond its data (header, padding), and the end-of-archive blocks
+    MEMBER = 2048  # bytes a member may add beyond its data (pax and tar headers, padding); the end-of-archive blocks
 
     def __init__(self, out: Path, dtype, shard_bytes: int):
         self.out, self.dtype, self.shard_bytes = out, np.dtype(dtype), shard_bytes
         if shard_bytes < min_shard_bytes(self.dtype):
             raise UserError(f"--shard-mb {shard_bytes / (1 << 20):g} is too small: a shard needs at least "
                             f"{min_shard_bytes(self.dtype)} bytes (tar headers and one token); raise --shard-mb")
+        if shard_bytes >= TAR_RECORD:  # tar pads the archive to whole records: fill whole records only
+            self.shard_bytes = shard_bytes // TAR_RECORD * TAR_RECORD
         self.shards: list[dict] = []
         self._writer = None
         self._bytes = 0

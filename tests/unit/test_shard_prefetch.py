@@ -51,7 +51,7 @@ def dataset(tmp_path_factory):
         text = " ".join(rng.choice(words, size=int(rng.integers(30, 220))))
         (root / f"doc{i:02d}.txt").write_text(text + "\n")
     prepare([str(root / f"doc{i:02d}.txt") for i in range(40)], "bytes", "webdataset", str(root / "wds"),
-            shard_mb=0.005, progress=False)
+            shard_mb=0.007, progress=False)
     _, manifest = read_manifest(root / "wds")
     assert len(manifest["shards"]) >= 10
     return root / "wds"
