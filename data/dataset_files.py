@@ -4,7 +4,9 @@ Files of a prepared dataset directory::
 
     manifest.json      format, tokenizer identity, counts, shards or store, checksums
     lengths.npy        tokens per document (int64), in document-id order
-    shard-000000.tar   (webdataset) one member per document: ``{doc_id:012d}.tokens``, raw tokens
+    shard-000000.tar   (webdataset) one member per document: ``{doc_id:012d}.tokens``, raw tokens; a document
+                       too long for one shard is cut into chunks ``{doc_id:012d}.c{k:06d}.tokens`` that fill
+                       consecutive shards (a shard's ``first_chunk`` > 0: it opens with a continued document)
     tokens.zarr/       (zarr) ``tokens`` (1-D, chunked, zstd) and ``offsets`` (documents' starts, N + 1)
 
 Documents carry no separator on disk; readers append the tokenizer's ``eos_id``.
@@ -35,29 +37,63 @@ def doc_key(doc_id: int) -> str:
 
 
 class ShardWriter:
-    """WebDataset shards of at most ``shard_bytes`` bytes (a larger document gets a shard of its own)."""
+    """WebDataset shards of at most ``max(shard_bytes, TAR_RECORD)`` bytes (tar pads to whole records).
+
+    A document that does not fit in the current shard starts the next one; one longer than a whole shard is cut
+    into chunks: the first fills the current shard, the next ones fill consecutive shards."""
+
+    MEMBER = 2048  # bytes a member may add beyond its data (pax and tar headers, padding); the end-of-archive blocks
 
     def __init__(self, out: Path, dtype, shard_bytes: int):
-        self.out, self.dtype, self.shard_bytes = out, dtype, shard_bytes
+        self.out, self.dtype, self.shard_bytes = out, np.dtype(dtype), shard_bytes
+        if shard_bytes < min_shard_bytes(self.dtype):
+            raise UserError(f"--shard-mb {shard_bytes / (1 << 20):g} is too small: a shard needs at least "
+                            f"{min_shard_bytes(self.dtype)} bytes (tar headers and one token); raise --shard-mb")
+        if shard_bytes >= TAR_RECORD:  # tar pads the archive to whole records: fill whole records only
+            self.shard_bytes = shard_bytes // TAR_RECORD * TAR_RECORD
         self.shards: list[dict] = []
         self._writer = None
         self._bytes = 0
 
-    def _open(self, first_doc: int) -> None:
+    def _open(self, first_doc: int, first_chunk: int = 0) -> None:
         import webdataset as wds
 
         path = self.out / f"shard-{len(self.shards):06d}.tar"
         self._writer = wds.TarWriter(str(path), encoder=False)
-        self.shards.append({"path": path.name, "first_document": first_doc, "documents": 0, "tokens": 0})
-        self._bytes = 0
+        self.shards.append({"path": path.name, "first_document": first_doc, "first_chunk": first_chunk,
+                            "documents": 0, "tokens": 0})
+        self._bytes = self.MEMBER  # the end-of-archive blocks
+
+    def _room(self) -> int:
+        """Tokens a member written now may hold without passing ``shard_bytes``."""
+        return max(0, (self.shard_bytes - self._bytes - self.MEMBER) // self.dtype.itemsize)
 
     def add(self, doc_id: int, tokens: np.ndarray) -> None:
-        data = tokens.astype(self.dtype).tobytes()
-        if self._writer is None or (self._bytes and self._bytes + len(data) + 1024 > self.shard_bytes):
-            self.close_shard()
-            self._open(doc_id)
-        self._writer.write({"__key__": doc_key(doc_id), "tokens": data})
-        self._bytes += len(data) + 1024  # member header and padding
+        tokens = tokens.astype(self.dtype)
+        if self._writer is None or (self._room() < len(tokens) and self._fits_fresh(len(tokens))):
+            self._next_shard(doc_id)
+        if self._room() >= len(tokens):
+            self._member(doc_id, "tokens", tokens)
+            return
+        k, start = 0, 0
+        while start < len(tokens):
+            if self._room() == 0:
+                self._next_shard(doc_id, k)
+            take = min(self._room(), len(tokens) - start)
+            self._member(doc_id, f"c{k:06d}.tokens", tokens[start : start + take])
+            k, start = k + 1, start + take
+
+    def _fits_fresh(self, n: int) -> bool:
+        return (self.shard_bytes - 2 * self.MEMBER) // self.dtype.itemsize >= n
+
+    def _next_shard(self, doc_id: int, chunk: int = 0) -> None:
+        self.close_shard()
+        self._open(doc_id, chunk)
+
+    def _member(self, doc_id: int, field: str, tokens: np.ndarray) -> None:
+        data = tokens.tobytes()
+        self._writer.write({"__key__": doc_key(doc_id), field: data})
+        self._bytes += len(data) + self.MEMBER
         shard = self.shards[-1]
         shard["documents"] += 1
         shard["tokens"] += len(tokens)
@@ -73,6 +109,14 @@ class ShardWriter:
     def finish(self) -> dict:
         self.close_shard()
         return {"shards": self.shards}
+
+
+TAR_RECORD = 10240  # tarfile pads an archive to a whole record when it closes
+
+
+def min_shard_bytes(dtype) -> int:
+    """The smallest ``shard_bytes`` a ``ShardWriter`` accepts: the end-of-archive blocks and one 1-token member."""
+    return 2 * ShardWriter.MEMBER + np.dtype(dtype).itemsize
 
 
 class ZarrWriter:
@@ -176,17 +220,19 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
 
 
 def parse_shard(data: bytes, where: str, dtype) -> dict[int, np.ndarray]:
-    """A shard's bytes -> {doc_id: tokens}; a truncated or corrupt tar is a UserError naming the offset."""
+    """A shard's bytes -> {doc_id: its tokens in this shard} (a document's chunks joined in order); a truncated or corrupt tar is a UserError naming the offset."""
     from webdataset.tariterators import tar_file_iterator
 
-    docs = {}
+    parts: dict[int, list[tuple[int, np.ndarray]]] = {}
     stream = io.BytesIO(data)
     try:
         for member in tar_file_iterator(stream):
             key, _, ext = member["fname"].partition(".")
-            if ext == "tokens":
-                docs[int(key)] = np.frombuffer(member["data"], dtype=dtype)
+            if ext == "tokens" or (ext.endswith(".tokens") and ext.startswith("c")):
+                chunk = 0 if ext == "tokens" else int(ext[1:].partition(".")[0])
+                parts.setdefault(int(key), []).append((chunk, np.frombuffer(member["data"], dtype=dtype)))
     except (tarfile.TarError, ValueError, EOFError, OSError) as e:
         raise UserError(f"shard {where} is truncated or corrupt near byte offset {stream.tell()} "
                         f"({str(e).split(' @ ')[0]}); re-create or re-download it") from None
-    return docs
+    return {doc: arrays[0][1] if len(arrays) == 1 else np.concatenate([a for _, a in sorted(arrays, key=lambda p: p[0])])
+            for doc, arrays in parts.items()}

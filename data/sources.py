@@ -7,7 +7,8 @@ by a hash of their id. Bad shards or chunks found when the source opens follow t
 (``fail``: one line naming the file; ``skip``: their documents leave the order and are counted);
 corruption found while reading always stops the run with one line - never a wrong batch.
 
-WebDataset shards are read whole. A token stream tells its source which shards it will read next
+WebDataset shards are read whole. A document too long for one shard lies in chunks over consecutive shards;
+it is one document (one id, one group: the shard it starts in), read whole from all of them. A token stream tells its source which shards it will read next
 (``prefetch``), and the source loads a few of them ahead on background threads; what is read is
 the same either way, only when. Shards behind a command or a network (``pipe:``, http, s3, gs) are
 retried with exponential backoff when a read fails or its checksum does not match; a local shard
@@ -257,13 +258,20 @@ class WebDatasetSource(PreparedSource):
                 raise UserError(f"urls {urls!r} name {len(self.urls)} shards but the manifest lists {len(shards)}")
         else:
             self.urls = [str(self.root / s["path"]) for s in shards]
-        self.first = np.array([s["first_document"] for s in shards] + [len(self.lengths)], dtype=np.int64)
-        self.groups = []
-        for i, shard in enumerate(shards):
-            if self._shard_ok(i, shard):
-                self.groups.append(np.arange(self.first[i], self.first[i + 1]))
-            else:
-                self.excluded += shard["documents"]
+        # a document lives in shards [start_shard, end_shard): where it starts and those its chunks continue in
+        self.start_shard = np.zeros(len(self.lengths), dtype=np.int64)
+        self.end_shard = np.zeros(len(self.lengths), dtype=np.int64)
+        for i, s in enumerate(shards):
+            first, count = s["first_document"], s["documents"]
+            begins = first + (1 if s.get("first_chunk", 0) else 0)  # the first documents that start here
+            self.start_shard[begins : first + count] = i
+            self.end_shard[first : first + count] = i + 1
+        ok = np.array([self._shard_ok(i, s) for i, s in enumerate(shards)], dtype=bool)
+        bad_before = np.concatenate([[0], np.cumsum(~ok)])
+        whole = bad_before[self.end_shard] == bad_before[self.start_shard]  # none of its shards is bad
+        self.excluded += int((~whole).sum())
+        self.groups = [g for g in np.split(np.flatnonzero(whole), np.flatnonzero(np.diff(
+            self.start_shard[whole])) + 1) if len(g)]  # documents grouped by the shard they start in
         self.prefetch_depth, self.read_attempts, self.retry_delay = prefetch_shards, read_attempts, retry_delay
         self.read_stats = ReadStats()
         self._cache = LRU(cache_shards)
@@ -322,8 +330,10 @@ class WebDatasetSource(PreparedSource):
         return docs
 
     def read(self, doc_id: int) -> np.ndarray:
-        i = int(np.searchsorted(self.first, doc_id, side="right") - 1)
-        return self._cache.get_or(i, self._take)[doc_id]
+        """The document whole: its chunks in the shards it spans, joined (whichever rank's stream asks for it)."""
+        parts = [self._cache.get_or(i, self._take)[doc_id]
+                 for i in range(int(self.start_shard[doc_id]), int(self.end_shard[doc_id]))]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _take(self, i: int) -> dict[int, np.ndarray]:
         """Shard ``i`` for the cache: its load started ahead if there is one, else read now; the wait is counted."""
@@ -335,7 +345,7 @@ class WebDatasetSource(PreparedSource):
             self.read_stats.add(wait_seconds=time.perf_counter() - started)
 
     def shards_of(self, doc_ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.first, doc_ids, side="right") - 1
+        return self.start_shard[doc_ids]
 
     def prefetch(self, shards: list[int]) -> None:
         """Start loading the first ``prefetch_depth`` of ``shards`` that are neither cached nor already started.
