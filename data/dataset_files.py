@@ -220,7 +220,8 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
 
 
 def parse_shard(data: bytes, where: str, dtype) -> dict[int, np.ndarray]:
-    """A shard's bytes -> {doc_id: its tokens in this shard} (a document's chunks joined in order); a truncated or corrupt tar is a UserError naming the offset."""
+    """A shard's bytes -> {doc_id: its tokens in this shard} (a document's chunks joined in order); a truncated or
+    corrupt tar is a UserError naming the offset."""
     from webdataset.tariterators import tar_file_iterator
 
     parts: dict[int, list[tuple[int, np.ndarray]]] = {}
@@ -234,5 +235,6 @@ def parse_shard(data: bytes, where: str, dtype) -> dict[int, np.ndarray]:
     except (tarfile.TarError, ValueError, EOFError, OSError) as e:
         raise UserError(f"shard {where} is truncated or corrupt near byte offset {stream.tell()} "
                         f"({str(e).split(' @ ')[0]}); re-create or re-download it") from None
-    return {doc: arrays[0][1] if len(arrays) == 1 else np.concatenate([a for _, a in sorted(arrays, key=lambda p: p[0])])
-            for doc, arrays in parts.items()}
+    in_order = {doc: [a for _, a in sorted(arrays, key=lambda p: p[0])] for doc, arrays in parts.items()}
+    return {doc: arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            for doc, arrays in in_order.items()}

@@ -8,7 +8,8 @@ by a hash of their id. Bad shards or chunks found when the source opens follow t
 corruption found while reading always stops the run with one line - never a wrong batch.
 
 WebDataset shards are read whole. A document too long for one shard lies in chunks over consecutive shards;
-it is one document (one id, one group: the shard it starts in), read whole from all of them. A token stream tells its source which shards it will read next
+it is one document (one id, one group: the shard it starts in), read whole from all of them. A token stream
+tells its source which shards it will read next
 (``prefetch``), and the source loads a few of them ahead on background threads; what is read is
 the same either way, only when. Shards behind a command or a network (``pipe:``, http, s3, gs) are
 retried with exponential backoff when a read fails or its checksum does not match; a local shard
