@@ -198,7 +198,9 @@ def test_a_flaky_command_succeeds_after_retries_and_they_are_counted(monkeypatch
         urls, counts = flaky_urls(dataset, tmp_path / mode, fails=2, mode=mode)
         data = pipeline(monkeypatch, dataset, urls, retry_delay=0.25)
         sleeps.clear()
-        assert run(data, 0, 6, 2) == run(reference, 0, 6, 2)
+        # one rank: ranks simulated in one process would share the source, and each rank's prefetch drops the
+        # finished loads the other one started (a real rank has a source of its own), so a shard could be read twice
+        assert run(data, 0, 6, 1) == run(reference, 0, 6, 1)
         data.streams[0].source.wait_for_loads_ahead()  # counts taken next include them
         attempts = [int(f.read_text()) for f in counts.iterdir()]
         assert attempts and set(attempts) == {3}  # two failures, then the read that worked
