@@ -15,20 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 import tempfile
 from datetime import date
 from pathlib import Path
 
+from chimera_cli import chimera  # benchmarks/, the script's folder
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def chimera(*args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "chimera.launch.cli", *map(str, args)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"chimera {' '.join(map(str, args[:3]))} failed:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def mean(xs: list[float]) -> float:

@@ -17,7 +17,6 @@ import argparse
 import gzip
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 from datetime import date
@@ -26,19 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from chimera_cli import chimera  # noqa: E402  (benchmarks/, the script's folder)
 from realdata import bacterial_genomes  # noqa: E402  (tests/: fetches the Debian ragout-examples genomes)
 
 from chimera.data.genomic_tasks import regions  # noqa: E402
 
 RECORD = 8000
 CHOSEN = ("S.Aureus/COL", "H.Pylori/G27", "V.Cholerae/H1", "E.Coli/MG1655-K12")
-
-
-def chimera(*args) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "chimera.launch.cli", *map(str, args)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"chimera {' '.join(map(str, args[:3]))} failed:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def bases(path: Path) -> str:
