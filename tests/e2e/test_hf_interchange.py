@@ -132,13 +132,10 @@ def test_export_refuses_what_the_hf_config_cannot_express(tmp_path):
                        "--set", "train.micro_batch_size=1",
                        "--set", "train.global_batch_size=1", "--set", "data.seq_len=16",
                        "--set", "logging.wandb=disabled", "--set", "train.eval_every=0")
-    # the imported weights define a plain Llama, so a run that changes the model is refused
-    assert proc.returncode == 2 and "residual_multiplier" in proc.stderr
-    proc = run_chimera("train", TINY, "--run-dir", tmp_path / "other", "--set", "model.preset=llama-tiny",
-                       "--set", "model.residual_multiplier=0.5", "--set", "train.steps=1",
-                       "--set", "train.warmup_steps=0")
+    # a start from imported weights may change a field that keeps every parameter's shape: it is said
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run_chimera("export", tmp_path / "other", "--format", "hf", "--out", tmp_path / "exported")
+    assert "with model changes: model.residual_multiplier" in proc.stdout + proc.stderr
+    proc = run_chimera("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "cannot express this model's residual_multiplier" in lines[0]
     assert not (tmp_path / "exported").exists()
