@@ -1,0 +1,1 @@
+"""Evaluation suites (``chimera eval``) and the architecture benchmark (``chimera bench-arch``)."""

@@ -1,0 +1,1 @@
+"""Export formats (``chimera export``): safetensors, transformers (native and remote code), ONNX, GGUF."""

@@ -1,0 +1,1 @@
+"""Inference: batched, streaming generation over each mixer's O(1) decoding state, and a small server."""
