@@ -311,6 +311,14 @@ class ByteLatentLM(nn.Module):
                  "closed": 0, "last": None, "starts": True} for i in range(batch)]
 
     @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, max_len: int) -> tuple[torch.Tensor, list]:
+        """A prompt ``[b, t]`` -> (logits ``[b, t, V]``, the state after it), as ``CausalLM.prefill``. Stepped byte by
+        byte: where patches close is decided per byte and row, and the global model (with its merging) steps once
+        per closed patch, so the state is that of the steps themselves."""
+        state = self.init_state(input_ids.shape[0], max_len)
+        return torch.stack([self.step(input_ids[:, t], state, t) for t in range(input_ids.shape[1])], 1), state
+
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: list, pos: int) -> torch.Tensor:
         """One byte per row ``[b]`` at position ``pos`` -> next-byte logits ``[b, V]``; updates ``state``."""
         return torch.cat([self._step_row(tokens[i:i + 1], row, pos) for i, row in enumerate(state)])

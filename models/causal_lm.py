@@ -3,7 +3,8 @@
 ``forward(input_ids)`` gives logits ``[b, s, vocab]``; ``forward(input_ids, labels)`` gives the mean
 next-token loss (vocab-parallel cross entropy, positions with label ``IGNORE_INDEX`` ignored) plus,
 in training, the auxiliary losses of whichever sublayers produce one. Decoding: ``init_state`` then
-``step`` one token at a time with each mixer's cached state.
+``step`` one token at a time with each mixer's cached state; ``prefill`` runs a whole prompt in one parallel pass and
+returns that state as the steps would have left it.
 
 The model knows no architecture: each symbol's sublayer comes from the registry, shared blocks from
 their style, the scalars of particular released models from ``cfg.numerics``. It is built for the
@@ -206,6 +207,20 @@ class CausalLM(nn.Module):
 
     def init_state(self, batch: int, max_len: int) -> list:
         return [layer.init_state(batch, max_len) for layer in self.layers]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, max_len: int) -> tuple[torch.Tensor, list]:
+        """A prompt ``[b, t]`` in one parallel pass -> (logits ``[b, t, V]``, the decoding state ``init_state(b,
+        max_len)`` and ``t`` steps would leave); decoding goes on with ``step(next_token, state, pos=t)``."""
+        if self.dims.cp > 1 or self.dims.sequence_parallel:
+            raise ValueError("prefill runs whole prompts on one rank: no context or sequence parallelism")
+        x = self.embed_tokens(input_ids.t())  # [t, b, d]
+        context = Context(embeddings=x, tokens=input_ids, embed=self.embed_tokens)
+        state = []
+        for layer in self.layers:
+            x, layer_state = layer.prefill(x, context, max_len)
+            state.append(layer_state)
+        return gather_vocab(self.logits_local(x, False), self.dims).transpose(0, 1), state
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, state: list, pos: int) -> torch.Tensor:

@@ -59,6 +59,13 @@ class CausalConv1d(nn.Module):
     def init_state(self, batch: int, device=None, dtype=None) -> torch.Tensor:
         return torch.zeros(batch, self.weight.shape[0], self.kernel - 1, device=device, dtype=dtype)
 
+    def state_after(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoding state after the inputs ``x [s, b, c]``: their last ``k-1`` ``[b, c, k-1]``, oldest first (zeros
+        before the sequence), as ``init_state`` and ``step`` over ``x`` would leave it."""
+        lead = self.kernel - 1
+        padded = torch.cat([x.new_zeros(lead, *x.shape[1:]), x])
+        return padded[padded.shape[0] - lead:].permute(1, 2, 0).contiguous()
+
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token ``[b, c]`` -> (output ``[b, c]``, new state ``[b, c, k-1]``)."""
         window = torch.cat([state, x.unsqueeze(-1)], dim=-1)  # [b, c, k]

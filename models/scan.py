@@ -101,6 +101,13 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     return _LinearScan.apply(a, b, h0)
 
 
+def log_decay_after(log_a: torch.Tensor) -> torch.Tensor:
+    """``sum_{k > t} log a_k`` along dim 0 (time): the log of the decay that what enters the state at ``t`` sees
+    by the end, so that the last state is ``h_T = sum_t exp(log_decay_after(log a))_t b_t``. A sum of the later
+    terms alone (a reversed cumulative sum, shifted), with no cancellation against the earlier ones."""
+    return torch.cat([log_a.flip(0).cumsum(0).flip(0)[1:], torch.zeros_like(log_a[:1])])
+
+
 def linear_recurrence_loop(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
     """The same recurrence one step at a time with autograd recording every step: the oracle the scan is
     tested against."""

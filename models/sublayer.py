@@ -12,6 +12,11 @@ A mixer with ``reads_context = True`` is called as ``mixer(h, docs, context=cont
 normed input ``h`` it reads the pass's context (and may publish into ``context.published``) and the residual
 stream ``u`` it is added to, laid out like ``h`` (entered into the tensor-parallel region the same way).
 Decoding calls ``mixer.step(h, state, pos, context=context, residual=u)`` likewise.
+
+Prefill (``prefill(x, context, max_len)``, one process, the whole prompt): the forward pass and the decoding state
+that ``init_state`` and one ``step`` per prompt position would leave. A mixer hands its state over from its parallel
+form with ``mixer.prefill(h, max_len) -> (out, state)`` (same keyword arguments as ``step``); one without that method
+is stepped through the prompt (``stepped_prefill``), which gives the same state by definition.
 """
 
 from __future__ import annotations
@@ -47,6 +52,16 @@ class Context:
     # ids -> embeddings [s, b, d] as the model's input (its embedding, numerics and embedding norm), for sublayers that
     # keep token ids in their decoding state rather than vectors
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # prefill: the decoding-step context of each prompt position, made once (``at``) and shared by the sublayers that
+    # step through the prompt, so that what one publishes at position t the later ones read at t
+    steps: dict = field(default_factory=dict)
+
+    def at(self, t: int) -> Context:
+        """The context ``step`` would get at prompt position ``t`` (prefill of ``[s, b, d]``, tokens ``[b, s]``)."""
+        if t not in self.steps:
+            self.steps[t] = Context(embeddings=self.embeddings[t: t + 1], position=t, tokens=self.tokens[:, t],
+                                    embed=self.embed)
+        return self.steps[t]
 
 
 def build_mixer(symbol: str, cfg: ModelConfig, build: Build) -> nn.Module:
@@ -89,3 +104,29 @@ class Sublayer(nn.Module):
         else:
             out = self.mixer.step(h, state, context.position)
         return self.numerics.residual(x, out)
+
+    def prefill(self, x: torch.Tensor, context: Context, max_len: int, injected: torch.Tensor | None = None):
+        """The whole prompt ``x [s, b, d]`` (no sequence sharding) -> (output, the state after its last position)."""
+        u = x if injected is None else x + injected
+        h = enter_tensor_parallel(self.norm(u), self.dims, False)
+        extra = {"context": context, "residual": enter_tensor_parallel(u, self.dims, False)} if self.reads_context \
+            else {}
+        if hasattr(self.mixer, "prefill"):
+            out, state = self.mixer.prefill(h, max_len, **extra)
+        else:
+            out, state = stepped_prefill(self.mixer, h, max_len, **extra)
+        return self.numerics.residual(x, out), state
+
+
+def stepped_prefill(mixer: nn.Module, h: torch.Tensor, max_len: int, context: Context | None = None,
+                    residual: torch.Tensor | None = None):
+    """Prefill by the definition: ``init_state``, then ``step`` at every position of ``h [s, b, d]``; for mixers
+    whose state cannot be handed over from the parallel form. Returns (outputs ``[s, b, d]``, state)."""
+    state = mixer.init_state(h.shape[1], max_len)
+    outputs = []
+    for t in range(h.shape[0]):
+        if context is None:
+            outputs.append(mixer.step(h[t: t + 1], state, t))
+        else:
+            outputs.append(mixer.step(h[t: t + 1], state, t, context=context.at(t), residual=residual[t: t + 1]))
+    return torch.cat(outputs), state

@@ -63,6 +63,9 @@ class GatedMLP(nn.Module):
     def step(self, x: torch.Tensor, state, pos: int, lora=None) -> torch.Tensor:
         return self.forward(x, lora=lora)
 
+    def prefill(self, x: torch.Tensor, max_len: int, lora=None):  # per token: no state
+        return self.forward(x, lora=lora), None
+
 
 def build(c: MLPConfig, b: Build) -> GatedMLP:
     return GatedMLP(c.d_model, c.mlp_hidden, init_std=b.init_std, out_std=b.out_std, dims=b.dims,

@@ -345,6 +345,15 @@ class MoE(nn.Module):
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:
         return self.forward(x)
 
+    def prefill(self, x: torch.Tensor, max_len: int):
+        """No state. Dropless routing is per token, so the prompt goes through at once; with a capacity, which
+        tokens an expert drops depends on the tokens routed together, so the prompt is stepped as decoding would."""
+        if self.capacity_factor is None:
+            return self.forward(x), None
+        from chimera.models.sublayer import stepped_prefill
+
+        return stepped_prefill(self, x, max_len)
+
 
 def build(c: MoEConfig, b: Build) -> MoE:
     return MoE(c.d_model, c.moe_hidden, c.moe_experts, c.moe_top_k, init_std=b.init_std, out_std=b.out_std,

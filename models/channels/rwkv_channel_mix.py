@@ -69,6 +69,9 @@ class ChannelMix(nn.Module):
         w = self.receptance.weight
         return {"shift": torch.zeros(batch, w.shape[1], device=w.device, dtype=w.dtype)}
 
+    def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state): the last input is the shift
+        return self.forward(x), {"shift": x[-1].clone()}
+
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         out = self._mix(x, state["shift"].unsqueeze(0))
         state["shift"] = x[0]

@@ -26,7 +26,8 @@ split too when TP divides their number; otherwise (MQA: one kv head) every rank 
 heads and their projection's gradient, partial per rank, is summed over TP.
 
 Decoding keeps keys/values in a ring buffer of ``window`` slots (local) or ``max_len`` slots
-(global): memory is bounded by the window for local attention.
+(global): memory is bounded by the window for local attention. Prefill computes the prompt's keys and values
+once, attends with the mask ``M``, and writes the last ``slots`` of them into their ring-buffer slots.
 
 Context parallelism (``chimera.parallel.context``; a rank holds one chunk of the sequence): queries stay
 on their rank, keys and values come from the chunks they may see. Global attention gathers every
@@ -227,6 +228,20 @@ class Attention(nn.Module):
             "v": torch.zeros(shape, device=w.device, dtype=w.dtype),
             "pos": torch.full((slots,), -1, dtype=torch.long, device=w.device),  # position held by each slot
         }
+
+    def prefill(self, x: torch.Tensor, max_len: int, lora=None):  # x: [s, b, d] -> (out, state)
+        """The prompt in one pass (``visible`` is the mask: global, the window, or a subclass's pattern), and the
+        cache ``step`` would hold after it: the positions ``s - slots .. s - 1`` at ``position % slots``."""
+        s, b = x.shape[:2]
+        pos = torch.arange(s, device=x.device)
+        q, k, v = self._project(x, pos, lora)
+        out = self.o_proj(self._attend(q, k, v, self.visible(pos, pos)))
+        state = self.init_state(b, max_len)
+        kept = pos[max(0, s - state["pos"].shape[0]):]  # what the ring buffer still holds
+        slot = kept % state["pos"].shape[0]
+        state["k"][:, :, slot], state["v"][:, :, slot] = k[:, :, kept], v[:, :, kept]
+        state["pos"][slot] = kept
+        return out, state
 
     def step(self, x: torch.Tensor, state, pos: int, lora=None) -> torch.Tensor:  # x: [1, b, d]
         q, k, v = self._project(x, torch.tensor([pos], device=x.device), lora)

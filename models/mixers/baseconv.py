@@ -64,6 +64,10 @@ class BaseConv(nn.Module):
         w = self.conv.weight
         return {"conv": self.conv.init_state(batch, device=w.device, dtype=w.dtype)}
 
+    def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
+        u = self.in_conv(x)
+        return self.out_proj(F.silu(self.conv(u)) * self.in_gate(x)), {"conv": self.conv.state_after(u)}
+
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         u, state["conv"] = self.conv.step(self.in_conv(x)[0], state["conv"])
         return self.out_proj(F.silu(u).unsqueeze(0) * self.in_gate(x))

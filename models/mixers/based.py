@@ -215,6 +215,13 @@ class BasedLinearAttention(nn.Module):
         shape = (batch, self.heads_local, expanded_dim(self.feature_dim), self.head_dim + 1)
         return {"kv": torch.zeros(shape, device=w.device, dtype=torch.promote_types(w.dtype, torch.float32))}
 
+    def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
+        """The prompt in one pass (chunked form); the state ``S = sum_s phi(k_s) [v_s, 1]^T`` (no decay)."""
+        q, k, v = self.project(x)
+        o = based_chunked(q, k, v, self.chunk, None, self.eps, self.dims)
+        kv = torch.einsum("sbhd,sbhe->bhde", taylor_features(k), _with_ones(v))
+        return self.o_proj(o.flatten(-2).to(x.dtype)), {"kv": kv}
+
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         q, k, v = self.project(x[0])  # [b, h, f], [b, h, p]
         state["kv"] = state["kv"] + taylor_features(k).unsqueeze(-1) * _with_ones(v).unsqueeze(-2)

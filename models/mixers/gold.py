@@ -219,6 +219,18 @@ class GoldAttention(nn.Module):
             state["tokens"] = torch.zeros(batch, max_len, device=w.device, dtype=torch.int32)
         return state
 
+    def prefill(self, x: torch.Tensor, max_len: int, context=None, residual=None):  # [s, b, d] -> (out, state)
+        """The prompt in one pass (the first GOLD layer publishes the cache, as in ``forward``); the state: the last
+        input (token shift) and, in the first GOLD layer, the prompt's compressed keys and token ids."""
+        s, b = x.shape[:2]
+        out = self.forward(x, None, context, residual)
+        state = self.init_state(b, max_len)
+        state["shift"] = x[-1].clone()
+        if self.builds_cache:
+            state["compressed"][:, :s] = self.compress(residual).transpose(0, 1)
+            state["tokens"][:, :s] = context.tokens
+        return out, state
+
     def step(self, x: torch.Tensor, state, pos: int, context=None, residual=None) -> torch.Tensor:  # [1, b, d]
         if self.builds_cache:
             state["compressed"][:, pos] = self.compress(residual[0])

@@ -400,12 +400,36 @@ class Hyena(nn.Module):
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
         """``docs``: packed documents (``chimera.models.documents``); no filter tap crosses a boundary."""
-        p = self.short_conv(self.in_proj(x), docs)
+        return self._operator(self.in_proj(x), docs)
+
+    def _operator(self, projected: torch.Tensor, docs=None, long_inputs: list | None = None) -> torch.Tensor:
+        """From ``W_in u + b_in`` on; each long convolution's input ``z^n`` is appended to ``long_inputs``."""
+        p = self.short_conv(projected, docs)
         *gates, v = self._streams(at_least_fp32(p))
         z = gates[0] * v
         for n in range(self.order - 1):
+            if long_inputs is not None:
+                long_inputs.append(z)
             z = gates[n + 1] * (self._long_conv(n, z, docs) + self.D[n] * z)
-        return self.out_proj(z.to(x.dtype))
+        return self.out_proj(z.to(projected.dtype))
+
+    def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
+        """The prompt in one pass; the state from the inputs of its convolutions: the short conv's and each FIR's
+        last inputs, the implicit filter's cache of every input, or the modal state ``s = sum_j p^(s-1-j) z_j``."""
+        projected, inputs = self.in_proj(x), []
+        out = self._operator(projected, None, inputs)
+        state = self.init_state(x.shape[1], max_len)
+        state["conv"] = self.short_conv.state_after(projected)
+        for n, z in enumerate(inputs):
+            if isinstance(self.filter, ExplicitFilter):
+                state["windows"][n] = self.filter.convs[n].state_after(z)
+            elif self.kind == "implicit":
+                state["inputs"][n, : z.shape[0]] = z
+            else:
+                log_p = self.filter.modes()[0][n]  # [c, S]
+                powers = self.filter.powers(log_p, torch.arange(z.shape[0], device=z.device))  # p^0 .. p^(s-1)
+                state["modes"][n] = torch.einsum("jbc,csj->bcs", z.to(powers.dtype), powers.flip(-1))
+        return out, state
 
     # -- decoding
 

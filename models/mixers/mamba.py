@@ -54,7 +54,8 @@ With heads, TP splits them (TP divides ``H``): a rank's channels are whole heads
 ``x_proj_weight`` lives on that rank (split along dim 0) and no communication is needed at all.
 
 Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.models.scan``) over
-``[s, b, d_inner, N]`` in fp32; ``step`` advances one token with O(1) state (conv window + h).
+``[s, b, d_inner, N]`` in fp32; ``step`` advances one token with O(1) state (conv window + h), which
+``prefill`` takes from the forward pass (the conv's last inputs, the scan's last state).
 Context parallelism carries that state between sequence chunks: the conv's inputs as a halo, ``h``
 combined from the earlier chunks' (decay product, final state) pairs (``chimera.parallel.context``).
 """
@@ -219,6 +220,10 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
         """``docs``: packed documents (``chimera.models.documents``); state never crosses a boundary."""
+        return self._mix(x, docs)[0]
+
+    def _mix(self, x: torch.Tensor, docs=None):
+        """(the block's output, the conv's inputs ``[s, b, d_inner/tp]``, the states ``h [s, b, H, P, N]``)."""
         z = self.in_proj_z(x)
         xi = self.in_proj_x(x)
         xc = F.silu(self.conv1d(xi, docs))
@@ -226,7 +231,12 @@ class MambaMixer(nn.Module):
         if docs is not None:
             dA = dA.masked_fill(docs.starts[..., None, None, None], 0.0)  # h_{t-1} dropped at a document's start
         h = linear_scan_across(linear_scan, dA, dBx, self.dims)[0]  # (2a) for all t (of this rank's chunk)
-        return self._output(h, C, xf, z)
+        return self._output(h, C, xf, z), xi, h
+
+    def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
+        """The prompt in one pass; the state: the conv's last inputs and the scan's last ``h``."""
+        out, xi, h = self._mix(x)
+        return out, {"conv": self.conv1d.state_after(xi), "h": h[-1].flatten(1, 2)}
 
     def init_state(self, batch: int, max_len: int):
         w = self.conv1d.weight

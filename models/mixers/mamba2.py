@@ -58,7 +58,7 @@ from torch import nn
 
 from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
-from chimera.models.scan import linear_scan
+from chimera.models.scan import linear_scan, log_decay_after
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec
 from chimera.parallel.context import linear_scan_across
 from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
@@ -285,6 +285,17 @@ class Mamba2Mixer(nn.Module):
                                device=w.device,
                                dtype=torch.promote_types(w.dtype, torch.float32)),
         }
+
+    def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
+        """The prompt through ``forward``; the state from the same inputs: both convs' last inputs and the last SSM
+        state ``h_T = sum_s exp(dt_{s+1} A + ... + dt_T A) dt_s x_s B_s^T``, a weighted sum over the prompt (the
+        chunked scan keeps only chunk-end states, so the projections and convs are recomputed, not the scan)."""
+        _, xs, bc, dt = self._project(x)
+        xh, B, C, dt = self._ssm_inputs(F.silu(self.conv_x(xs)), F.silu(self.conv_bc(bc)), dt)
+        B, _ = self._state_vectors(B, C)
+        weight = torch.exp(log_decay_after(dt * -torch.exp(at_least_fp32(self.A_log)))) * dt  # [s, b, h]
+        return self.forward(x), {"conv_x": self.conv_x.state_after(xs), "conv_bc": self.conv_bc.state_after(bc),
+                                 "ssm": torch.einsum("sbh,sbhp,sbhn->bhpn", weight, xh, B)}
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         z, xs, bc, dt = (t[0] for t in self._project(x))

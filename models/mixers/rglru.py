@@ -24,7 +24,7 @@ Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.m
 ``step`` advances one token with O(1) state (conv window + h), which is also what context
 parallelism carries from one sequence shard to the next: the conv's ``k - 1`` inputs as a halo, and
 ``h`` entering the chunk, combined from the earlier chunks' (decay product, final state) pairs
-(``chimera.parallel.context``).
+(``chimera.parallel.context``). ``prefill`` hands over the forward's last ``h`` and conv inputs.
 """
 
 from __future__ import annotations
@@ -119,12 +119,16 @@ class RGLRU(nn.Module):
 
         The sequence's first token always starts a document (under context parallelism: only the first
         chunk's first token; later chunks continue the state of the chunks before them)."""
+        return self.states(u, reset).to(u.dtype)
+
+    def states(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, w], fp32
+        """``h_t`` at every position, in fp32 or wider (``forward`` before the cast back to ``u``'s dtype)."""
         first = torch.zeros(u.shape[:2], dtype=torch.bool, device=u.device)
         first[0] = self.dims.cp_rank == 0
         reset = first if reset is None else reset | first
         a, b = self.coefficients(at_least_fp32(u), reset)
         a = a.masked_fill(reset.unsqueeze(-1), 0.0)
-        return linear_scan_across(linear_scan, a, b, self.dims)[0].to(u.dtype)  # (4)
+        return linear_scan_across(linear_scan, a, b, self.dims)[0]  # (4)
 
     def step(self, u: torch.Tensor, h: torch.Tensor, first: bool = False) -> torch.Tensor:  # [b, w] -> [b, w]
         reset = torch.full(u.shape[:1], first, dtype=torch.bool, device=u.device)
@@ -162,6 +166,13 @@ class RecurrentBlock(nn.Module):
             "conv": self.conv.init_state(batch, device=w.device, dtype=w.dtype),
             "h": torch.zeros(batch, w.shape[0], device=w.device, dtype=torch.float32),
         }
+
+    def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
+        """The prompt in one pass; the state: the conv's last inputs and the last ``h``."""
+        y = F.gelu(self.linear_y(x), approximate="tanh")
+        xw = self.linear_x(x)
+        h = self.rglru.states(self.conv(xw))
+        return self.linear_out(y * h.to(x.dtype)), {"conv": self.conv.state_after(xw), "h": h[-1]}
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         y = F.gelu(self.linear_y(x), approximate="tanh")

@@ -315,6 +315,10 @@ class RoutedHybrid(nn.Module):
             "last": torch.zeros(2, batch, w.shape[1], device=w.device, dtype=w.dtype),  # last_ssm, last_attention
         }
 
+    # No ``prefill``: a prompt is stepped through (``chimera.models.sublayer.stepped_prefill``). Handing the state
+    # over from ``forward`` would mean rebuilding the SSM's state from its compacted routed subsequence and the
+    # attention cache at the routed positions; the step is the definition, and prompts here are short.
+
     def step(self, h: torch.Tensor, state, pos: int) -> torch.Tensor:  # h: [1, b, d]
         p, first = self._router(h[0])
         if self.forced:

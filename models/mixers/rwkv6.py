@@ -57,7 +57,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from chimera.models.numerics import at_least_fp32
-from chimera.models.scan import linear_scan
+from chimera.models.scan import linear_scan, log_decay_after
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import halo, linear_scan_across
 from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
@@ -244,11 +244,22 @@ class TimeMix(nn.Module):
         return self.output(normed.view(*o.shape[:-2], -1).to(g.dtype) * g)
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
+        return self._mix(x, docs)[0]
+
+    def _mix(self, x: torch.Tensor, docs=None):
+        """(the output, and per head ``k``, ``v``, ``log w [s, b, h, n]``)."""
         r, k, v, g, log_w = self._inputs(x, token_shift(x, docs, self.dims))
         reset = None if docs is None else docs.starts
-        o = wkv(self._heads(r), self._heads(k), self._heads(v), log_w.unflatten(-1, (self.heads_local, -1)),
-                at_least_fp32(self.time_faaaa), self.chunk, reset, self.dims)
-        return self._out(o, g)
+        k, v, log_w = self._heads(k), self._heads(v), log_w.unflatten(-1, (self.heads_local, -1))
+        o = wkv(self._heads(r), k, v, log_w, at_least_fp32(self.time_faaaa), self.chunk, reset, self.dims)
+        return self._out(o, g), k, v, log_w
+
+    def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
+        """The prompt in one pass; the state: the last input (token shift) and
+        ``S_T = sum_s diag(w_{s+1} ... w_T) k_s^T v_s``."""
+        out, k, v, log_w = self._mix(x)
+        wkv_state = torch.einsum("sbhn,sbhm->bhnm", k * torch.exp(log_decay_after(log_w)), v)
+        return out, {"shift": x[-1].clone(), "wkv": wkv_state}
 
     def init_state(self, batch: int, max_len: int):
         w = self.receptance.weight

@@ -202,6 +202,10 @@ class S5SSM(nn.Module):
 
     def forward(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, H]
         """``reset [s, b]``: a document's first token, where ``x_{t-1}`` is dropped (``Lambda_bar`` -> 0)."""
+        return self.readout(self.states(u, reset), at_least_fp32(u))
+
+    def states(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, P'/tp], complex
+        """Every state ``x_t`` (``forward`` before the readout)."""
         u = at_least_fp32(u)
         Lambda_bar, B_bar = self.discretized(u.dtype)
         bu = u.to(B_bar.dtype) @ B_bar.T  # [s, b, P'/tp]: B_bar u_t
@@ -209,8 +213,7 @@ class S5SSM(nn.Module):
         first[0] = self.dims.cp_rank == 0
         reset = first if reset is None else reset | first
         a = torch.where(reset.unsqueeze(-1), torch.zeros_like(Lambda_bar), Lambda_bar)  # [s, b, P'/tp]
-        x, _ = linear_scan_across(associative_scan, a, bu, self.dims)
-        return self.readout(x, u)
+        return linear_scan_across(associative_scan, a, bu, self.dims)[0]
 
     def init_state(self, batch: int) -> torch.Tensor:
         dtype = torch.complex128 if self.lambda_re.dtype == torch.float64 else torch.complex64
@@ -243,6 +246,11 @@ class S5Layer(nn.Module):
 
     def init_state(self, batch: int, max_len: int):
         return {"x": self.ssm.init_state(batch)}
+
+    def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state): the scan's last state
+        states = self.ssm.states(x)
+        y = self.ssm.readout(states, at_least_fp32(x)).to(x.dtype)
+        return F.gelu(leave_tensor_parallel(y, self.dims, False), approximate="tanh"), {"x": states[-1]}
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         y, state["x"] = self.ssm.step(x[0], state["x"], first=pos == 0)

@@ -42,6 +42,13 @@ class SharedUse(nn.Module):
             x = sublayer.step(x, sub_state, context)
         return x
 
+    def prefill(self, x: torch.Tensor, context: Context, max_len: int):
+        state = []
+        for sublayer in self.block:
+            x, sub_state = sublayer.prefill(x, context, max_len)
+            state.append(sub_state)
+        return x, state
+
 
 class ResidualStyleConfig(SublayerConfig):
     """No fields of its own."""

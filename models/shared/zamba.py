@@ -92,6 +92,10 @@ class SharedTransformer(nn.Module):
         a = self.attention.step(self._input(h, embeddings, False), state, pos, lora=_get(adapters, "attention"))
         return self.mlp(enter_tensor_parallel(self.mlp_norm(a), self.dims, False), lora=_get(adapters, "mlp"))
 
+    def prefill(self, h, embeddings, max_len: int, adapters=None):  # [s, b, d] -> (output, attention state)
+        a, state = self.attention.prefill(self._input(h, embeddings, False), max_len, lora=_get(adapters, "attention"))
+        return self.mlp(enter_tensor_parallel(self.mlp_norm(a), self.dims, False), lora=_get(adapters, "mlp")), state
+
 
 def _get(adapters: nn.ModuleDict | None, name: str):
     return adapters[name] if adapters is not None and name in adapters else None
@@ -140,6 +144,11 @@ class ZambaUse(nn.Module):
     def step(self, x: torch.Tensor, state, context: Context) -> torch.Tensor:
         t = self.block.step(x, context.embeddings, state["attention"], context.position, self.adapters)
         return self.sublayer.step(x, state["sublayer"], context, injected=self._injected(t))
+
+    def prefill(self, x: torch.Tensor, context: Context, max_len: int):
+        t, attention_state = self.block.prefill(x, context.embeddings, max_len, self.adapters)
+        x, sublayer_state = self.sublayer.prefill(x, context, max_len, injected=self._injected(t))
+        return x, {"attention": attention_state, "sublayer": sublayer_state}
 
 
 def check(cfg) -> None:
