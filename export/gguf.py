@@ -9,12 +9,14 @@ layouts, as its converter (``convert_hf_to_gguf.py``) makes them from those tens
   adjacent pairs ``(2i, 2i + 1)`` llama.cpp rotates; no ``output`` when the head is tied (llama.cpp then uses
   ``token_embd``); Llama-3 RoPE scaling as ``rope_freqs`` (each pair's frequency divisor).
 * Mamba (``mamba``): the conv weight ``[c, 1, k]`` squeezed to ``[c, k]``; ``ssm_a = -exp(A_log)``.
-* Mamba-2 (``mamba2``): likewise, ``ssm_a`` and ``ssm_d`` as ``[heads, 1]``, ``dt_bias`` as ``ssm_dt.bias``, the
+* Jamba (``jamba``): attention without RoPE (so no permutation) or Mamba with its dt/B/C norms, per layer; each
+  MoE's experts stacked ``[E, ...]``; the router stays fp32.
+* Mamba-2 (``mamba2``): like Mamba, ``ssm_a`` and ``ssm_d`` as ``[heads, 1]``, ``dt_bias`` as ``ssm_dt.bias``, the
   gated norm's weight as ``[groups, d_inner / groups]`` (a norm per group).
 
 Shapes: a numpy ``[rows, cols]`` array is ggml's ``{cols, rows}`` (``GGUFReader`` reports those reversed dims).
 Dtypes as llama.cpp requires: 1-D tensors, norms, convolutions and the tensors without a ``.weight`` suffix
-(``ssm_a``, ``ssm_d``, biases) stay fp32; the matrices take the export dtype (fp32, fp16 or bf16).
+(``ssm_a``, ``ssm_d``, biases) and MoE routers stay fp32; the matrices take the export dtype (fp32, fp16 or bf16).
 The tokenizer travels in the file (``chimera.export.gguf_vocab``).
 """
 
@@ -121,19 +123,25 @@ def backbone_tensors(hf: Tensors, cfg, mixer: Callable[[str, int], Iterator]) ->
         yield from mixer(f"backbone.layers.{i}.mixer.", i)
 
 
-def mamba_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor]]:
-    def mixer(p: str, i: int):
-        yield tensor_name(MODEL_TENSOR.SSM_IN, i), hf[p + "in_proj.weight"]
-        yield tensor_name(MODEL_TENSOR.SSM_CONV1D, i), hf[p + "conv1d.weight"].squeeze(1)
-        yield tensor_name(MODEL_TENSOR.SSM_CONV1D, i, ".bias"), hf[p + "conv1d.bias"]
-        yield tensor_name(MODEL_TENSOR.SSM_X, i), hf[p + "x_proj.weight"]
-        yield tensor_name(MODEL_TENSOR.SSM_DT, i), hf[p + "dt_proj.weight"]
-        yield tensor_name(MODEL_TENSOR.SSM_DT, i, ".bias"), hf[p + "dt_proj.bias"]
-        yield tensor_name(MODEL_TENSOR.SSM_A, i, ""), -torch.exp(hf[p + "A_log"])
-        yield tensor_name(MODEL_TENSOR.SSM_D, i, ""), hf[p + "D"]
-        yield tensor_name(MODEL_TENSOR.SSM_OUT, i), hf[p + "out_proj.weight"]
+def mamba_mixer_tensors(hf: Tensors, p: str, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """One HF Mamba-1 mixer under prefix ``p`` as block ``i`` (with Jamba's dt/B/C norms when it has them)."""
+    yield tensor_name(MODEL_TENSOR.SSM_IN, i), hf[p + "in_proj.weight"]
+    yield tensor_name(MODEL_TENSOR.SSM_CONV1D, i), hf[p + "conv1d.weight"].squeeze(1)
+    yield tensor_name(MODEL_TENSOR.SSM_CONV1D, i, ".bias"), hf[p + "conv1d.bias"]
+    yield tensor_name(MODEL_TENSOR.SSM_X, i), hf[p + "x_proj.weight"]
+    yield tensor_name(MODEL_TENSOR.SSM_DT, i), hf[p + "dt_proj.weight"]
+    yield tensor_name(MODEL_TENSOR.SSM_DT, i, ".bias"), hf[p + "dt_proj.bias"]
+    yield tensor_name(MODEL_TENSOR.SSM_A, i, ""), -torch.exp(hf[p + "A_log"])
+    yield tensor_name(MODEL_TENSOR.SSM_D, i, ""), hf[p + "D"]
+    yield tensor_name(MODEL_TENSOR.SSM_OUT, i), hf[p + "out_proj.weight"]
+    for kind, norm in ((MODEL_TENSOR.SSM_DT_NORM, "dt"), (MODEL_TENSOR.SSM_B_NORM, "b"),
+                       (MODEL_TENSOR.SSM_C_NORM, "c")):
+        if f"{p}{norm}_layernorm.weight" in hf:
+            yield tensor_name(kind, i), hf[f"{p}{norm}_layernorm.weight"]
 
-    return backbone_tensors(hf, cfg, mixer)
+
+def mamba_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    return backbone_tensors(hf, cfg, lambda p, i: mamba_mixer_tensors(hf, p, i))
 
 
 def ssm_metadata(w: GGUFWriter, cfg) -> None:
@@ -179,6 +187,58 @@ def mamba2_metadata(w: GGUFWriter, source: ExportSource) -> None:
     w.add_ssm_group_count(cfg.ssm_groups)
 
 
+# ---- Jamba ---------------------------------------------------------------------------------------
+
+def jamba_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """Attention (no RoPE: no permutation) or Mamba per layer, then a gated MLP or a MoE whose experts are
+    stacked ``[E, ...]`` (llama.cpp's ``*_exps``)."""
+    yield tensor_name(MODEL_TENSOR.TOKEN_EMBD), hf["model.embed_tokens.weight"]
+    yield tensor_name(MODEL_TENSOR.OUTPUT_NORM), hf["model.final_layernorm.weight"]
+    if "lm_head.weight" in hf:
+        yield tensor_name(MODEL_TENSOR.OUTPUT), hf["lm_head.weight"]
+    for i in range(len(cfg.layers) // 2):
+        p = f"model.layers.{i}."
+        yield tensor_name(MODEL_TENSOR.ATTN_NORM, i), hf[p + "input_layernorm.weight"]
+        if cfg.layers[2 * i] == "*":
+            for kind, proj in ((MODEL_TENSOR.ATTN_Q, "q"), (MODEL_TENSOR.ATTN_K, "k"), (MODEL_TENSOR.ATTN_V, "v"),
+                               (MODEL_TENSOR.ATTN_OUT, "o")):
+                yield tensor_name(kind, i), hf[f"{p}self_attn.{proj}_proj.weight"]
+        else:
+            yield from mamba_mixer_tensors(hf, p + "mamba.", i)
+        yield tensor_name(MODEL_TENSOR.FFN_NORM, i), hf[p + "pre_ff_layernorm.weight"]
+        f = p + "feed_forward."
+        if cfg.layers[2 * i + 1] == "E":
+            yield tensor_name(MODEL_TENSOR.FFN_GATE_INP, i), hf[f + "router.weight"]
+            for kind, proj in ((MODEL_TENSOR.FFN_GATE_EXP, "gate"), (MODEL_TENSOR.FFN_UP_EXP, "up"),
+                               (MODEL_TENSOR.FFN_DOWN_EXP, "down")):
+                yield tensor_name(kind, i), torch.stack([hf[f"{f}experts.{j}.{proj}_proj.weight"]
+                                                         for j in range(cfg.moe_experts)])
+        else:
+            for kind, proj in ((MODEL_TENSOR.FFN_GATE, "gate"), (MODEL_TENSOR.FFN_UP, "up"),
+                               (MODEL_TENSOR.FFN_DOWN, "down")):
+                yield tensor_name(kind, i), hf[f"{f}{proj}_proj.weight"]
+
+
+def jamba_metadata(w: GGUFWriter, source: ExportSource) -> None:
+    """llama.cpp tells a Jamba layer's mixer by its kv-head count: 0 for Mamba."""
+    cfg = source.model_cfg
+    mixers = cfg.layers[0::2]
+    w.add_context_length(source.run.data.seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(len(mixers))
+    w.add_feed_forward_length(cfg.mlp_hidden)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv([cfg.num_kv_heads if m == "*" else 0 for m in mixers])
+    w.add_ssm_conv_kernel(cfg.conv_kernel)
+    w.add_ssm_inner_size(cfg.ssm_expand * cfg.d_model)
+    w.add_ssm_state_size(cfg.ssm_state)
+    w.add_ssm_time_step_rank(cfg.sublayer("m").ssm_dt_rank)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if "E" in cfg.layers:
+        w.add_expert_count(cfg.moe_experts)
+        w.add_expert_used_count(cfg.moe_top_k)
+
+
 # ---- the architectures ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -193,6 +253,7 @@ ARCHITECTURES = {  # by Chimera model family
     "llama": Architecture(MODEL_ARCH.LLAMA, "llama", llama_metadata, llama_tensors),
     "mamba": Architecture(MODEL_ARCH.MAMBA, "mamba", mamba_metadata, mamba_tensors),
     "mamba2": Architecture(MODEL_ARCH.MAMBA2, "mamba2", mamba2_metadata, mamba2_tensors),
+    "jamba": Architecture(MODEL_ARCH.JAMBA, "jamba", jamba_metadata, jamba_tensors),
 }
 
 
@@ -228,8 +289,9 @@ FILE_TYPES = {torch.float32: LlamaFileType.ALL_F32, torch.float16: LlamaFileType
 
 def keeps_fp32(name: str, t: torch.Tensor) -> bool:
     """The tensors llama.cpp reads in fp32 whatever the file type (its converter's rule)."""
-    conv = TENSOR_NAMES[MODEL_TENSOR.SSM_CONV1D].split(".")[-1]
-    return t.dim() <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or f".{conv}." in name
+    always = [TENSOR_NAMES[k].split(".")[-1] for k in (MODEL_TENSOR.SSM_CONV1D, MODEL_TENSOR.FFN_GATE_INP)]
+    return (t.dim() <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
+            or any(f".{kind}." in name for kind in always))
 
 
 def stored(name: str, t: torch.Tensor, dtype: torch.dtype) -> tuple[np.ndarray, GGMLQuantizationType | None]:

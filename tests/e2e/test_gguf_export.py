@@ -43,7 +43,7 @@ def source_of(tmp_path, preset: str, overrides=(), tokenizer: str | None = None,
 
 def export(tmp_path, source, dtype=torch.float32) -> GGUFReader:
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir(parents=True)
     gguf_export.write(source, out, dtype)
     assert sorted(p.name for p in out.iterdir()) == ["model.gguf"]
     return GGUFReader(out / "model.gguf")
@@ -68,10 +68,12 @@ def fields_of(reader: GGUFReader) -> dict:
 
 
 def assert_stored(got: dict, expected: dict, dtype: torch.dtype) -> None:
-    """Same names; 1-D tensors, norms, convs and suffix-less tensors in fp32, the rest in ``dtype``; equal values."""
+    """Same names; 1-D tensors, norms, convs, routers and suffix-less tensors in fp32, the rest in ``dtype``; equal
+    values."""
     assert sorted(got) == sorted(expected)
     for name, want in expected.items():
-        fp32 = want.dim() <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or "conv1d" in name
+        fp32 = (want.dim() <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight")
+                or any(kind in name for kind in ("conv1d", "ffn_gate_inp")))
         want = want.float() if fp32 else want.to(dtype)
         assert got[name].dtype == want.dtype, name
         assert torch.equal(got[name], want), name
@@ -186,17 +188,21 @@ def test_llama_runs_from_the_file_as_llama_cpp_runs_it(tmp_path, overrides, sing
 
 # ---- Mamba and Mamba-2 -----------------------------------------------------------------------------
 
+def mamba_mixer_expected(state: dict, m: str, b: str) -> dict:
+    """Our Mamba-1 mixer under prefix ``m`` as GGUF block prefix ``b``."""
+    return {b + "ssm_in.weight": torch.cat([state[m + "in_proj_x.weight"], state[m + "in_proj_z.weight"]]),
+            b + "ssm_conv1d.weight": state[m + "conv1d.weight"], b + "ssm_conv1d.bias": state[m + "conv1d.bias"],
+            b + "ssm_x.weight": state[m + "x_proj.weight"],
+            b + "ssm_dt.weight": state[m + "dt_proj.weight"], b + "ssm_dt.bias": state[m + "dt_proj.bias"],
+            b + "ssm_a": -torch.exp(state[m + "A_log"]), b + "ssm_d": state[m + "D"],
+            b + "ssm_out.weight": state[m + "out_proj.weight"]}
+
+
 def mamba_expected(state: dict, cfg) -> dict:
     out = {"token_embd.weight": state["embed.weight"], "output_norm.weight": state["final_norm.weight"]}
     for i in range(len(cfg.layers)):
-        m, b = f"layers.{i}.mixer.", f"blk.{i}."
-        out |= {b + "attn_norm.weight": state[f"layers.{i}.norm.weight"],
-                b + "ssm_in.weight": torch.cat([state[m + "in_proj_x.weight"], state[m + "in_proj_z.weight"]]),
-                b + "ssm_conv1d.weight": state[m + "conv1d.weight"], b + "ssm_conv1d.bias": state[m + "conv1d.bias"],
-                b + "ssm_x.weight": state[m + "x_proj.weight"],
-                b + "ssm_dt.weight": state[m + "dt_proj.weight"], b + "ssm_dt.bias": state[m + "dt_proj.bias"],
-                b + "ssm_a": -torch.exp(state[m + "A_log"]), b + "ssm_d": state[m + "D"],
-                b + "ssm_out.weight": state[m + "out_proj.weight"]}
+        out |= {f"blk.{i}.attn_norm.weight": state[f"layers.{i}.norm.weight"]}
+        out |= mamba_mixer_expected(state, f"layers.{i}.mixer.", f"blk.{i}.")
     return out
 
 
@@ -207,24 +213,32 @@ def causal_conv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.T
     return sum(w[:, j] * padded[j:j + x.shape[0]] for j in range(k)) + bias
 
 
-def mamba_cpp_logits(t: dict, meta: dict, ids: torch.Tensor) -> torch.Tensor:
-    """A ``mamba`` GGUF run as llama.cpp runs it, one step at a time: h_t = exp(dt A) h + dt B x_t,
-    y_t = C h_t + D x_t, gated by silu(z)."""
-    a = "mamba."
+def mamba_cpp_mixer(b, x: torch.Tensor, meta: dict, a: str) -> torch.Tensor:
+    """llama.cpp's Mamba-1 mixer, one step at a time: h_t = exp(dt A) h + dt B x_t, y_t = C h_t + D x_t, gated by
+    silu(z); dt, B and C RMS-normalised first when the block has ``ssm_{dt,b,c}_norm`` (Jamba)."""
     eps, inner, n, rank = (meta[a + k] for k in ("attention.layer_norm_rms_epsilon", "ssm.inner_size",
                                                   "ssm.state_size", "ssm.time_step_rank"))
+    x, z = (x @ b("ssm_in.weight").T).split(inner, -1)
+    x = F.silu(causal_conv(x, b("ssm_conv1d.weight"), b("ssm_conv1d.bias")))
+    dt, B, C = (x @ b("ssm_x.weight").T).split([rank, n, n], -1)
+    if b("ssm_dt_norm.weight") is not None:
+        dt, B, C = rms(dt, b("ssm_dt_norm.weight"), eps), rms(B, b("ssm_b_norm.weight"), eps), \
+            rms(C, b("ssm_c_norm.weight"), eps)
+    dt = F.softplus(dt @ b("ssm_dt.weight").T + b("ssm_dt.bias"))
+    state, ys = torch.zeros(inner, n), []
+    for s in range(x.shape[0]):
+        state = torch.exp(dt[s, :, None] * b("ssm_a")) * state + dt[s, :, None] * B[s] * x[s, :, None]
+        ys.append(state @ C[s] + b("ssm_d") * x[s])
+    return (torch.stack(ys) * F.silu(z)) @ b("ssm_out.weight").T
+
+
+def mamba_cpp_logits(t: dict, meta: dict, ids: torch.Tensor) -> torch.Tensor:
+    """A ``mamba`` GGUF run as llama.cpp runs it: norm, mixer, residual; the output is ``token_embd``."""
+    eps = meta["mamba.attention.layer_norm_rms_epsilon"]
     h = t["token_embd.weight"][ids]
-    for i in range(meta[a + "block_count"]):
-        b = lambda n, i=i: t[f"blk.{i}.{n}"]  # noqa: E731
-        x, z = (rms(h, b("attn_norm.weight"), eps) @ b("ssm_in.weight").T).split(inner, -1)
-        x = F.silu(causal_conv(x, b("ssm_conv1d.weight"), b("ssm_conv1d.bias")))
-        dt, B, C = (x @ b("ssm_x.weight").T).split([rank, n, n], -1)
-        dt = F.softplus(dt @ b("ssm_dt.weight").T + b("ssm_dt.bias"))
-        state, ys = torch.zeros(inner, n), []
-        for s in range(len(ids)):
-            state = torch.exp(dt[s, :, None] * b("ssm_a")) * state + dt[s, :, None] * B[s] * x[s, :, None]
-            ys.append(state @ C[s] + b("ssm_d") * x[s])
-        h = h + (torch.stack(ys) * F.silu(z)) @ b("ssm_out.weight").T
+    for i in range(meta["mamba.block_count"]):
+        b = lambda n, i=i: t.get(f"blk.{i}.{n}")  # noqa: E731
+        h = h + mamba_cpp_mixer(b, rms(h, b("attn_norm.weight"), eps), meta, "mamba.")
     return rms(h, t["output_norm.weight"], eps) @ t["token_embd.weight"].T
 
 
@@ -311,11 +325,83 @@ def test_mamba2_tensors_metadata_and_logits(tmp_path, single_process):
                 "mamba2.ssm.group_count": cfg.ssm_groups, "mamba2.context_length": 2**20}
     assert {k: meta.get(k) for k in expected} == expected
 
-    (tmp_path / "out/model.gguf").unlink()
-    (tmp_path / "out").rmdir()
-    reader = export(tmp_path, source)
+    reader = export(tmp_path / "fp32", source)
     ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(mamba2_cpp_logits(tensors_of(reader), fields_of(reader), ids),
+                               chimera_logits(source, ids), atol=1e-4, rtol=1e-4)
+
+
+def jamba_expected(state: dict, cfg) -> dict:
+    out = {"token_embd.weight": state["embed.weight"], "output_norm.weight": state["final_norm.weight"],
+           "output.weight": state["head.weight"]}
+    for i in range(len(cfg.layers) // 2):
+        mix, ffn, b = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"blk.{i}."
+        out |= {b + "attn_norm.weight": state[mix + "norm.weight"], b + "ffn_norm.weight": state[ffn + "norm.weight"]}
+        if cfg.layers[2 * i] == "*":  # no RoPE, so no permutation
+            out |= {b + f"attn_{g}.weight": state[f"{mix}mixer.{p}_proj.weight"]
+                    for g, p in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o"))}
+        else:
+            out |= mamba_mixer_expected(state, mix + "mixer.", b)
+            out |= {b + f"ssm_{n}_norm.weight": state[f"{mix}mixer.{n}_layernorm.weight"] for n in ("dt", "b", "c")}
+        if cfg.layers[2 * i + 1] == "E":
+            out |= {b + "ffn_gate_inp.weight": state[ffn + "mixer.router.weight"]}
+            out |= {b + f"ffn_{p}_exps.weight": state[f"{ffn}mixer.{p}_weight"] for p in ("gate", "up", "down")}
+        else:
+            out |= {b + f"ffn_{p}.weight": state[f"{ffn}mixer.{p}.weight"] for p in ("gate", "up", "down")}
+    return out
+
+
+def jamba_cpp_logits(t: dict, meta: dict, ids: torch.Tensor) -> torch.Tensor:
+    """A ``jamba`` GGUF run as llama.cpp runs it: a layer with kv heads attends (no positions), one without is
+    Mamba; a layer with a router takes softmax, then its top-k experts' SwiGLU weighted as they are."""
+    a = "jamba."
+    eps, heads, top_k = meta[a + "attention.layer_norm_rms_epsilon"], meta[a + "attention.head_count"], \
+        meta[a + "expert_used_count"]
+    s = ids.shape[0]
+    h = t["token_embd.weight"][ids]
+    for i, kv in enumerate(meta[a + "attention.head_count_kv"]):
+        b = lambda n, i=i: t.get(f"blk.{i}.{n}")  # noqa: E731
+        x = rms(h, b("attn_norm.weight"), eps)
+        if kv:
+            d = b("attn_q.weight").shape[0] // heads
+            q = (x @ b("attn_q.weight").T).view(s, heads, d)
+            k = (x @ b("attn_k.weight").T).view(s, kv, d).repeat_interleave(heads // kv, 1)
+            v = (x @ b("attn_v.weight").T).view(s, kv, d).repeat_interleave(heads // kv, 1)
+            scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
+            scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+            h = h + torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(s, -1) @ b("attn_output.weight").T
+        else:
+            h = h + mamba_cpp_mixer(b, x, meta, a)
+        x = rms(h, b("ffn_norm.weight"), eps)
+        if b("ffn_gate_inp.weight") is not None:
+            weights, chosen = (x @ b("ffn_gate_inp.weight").T).softmax(-1).topk(top_k, -1)
+            y = torch.zeros_like(x)
+            for e in range(b("ffn_gate_inp.weight").shape[0]):
+                w_e = (weights * (chosen == e)).sum(-1, keepdim=True)
+                gate, up, down = (b(f"ffn_{p}_exps.weight")[e] for p in ("gate", "up", "down"))
+                y = y + w_e * ((F.silu(x @ gate.T) * (x @ up.T)) @ down.T)
+            h = h + y
+        else:
+            h = h + (F.silu(x @ b("ffn_gate.weight").T) * (x @ b("ffn_up.weight").T)) @ b("ffn_down.weight").T
+    return rms(h, t["output_norm.weight"], eps) @ t["output.weight"].T
+
+
+def test_jamba_tensors_metadata_and_logits(tmp_path, single_process):
+    source = source_of(tmp_path, "jamba-tiny")
+    cfg = source.model_cfg
+    reader = export(tmp_path / "bf16", source, torch.bfloat16)
+    assert_stored(tensors_of(reader), jamba_expected(source.state, cfg), torch.bfloat16)
+    meta = fields_of(reader)
+    mixers = cfg.layers[0::2]
+    expected = {"general.architecture": "jamba", "jamba.block_count": len(mixers),
+                "jamba.attention.head_count_kv": [cfg.num_kv_heads if m == "*" else 0 for m in mixers],
+                "jamba.attention.head_count": cfg.num_heads, "jamba.feed_forward_length": cfg.mlp_hidden,
+                "jamba.expert_count": cfg.moe_experts, "jamba.expert_used_count": cfg.moe_top_k,
+                "jamba.ssm.time_step_rank": cfg.ssm_dt_rank, "jamba.ssm.state_size": cfg.ssm_state}
+    assert {k: meta.get(k) for k in expected} == expected
+    reader = export(tmp_path, source)
+    ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(jamba_cpp_logits(tensors_of(reader), fields_of(reader), ids),
                                chimera_logits(source, ids), atol=1e-4, rtol=1e-4)
 
 
