@@ -13,6 +13,8 @@ layouts, as its converter (``convert_hf_to_gguf.py``) makes them from those tens
   MoE's experts stacked ``[E, ...]``; the router stays fp32.
 * Mamba-2 (``mamba2``): like Mamba, ``ssm_a`` and ``ssm_d`` as ``[heads, 1]``, ``dt_bias`` as ``ssm_dt.bias``, the
   gated norm's weight as ``[groups, d_inner / groups]`` (a norm per group).
+* Granite-4.0-H (``granitehybrid``): attention (permuted as Llama's) or Mamba-2 per layer, the experts' and the
+  shared MLP's fused gate/up split, Granite's muP multipliers as ``*_scale`` keys.
 
 Shapes: a numpy ``[rows, cols]`` array is ggml's ``{cols, rows}`` (``GGUFReader`` reports those reversed dims).
 Dtypes as llama.cpp requires: 1-D tensors, norms, convolutions and the tensors without a ``.weight`` suffix
@@ -164,20 +166,21 @@ def mamba_metadata(w: GGUFWriter, source: ExportSource) -> None:
     w.add_ssm_dt_b_c_rms(False)
 
 
-def mamba2_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor]]:
+def mamba2_mixer_tensors(hf: Tensors, cfg, p: str, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """One HF Mamba-2 mixer under prefix ``p`` as block ``i``."""
     inner, groups = cfg.ssm_expand * cfg.d_model, cfg.ssm_groups
+    yield tensor_name(MODEL_TENSOR.SSM_IN, i), hf[p + "in_proj.weight"]
+    yield tensor_name(MODEL_TENSOR.SSM_CONV1D, i), hf[p + "conv1d.weight"].squeeze(1)
+    yield tensor_name(MODEL_TENSOR.SSM_CONV1D, i, ".bias"), hf[p + "conv1d.bias"]
+    yield tensor_name(MODEL_TENSOR.SSM_DT, i, ".bias"), hf[p + "dt_bias"]
+    yield tensor_name(MODEL_TENSOR.SSM_A, i, ""), -torch.exp(hf[p + "A_log"]).unsqueeze(-1)
+    yield tensor_name(MODEL_TENSOR.SSM_D, i, ""), hf[p + "D"].unsqueeze(-1)
+    yield tensor_name(MODEL_TENSOR.SSM_NORM, i), hf[p + "norm.weight"].reshape(groups, inner // groups)
+    yield tensor_name(MODEL_TENSOR.SSM_OUT, i), hf[p + "out_proj.weight"]
 
-    def mixer(p: str, i: int):
-        yield tensor_name(MODEL_TENSOR.SSM_IN, i), hf[p + "in_proj.weight"]
-        yield tensor_name(MODEL_TENSOR.SSM_CONV1D, i), hf[p + "conv1d.weight"].squeeze(1)
-        yield tensor_name(MODEL_TENSOR.SSM_CONV1D, i, ".bias"), hf[p + "conv1d.bias"]
-        yield tensor_name(MODEL_TENSOR.SSM_DT, i, ".bias"), hf[p + "dt_bias"]
-        yield tensor_name(MODEL_TENSOR.SSM_A, i, ""), -torch.exp(hf[p + "A_log"]).unsqueeze(-1)
-        yield tensor_name(MODEL_TENSOR.SSM_D, i, ""), hf[p + "D"].unsqueeze(-1)
-        yield tensor_name(MODEL_TENSOR.SSM_NORM, i), hf[p + "norm.weight"].reshape(groups, inner // groups)
-        yield tensor_name(MODEL_TENSOR.SSM_OUT, i), hf[p + "out_proj.weight"]
 
-    return backbone_tensors(hf, cfg, mixer)
+def mamba2_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    return backbone_tensors(hf, cfg, lambda p, i: mamba2_mixer_tensors(hf, cfg, p, i))
 
 
 def mamba2_metadata(w: GGUFWriter, source: ExportSource) -> None:
@@ -239,6 +242,81 @@ def jamba_metadata(w: GGUFWriter, source: ExportSource) -> None:
         w.add_expert_used_count(cfg.moe_top_k)
 
 
+# ---- Granite-4.0-H --------------------------------------------------------------------------------
+
+def granite_hybrid_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    """Attention (q/k permuted as for Llama, as the converter does even without RoPE: q.k is unchanged) or
+    Mamba-2 per layer; the fused ``input_linear`` of the experts and of the shared MLP split into gate and up."""
+    moe = cfg.layers[1] == "E"
+    yield tensor_name(MODEL_TENSOR.TOKEN_EMBD), hf["model.embed_tokens.weight"]
+    yield tensor_name(MODEL_TENSOR.OUTPUT_NORM), hf["model.norm.weight"]
+    if "lm_head.weight" in hf:
+        yield tensor_name(MODEL_TENSOR.OUTPUT), hf["lm_head.weight"]
+    for i in range(len(cfg.layers) // 2):
+        p = f"model.layers.{i}."
+        yield tensor_name(MODEL_TENSOR.ATTN_NORM, i), hf[p + "input_layernorm.weight"]
+        if cfg.layers[2 * i] == "*":
+            a = p + "self_attn."
+            yield tensor_name(MODEL_TENSOR.ATTN_Q, i), rope_pairs_adjacent(hf[a + "q_proj.weight"], cfg.num_heads)
+            yield tensor_name(MODEL_TENSOR.ATTN_K, i), rope_pairs_adjacent(hf[a + "k_proj.weight"], cfg.num_kv_heads)
+            yield tensor_name(MODEL_TENSOR.ATTN_V, i), hf[a + "v_proj.weight"]
+            yield tensor_name(MODEL_TENSOR.ATTN_OUT, i), hf[a + "o_proj.weight"]
+        else:
+            yield from mamba2_mixer_tensors(hf, cfg, p + "mamba.", i)
+        yield tensor_name(MODEL_TENSOR.FFN_NORM, i), hf[p + "post_attention_layernorm.weight"]
+        gate, up = hf[p + "shared_mlp.input_linear.weight"].chunk(2, 0)
+        down = hf[p + "shared_mlp.output_linear.weight"]
+        if moe:
+            sparse = p + "block_sparse_moe."
+            yield tensor_name(MODEL_TENSOR.FFN_GATE_INP, i), hf[sparse + "router.layer.weight"]
+            expert_gate, expert_up = hf[sparse + "input_linear.weight"].chunk(2, 1)
+            yield tensor_name(MODEL_TENSOR.FFN_GATE_EXP, i), expert_gate
+            yield tensor_name(MODEL_TENSOR.FFN_UP_EXP, i), expert_up
+            yield tensor_name(MODEL_TENSOR.FFN_DOWN_EXP, i), hf[sparse + "output_linear.weight"]
+            shared = (MODEL_TENSOR.FFN_GATE_SHEXP, MODEL_TENSOR.FFN_UP_SHEXP, MODEL_TENSOR.FFN_DOWN_SHEXP)
+        else:
+            shared = (MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_UP, MODEL_TENSOR.FFN_DOWN)
+        for kind, t in zip(shared, (gate, up, down), strict=True):
+            yield tensor_name(kind, i), t
+
+
+def granite_hybrid_metadata(w: GGUFWriter, source: ExportSource) -> None:
+    """Llama's keys, Mamba-2's, kv heads per layer (0: Mamba-2), the MoE sizes and Granite's muP multipliers."""
+    cfg = source.model_cfg
+    mixers, moe = cfg.layers[0::2], cfg.layers[1] == "E"
+    w.add_context_length(SSM_CONTEXT if "M" in mixers else source.run.data.seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(len(mixers))
+    w.add_feed_forward_length(cfg.sublayer("E").moe_hidden if moe else cfg.mlp_hidden)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv([cfg.num_kv_heads if m == "*" else 0 for m in mixers])
+    w.add_rope_dimension_count(cfg.d_model // cfg.num_heads)
+    w.add_rope_scaling_finetuned(False)  # llama.cpp's granitehybrid reads this as "uses RoPE"
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if moe:
+        w.add_expert_count(cfg.moe_experts)
+        w.add_expert_used_count(cfg.moe_top_k)
+        w.add_expert_shared_feed_forward_length(cfg.moe_shared_hidden)
+    w.add_attention_scale(cfg.attention_scale or cfg.sublayer("*").head_dim ** -0.5)
+    w.add_embedding_scale(cfg.embedding_multiplier)
+    w.add_residual_scale(cfg.residual_multiplier)
+    w.add_logit_scale(cfg.logits_divisor)
+    w.add_ssm_conv_kernel(cfg.conv_kernel)
+    w.add_ssm_state_size(cfg.ssm_state)
+    w.add_ssm_group_count(cfg.ssm_groups)
+    w.add_ssm_inner_size(cfg.ssm_expand * cfg.d_model)
+    w.add_ssm_time_step_rank(cfg.ssm_expand * cfg.d_model // cfg.ssm_head_dim)
+
+
+def granite_hybrid_refusal(cfg) -> str | None:
+    """What HF's class holds but llama.cpp's granitehybrid does not run."""
+    if "*" in cfg.layers and cfg.attention_bias:
+        return "attention_bias=true (llama.cpp's granitehybrid attention has no biases)"
+    if "*" in cfg.layers and "M" in cfg.layers and cfg.rope_fraction != 0:
+        return "RoPE in a hybrid (llama.cpp's granitehybrid with Mamba-2 layers runs attention without positions)"
+    return None
+
+
 # ---- the architectures ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -247,6 +325,7 @@ class Architecture:
     hf_model_type: str  # the mapping (chimera.models.hf) that gives the HF tensors
     metadata: Callable[[GGUFWriter, ExportSource], None]
     tensors: Callable[[Tensors, object], Iterator[tuple[str, torch.Tensor]]]
+    refusal: Callable[[object], str | None] = lambda cfg: None  # beyond what the HF class refuses
 
 
 ARCHITECTURES = {  # by Chimera model family
@@ -254,6 +333,8 @@ ARCHITECTURES = {  # by Chimera model family
     "mamba": Architecture(MODEL_ARCH.MAMBA, "mamba", mamba_metadata, mamba_tensors),
     "mamba2": Architecture(MODEL_ARCH.MAMBA2, "mamba2", mamba2_metadata, mamba2_tensors),
     "jamba": Architecture(MODEL_ARCH.JAMBA, "jamba", jamba_metadata, jamba_tensors),
+    "granitemoehybrid": Architecture(MODEL_ARCH.GRANITE_HYBRID, "granitemoehybrid", granite_hybrid_metadata,
+                                     granite_hybrid_tensors, granite_hybrid_refusal),
 }
 
 
@@ -271,6 +352,8 @@ def _architecture(cfg) -> Architecture:
         check_expressible(mapping, cfg)
     except UserError as e:
         raise UserError(f"GGUF ({MODEL_ARCH_NAMES[arch.arch]}): {e}") from None
+    if (why := arch.refusal(cfg)) is not None:
+        raise UserError(f"GGUF ({MODEL_ARCH_NAMES[arch.arch]}): llama.cpp cannot run this model's {why}")
     return arch
 
 

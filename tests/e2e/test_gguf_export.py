@@ -262,53 +262,57 @@ def test_mamba_tensors_metadata_and_logits(tmp_path, dtype, single_process):
         torch.testing.assert_close(mamba_cpp_logits(t, meta, ids), chimera_logits(source, ids), atol=1e-4, rtol=1e-4)
 
 
-def mamba2_expected(state: dict, cfg) -> dict:
+def mamba2_mixer_expected(state: dict, cfg, m: str, b: str) -> dict:
+    """Our Mamba-2 mixer under prefix ``m`` as GGUF block prefix ``b``."""
     inner, g, n = cfg.ssm_expand * cfg.d_model, cfg.ssm_groups, cfg.ssm_state
 
     def b_then_c(t):  # ours [G, (B, C), N] -> [B (G, N), C (G, N)]
         return t.reshape(g, 2, n, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
+    return {b + "ssm_in.weight": torch.cat([state[m + "in_proj_z.weight"], state[m + "in_proj_x.weight"],
+                                            b_then_c(state[m + "in_proj_bc.weight"]), state[m + "in_proj_dt.weight"]]),
+            b + "ssm_conv1d.weight": torch.cat([state[m + "conv_x.weight"], b_then_c(state[m + "conv_bc.weight"])]),
+            b + "ssm_conv1d.bias": torch.cat([state[m + "conv_x.bias"], b_then_c(state[m + "conv_bc.bias"])]),
+            b + "ssm_dt.bias": state[m + "dt_bias"],
+            b + "ssm_a": -torch.exp(state[m + "A_log"])[:, None], b + "ssm_d": state[m + "D"][:, None],
+            b + "ssm_norm.weight": state[m + "norm_weight"].reshape(g, inner // g),
+            b + "ssm_out.weight": state[m + "out_proj.weight"]}
+
+
+def mamba2_expected(state: dict, cfg) -> dict:
     out = {"token_embd.weight": state["embed.weight"], "output_norm.weight": state["final_norm.weight"]}
     for i in range(len(cfg.layers)):
-        m, b = f"layers.{i}.mixer.", f"blk.{i}."
-        out |= {b + "attn_norm.weight": state[f"layers.{i}.norm.weight"],
-                b + "ssm_in.weight": torch.cat([state[m + "in_proj_z.weight"], state[m + "in_proj_x.weight"],
-                                                b_then_c(state[m + "in_proj_bc.weight"]),
-                                                state[m + "in_proj_dt.weight"]]),
-                b + "ssm_conv1d.weight": torch.cat([state[m + "conv_x.weight"], b_then_c(state[m + "conv_bc.weight"])]),
-                b + "ssm_conv1d.bias": torch.cat([state[m + "conv_x.bias"], b_then_c(state[m + "conv_bc.bias"])]),
-                b + "ssm_dt.bias": state[m + "dt_bias"],
-                b + "ssm_a": -torch.exp(state[m + "A_log"])[:, None], b + "ssm_d": state[m + "D"][:, None],
-                b + "ssm_norm.weight": state[m + "norm_weight"].reshape(g, inner // g),
-                b + "ssm_out.weight": state[m + "out_proj.weight"]}
+        out |= {f"blk.{i}.attn_norm.weight": state[f"layers.{i}.norm.weight"]}
+        out |= mamba2_mixer_expected(state, cfg, f"layers.{i}.mixer.", f"blk.{i}.")
     return out
 
 
-def mamba2_cpp_logits(t: dict, meta: dict, ids: torch.Tensor) -> torch.Tensor:
-    """A ``mamba2`` GGUF run as llama.cpp runs it: per head a scalar decay exp(dt A), B and C shared within a
-    group, then y * silu(z) RMS-normalised per group."""
-    a = "mamba2."
+def mamba2_cpp_mixer(b, x: torch.Tensor, meta: dict, a: str) -> torch.Tensor:
+    """llama.cpp's Mamba-2 mixer: per head a scalar decay exp(dt A), B and C shared within a group, then
+    y * silu(z) RMS-normalised per group."""
     eps, inner, n, heads, g = (meta[a + k] for k in ("attention.layer_norm_rms_epsilon", "ssm.inner_size",
                                                       "ssm.state_size", "ssm.time_step_rank", "ssm.group_count"))
-    p = inner // heads
+    s = x.shape[0]
+    z, xbc, dt = (x @ b("ssm_in.weight").T).split([inner, inner + 2 * g * n, heads], -1)
+    x, B, C = F.silu(causal_conv(xbc, b("ssm_conv1d.weight"), b("ssm_conv1d.bias"))).split([inner, g * n, g * n], -1)
+    dt = F.softplus(dt + b("ssm_dt.bias"))  # [s, H]
+    group = torch.arange(heads) // (heads // g)
+    B, C, x = B.view(s, g, n)[:, group], C.view(s, g, n)[:, group], x.view(s, heads, inner // heads)
+    state, ys = torch.zeros(heads, inner // heads, n), []
+    for t in range(s):
+        decay = torch.exp(dt[t] * b("ssm_a")[:, 0])
+        state = decay[:, None, None] * state + dt[t, :, None, None] * x[t, :, :, None] * B[t, :, None, :]
+        ys.append(torch.einsum("hpn,hn->hp", state, C[t]) + b("ssm_d") * x[t])
+    y = (torch.stack(ys).reshape(s, inner) * F.silu(z)).view(s, g, inner // g)
+    return rms(y, b("ssm_norm.weight"), eps).reshape(s, inner) @ b("ssm_out.weight").T
+
+
+def mamba2_cpp_logits(t: dict, meta: dict, ids: torch.Tensor) -> torch.Tensor:
+    eps = meta["mamba2.attention.layer_norm_rms_epsilon"]
     h = t["token_embd.weight"][ids]
-    for i in range(meta[a + "block_count"]):
-        b = lambda n, i=i: t[f"blk.{i}.{n}"]  # noqa: E731
-        z, xbc, dt = (rms(h, b("attn_norm.weight"), eps) @ b("ssm_in.weight").T).split([inner, inner + 2 * g * n,
-                                                                                          heads], -1)
-        x, B, C = F.silu(causal_conv(xbc, b("ssm_conv1d.weight"), b("ssm_conv1d.bias"))).split([inner, g * n, g * n],
-                                                                                              -1)
-        dt = F.softplus(dt + b("ssm_dt.bias"))  # [s, H]
-        group = torch.arange(heads) // (heads // g)
-        B, C, x = B.view(-1, g, n)[:, group], C.view(-1, g, n)[:, group], x.view(-1, heads, p)
-        state, ys = torch.zeros(heads, p, n), []
-        for s in range(len(ids)):
-            decay = torch.exp(dt[s] * b("ssm_a")[:, 0])
-            state = decay[:, None, None] * state + dt[s, :, None, None] * x[s, :, :, None] * B[s, :, None, :]
-            ys.append(torch.einsum("hpn,hn->hp", state, C[s]) + b("ssm_d") * x[s])
-        y = (torch.stack(ys).reshape(len(ids), inner) * F.silu(z)).view(len(ids), g, inner // g)
-        y = rms(y, b("ssm_norm.weight"), eps).reshape(len(ids), inner)
-        h = h + y @ b("ssm_out.weight").T
+    for i in range(meta["mamba2.block_count"]):
+        b = lambda n, i=i: t.get(f"blk.{i}.{n}")  # noqa: E731
+        h = h + mamba2_cpp_mixer(b, rms(h, b("attn_norm.weight"), eps), meta, "mamba2.")
     return rms(h, t["output_norm.weight"], eps) @ t["token_embd.weight"].T
 
 
@@ -402,6 +406,84 @@ def test_jamba_tensors_metadata_and_logits(tmp_path, single_process):
     reader = export(tmp_path, source)
     ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(jamba_cpp_logits(tensors_of(reader), fields_of(reader), ids),
+                               chimera_logits(source, ids), atol=1e-4, rtol=1e-4)
+
+
+def granite_expected(state: dict, cfg) -> dict:
+    out = {"token_embd.weight": state["embed.weight"], "output_norm.weight": state["final_norm.weight"]}
+    for i in range(len(cfg.layers) // 2):
+        mix, ffn, b = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"blk.{i}."
+        out |= {b + "attn_norm.weight": state[mix + "norm.weight"], b + "ffn_norm.weight": state[ffn + "norm.weight"],
+                b + "ffn_gate_inp.weight": state[ffn + "mixer.router.weight"]}
+        if cfg.layers[2 * i] == "*":
+            out |= {b + "attn_q.weight": rope_rows_adjacent(state[mix + "mixer.q_proj.weight"], cfg.num_heads),
+                    b + "attn_k.weight": rope_rows_adjacent(state[mix + "mixer.k_proj.weight"], cfg.num_kv_heads),
+                    b + "attn_v.weight": state[mix + "mixer.v_proj.weight"],
+                    b + "attn_output.weight": state[mix + "mixer.o_proj.weight"]}
+        else:
+            out |= mamba2_mixer_expected(state, cfg, mix + "mixer.", b)
+        out |= {b + f"ffn_{p}_exps.weight": state[f"{ffn}mixer.{p}_weight"] for p in ("gate", "up", "down")}
+        out |= {b + f"ffn_{p}_shexp.weight": state[f"{ffn}mixer.shared_expert.{p}.weight"]
+                for p in ("gate", "up", "down")}
+    return out
+
+
+def granite_cpp_logits(t: dict, meta: dict, ids: torch.Tensor) -> torch.Tensor:
+    """A ``granitehybrid`` GGUF run as llama.cpp runs it: embeddings times ``embedding_scale``; per layer attention
+    without positions (softmax scale ``attention.scale``) or Mamba-2, then top-k experts renormalised plus the
+    shared expert, each branch times ``residual_scale``; logits divided by ``logit_scale``."""
+    a = "granitehybrid."
+    eps, heads, top_k = meta[a + "attention.layer_norm_rms_epsilon"], meta[a + "attention.head_count"], \
+        meta[a + "expert_used_count"]
+    s = ids.shape[0]
+    h = t["token_embd.weight"][ids] * meta[a + "embedding_scale"]
+    residual = meta[a + "residual_scale"]
+    for i, kv in enumerate(meta[a + "attention.head_count_kv"]):
+        b = lambda n, i=i: t.get(f"blk.{i}.{n}")  # noqa: E731
+        x = rms(h, b("attn_norm.weight"), eps)
+        if kv:
+            d = b("attn_q.weight").shape[0] // heads
+            q = (x @ b("attn_q.weight").T).view(s, heads, d)
+            k = (x @ b("attn_k.weight").T).view(s, kv, d).repeat_interleave(heads // kv, 1)
+            v = (x @ b("attn_v.weight").T).view(s, kv, d).repeat_interleave(heads // kv, 1)
+            scores = torch.einsum("qhd,khd->hqk", q, k) * meta[a + "attention.scale"]
+            scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+            y = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(s, -1) @ b("attn_output.weight").T
+        else:
+            y = mamba2_cpp_mixer(b, x, meta, a)
+        h = h + residual * y
+        x = rms(h, b("ffn_norm.weight"), eps)
+        weights, chosen = (x @ b("ffn_gate_inp.weight").T).softmax(-1).topk(top_k, -1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        y = (F.silu(x @ b("ffn_gate_shexp.weight").T) * (x @ b("ffn_up_shexp.weight").T)) @ b("ffn_down_shexp.weight").T
+        for e in range(b("ffn_gate_inp.weight").shape[0]):
+            w_e = (weights * (chosen == e)).sum(-1, keepdim=True)
+            gate, up, down = (b(f"ffn_{p}_exps.weight")[e] for p in ("gate", "up", "down"))
+            y = y + w_e * ((F.silu(x @ gate.T) * (x @ up.T)) @ down.T)
+        h = h + residual * y
+    return rms(h, t["output_norm.weight"], eps) @ t["token_embd.weight"].T / meta[a + "logit_scale"]
+
+
+def test_granite_hybrid_tensors_metadata_and_logits(tmp_path, single_process):
+    source = source_of(tmp_path, "granite-tiny")
+    cfg = source.model_cfg
+    reader = export(tmp_path / "fp16", source, torch.float16)
+    assert_stored(tensors_of(reader), granite_expected(source.state, cfg), torch.float16)
+    meta = fields_of(reader)
+    mixers = cfg.layers[0::2]
+    expected = {"general.architecture": "granitehybrid", "granitehybrid.block_count": len(mixers),
+                "granitehybrid.attention.head_count_kv": [cfg.num_kv_heads if m == "*" else 0 for m in mixers],
+                "granitehybrid.expert_count": cfg.moe_experts, "granitehybrid.expert_used_count": cfg.moe_top_k,
+                "granitehybrid.expert_shared_feed_forward_length": cfg.moe_shared_hidden,
+                "granitehybrid.feed_forward_length": cfg.moe_hidden, "granitehybrid.rope.scaling.finetuned": False,
+                "granitehybrid.ssm.group_count": cfg.ssm_groups, "granitehybrid.ssm.state_size": cfg.ssm_state}
+    assert {k: meta.get(k) for k in expected} == expected
+    for key, value in (("embedding_scale", cfg.embedding_multiplier), ("residual_scale", cfg.residual_multiplier),
+                       ("logit_scale", cfg.logits_divisor), ("attention.scale", cfg.attention_scale)):
+        assert meta[f"granitehybrid.{key}"] == pytest.approx(value)
+    reader = export(tmp_path / "fp32", source)
+    ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(granite_cpp_logits(tensors_of(reader), fields_of(reader), ids),
                                chimera_logits(source, ids), atol=1e-4, rtol=1e-4)
 
 
