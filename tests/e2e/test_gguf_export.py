@@ -550,6 +550,8 @@ def test_refusals(tmp_path, single_process):
     assert "has no llama.cpp architecture" in griffin and "llama, mamba, mamba2" in griffin
     scaled = gguf_export.refusal(source_of(tmp_path / "c", "llama-tiny", ["residual_multiplier=0.5"]))
     assert "cannot express this model's residual_multiplier" in scaled
+    biased = gguf_export.refusal(source_of(tmp_path / "f", "granite-tiny", ["attention_bias=true"]))
+    assert "llama.cpp cannot run this model's attention_bias=true" in biased
     words = tmp_path / "words.json"
     Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(words))
     refused = gguf_export.refusal(source_of(tmp_path / "d", "mamba-tiny", tokenizer=str(words)))
