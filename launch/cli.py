@@ -7,7 +7,7 @@
     chimera models
     chimera generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P]
     chimera import-hf HF_DIR --out DIR [--into dynamic-hybrid]
-    chimera export RUN_DIR_OR_CKPT --format hf --out DIR
+    chimera export RUN_DIR_OR_CKPT --format safetensors|hf|onnx|gguf --out DIR [--step N] [--dtype bf16|fp16|fp32]
     chimera data prepare INPUT... --tokenizer T --format {webdataset,zarr} --out DIR
     chimera data train-tokenizer INPUT... --vocab-size N --out tokenizer.json
     chimera data genomic-tasks GENOME.fasta.gz... --out DIR [--window N --per-genome N --heldout F --seed S]
@@ -260,11 +260,12 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from chimera.trainer.interchange import export_hf
+    from chimera.export.exporter import export
 
     _writable_output(args.out)
-    out = export_hf(args.checkpoint, args.out)
-    print(f"exported -> {out} (transformers AutoModelForCausalLM.from_pretrained loads it)")
+    out = export(args.checkpoint, args.format, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
+                 max_shard_mb=args.max_shard_mb)
+    print(f"exported ({args.format}, {args.dtype}) -> {out}")
     return 0
 
 
@@ -385,10 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--into", choices=["dynamic-hybrid"], default=None,
                    help="convert on import: dynamic-hybrid = Granite-4.0-H's mixers as routed hybrid blocks ('Y')")
     i.set_defaults(func=cmd_import_hf)
-    e = sub.add_parser("export", help="a run or checkpoint -> a transformers checkpoint directory")
-    e.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
-    e.add_argument("--format", choices=["hf"], default="hf")
-    e.add_argument("--out", required=True, help="new directory")
+    e = sub.add_parser("export", help="a run or checkpoint -> safetensors, transformers, ONNX or GGUF files")
+    e.add_argument("checkpoint", help="run directory (newest valid checkpoint, or --step) or checkpoint directory")
+    e.add_argument("--format", default="hf", help="safetensors, hf (transformers), onnx or gguf (default hf)")
+    e.add_argument("--out", required=True, help="new (or empty) directory")
+    e.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest valid)")
+    e.add_argument("--dtype", default="fp32", help="bf16, fp16 or fp32 (default)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out (once the new export is complete)")
+    e.add_argument("--max-shard-mb", type=float, default=None, help="safetensors/hf: MiB per file (default 2048)")
     e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("data", help="prepare datasets and tokenizers")
