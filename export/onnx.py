@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from chimera.export.graph_scan import graph_scans
 from chimera.export.symbolic_index import SymbolicIndexing
 
 STATE_MANIFEST = "state.json"
@@ -210,11 +211,13 @@ def write_prefill(model: nn.Module, path: Path, max_len: int, names: list[str], 
     graph = PrefillGraph(model, max_len)
     kwargs = {"input_names": ["input_ids"], "output_names": ["logits", *names]}
     try:
-        length = torch.export.Dim("prompt", min=1, max=max_len)
-        program = torch.export.export(graph, (torch.zeros(2, 3, dtype=torch.long),), strict=False,
-                                      dynamic_shapes=({0: batch, 1: length},))
+        length = torch.export.Dim.DYNAMIC
+        with graph_scans(max_len):
+            program = torch.export.export(graph, (torch.zeros(2, 3, dtype=torch.long),), strict=False,
+                                          dynamic_shapes=({0: batch, 1: length},))
         tokens = None
-    except Exception:  # a prefill that steps through the prompt: a loop over its length (see the module docstring)
+    except Exception as e:
+        print("PREFILL FALLBACK", type(e).__name__, str(e)[:2000])  # a prefill that steps through the prompt: a loop over its length (see the module docstring)
         program = torch.export.export(graph, (torch.zeros(2, 1, dtype=torch.long),), strict=False,
                                       dynamic_shapes=({0: batch},))
         tokens = 1
