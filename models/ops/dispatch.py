@@ -83,3 +83,16 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if segments is None:
         return conv.depthwise_valid(x, weight, bias)
     return conv.depthwise_valid_within_segments(x, weight, bias, segments)
+
+
+def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor, *,
+                      kernels: str = "auto") -> torch.Tensor:
+    """``chimera.models.mixers.mamba2.within_chunks``: Mamba-2's SSD inside each chunk (``C, B [..., q, n]``,
+    ``xdt [..., q, p]``, ``log_a [..., q]``, ``-inf`` at a document's start) -> ``y [..., q, p]``."""
+    if use_triton(kernels, xdt.device):
+        from chimera.models.ops import ssd
+
+        return ssd.within_chunks(C, B, xdt, log_a)
+    from chimera.models.mixers import mamba2  # imports this module
+
+    return mamba2.within_chunks(C, B, xdt, log_a)

@@ -19,14 +19,20 @@ Complex recurrences (S5) run as pairs of real tensors.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from chimera.models.scan import _sum_to
 
-BLOCK_C = 64  # channels per program
 CHUNK = 16  # time steps per tile
+
+
+def block_c() -> int:
+    """Channels per program: 64 on a GPU; 256 in the interpreter, whose cost is per program (numpy inside one)."""
+    return 256 if os.environ.get("TRITON_INTERPRET") == "1" else 64
 
 
 @triton.jit
@@ -116,8 +122,6 @@ def _complex_scan_kernel(ar_ptr, ai_ptr, br_ptr, bi_ptr, h0r_ptr, h0i_ptr, hr_pt
         hi = _last_row(outi, i, start + CHUNK - 1)
 
 
-def _grid(C: int):
-    return (triton.cdiv(C, BLOCK_C),)
 
 
 def scan_states(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, reverse: bool = False,
@@ -128,17 +132,19 @@ def scan_states(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None
     C = a[0].numel() if T else 0
     if T == 0 or C == 0:
         return torch.zeros_like(b)
+    block = block_c()
+    grid = (triton.cdiv(C, block),)
     if a.is_complex():
         ar, ai, br, bi = (t.contiguous() for t in (a.real, a.imag, b.real, b.imag))
         hr, hi = torch.empty_like(br), torch.empty_like(bi)
         h0r, h0i = (hr, hi) if h0 is None else (h0.real.contiguous(), h0.imag.contiguous())
-        _complex_scan_kernel[_grid(C)](ar, ai, br, bi, h0r, h0i, hr, hi, T, C, HAS_H0=h0 is not None,
-                                       REVERSE=reverse, CONJ_A=conj_a, CHUNK=CHUNK, BLOCK_C=BLOCK_C)
+        _complex_scan_kernel[grid](ar, ai, br, bi, h0r, h0i, hr, hi, T, C, HAS_H0=h0 is not None,
+                                   REVERSE=reverse, CONJ_A=conj_a, CHUNK=CHUNK, BLOCK_C=block)
         return torch.complex(hr, hi)
     a, b = a.contiguous(), b.contiguous()
     h = torch.empty_like(b)
-    _scan_kernel[_grid(C)](a, b, h if h0 is None else h0.contiguous(), h, T, C, HAS_H0=h0 is not None,
-                           REVERSE=reverse, CHUNK=CHUNK, BLOCK_C=BLOCK_C)
+    _scan_kernel[grid](a, b, h if h0 is None else h0.contiguous(), h, T, C, HAS_H0=h0 is not None,
+                       REVERSE=reverse, CHUNK=CHUNK, BLOCK_C=block)
     return h
 
 
