@@ -38,7 +38,7 @@ from torch import nn
 
 from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
-from chimera.models.scan import linear_scan
+from chimera.models.ops import dispatch
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import linear_scan_across
 from chimera.parallel.dims import ParallelDims
@@ -79,9 +79,10 @@ def _lambda_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 class RGLRU(nn.Module):
     """The gated recurrence of Eqs. (1)-(4) over this rank's heads."""
 
-    def __init__(self, width: int, heads: int, dims: ParallelDims, reset_unnormalized: bool = False):
+    def __init__(self, width: int, heads: int, dims: ParallelDims, reset_unnormalized: bool = False,
+                 kernels: str = "auto"):
         super().__init__()
-        self.dims = dims
+        self.dims, self.kernels = dims, kernels
         self.reset_unnormalized = reset_unnormalized
         self.heads_local = dims.local(heads, "rnn_heads")
         self.block = width // heads
@@ -128,7 +129,7 @@ class RGLRU(nn.Module):
         reset = first if reset is None else reset | first
         a, b = self.coefficients(at_least_fp32(u), reset)
         a = a.masked_fill(reset.unsqueeze(-1), 0.0)
-        return linear_scan_across(linear_scan, a, b, self.dims)[0]  # (4)
+        return linear_scan_across(dispatch.scan_with(self.kernels), a, b, self.dims)[0]  # (4)
 
     def step(self, u: torch.Tensor, h: torch.Tensor, first: bool = False) -> torch.Tensor:  # [b, w] -> [b, w]
         reset = torch.full(u.shape[:1], first, dtype=torch.bool, device=u.device)
@@ -140,14 +141,16 @@ class RecurrentBlock(nn.Module):
     """Symbol ``R``: the recurrent temporal-mixing block of Griffin and Hawk."""
 
     def __init__(self, d_model: int, width: int, heads: int, conv_kernel: int, *, init_std: float,
-                 out_std: float, dims: ParallelDims, bias: bool = False, reset_unnormalized: bool = False):
+                 out_std: float, dims: ParallelDims, bias: bool = False, reset_unnormalized: bool = False,
+                 kernels: str = "auto"):
         super().__init__()
         width_local = dims.local(width, "rnn_width")
         # W_y, W_x [width / tp, d]: split along dim 0 (channels, whole heads)
         self.linear_y = ColumnParallel(d_model, width, dims, init=normal(init_std), bias=bias)
         self.linear_x = ColumnParallel(d_model, width, dims, init=normal(init_std), bias=bias)
-        self.conv = CausalConv1d(width_local, conv_kernel, dims=dims)  # [width / tp, k]: split along dim 0
-        self.rglru = RGLRU(width, heads, dims, reset_unnormalized)
+        # [width / tp, k]: split along dim 0
+        self.conv = CausalConv1d(width_local, conv_kernel, dims=dims, kernels=kernels)
+        self.rglru = RGLRU(width, heads, dims, reset_unnormalized, kernels)
         # W_out [d, width / tp]: split along dim 1; output all-reduced (or reduce-scattered)
         self.linear_out = RowParallel(width, d_model, dims, init=normal(out_std), bias=bias)
 
@@ -183,7 +186,8 @@ class RecurrentBlock(nn.Module):
 
 def build(c: RGLRUConfig, b: Build) -> RecurrentBlock:
     return RecurrentBlock(c.d_model, c.rnn_width, c.rnn_heads, c.conv_kernel, init_std=b.init_std, out_std=b.out_std,
-                          dims=b.dims, bias=c.linear_bias, reset_unnormalized=c.rglru_reset_unnormalized)
+                          dims=b.dims, bias=c.linear_bias, reset_unnormalized=c.rglru_reset_unnormalized,
+                          kernels=c.kernels)
 
 
 def check_tensor_parallel(c: RGLRUConfig, tp: int) -> str | None:

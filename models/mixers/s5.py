@@ -67,6 +67,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from chimera.models.numerics import at_least_fp32
+from chimera.models.ops import dispatch
 from chimera.models.scan import HillisSteele
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import linear_scan_across
@@ -169,9 +170,9 @@ class S5SSM(nn.Module):
     over TP ranks)."""
 
     def __init__(self, d_model: int, state: int, *, conj_sym: bool = True, dt_min: float = 0.001,
-                 dt_max: float = 0.1, lr_scale: float = 1.0, dims: ParallelDims):
+                 dt_max: float = 0.1, lr_scale: float = 1.0, dims: ParallelDims, kernels: str = "auto"):
         super().__init__()
-        self.dims, self.conj_sym = dims, conj_sym
+        self.dims, self.conj_sym, self.kernels = dims, conj_sym, kernels
         stored = state // 2 if conj_sym else state
         local = dims.local(stored, "the S5 stored states (s5_state, halved with s5_conj_sym)")
 
@@ -213,7 +214,8 @@ class S5SSM(nn.Module):
         first[0] = self.dims.cp_rank == 0
         reset = first if reset is None else reset | first
         a = torch.where(reset.unsqueeze(-1), torch.zeros_like(Lambda_bar), Lambda_bar)  # [s, b, P'/tp]
-        return linear_scan_across(associative_scan, a, bu, self.dims)[0]
+        # associative_scan, or its Triton kernel on (real, imaginary) pairs (chimera.models.ops.dispatch)
+        return linear_scan_across(dispatch.scan_with(self.kernels), a, bu, self.dims)[0]
 
     def init_state(self, batch: int) -> torch.Tensor:
         dtype = torch.complex128 if self.lambda_re.dtype == torch.float64 else torch.complex64
@@ -234,11 +236,11 @@ class S5Layer(nn.Module):
     metrics_group = "s5"
 
     def __init__(self, d_model: int, state: int, *, conj_sym: bool, dt_min: float, dt_max: float, lr_scale: float,
-                 monitor_eps: float, dims: ParallelDims):
+                 monitor_eps: float, dims: ParallelDims, kernels: str = "auto"):
         super().__init__()
         self.dims, self.monitor_eps = dims, monitor_eps
         self.ssm = S5SSM(d_model, state, conj_sym=conj_sym, dt_min=dt_min, dt_max=dt_max, lr_scale=lr_scale,
-                         dims=dims)
+                         dims=dims, kernels=kernels)
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s(/tp), b, d]
         y = self.ssm(x, None if docs is None else docs.starts).to(x.dtype)
@@ -275,7 +277,7 @@ class S5Layer(nn.Module):
 
 def build(c: S5Config, b: Build) -> S5Layer:
     return S5Layer(c.d_model, c.s5_state, conj_sym=c.s5_conj_sym, dt_min=c.s5_dt_min, dt_max=c.s5_dt_max,
-                   lr_scale=c.s5_lr_scale, monitor_eps=c.s5_monitor_eps, dims=b.dims)
+                   lr_scale=c.s5_lr_scale, monitor_eps=c.s5_monitor_eps, dims=b.dims, kernels=c.kernels)
 
 
 def check_tensor_parallel(c: S5Config, tp: int) -> str | None:
