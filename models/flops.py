@@ -126,3 +126,13 @@ def kind_totals(cfg, seq_len: int) -> dict[str, float]:
     for row in breakdown(cfg, seq_len):
         totals[row.symbol] = totals.get(row.symbol, 0.0) + TRAINING_MULTIPLIER * row.total
     return totals
+
+
+def flops_columns(cfg, seq_len: int) -> str:
+    """``chimera models --flops``: training FLOPs per token and GFLOPs per sequence, right-aligned (``-`` for a model
+    the count does not cover)."""
+    try:
+        per_token = model_flops_per_token(cfg, seq_len)
+    except UserError:
+        return f" {'-':>12} {'-':>12}"
+    return f" {per_token:>12.4g} {per_token * seq_len / 1e9:>12.4g}"
