@@ -4,7 +4,8 @@
     chimera checkpoint verify DIR | list DIR
     chimera launch slurm CONFIG --run-dir DIR [--nodes N --gpus-per-node G --partition P --time T ...] [--dry-run]
     chimera launch status DIR | cancel DIR
-    chimera models
+    chimera models [--flops SEQ]
+    chimera bench CONFIG [--layouts 1,tp2,...] [--seq-lens 1024,2048,...] [--steps N] [--warmup N] [--compare-hf]
     chimera generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P]
     chimera import-hf HF_DIR --out DIR [--into dynamic-hybrid]
     chimera export RUN_DIR_OR_CKPT --format safetensors|hf|onnx|gguf --out DIR [--step N] [--dtype bf16|fp16|fp32]
@@ -157,14 +158,28 @@ def cmd_checkpoint_list(args) -> int:
 def cmd_models(args) -> int:
     from chimera.configs.loader import load_model_config, preset_names
     from chimera.models.causal_lm import meta_model
+    from chimera.models.flops import flops_columns
 
-    print(f"{'preset':<28} {'parameters':>16}  pattern")
+    if args.flops is not None and args.flops < 1:
+        raise UserError(f"--flops {args.flops}: give the sequence length to count at (at least 1)")
+    if args.flops:
+        print(f"training FLOPs (3 x forward, chimera.models.flops) at sequence length {args.flops}")
+    flops_head = f" {'FLOPs/token':>12} {'GFLOPs/seq':>12}" if args.flops else ""
+    print(f"{'preset':<28} {'parameters':>16}{flops_head}  pattern")
     for name in preset_names():
         cfg = load_model_config(name)
         n = meta_model(cfg).num_parameters()  # counted on the meta device: no weights, no process group
         pattern = cfg.layers if len(cfg.layers) <= 24 else cfg.layers[:21] + "..."
-        print(f"{name:<28} {n:>16,}  {pattern} ({len(cfg.layers)} sublayers)")
+        flops = flops_columns(cfg, args.flops) if args.flops else ""
+        print(f"{name:<28} {n:>16,}{flops}  {pattern} ({len(cfg.layers)} sublayers)")
     return 0
+
+
+def cmd_bench(args) -> int:
+    from chimera.launch.bench import run
+
+    _quiet()
+    return run(args)
 
 
 def cmd_generate(args) -> int:
@@ -369,7 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_checkpoint_list)
 
     m = sub.add_parser("models", help="list model presets with their parameter counts")
+    m.add_argument("--flops", type=int, default=None, metavar="SEQ",
+                   help="add the training FLOPs per token and per sequence at sequence length SEQ")
     m.set_defaults(func=cmd_models)
+
+    from chimera.launch.bench import add_arguments as bench_arguments
+
+    b = sub.add_parser("bench", help="time training steps: tokens/s, TFLOP/s, MFU, memory, scaling with length")
+    bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir", help="run directory or checkpoint directory")

@@ -269,13 +269,29 @@ def check_tensor_parallel(c: AttentionConfig, tp: int) -> str | None:
         else None)
 
 
+def keys_seen(seq_len: int, window: int | None) -> float:
+    """The keys a causal query sees, on average over a sequence of ``seq_len``: ``t`` at position ``t``
+    (1-based), at most ``window`` of them."""
+    if window is None or seq_len <= window:
+        return (seq_len + 1) / 2
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def projection_flops(c: AttentionConfig, in_features: int | None = None) -> float:
+    """``W_q``, ``W_k``, ``W_v`` (from ``in_features``, default ``d_model``) and ``W_o``: 2 per weight."""
+    d_in = in_features or c.d_model
+    return 2.0 * (d_in * c.head_dim * (c.num_heads + 2 * c.num_kv_heads) + c.num_heads * c.head_dim * c.d_model)
+
+
+def score_flops(c: AttentionConfig, keys: float) -> float:
+    """``q k^T`` and the weighted values ``p v``: 2 x 2 x keys x head_dim per query head."""
+    return 4.0 * keys * c.num_heads * c.head_dim
+
+
 def _flops_per_token(local: bool):
-    def flops(c: AttentionConfig, seq_len: int) -> float:
-        """2 x the projections' weights, plus the scores and the weighted values: 2 x 2 x (keys seen) x heads x
-        head_dim, a query seeing (s + 1) / 2 keys on average (global) or up to the window (local)."""
-        weights = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-        keys = min(c.window, seq_len) if local else (seq_len + 1) / 2
-        return 2.0 * weights + 4.0 * keys * c.num_heads * c.head_dim
+    def flops(c: AttentionConfig, seq_len: int) -> dict[str, float]:
+        keys = keys_seen(seq_len, c.window if local else None)
+        return {"projections": projection_flops(c), "scores": score_flops(c, keys)}
     return flops
 
 

@@ -272,5 +272,15 @@ def check_tensor_parallel(c: MambaConfig, tp: int) -> str | None:
     return None
 
 
+def flops_per_token(c: MambaConfig, seq_len: int) -> dict[str, float]:
+    """``in_proj`` (x and z), ``x_proj`` (to ``dt_rank + 2N``), ``dt_proj`` and ``out_proj``, 2 per weight (with
+    heads: each head's ``x_proj``/``dt_proj`` over its ``P`` channels, the same total); the conv's taps; the
+    selective scan per state element of ``[d_inner, N]``: ``h = A_bar h + B_bar x`` (2) and ``y = C . h`` (2). The
+    discretisation ``exp(Delta A)``, ``Delta B x`` is pointwise (not counted)."""
+    d, inner, n, rank = c.d_model, c.ssm_expand * c.d_model, c.ssm_state, c.ssm_dt_rank
+    return {"projections": 2.0 * (2 * d * inner + inner * (rank + 2 * n) + rank * inner + inner * d),
+            "conv": 2.0 * c.conv_kernel * inner, "scan": 2.0 * inner * n, "read-out": 2.0 * inner * n}
+
+
 SPECS = (SublayerSpec("m", "Mamba selective SSM (Mamba-1)", MambaConfig, build, check_tensor_parallel,
-                      lambda c: ContextParallel("state")),)
+                      lambda c: ContextParallel("state"), flops_per_token=flops_per_token),)

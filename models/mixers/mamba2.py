@@ -341,5 +341,19 @@ def check_tensor_parallel(c: Mamba2Config, tp: int) -> str | None:
     return None
 
 
+def flops_per_token(c: Mamba2Config, seq_len: int) -> dict[str, float]:
+    """``in_proj`` (z, x, B and C of each group, dt) and ``out_proj``, 2 per weight; the convs' taps over x, B, C;
+    the chunked SSD (``ssd``'s steps, chunk ``q = min(ssm_chunk, s)``), per token: 1. ``C B^T`` within the chunk,
+    once per group (``2 q N``), and the weighted inputs per head (``2 q P``); 2. the chunk's state ``B^T (dt x)``
+    (``2 N P`` per head); 3. state passing between chunks (``2 N P / q`` per head); 4. the entering state's
+    read-out ``C h`` (``2 N P`` per head). Decays, ``D x`` and the gated norm are pointwise (not counted)."""
+    d, inner, n, p, g, h = c.d_model, c.ssm_expand * c.d_model, c.ssm_state, c.ssm_head_dim, c.ssm_groups, c.heads
+    q = min(c.ssm_chunk, seq_len)
+    return {"projections": 2.0 * (d * (2 * inner + 2 * g * n + h) + inner * d),
+            "conv": 2.0 * c.conv_kernel * (inner + 2 * g * n),
+            "ssd chunk products": 2.0 * q * n * g + 2.0 * q * p * h,
+            "ssd states": h * (2.0 * n * p + 2.0 * n * p / q + 2.0 * n * p)}
+
+
 SPECS = (SublayerSpec("M", "Mamba-2 SSD", Mamba2Config, build, check_tensor_parallel,
-                      lambda c: ContextParallel("state")),)
+                      lambda c: ContextParallel("state"), flops_per_token=flops_per_token),)

@@ -184,6 +184,15 @@ class RecurrentBlock(nn.Module):
         return self.linear_out(y * state["h"].to(x.dtype).unsqueeze(0))
 
 
+def flops_per_token(c: RGLRUConfig, seq_len: int) -> dict[str, float]:
+    """``W_y``, ``W_x``, ``W_out`` (2 per weight); the conv's taps; the block-diagonal gates ``W_a``, ``W_x`` of
+    Eqs. (1)-(2) (``w / heads`` inputs per channel); the recurrence (4), ``h = a h + b``: 2 per channel. The gates'
+    nonlinearities and ``sqrt(1 - a^2)`` are pointwise (not counted)."""
+    d, w = c.d_model, c.rnn_width
+    return {"projections": 2.0 * (2 * d * w + w * d), "conv": 2.0 * c.conv_kernel * w,
+            "gates": 2.0 * 2 * w * (w // c.rnn_heads), "scan": 2.0 * w}
+
+
 def build(c: RGLRUConfig, b: Build) -> RecurrentBlock:
     return RecurrentBlock(c.d_model, c.rnn_width, c.rnn_heads, c.conv_kernel, init_std=b.init_std, out_std=b.out_std,
                           dims=b.dims, bias=c.linear_bias, reset_unnormalized=c.rglru_reset_unnormalized,
@@ -196,4 +205,4 @@ def check_tensor_parallel(c: RGLRUConfig, tp: int) -> str | None:
 
 
 SPECS = (SublayerSpec("R", "RG-LRU recurrent block (Griffin)", RGLRUConfig, build, check_tensor_parallel,
-                      lambda c: ContextParallel("state")),)
+                      lambda c: ContextParallel("state"), flops_per_token=flops_per_token),)

@@ -285,10 +285,13 @@ def check_tensor_parallel(c: S5Config, tp: int) -> str | None:
     return divisibility(tp, {"the S5 stored states (model.s5_state, halved with s5_conj_sym)": c.stored_states})
 
 
-def flops_per_token(c: S5Config, seq_len: int) -> float:
-    """Complex ``B_bar u`` and ``C~ x``: 4 real multiply-adds per complex one, 2 FLOPs each, over ``P' x H``; the
-    scan's ``log2 s`` rounds of a complex multiply-add per state."""
-    return 2.0 * 4 * 2 * c.stored_states * c.d_model + 8.0 * c.stored_states * max(1.0, math.log2(seq_len))
+def flops_per_token(c: S5Config, seq_len: int) -> dict[str, float]:
+    """Per stored (complex) state and channel: ``B_bar u`` with a real input, two real products (4 FLOPs), and
+    ``Re(C~ x)``, two real products (4); per stored state the recurrence ``x = Lambda_bar x + B_bar u``, a complex
+    multiply-add (8). The discretisation is per parameter, not per token; ``D u`` and GELU are pointwise. (The
+    reference's log-depth scan does ``log2 s`` times the recurrence's work; these are the model's FLOPs.)"""
+    p, h = c.stored_states, c.d_model
+    return {"input": 4.0 * p * h, "read-out": 4.0 * p * h, "scan": 8.0 * p}
 
 
 SPECS = (SublayerSpec("S", "S5 diagonal MIMO state space layer", S5Config, build, check_tensor_parallel,
