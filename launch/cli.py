@@ -201,6 +201,31 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    for flag, value in (("--max-tokens", args.max_tokens), ("--max-concurrent", args.max_concurrent),
+                        ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
+    from chimera.trainer.checkpoint import read_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.run_dir)
+    from chimera import load_model
+    from chimera.data.tokenizers import get_tokenizer
+    from chimera.inference.server import Limits, serve
+
+    tokenizer = get_tokenizer(read_config(ckpt).data.tokenizer)
+    limits = Limits(args.max_tokens, args.max_concurrent, args.max_prompt_tokens)
+    try:
+        serve(load_model(ckpt).eval(), tokenizer, args.host, args.port, limits, Path(args.run_dir).name,
+              announce=lambda line: print(line, flush=True))
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
+                        "or --host") from None
+    return 0
+
+
 def _writable_output(path: str, flag: str = "--out") -> None:
     """``path`` (a directory the command creates) can be written: its parent exists or can be made, and takes files.
     Checked before any work, so a bad path costs nothing and leaves nothing."""
@@ -385,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="repeatable: the text ends before this string")
     g.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     g.set_defaults(func=cmd_generate)
+    sv = sub.add_parser("serve", help="an OpenAI-style completions server for a trained run (localhost)")
+    sv.add_argument("run_dir", help="run directory or checkpoint directory")
+    sv.add_argument("--port", type=int, required=True, help="0: any free port (printed)")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    sv.add_argument("--max-tokens", type=int, default=256, help="new tokens per request, at most")
+    sv.add_argument("--max-concurrent", type=int, default=8, help="requests at once; more get 429")
+    sv.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts get 400")
+    sv.set_defaults(func=cmd_serve)
     i = sub.add_parser("import-hf", help="a transformers checkpoint directory -> a Chimera run directory")
     i.add_argument("hf_dir")
     i.add_argument("--out", required=True, help="new run directory")

@@ -97,3 +97,44 @@ def test_no_prompt_and_unreadable_prompts_file(tmp_path):
     assert_user_error(run_chimera("generate", REPO), "no prompt: give --prompt TEXT")
     assert_user_error(run_chimera("generate", REPO, "--prompts-file", tmp_path / "none.txt"),
                       "--prompts-file")
+
+
+def test_serve_cli_answers_on_localhost_until_interrupted(run_dir, single_process):
+    import json
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    server = subprocess.Popen([sys.executable, "-m", "chimera.launch.cli", "serve", str(run_dir), "--port", "0",
+                               "--max-tokens", "32"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        line = server.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+        request = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+            {"prompt": "def ", "max_tokens": NEW, "temperature": 0}).encode())
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            text = json.loads(answer.read())["choices"][0]["text"]
+        assert "def " + text == greedy_alone(chimera.load_model(run_dir), "def ")
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+        server.stderr.close()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--port", "70000"], "--port 70000: must be in 0..65535"),
+    (["--port", "0", "--max-tokens", "0"], "--max-tokens 0: must be at least 1"),
+    (["--port", "0", "--max-concurrent", "-1"], "--max-concurrent -1: must be at least 1"),
+])
+def test_bad_serve_flags(flags, expected):
+    assert_user_error(run_chimera("serve", REPO, *flags), expected)
