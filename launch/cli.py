@@ -6,7 +6,9 @@
     chimera launch status DIR | cancel DIR
     chimera models [--flops SEQ]
     chimera bench CONFIG [--layouts 1,tp2,...] [--seq-lens 1024,2048,...] [--steps N] [--warmup N] [--compare-hf]
-    chimera generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P]
+    chimera generate RUN_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N --temperature T --top-k K
+                     --top-p P --stop S --seed N]
+    chimera serve RUN_DIR --port P [--host 127.0.0.1 --max-tokens N --max-concurrent N --max-prompt-tokens N]
     chimera import-hf HF_DIR --out DIR [--into dynamic-hybrid]
     chimera export RUN_DIR_OR_CKPT --format safetensors|hf|onnx|gguf --out DIR [--step N] [--dtype bf16|fp16|fp32]
     chimera data prepare INPUT... --tokenizer T --format {webdataset,zarr} --out DIR
@@ -183,32 +185,59 @@ def cmd_bench(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if args.temperature < 0:
-        raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k {args.top_k}: must be at least 1 (or leave it out: no top-k filter)")
+    from chimera.inference.generate import sampling_problem
+
+    flags = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+             "top_p": "--top-p"}
+    problem = sampling_problem(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flags)
+    if problem:
+        raise UserError(problem)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompts-file {args.prompts_file!r} cannot be read ({e}); give a UTF-8 text file, "
+                            "one prompt per line") from None
+    if not prompts:
+        raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
     from chimera.trainer.checkpoint import read_config, resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.run_dir)
-    import torch
-
     from chimera import load_model
     from chimera.data.tokenizers import get_tokenizer
-    from chimera.trainer.generate import generate
+    from chimera.inference.cli import print_generations
 
     tokenizer = get_tokenizer(read_config(ckpt).data.tokenizer)
-    ids = tokenizer.encode(args.prompt)
-    if len(ids) == 0:
-        raise UserError("--prompt is empty; give at least one character")
-    model = load_model(ckpt)
-    prompt = torch.tensor(ids, dtype=torch.long)[None, :]
-    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, vocab_limit=tokenizer.vocab_size, seed=args.seed)
-    print(tokenizer.decode(out[0].tolist()))
+    ids = [tokenizer.encode(p).tolist() for p in prompts]
+    if any(len(i) == 0 for i in ids):
+        raise UserError("a --prompt is empty; give at least one character")
+    print_generations(load_model(ckpt), tokenizer, ids, args)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    for flag, value in (("--max-tokens", args.max_tokens), ("--max-concurrent", args.max_concurrent),
+                        ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
+    from chimera.trainer.checkpoint import read_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.run_dir)
+    from chimera import load_model
+    from chimera.data.tokenizers import get_tokenizer
+    from chimera.inference.server import Limits, serve
+
+    tokenizer = get_tokenizer(read_config(ckpt).data.tokenizer)
+    limits = Limits(args.max_tokens, args.max_concurrent, args.max_prompt_tokens)
+    try:
+        serve(load_model(ckpt).eval(), tokenizer, args.host, args.port, limits, Path(args.run_dir).name,
+              announce=lambda line: print(line, flush=True))
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
+                        "or --host") from None
     return 0
 
 
@@ -396,13 +425,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir", help="run directory or checkpoint directory")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", action="append", help="repeatable: several prompts decode as one batch")
+    g.add_argument("--prompts-file", help="a text file, one prompt per line (with or without --prompt)")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="repeatable: the text ends before this string")
+    g.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     g.set_defaults(func=cmd_generate)
+    sv = sub.add_parser("serve", help="an OpenAI-style completions server for a trained run (localhost)")
+    sv.add_argument("run_dir", help="run directory or checkpoint directory")
+    sv.add_argument("--port", type=int, required=True, help="0: any free port (printed)")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    sv.add_argument("--max-tokens", type=int, default=256, help="new tokens per request, at most")
+    sv.add_argument("--max-concurrent", type=int, default=8, help="requests at once; more get 429")
+    sv.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts get 400")
+    sv.set_defaults(func=cmd_serve)
     i = sub.add_parser("import-hf", help="a transformers checkpoint directory -> a Chimera run directory")
     i.add_argument("hf_dir")
     i.add_argument("--out", required=True, help="new run directory")

@@ -41,6 +41,7 @@ class MLPConfig(SublayerConfig):
 
 
 class GatedMLP(nn.Module):
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
     def __init__(self, d_model: int, hidden: int, *, init_std: float, out_std: float, dims: ParallelDims,
                  activation: str = "gelu_tanh", bias: bool = False):
         super().__init__()

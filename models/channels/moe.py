@@ -240,6 +240,8 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor, plan: Dispatch, tok
 class MoE(nn.Module):
     """Top-k routed gated-MLP experts, the channel mixer of Mixtral / Jamba / Switch-style models."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, *, init_std: float,
                  out_std: float, dims: ParallelDims, activation: str = "silu", normalize_top_k: bool = False,
                  capacity_factor: float | None = None, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0,

@@ -45,6 +45,7 @@ class ChannelMixConfig(SublayerConfig):
 
 
 class ChannelMix(nn.Module):
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
     def __init__(self, d_model: int, hidden: int, *, init_std: float, out_std: float, dims: ParallelDims):
         super().__init__()
         self.dims = dims

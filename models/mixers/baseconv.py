@@ -45,6 +45,8 @@ class BaseConvConfig(SublayerConfig):
 class BaseConv(nn.Module):
     """Symbol ``V``: ``[s, b, d] -> [s, b, d]`` over this rank's channels."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, width: int, kernel: int, *, bias: bool = True, init_std: float, out_std: float,
                  dims: ParallelDims):
         super().__init__()

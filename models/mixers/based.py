@@ -186,6 +186,8 @@ def based_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int,
 class BasedLinearAttention(nn.Module):
     """Symbol ``B``: ``[s, b, d_model] -> [s, b, d_model]`` over this rank's heads."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, num_heads: int, *, feature_dim: int = 16, head_dim: int, chunk: int = 64,
                  eps: float = 1e-6, init_std: float, out_std: float, dims: ParallelDims):
         super().__init__()

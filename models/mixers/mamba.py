@@ -138,6 +138,8 @@ class SelectionNorm(nn.Module):
 class MambaMixer(nn.Module):
     """Symbol ``m``: the Mamba-1 selective SSM mixer, ``[s, b, d_model] -> [s, b, d_model]``."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", *, conv_bias: bool = True, bias: bool = False,
                  dt_bc_norm: bool = False, heads: int = 1, norm_eps: float = 1e-6, init_std: float, out_std: float,

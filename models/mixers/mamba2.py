@@ -179,6 +179,8 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 block: ``[s, b, d_model] -> [s, b, d_model]``, over this rank's heads."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: int = 2, head_dim: int = 64,
                  n_groups: int = 1, chunk_size: int = 64, conv_bias: bool = True, bias: bool = False,
                  norm_eps: float = 1e-5, dt_min: float = 0.0, init_std: float, out_std: float,

@@ -39,6 +39,7 @@ from torch import nn
 from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
 from chimera.models.ops import dispatch
+from chimera.models.positions import at_start
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import linear_scan_across
 from chimera.parallel.dims import ParallelDims
@@ -140,6 +141,8 @@ class RGLRU(nn.Module):
 class RecurrentBlock(nn.Module):
     """Symbol ``R``: the recurrent temporal-mixing block of Griffin and Hawk."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, width: int, heads: int, conv_kernel: int, *, init_std: float,
                  out_std: float, dims: ParallelDims, bias: bool = False, reset_unnormalized: bool = False,
                  kernels: str = "auto"):
@@ -180,7 +183,7 @@ class RecurrentBlock(nn.Module):
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         y = F.gelu(self.linear_y(x), approximate="tanh")
         u, state["conv"] = self.conv.step(self.linear_x(x)[0], state["conv"])
-        state["h"] = self.rglru.step(u, state["h"], first=pos == 0)
+        state["h"] = self.rglru.step(u, state["h"], first=at_start(pos))
         return self.linear_out(y * state["h"].to(x.dtype).unsqueeze(0))
 
 

@@ -192,6 +192,8 @@ def replicated(shape, init, dims: ParallelDims) -> nn.Parameter:
 class TimeMix(nn.Module):
     """Symbol ``W``: RWKV-6's time mix over this rank's heads, ``[s, b, d] -> [s, b, d]``."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, head_size: int, *, mix_lora: int = 32, decay_lora: int = 64,
                  group_norm_eps: float = 64e-5, chunk: int = 16, init_std: float, out_std: float, dims: ParallelDims):
         super().__init__()

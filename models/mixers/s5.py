@@ -68,6 +68,7 @@ from torch import nn
 
 from chimera.models.numerics import at_least_fp32
 from chimera.models.ops import dispatch
+from chimera.models.positions import at_start
 from chimera.models.scan import HillisSteele
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import linear_scan_across
@@ -233,6 +234,8 @@ class S5SSM(nn.Module):
 class S5Layer(nn.Module):
     """Symbol ``S``: ``GELU(S5(u))`` on ``[s, b, d_model]``."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     metrics_group = "s5"
 
     def __init__(self, d_model: int, state: int, *, conj_sym: bool, dt_min: float, dt_max: float, lr_scale: float,
@@ -255,7 +258,7 @@ class S5Layer(nn.Module):
         return F.gelu(leave_tensor_parallel(y, self.dims, False), approximate="tanh"), {"x": states[-1]}
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
-        y, state["x"] = self.ssm.step(x[0], state["x"], first=pos == 0)
+        y, state["x"] = self.ssm.step(x[0], state["x"], first=at_start(pos))
         return F.gelu(leave_tensor_parallel(y.to(x.dtype).unsqueeze(0), self.dims, False), approximate="tanh")
 
     @torch.no_grad()

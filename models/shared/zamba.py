@@ -67,6 +67,8 @@ class ZambaStyleConfig(SublayerConfig):
 class SharedTransformer(nn.Module):
     """``(h, e) -> t``: ``[s(/tp), b, d]`` twice -> ``[s(/tp), b, d]``; the lines for ``u``, ``a``, ``t`` above."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, cfg, dims: ParallelDims):
         super().__init__()
         d, sp = cfg.d_model, dims.sequence_parallel
