@@ -15,6 +15,9 @@
     chimera data train-tokenizer INPUT... --vocab-size N --out tokenizer.json
     chimera data genomic-tasks GENOME.fasta.gz... --out DIR [--window N --per-genome N --heldout F --seed S]
     chimera finetune RUN_DIR --task TASK.yaml [--out DIR]
+    chimera eval RUN_DIR --suite {ppl,mqar,chomsky,longctx} [--set OPTION=VALUE ...] [--out results.json]
+    chimera bench-arch EXPERIMENT.yaml [--full-budget] [--out DIR]
+    chimera plot RUN_DIR... --out fig.png
 
 User errors print one line and exit with code 2 (``chimera.errors`` lists the exit codes: 75 is a run stopped
 early by a signal or its time limit, after saving). Heavy imports (megatron-core, DeepSpeed) happen only after
@@ -313,6 +316,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from chimera.evaluation.cli import run_eval
+
+    return run_eval(args.run_dir, args.suite, args.set, args.out)
+
+
+def cmd_bench_arch(args) -> int:
+    from chimera.evaluation.bench import bench_arch
+
+    return bench_arch(args.experiment, args.out, full_budget=args.full_budget)
+
+
+def cmd_plot(args) -> int:
+    from chimera.evaluation.plots import plot_runs
+
+    plot_runs(args.run_dirs, args.out)
+    print(f"chimera: wrote {args.out}")
+    return 0
+
+
 LAUNCH_FLAGS = {  # flag -> (launch field, type)
     "--nodes": ("nodes", int), "--gpus-per-node": ("gpus_per_node", int), "--tasks-per-node": ("tasks_per_node", int),
     "--cpus-per-task": ("cpus_per_task", int), "--partition": ("partition", str), "--time": ("time", str),
@@ -491,6 +514,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--task", required=True, help="task file (YAML): tasks (data, weight), steps, lr, ...")
     f.add_argument("--out", help="directory for the results (default RUN_DIR/finetune)")
     f.set_defaults(func=cmd_finetune)
+
+    from chimera.evaluation.names import SUITE_NAMES
+
+    ev = sub.add_parser("eval", help="evaluate a run: ppl, mqar, chomsky or longctx; prints a table")
+    ev.add_argument("run_dir", help="run directory (newest valid checkpoint), checkpoint, or imported HF run")
+    ev.add_argument("--suite", required=True, choices=SUITE_NAMES)
+    ev.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a suite option, e.g. seq_lens=[64,128] (YAML value)")
+    ev.add_argument("--out", default=None, help="write the result as JSON here")
+    ev.set_defaults(func=cmd_eval)
+    ba = sub.add_parser("bench-arch", help="train and evaluate every (model, task, lr, seed) of an experiment")
+    ba.add_argument("experiment", help="experiment file (see configs/experiments/)")
+    ba.add_argument("--full-budget", action="store_true", help="train on the experiment's full token budget")
+    ba.add_argument("--out", default=None, help="output directory (default: runs/bench/<experiment name>)")
+    ba.set_defaults(func=cmd_bench_arch)
+    pl = sub.add_parser("plot", help="loss / val_loss / tokens-per-second curves of runs (one PNG)")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", required=True, help="PNG file to write")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 
