@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 def load_model(path):
     """Load a trained model for inference: a module whose ``forward(input_ids)`` gives logits [b, s, vocab].
 
-    ``path`` is a run directory (its latest checkpoint is used) or one checkpoint directory.
+    ``path`` is a run directory (its latest checkpoint is used), one checkpoint directory, or a directory written by
+    ``chimera export --format safetensors``.
     """
     from chimera.trainer.checkpoint import load_inference_model
 

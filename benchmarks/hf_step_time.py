@@ -2,24 +2,21 @@
 
 For each architecture and size, a transformers model is built from a config, its weights are
 imported into Chimera through the HF mapping (so both compute the same function), and both run
-forward + backward + AdamW step on the same random batch. transformers runs its CPU paths (the
-torch fallbacks of Mamba, Mamba-2, RecurrentGemma, Jamba and Zamba2; no CUDA kernels here).
+forward + backward + AdamW step on the same random batch, interleaved: ``chimera.launch.bench``
+(``hf_pair``, ``compare_hf``), which ``chimera bench --compare-hf`` runs too. transformers runs its CPU
+paths (the torch fallbacks of Mamba, Mamba-2, RecurrentGemma, Jamba and Zamba2; no CUDA kernels here).
 Chimera runs the model module directly (no DeepSpeed engine), so the comparison is of the model
 implementations.
 
-usage: python benchmarks/hf_step_time.py [--steps N] [--batch B] [--seq S] [--archs a,b]
+usage: python benchmarks/hf_step_time.py [--steps N] [--batch B] [--seq S] [--archs a,b] [--sizes tiny,small]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import tempfile
-import time
 import warnings
 from datetime import date
-from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
@@ -27,9 +24,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from chimera.configs.schema import ModelConfig  # noqa: E402
-from chimera.models.causal_lm import meta_model  # noqa: E402
-from chimera.models.hf import ARCHITECTURES, import_state, read_hf_tensors  # noqa: E402
-from chimera.parallel.sharding import load_full_state_dict  # noqa: E402
+from chimera.launch.bench import compare_hf, hf_pair  # noqa: E402
+from chimera.models.hf import ARCHITECTURES  # noqa: E402
 
 SIZES = {
     "mamba2": {
@@ -77,30 +73,11 @@ HF_CLASSES = {
 
 
 def pair(arch: str, size: str, vocab: int):
+    """(the config, (transformers' model, Chimera's with its weights)) of one architecture and size."""
     config_cls, model_cls, extra = HF_CLASSES[arch]
-    hf = model_cls(config_cls(vocab_size=vocab, tie_word_embeddings=True, **extra, **SIZES[arch][size])).float()
-    mapping = ARCHITECTURES[arch]
-    cfg = ModelConfig.model_validate(mapping.config_from_hf(hf.config.to_dict()))
-    ours = meta_model(cfg)
-    with tempfile.TemporaryDirectory() as tmp:  # the names on disk, which the mappings read (experts unfused)
-        hf.save_pretrained(tmp)
-        state = read_hf_tensors(Path(tmp))
-    load_full_state_dict(ours, import_state(mapping, state, cfg, arch))
-    return hf, ours
-
-
-def interleaved_step_times(steps: int, *runs) -> list[float]:
-    """Median seconds per step of each run, the runs alternating step by step (A B A B ...), so a change
-    in machine load during the measurement hits all of them alike."""
-    for run in runs:
-        run()  # warm-up
-    times = [[] for _ in runs]
-    for _ in range(steps):
-        for run, bucket in zip(runs, times):
-            start = time.perf_counter()
-            run()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    hf = model_cls(config_cls(vocab_size=vocab, tie_word_embeddings=True, **extra, **SIZES[arch][size]))
+    cfg = ModelConfig.model_validate(ARCHITECTURES[arch].config_from_hf(hf.config.to_dict()))
+    return cfg, hf_pair(cfg, hf)
 
 
 def main() -> None:
@@ -109,33 +86,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--archs", default="jamba,zamba2,mamba2,recurrent_gemma,mamba")
+    parser.add_argument("--sizes", default="tiny,small")
     args = parser.parse_args()
     vocab = 320
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    labels = torch.roll(ids, -1, 1)
     print(f"# {date.today()} | {platform.machine()} | torch {torch.__version__} | transformers "
           f"{transformers.__version__} | threads {torch.get_num_threads()} | batch {args.batch} x seq {args.seq}, "
           f"fp32, forward + backward + AdamW, median of {args.steps} interleaved steps after 1 warm-up")
     print("| architecture | size | transformers ms/step | Chimera ms/step | speed-up (HF / Chimera) |")
     print("|---|---|---:|---:|---:|")
     for arch in args.archs.split(","):
-        for size in SIZES[arch]:
-            hf, ours = pair(arch, size, vocab)
-            hf_opt, our_opt = torch.optim.AdamW(hf.parameters()), torch.optim.AdamW(ours.parameters())
-
-            def hf_step(model=hf, opt=hf_opt):
-                opt.zero_grad()
-                model(input_ids=ids, labels=ids).loss.backward()  # HF shifts labels internally
-                opt.step()
-
-            def our_step(model=ours, opt=our_opt):
-                opt.zero_grad()
-                model(ids, labels=labels).backward()
-                opt.step()
-
-            t_hf, t_ours = interleaved_step_times(args.steps, hf_step, our_step)
-            print(f"| {arch} | {size} | {1000 * t_hf:,.0f} | {1000 * t_ours:,.0f} | {t_hf / t_ours:.2f}x |",
-                  flush=True)
+        for size in args.sizes.split(","):
+            cfg, models = pair(arch, size, vocab)
+            c = compare_hf(cfg, args.batch, args.seq, args.steps, pair=models)
+            print(f"| {arch} | {size} | {1000 * c.hf_step_s:,.0f} | {1000 * c.chimera_step_s:,.0f} | "
+                  f"{c.speedup:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

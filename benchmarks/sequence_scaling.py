@@ -14,7 +14,6 @@ usage: python benchmarks/sequence_scaling.py [--presets a,b,...] [--lengths 512,
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import warnings
 from datetime import date
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 from train_throughput import DEMO, seconds_per_step  # noqa: E402  (benchmarks/, the script's folder)
 
 from chimera.configs.loader import load_run_config  # noqa: E402
+from chimera.launch.bench import fit_exponent  # noqa: E402
 
 
 def step_time(preset: str, seq_len: int, tokens: int, steps: int, warmup: int) -> float:
@@ -34,13 +34,6 @@ def step_time(preset: str, seq_len: int, tokens: int, steps: int, warmup: int) -
                                  f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}",
                                  "train.eval_every=0"])
     return seconds_per_step(cfg, steps, warmup)[0]
-
-
-def exponent(lengths: list[int], seconds_per_sequence: list[float]) -> float:
-    """Least-squares slope of log(seconds per sequence) over log(length)."""
-    xs, ys = [math.log(n) for n in lengths], [math.log(t) for t in seconds_per_sequence]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def main() -> None:
@@ -60,7 +53,7 @@ def main() -> None:
     print("|---|" + "---:|" * (len(lengths) + 2))
     for p in presets:
         tps = [args.tokens // n * n / times[p][n] for n in lengths]
-        alpha = exponent(lengths, [times[p][n] / max(1, args.tokens // n) for n in lengths])
+        alpha = fit_exponent(lengths, [times[p][n] / max(1, args.tokens // n) for n in lengths])
         ratio = times[base][lengths[-1]] / times[p][lengths[-1]]
         print(f"| {p} | " + " | ".join(f"{t:,.0f}" for t in tps) + f" | {alpha:.2f} | {ratio:.2f} |")
 

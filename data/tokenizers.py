@@ -90,7 +90,7 @@ class HFTokenizer:
             raise UserError(f"{path} is not a readable tokenizer.json ({str(e).splitlines()[0]})") from None
         if self._tok.token_to_id(eos_token) is None:
             self._tok.add_special_tokens([eos_token])
-        self.eos_id = self._tok.token_to_id(eos_token)
+        self.eos_token, self.eos_id = eos_token, self._tok.token_to_id(eos_token)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.name = f"tokenizer.json:{path.name}"
         self._sha256 = hashlib.sha256(path.read_bytes()).hexdigest()

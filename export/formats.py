@@ -11,6 +11,7 @@ directory, the temporary directory and rename, the tokenizer files and ordinary 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 FORMAT_MODULES = {
     "safetensors": "chimera.export.safetensors_format",
@@ -25,4 +26,11 @@ def format_module(name: str):
 
     if name not in FORMAT_MODULES:
         raise UserError(f"--format {name!r}: unknown; choose one of {', '.join(FORMAT_MODULES)}")
-    return importlib.import_module(FORMAT_MODULES[name])
+    try:
+        return importlib.import_module(FORMAT_MODULES[name])
+    except ModuleNotFoundError as e:
+        if e.name != FORMAT_MODULES[name]:
+            raise
+        raise UserError(f"--format {name}: not available in this version of chimera; choose one of "
+                        f"{', '.join(n for n in FORMAT_MODULES if importlib.util.find_spec(FORMAT_MODULES[n]))}") \
+            from None

@@ -14,8 +14,16 @@ import torch
 
 from chimera.configs.schema import ModelConfig, RunConfig
 from chimera.errors import UserError
-from chimera.trainer.checkpoint import (CHECKPOINTS, read_config, read_weights, resolve_checkpoint, step_dirs, step_of,
-                                        step_tag, verify)
+from chimera.trainer.checkpoint import (
+    CHECKPOINTS,
+    read_config,
+    read_weights,
+    resolve_checkpoint,
+    step_dirs,
+    step_of,
+    step_tag,
+    verify,
+)
 
 
 @dataclass(frozen=True)

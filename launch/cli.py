@@ -4,14 +4,20 @@
     chimera checkpoint verify DIR | list DIR
     chimera launch slurm CONFIG --run-dir DIR [--nodes N --gpus-per-node G --partition P --time T ...] [--dry-run]
     chimera launch status DIR | cancel DIR
-    chimera models
-    chimera generate RUN_DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P]
+    chimera models [--flops SEQ]
+    chimera bench CONFIG [--layouts 1,tp2,...] [--seq-lens 1024,2048,...] [--steps N] [--warmup N] [--compare-hf]
+    chimera generate RUN_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N --temperature T --top-k K
+                     --top-p P --stop S --seed N]
+    chimera serve RUN_DIR --port P [--host 127.0.0.1 --max-tokens N --max-concurrent N --max-prompt-tokens N]
     chimera import-hf HF_DIR --out DIR [--into dynamic-hybrid]
-    chimera export RUN_DIR_OR_CKPT --format hf --out DIR
+    chimera export RUN_DIR_OR_CKPT --format safetensors|hf|onnx|gguf --out DIR [--step N] [--dtype bf16|fp16|fp32]
     chimera data prepare INPUT... --tokenizer T --format {webdataset,zarr} --out DIR
     chimera data train-tokenizer INPUT... --vocab-size N --out tokenizer.json
     chimera data genomic-tasks GENOME.fasta.gz... --out DIR [--window N --per-genome N --heldout F --seed S]
     chimera finetune RUN_DIR --task TASK.yaml [--out DIR]
+    chimera eval RUN_DIR --suite {ppl,mqar,chomsky,longctx} [--set OPTION=VALUE ...] [--out results.json]
+    chimera bench-arch EXPERIMENT.yaml [--full-budget] [--out DIR]
+    chimera plot RUN_DIR... --out fig.png
 
 User errors print one line and exit with code 2 (``chimera.errors`` lists the exit codes: 75 is a run stopped
 early by a signal or its time limit, after saving). Heavy imports (megatron-core, DeepSpeed) happen only after
@@ -157,43 +163,84 @@ def cmd_checkpoint_list(args) -> int:
 def cmd_models(args) -> int:
     from chimera.configs.loader import load_model_config, preset_names
     from chimera.models.causal_lm import meta_model
+    from chimera.models.flops import flops_columns
 
-    print(f"{'preset':<28} {'parameters':>16}  pattern")
+    if args.flops is not None and args.flops < 1:
+        raise UserError(f"--flops {args.flops}: give the sequence length to count at (at least 1)")
+    if args.flops:
+        print(f"training FLOPs (3 x forward, chimera.models.flops) at sequence length {args.flops}")
+    flops_head = f" {'FLOPs/token':>12} {'GFLOPs/seq':>12}" if args.flops else ""
+    print(f"{'preset':<28} {'parameters':>16}{flops_head}  pattern")
     for name in preset_names():
         cfg = load_model_config(name)
         n = meta_model(cfg).num_parameters()  # counted on the meta device: no weights, no process group
         pattern = cfg.layers if len(cfg.layers) <= 24 else cfg.layers[:21] + "..."
-        print(f"{name:<28} {n:>16,}  {pattern} ({len(cfg.layers)} sublayers)")
+        flops = flops_columns(cfg, args.flops) if args.flops else ""
+        print(f"{name:<28} {n:>16,}{flops}  {pattern} ({len(cfg.layers)} sublayers)")
     return 0
 
 
+def cmd_bench(args) -> int:
+    from chimera.launch.bench import run
+
+    _quiet()
+    return run(args)
+
+
 def cmd_generate(args) -> int:
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
-    if args.temperature < 0:
-        raise UserError(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k {args.top_k}: must be at least 1 (or leave it out: no top-k filter)")
+    from chimera.inference.generate import sampling_problem
+
+    flags = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+             "top_p": "--top-p"}
+    problem = sampling_problem(args.max_new_tokens, args.temperature, args.top_k, args.top_p, flags)
+    if problem:
+        raise UserError(problem)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompts-file {args.prompts_file!r} cannot be read ({e}); give a UTF-8 text file, "
+                            "one prompt per line") from None
+    if not prompts:
+        raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
     from chimera.trainer.checkpoint import read_config, resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.run_dir)
-    import torch
-
     from chimera import load_model
     from chimera.data.tokenizers import get_tokenizer
-    from chimera.trainer.generate import generate
+    from chimera.inference.cli import print_generations
 
     tokenizer = get_tokenizer(read_config(ckpt).data.tokenizer)
-    ids = tokenizer.encode(args.prompt)
-    if len(ids) == 0:
-        raise UserError("--prompt is empty; give at least one character")
-    model = load_model(ckpt)
-    prompt = torch.tensor(ids, dtype=torch.long)[None, :]
-    out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, vocab_limit=tokenizer.vocab_size, seed=args.seed)
-    print(tokenizer.decode(out[0].tolist()))
+    ids = [tokenizer.encode(p).tolist() for p in prompts]
+    if any(len(i) == 0 for i in ids):
+        raise UserError("a --prompt is empty; give at least one character")
+    print_generations(load_model(ckpt), tokenizer, ids, args)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    for flag, value in (("--max-tokens", args.max_tokens), ("--max-concurrent", args.max_concurrent),
+                        ("--max-prompt-tokens", args.max_prompt_tokens)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: must be in 0..65535 (0: any free port)")
+    from chimera.trainer.checkpoint import read_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.run_dir)
+    from chimera import load_model
+    from chimera.data.tokenizers import get_tokenizer
+    from chimera.inference.server import Limits, serve
+
+    tokenizer = get_tokenizer(read_config(ckpt).data.tokenizer)
+    limits = Limits(args.max_tokens, args.max_concurrent, args.max_prompt_tokens)
+    try:
+        serve(load_model(ckpt).eval(), tokenizer, args.host, args.port, limits, Path(args.run_dir).name,
+              announce=lambda line: print(line, flush=True))
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
+                        "or --host") from None
     return 0
 
 
@@ -260,11 +307,32 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from chimera.trainer.interchange import export_hf
+    from chimera.export.exporter import export
 
     _writable_output(args.out)
-    out = export_hf(args.checkpoint, args.out)
-    print(f"exported -> {out} (transformers AutoModelForCausalLM.from_pretrained loads it)")
+    out = export(args.checkpoint, args.format, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
+                 max_shard_mb=args.max_shard_mb)
+    print(f"exported ({args.format}, {args.dtype}) -> {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from chimera.evaluation.cli import run_eval
+
+    return run_eval(args.run_dir, args.suite, args.set, args.out)
+
+
+def cmd_bench_arch(args) -> int:
+    from chimera.evaluation.bench import bench_arch
+
+    return bench_arch(args.experiment, args.out, full_budget=args.full_budget)
+
+
+def cmd_plot(args) -> int:
+    from chimera.evaluation.plots import plot_runs
+
+    plot_runs(args.run_dirs, args.out)
+    print(f"chimera: wrote {args.out}")
     return 0
 
 
@@ -368,27 +436,49 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_checkpoint_list)
 
     m = sub.add_parser("models", help="list model presets with their parameter counts")
+    m.add_argument("--flops", type=int, default=None, metavar="SEQ",
+                   help="add the training FLOPs per token and per sequence at sequence length SEQ")
     m.set_defaults(func=cmd_models)
+
+    from chimera.launch.bench import add_arguments as bench_arguments
+
+    b = sub.add_parser("bench", help="time training steps: tokens/s, TFLOP/s, MFU, memory, scaling with length")
+    bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("run_dir", help="run directory or checkpoint directory")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", action="append", help="repeatable: several prompts decode as one batch")
+    g.add_argument("--prompts-file", help="a text file, one prompt per line (with or without --prompt)")
     g.add_argument("--max-new-tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="repeatable: the text ends before this string")
+    g.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
     g.set_defaults(func=cmd_generate)
+    sv = sub.add_parser("serve", help="an OpenAI-style completions server for a trained run (localhost)")
+    sv.add_argument("run_dir", help="run directory or checkpoint directory")
+    sv.add_argument("--port", type=int, required=True, help="0: any free port (printed)")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    sv.add_argument("--max-tokens", type=int, default=256, help="new tokens per request, at most")
+    sv.add_argument("--max-concurrent", type=int, default=8, help="requests at once; more get 429")
+    sv.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts get 400")
+    sv.set_defaults(func=cmd_serve)
     i = sub.add_parser("import-hf", help="a transformers checkpoint directory -> a Chimera run directory")
     i.add_argument("hf_dir")
     i.add_argument("--out", required=True, help="new run directory")
     i.add_argument("--into", choices=["dynamic-hybrid"], default=None,
                    help="convert on import: dynamic-hybrid = Granite-4.0-H's mixers as routed hybrid blocks ('Y')")
     i.set_defaults(func=cmd_import_hf)
-    e = sub.add_parser("export", help="a run or checkpoint -> a transformers checkpoint directory")
-    e.add_argument("checkpoint", help="run directory (latest checkpoint) or checkpoint directory")
-    e.add_argument("--format", choices=["hf"], default="hf")
-    e.add_argument("--out", required=True, help="new directory")
+    e = sub.add_parser("export", help="a run or checkpoint -> safetensors, transformers, ONNX or GGUF files")
+    e.add_argument("checkpoint", help="run directory (newest valid checkpoint, or --step) or checkpoint directory")
+    e.add_argument("--format", default="hf", help="safetensors, hf (transformers), onnx or gguf (default hf)")
+    e.add_argument("--out", required=True, help="new (or empty) directory")
+    e.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest valid)")
+    e.add_argument("--dtype", default="fp32", help="bf16, fp16 or fp32 (default)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out (once the new export is complete)")
+    e.add_argument("--max-shard-mb", type=float, default=None, help="safetensors/hf: MiB per file (default 2048)")
     e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("data", help="prepare datasets and tokenizers")
@@ -424,6 +514,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--task", required=True, help="task file (YAML): tasks (data, weight), steps, lr, ...")
     f.add_argument("--out", help="directory for the results (default RUN_DIR/finetune)")
     f.set_defaults(func=cmd_finetune)
+
+    from chimera.evaluation.names import SUITE_NAMES
+
+    ev = sub.add_parser("eval", help="evaluate a run: ppl, mqar, chomsky or longctx; prints a table")
+    ev.add_argument("run_dir", help="run directory (newest valid checkpoint), checkpoint, or imported HF run")
+    ev.add_argument("--suite", required=True, choices=SUITE_NAMES)
+    ev.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a suite option, e.g. seq_lens=[64,128] (YAML value)")
+    ev.add_argument("--out", default=None, help="write the result as JSON here")
+    ev.set_defaults(func=cmd_eval)
+    ba = sub.add_parser("bench-arch", help="train and evaluate every (model, task, lr, seed) of an experiment")
+    ba.add_argument("experiment", help="experiment file (see configs/experiments/)")
+    ba.add_argument("--full-budget", action="store_true", help="train on the experiment's full token budget")
+    ba.add_argument("--out", default=None, help="output directory (default: runs/bench/<experiment name>)")
+    ba.set_defaults(func=cmd_bench_arch)
+    pl = sub.add_parser("plot", help="loss / val_loss / tokens-per-second curves of runs (one PNG)")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", required=True, help="PNG file to write")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

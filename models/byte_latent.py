@@ -319,9 +319,11 @@ class ByteLatentLM(nn.Module):
         return torch.stack([self.step(input_ids[:, t], state, t) for t in range(input_ids.shape[1])], 1), state
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, state: list, pos: int) -> torch.Tensor:
-        """One byte per row ``[b]`` at position ``pos`` -> next-byte logits ``[b, V]``; updates ``state``."""
-        return torch.cat([self._step_row(tokens[i:i + 1], row, pos) for i, row in enumerate(state)])
+    def step(self, tokens: torch.Tensor, state: list, pos: int | torch.Tensor) -> torch.Tensor:
+        """One byte per row ``[b]`` at position ``pos`` (one for the batch, or each row's own: ``LongTensor [b]``)
+        -> next-byte logits ``[b, V]``; updates ``state``."""
+        at = [pos] * len(state) if isinstance(pos, int) else [int(p) for p in pos]
+        return torch.cat([self._step_row(tokens[i:i + 1], row, at[i]) for i, row in enumerate(state)])
 
     def _step_row(self, token: torch.Tensor, row: dict, pos: int) -> torch.Tensor:
         n_enc = self.settings.encoder_layers

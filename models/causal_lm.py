@@ -29,12 +29,14 @@ The pieces ``input_stream``, ``run_layers``, ``logits_local``, ``language_model_
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from chimera.data import IGNORE_INDEX
+from chimera.models.batch_state import put_rows, state_layout, take_rows
 from chimera.models.config import ModelConfig
 from chimera.models.documents import PackedDocuments
 from chimera.models.norms import build_norm
@@ -223,13 +225,25 @@ class CausalLM(nn.Module):
         return gather_vocab(self.logits_local(x, False), self.dims).transpose(0, 1), state
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, state: list, pos: int) -> torch.Tensor:
-        """One token per sequence ``[b]`` at position ``pos`` -> logits ``[b, V]``; updates ``state``."""
+    def step(self, tokens: torch.Tensor, state: list, pos: int | torch.Tensor) -> torch.Tensor:
+        """One token per sequence ``[b]`` at position ``pos`` -> logits ``[b, V]``; updates ``state``. ``pos``: one
+        position for the batch, or each row's own (``LongTensor [b]``: prompts of different lengths, sequences that
+        joined a running batch). Rows at different positions step together where every mixer takes per-row
+        positions (``ROW_POSITIONS``); otherwise each group of rows at one position steps apart."""
+        if isinstance(pos, torch.Tensor) and not self.steps_rows_together():
+            return step_rows_apart(self, tokens, state, pos)
         x = self.embed_tokens(tokens[None, :])  # [1, b, d]
         context = Context(embeddings=x, position=pos, tokens=tokens, embed=self.embed_tokens)
         for layer, layer_state in zip(self.layers, state):
             x = layer.step(x, layer_state, context)
         return gather_vocab(self.logits_local(x, False), self.dims)[0]
+
+    def steps_rows_together(self) -> bool:
+        """Whether every module whose ``step`` reads the position takes each row's own (``ROW_POSITIONS``)."""
+        if not hasattr(self, "_rows_together"):
+            readers = [m for m in self.modules() if m is not self and "pos" in _step_parameters(type(m))]
+            object.__setattr__(self, "_rows_together", all(getattr(m, "ROW_POSITIONS", False) for m in readers))
+        return self._rows_together
 
     # ---- size ---------------------------------------------------------------------------------
 
@@ -240,6 +254,30 @@ class CausalLM(nn.Module):
     def num_parameters(self) -> int:
         """Parameters of the whole model (all TP shards)."""
         return sum(s.numel() for s in self.full_shapes().values())
+
+
+def _step_parameters(cls) -> tuple[str, ...]:
+    """The parameter names of ``cls.step`` (none if it has no ``step``)."""
+    step = getattr(cls, "step", None)
+    return tuple(inspect.signature(step).parameters) if callable(step) else ()
+
+
+def step_rows_apart(model: nn.Module, tokens: torch.Tensor, state: list, pos: torch.Tensor) -> torch.Tensor:
+    """``model.step`` with row ``i`` at ``pos[i]``, one step per group of rows at one position (their rows taken out
+    of the state, stepped, and put back)."""
+    values = pos.unique()
+    if len(values) == 1:
+        return model.step(tokens, state, int(values[0]))
+    layout = state_layout(model)
+    logits = None
+    for value in values:
+        rows = (pos == value).nonzero()[:, 0]
+        part = take_rows(state, layout, rows)
+        out = model.step(tokens[rows], part, int(value))
+        put_rows(state, layout, rows, part)
+        logits = out.new_empty(len(pos), *out.shape[1:]) if logits is None else logits
+        logits[rows] = out
+    return logits
 
 
 def model_class(cfg: ModelConfig) -> type[nn.Module]:

@@ -20,14 +20,37 @@ from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
 from chimera.parallel.sharding import declare, zeros
 
 
+def depthwise_valid(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y_t = sum_j weight[:, j] x_{t+j} + bias`` for ``x [k-1+s, b, c]`` (the ``k-1`` inputs before the sequence in
+    front), ``weight [c, k]`` -> ``[s, b, c]``: the causal conv once its padding is in place."""
+    xc = x.permute(1, 2, 0)  # [b, c, k - 1 + s]
+    return F.conv1d(xc, weight.unsqueeze(1), bias, groups=xc.shape[1]).permute(2, 0, 1)
+
+
+def depthwise_valid_within_segments(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                    segments: torch.Tensor) -> torch.Tensor:
+    """``depthwise_valid`` with packed documents: the definition as a sum over lags ``j``, ``w[:, k-1-j] * x_{t-j}``,
+    a tap kept only if ``x_{t-j}`` is in ``x_t``'s document (``segments [k-1+s, b]``: the segment id of each input)."""
+    kernel = weight.shape[1]
+    lead = kernel - 1
+    s = x.shape[0] - lead
+    own = segments[lead:]
+    y = torch.zeros_like(x[lead:]) if bias is None else bias.expand_as(x[lead:]).clone()
+    for j in range(kernel):
+        same = segments[lead - j: lead - j + s] == own
+        y = y + x[lead - j: lead - j + s] * same.unsqueeze(-1) * weight[:, kernel - 1 - j]
+    return y
+
+
 class CausalConv1d(nn.Module):
     def __init__(self, channels_local: int, kernel: int, *, bias: bool = True, split: bool = True,
-                 partial_grad_over_tp: bool = False, dims: ParallelDims = SINGLE_PROCESS):
+                 partial_grad_over_tp: bool = False, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto"):
         """``split``: the channels are this rank's shard of the full conv's (dim 0); otherwise every rank
         holds the whole conv, with ``partial_grad_over_tp`` when each rank uses it for part of the output.
-        ``dims``: the layout, for the halo of the chunk before this rank's under context parallelism."""
+        ``dims``: the layout, for the halo of the chunk before this rank's under context parallelism.
+        ``kernels``: ``model.kernels`` (``chimera.models.ops.dispatch``)."""
         super().__init__()
-        self.kernel, self.dims = kernel, dims
+        self.kernel, self.dims, self.kernels = kernel, dims, kernels
         bound = 1.0 / math.sqrt(kernel)
         placement = {"split_dim": 0} if split else {"partial_grad_over_tp": partial_grad_over_tp}
         # [channels, k] and [channels]
@@ -37,24 +60,11 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
         """``x [s, b, c] -> [s, b, c]``; with packed documents ``docs`` no tap reaches into another document."""
+        from chimera.models.ops import dispatch  # imports this module
+
         before = halo(x, self.kernel - 1, self.dims)  # [k-1, b, c]: zeros unless a chunk precedes this one
-        if docs is not None:
-            return self._forward_within_segments(torch.cat([before, x]), docs)
-        xc = torch.cat([before, x]).permute(1, 2, 0)  # [b, c, k - 1 + s]
-        y = F.conv1d(xc, self.weight.unsqueeze(1), self.bias, groups=xc.shape[1])
-        return y.permute(2, 0, 1)
-
-    def _forward_within_segments(self, x: torch.Tensor, docs) -> torch.Tensor:
-        """The definition as a sum over lags ``j``: ``w[:, k-1-j] * x_{t-j}``, kept only if same document.
-
-        ``x``: the chunk with the ``k-1`` inputs before it in front."""
-        s, lead = docs.segment_ids.shape[0], self.kernel - 1
-        segments = torch.cat([docs.preceding_segment_ids(lead), docs.segment_ids])  # [k - 1 + s, b]
-        y = torch.zeros_like(x[lead:]) if self.bias is None else self.bias.expand_as(x[lead:]).clone()
-        for j in range(self.kernel):
-            same = segments[lead - j: lead - j + s] == docs.segment_ids
-            y = y + x[lead - j: lead - j + s] * same.unsqueeze(-1) * self.weight[:, self.kernel - 1 - j]
-        return y
+        segments = None if docs is None else torch.cat([docs.preceding_segment_ids(self.kernel - 1), docs.segment_ids])
+        return dispatch.causal_conv1d(torch.cat([before, x]), self.weight, self.bias, segments, kernels=self.kernels)
 
     def init_state(self, batch: int, device=None, dtype=None) -> torch.Tensor:
         return torch.zeros(batch, self.weight.shape[0], self.kernel - 1, device=device, dtype=dtype)

@@ -19,9 +19,10 @@ A file in ``models/mixers/`` (token mixers) or ``models/channels/`` (channel mix
   sublayers publish in the pass's ``Context``, which stages do not carry);
 * ``whole_sequence`` (optional): True for a kind that needs each whole sequence on one rank (it reorders the
   sequence's tokens: the routed hybrid), which context and sequence parallelism refuse;
-* ``flops_per_token(config, s)`` (optional): forward FLOPs per token at sequence length ``s``, where they are
-  not ``2 x`` the sublayer's weights (attention's scores, a MoE's unvisited experts); pipeline stages are
-  balanced by it.
+* ``flops_per_token(config, s)``: forward FLOPs per token at sequence length ``s``, as ``{term: FLOPs}``, each
+  term named for the operation it counts (``chimera.models.flops`` states the conventions and adds them up: MFU,
+  ``chimera models --flops``, and the cost pipeline stages are balanced by); ``shared_flops_per_token`` (optional):
+  what the first sublayer of the kind computes for all of them (GOLD's key cache).
 
 A file in ``models/shared/`` ends with ``STYLE = SharedBlockStyle(...)``: one way of running a shared
 block (symbols ``0``, ``1``). ``chimera.models.registry`` finds them all; nothing else names them.
@@ -49,6 +50,10 @@ class ModelFields(Section):
 
     d_model: int = Field(..., ge=1)
     norm_eps: float = Field(1e-6, gt=0)
+    kernels: Literal["auto", "reference", "triton"] = Field(
+        "auto", description="hot ops (scans, SSD, short conv): the readable reference math or the Triton kernels "
+        "(chimera.models.ops); auto: Triton on CUDA when importable, else the reference; triton without CUDA runs "
+        "the kernels in Triton's interpreter (TRITON_INTERPRET=1 only; slow, for tests)")
 
 
 class SublayerConfig(ModelFields):
@@ -110,8 +115,10 @@ class SublayerSpec:
     context_parallel: Callable[[SublayerConfig], ContextParallel]
     # what an expert-parallel size must divide (a message), for kinds whose parameters split over experts
     check_expert_parallel: Callable[[SublayerConfig, int], str | None] | None = None
-    # forward FLOPs per token at sequence length s (pipeline stage balancing); None: 2 x the sublayer's weights
-    flops_per_token: Callable[[SublayerConfig, int], float] | None = None
+    # forward FLOPs per token at sequence length s, {term: FLOPs} (chimera.models.flops); every kind declares it
+    flops_per_token: Callable[[SublayerConfig, int], dict[str, float]] | None = None
+    # forward FLOPs per token the first sublayer of the kind computes for all of them (GOLD's key cache)
+    shared_flops_per_token: Callable[[SublayerConfig, int], dict[str, float]] | None = None
     # False: the kind reads what earlier sublayers publish in the pass's Context, which pipeline stages do not carry
     pipeline_parallel: bool = True
     # True: the kind needs each whole sequence on one rank, so context and sequence parallelism are refused
@@ -126,7 +133,8 @@ class SharedBlockStyle:
     ``build_use(block, index, fed, cfg, build)`` makes one use of it, a module of the layer stack with
     ``forward(x, context)``. With ``feeds_next``, a use is fused with the sublayer after its symbol
     (``fed``), whose input it changes. ``config``: the fields only this style reads; ``check(cfg)``
-    raises ``ValueError`` for a pattern it cannot run."""
+    raises ``ValueError`` for a pattern it cannot run; ``flops_per_token(cfg, index, s)`` one use's forward FLOPs
+    per token (``chimera.models.flops``)."""
 
     name: str
     summary: str
@@ -138,3 +146,6 @@ class SharedBlockStyle:
     check_tensor_parallel: Callable[[SublayerConfig, int], str | None]
     reads_embeddings: bool = False  # reads the model's input embeddings (``Context.embeddings``): pipeline stages
     # must then carry them
+    # forward FLOPs per token of one use of block ``index`` at sequence length s, the fed sublayer not included,
+    # {term: FLOPs}; None: the block's sublayers' (chimera.models.flops)
+    flops_per_token: Callable[[ModelConfig, int, int], dict[str, float]] | None = None

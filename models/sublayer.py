@@ -44,7 +44,8 @@ class Context:
 
     embeddings: torch.Tensor  # the model's input embeddings, laid out like the residual stream (Zamba reads them)
     docs: PackedDocuments | None = None  # several documents packed per sequence (forward only)
-    position: int = 0  # decoding: the position of the token being decoded
+    # decoding: the position of the token being decoded, one for the batch or each row's own (``LongTensor [b]``)
+    position: int | torch.Tensor = 0
     # tensors a sublayer publishes for the later sublayers of the same pass or decoding step (one cache built once
     # and read by several layers), by name; a pass's own, never carried to the next
     published: dict = field(default_factory=dict)

@@ -3,10 +3,9 @@
 **Where stages are cut.** ``|`` in the layer pattern marks the boundaries (Megatron-Core's hybrid-pattern
 convention); without it, the cut balances cost: the contiguous split of the layer units
 (``ModelConfig.layer_units``: a sublayer, or a shared-block use with the sublayer it feeds) that minimises
-the most expensive stage. Cost is forward FLOPs per token, stated in one place, ``sublayer_flops``: what a
-sublayer kind declares (``SublayerSpec.flops_per_token``: attention's scores, a MoE's top-k experts), else
-``2 x`` its weights. The first stage also embeds (no FLOPs to speak of), the last also computes logits
-(``2 d V``).
+the most expensive stage. Cost is forward FLOPs per token, the model's FLOP count (``chimera.models.flops``:
+what each sublayer kind declares, attention's scores, a MoE's top-k experts). The first stage also embeds (no
+FLOPs), the last also computes logits (``2 d V``).
 
 **What crosses a boundary** (``Carry``): a tuple of tensors, the form DeepSpeed's pipeline engine sends:
 
@@ -31,54 +30,14 @@ slots: ``bubble_fraction``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import nn
 
-from chimera.models.registry import SHARED_SYMBOLS, sublayers
-from chimera.parallel.dims import SINGLE_PROCESS
+from chimera.models.flops import head_flops, unit_flops
+from chimera.models.registry import SHARED_SYMBOLS
 
 # ---- where the stages are cut ---------------------------------------------------------------------------
-
-
-def sublayer_flops(cfg, symbol: str, seq_len: int) -> float:
-    """Forward FLOPs per token of one sublayer of kind ``symbol`` at sequence length ``seq_len``."""
-    spec = sublayers()[symbol]
-    if spec.flops_per_token is not None:
-        return float(spec.flops_per_token(cfg.sublayer(symbol), seq_len))
-    return 2.0 * _weights(cfg, symbol)
-
-
-def _weights(cfg, symbol: str) -> int:
-    return _weights_cached(cfg.model_dump_json(), symbol)
-
-
-@cache
-def _weights_cached(cfg_json: str, symbol: str) -> int:
-    from chimera.models.config import ModelConfig
-    from chimera.models.spec import Build
-    from chimera.models.sublayer import build_mixer
-
-    cfg = ModelConfig.model_validate_json(cfg_json)
-    with torch.device("meta"):
-        mixer = build_mixer(symbol, cfg, Build.of(cfg, SINGLE_PROCESS))
-    return sum(p.numel() for p in mixer.parameters())
-
-
-def unit_flops(cfg, seq_len: int) -> list[float]:
-    """Forward FLOPs per token of each layer unit (a shared-block use counts its block's sublayers)."""
-    def symbol_cost(symbol: str) -> float:
-        if symbol in SHARED_SYMBOLS:
-            return sum(sublayer_flops(cfg, s, seq_len) for s in cfg.shared_blocks[int(symbol)])
-        return sublayer_flops(cfg, symbol, seq_len)
-
-    return [sum(symbol_cost(s) for s in unit) for unit in cfg.layer_units()]
-
-
-def output_flops(cfg) -> float:
-    """The logits: ``2 d V`` per token."""
-    return 2.0 * cfg.d_model * cfg.vocab_size
 
 
 def balanced_split(costs: list[float], parts: int, last_extra: float = 0.0) -> list[tuple[int, int]]:
@@ -124,7 +83,7 @@ def stage_bounds(cfg, stages: int, seq_len: int) -> list[tuple[int, int]]:
         if len(bounds) != stages:
             raise ValueError(f"the pattern marks {len(bounds)} stages but the pipeline has {stages}")
         return bounds
-    return balanced_split(unit_flops(cfg, seq_len), stages, output_flops(cfg))
+    return balanced_split(unit_flops(cfg, seq_len), stages, sum(head_flops(cfg).values()))
 
 
 def stage_parts(cfg, bounds: list[tuple[int, int]], stage: int) -> list[str]:

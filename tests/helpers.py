@@ -75,7 +75,7 @@ def hf_round_trip(tmp_path, hf_model, vocab: int):
     from safetensors.torch import load_file
 
     import chimera
-    from chimera.trainer.generate import generate
+    from chimera.inference.generate import generate
 
     hf_model.save_pretrained(tmp_path / "hf")
     on_disk = load_file(str(tmp_path / "hf/model.safetensors"))

@@ -461,10 +461,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 def load_inference_model(path: str | Path) -> torch.nn.Module:
-    """The model of a checkpoint (or a run's latest), on one process, in eval mode; no process group needed."""
+    """The model of a checkpoint (or a run's latest, or a ``chimera export --format safetensors`` directory), on one
+    process, in eval mode; no process group needed."""
+    from chimera.export import safetensors_format
     from chimera.models.causal_lm import meta_model
     from chimera.parallel.sharding import load_full_state_dict
 
+    if safetensors_format.is_export_dir(path):
+        return safetensors_format.load_model(path)
     ckpt = resolve_checkpoint(path)
     verify(ckpt)
     model_cfg: ModelConfig = read_config(ckpt).model

@@ -2,22 +2,20 @@
 
 The per-architecture name tables live beside the models, in ``chimera.models.hf``;
 this module does the file work: an imported model becomes a run directory whose checkpoint holds
-weights only (``chimera train`` continues from it with a fresh optimizer), and an export writes
-``model.safetensors`` + ``config.json`` atomically.
+weights only (``chimera train`` continues from it with a fresh optimizer); the export is
+``chimera.export.hf`` (through ``chimera.export.exporter``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from chimera.configs.loader import validated
 from chimera.configs.schema import ModelConfig
 from chimera.errors import UserError
-from chimera.models.hf import ARCHITECTURES, export_state, import_state, mapping_for, read_hf_config, read_hf_tensors
-from chimera.trainer.checkpoint import read_config, read_weights, resolve_checkpoint, verify, write_weights_checkpoint
+from chimera.models.hf import import_state, mapping_for, read_hf_config, read_hf_tensors
+from chimera.trainer.checkpoint import write_weights_checkpoint
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, into: str | None = None) -> Path:
@@ -64,30 +62,8 @@ def check_expressible(mapping, cfg: ModelConfig) -> None:
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
-    """A Chimera checkpoint -> safetensors + config.json that ``AutoModelForCausalLM`` loads natively."""
-    from safetensors.torch import save_file
+    """A Chimera checkpoint -> safetensors + config.json that ``AutoModelForCausalLM`` loads natively
+    (``chimera.export``'s ``hf`` format)."""
+    from chimera.export.exporter import export
 
-    out = Path(out)
-    if out.exists():
-        raise UserError(f"--out {str(out)!r} already exists; choose a new directory")
-    ckpt = resolve_checkpoint(checkpoint)
-    verify(ckpt)
-    cfg = read_config(ckpt).model
-    if cfg.family not in ARCHITECTURES:
-        raise UserError(f"model {cfg.name!r} (family {cfg.family!r}) has no transformers counterpart; "
-                        f"exportable families: {', '.join(sorted(ARCHITECTURES))}")
-    mapping = ARCHITECTURES[cfg.family]
-    check_expressible(mapping, cfg)
-    state = read_weights(ckpt)
-    tensors = export_state(mapping, state, cfg)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(mapping.config_to_hf(cfg), indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return export(checkpoint, "hf", out)

@@ -48,7 +48,7 @@ from chimera.trainer.checkpoint import (
 )
 from chimera.trainer.engine import TrainingEngine, zero3_partitioner
 from chimera.trainer.host_memory import map_large_blocks_apart, release_free_host_memory
-from chimera.trainer.metrics import MetricsLogger
+from chimera.trainer.metrics import MetricsLogger, ModelFlopsRate
 from chimera.trainer.resumption import compare, refusal, start_from_weights, supersede
 from chimera.trainer.watchdog import StepWatchdog, rank_stats
 
@@ -68,6 +68,7 @@ class Trainer:
         self.device = topology.device()
         self.accumulation = accumulation_steps(t, self.dp)  # micro-batches per optimizer step on each rank
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self.flops_rate = ModelFlopsRate(cfg.model, self.device, t.precision, self.topo.world_size)
         self.data = DataPipeline(cfg.data, t.micro_batch_size, t.global_batch_size)
         if self.data.vocab_size > cfg.model.vocab_size:
             raise UserError(f"the data's tokenizer has {self.data.vocab_size} tokens but model.vocab_size is "
@@ -236,6 +237,8 @@ class Trainer:
                 events.record(self.run_dir, "resume", step=self.step, checkpoint=str(self.checkpoint),
                               changes=self.changes.said if self.changes else [], superseded_rows=superseded)
         metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.model_dump(mode="json"), is_main, t.steps)
+        if is_main and self.flops_rate.flops_per_token(cfg.data.seq_len) is not None:
+            events.record(self.run_dir, "mfu_basis", **self.flops_rate.basis(cfg.data.seq_len))
         if is_main:
             where = f"resumed at step {self.step}" if resumed else (
                 f"from the weights of {self.initialised_from}" if self.initialised_from else "from scratch")
@@ -308,6 +311,8 @@ class Trainer:
         row = {"step": self.step, "loss": loss if finite else None, "lr": lr,
                "tokens_per_s": self.tokens_per_step / elapsed, "seq_len": data_log["seq_len"],
                "step_tokens": data_log["step_tokens"], "consumed_sequences": self.data_state["sequences"]}
+        if self.is_main:  # the rank that logs (the peak may be measured once, on it)
+            row.update(self.flops_rate.row(data_log["seq_len"], row["tokens_per_s"]))
         if data_log["skipped"] != "skip_steps" and self.engine.gate.grad_norm is not None:
             row["grad_norm"] = self.engine.gate.grad_norm  # before clipping
         if data_log["skipped"]:

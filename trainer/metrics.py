@@ -2,6 +2,11 @@
 
 Only rank 0 writes. wandb runs offline by default with its files under the run directory; the run
 id is kept in the run directory so a resumed run continues the same wandb run.
+
+Throughput: ``tokens_per_s`` (all ranks), and from it ``tflops``, the model FLOPs per second of one device
+(``chimera.models.flops``: training FLOPs per token at the step's sequence length x tokens/s / devices), and
+``mfu``, that over the device's peak (``chimera.trainer.device_peak``): ``mfu = flops_per_token x tokens_per_s /
+devices / peak``. The run's ``events.jsonl`` says, once, the peak and where it comes from (``mfu_basis``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+
 from chimera.configs.schema import LoggingConfig
+from chimera.errors import UserError
 
 
 def format_duration(seconds: float) -> str:
@@ -21,6 +29,46 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class ModelFlopsRate:
+    """``tflops`` and ``mfu`` of a step from its tokens/s, for ``devices`` devices like ``device``."""
+
+    def __init__(self, model_cfg, device: torch.device, precision: str, devices: int):
+        self.model_cfg, self.device, self.precision, self.devices = model_cfg, device, precision, devices
+        self._per_token: dict[int, float | None] = {}
+        self._peak = None
+
+    def flops_per_token(self, seq_len: int) -> float | None:
+        """Training FLOPs per token at ``seq_len``; None for a model the FLOP model does not count."""
+        if seq_len not in self._per_token:
+            from chimera.models.flops import model_flops_per_token
+
+            try:
+                self._per_token[seq_len] = model_flops_per_token(self.model_cfg, seq_len)
+            except UserError:
+                self._per_token[seq_len] = None
+        return self._per_token[seq_len]
+
+    @property
+    def peak(self):
+        if self._peak is None:
+            from chimera.trainer.device_peak import peak_flops
+
+            self._peak = peak_flops(self.device, self.precision)
+        return self._peak
+
+    def row(self, seq_len: int, tokens_per_s: float) -> dict:
+        flops = self.flops_per_token(seq_len)
+        if flops is None:
+            return {}
+        per_device = flops * tokens_per_s / self.devices
+        return {"tflops": per_device / 1e12, "mfu": per_device / self.peak.flops_per_s}
+
+    def basis(self, seq_len: int) -> dict:
+        """What ``mfu`` is measured against (for the run's events)."""
+        return {"model_flops_per_token": self.flops_per_token(seq_len), "seq_len": seq_len, "devices": self.devices,
+                "peak_tflops": self.peak.flops_per_s / 1e12, "peak_source": self.peak.source}
 
 
 class MetricsLogger:
@@ -64,6 +112,8 @@ class MetricsLogger:
         parts = [f"step {step}/{self.total_steps}"]
         if "loss" in row:
             parts += [f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:,.0f} tok/s"]
+            if "mfu" in row:
+                parts.append(f"{row['tflops']:.3g} TFLOP/s {100 * row['mfu']:.1f}% MFU")
         if "val_loss" in row:
             parts.append(f"val_loss {row['val_loss']:.4f}")
         parts.append(f"ETA {format_duration(eta)}")

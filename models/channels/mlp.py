@@ -41,6 +41,7 @@ class MLPConfig(SublayerConfig):
 
 
 class GatedMLP(nn.Module):
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
     def __init__(self, d_model: int, hidden: int, *, init_std: float, out_std: float, dims: ParallelDims,
                  activation: str = "gelu_tanh", bias: bool = False):
         super().__init__()
@@ -72,6 +73,11 @@ def build(c: MLPConfig, b: Build) -> GatedMLP:
                     activation=c.mlp_activation, bias=c.linear_bias)
 
 
+def flops_per_token(c: MLPConfig, seq_len: int) -> dict[str, float]:
+    """``W_gate``, ``W_up``, ``W_down``: 2 per weight."""
+    return {"projections": 2.0 * 3 * c.d_model * c.mlp_hidden}
+
+
 SPECS = (SublayerSpec("-", "gated MLP", MLPConfig, build,
                       lambda c, tp: divisibility(tp, {"model.mlp_hidden": c.mlp_hidden}),
-                      lambda c: ContextParallel("token")),)
+                      lambda c: ContextParallel("token"), flops_per_token=flops_per_token),)

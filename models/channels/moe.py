@@ -240,6 +240,8 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor, plan: Dispatch, tok
 class MoE(nn.Module):
     """Top-k routed gated-MLP experts, the channel mixer of Mixtral / Jamba / Switch-style models."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, *, init_std: float,
                  out_std: float, dims: ParallelDims, activation: str = "silu", normalize_top_k: bool = False,
                  capacity_factor: float | None = None, aux_loss_coef: float = 0.01, z_loss_coef: float = 0.0,
@@ -369,10 +371,12 @@ def check_expert_parallel(c: MoEConfig, ep: int) -> str | None:
         f"{c.moe_experts}")
 
 
-def flops_per_token(c: MoEConfig, seq_len: int) -> float:
-    """2 x the weights a token meets: the router, its ``top_k`` experts and the shared expert."""
+def flops_per_token(c: MoEConfig, seq_len: int) -> dict[str, float]:
+    """2 per weight a token meets: the router, its ``top_k`` gated-MLP experts and the shared expert (the other
+    experts are not visited)."""
     gated_mlp = 3 * c.d_model
-    return 2.0 * (c.d_model * c.moe_experts + gated_mlp * (c.moe_top_k * c.moe_hidden + (c.moe_shared_hidden or 0)))
+    return {"router": 2.0 * c.d_model * c.moe_experts, "experts": 2.0 * gated_mlp * c.moe_top_k * c.moe_hidden,
+            "shared expert": 2.0 * gated_mlp * (c.moe_shared_hidden or 0)}
 
 
 def check_tensor_parallel(c: MoEConfig, tp: int) -> str | None:

@@ -45,6 +45,7 @@ class ChannelMixConfig(SublayerConfig):
 
 
 class ChannelMix(nn.Module):
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
     def __init__(self, d_model: int, hidden: int, *, init_std: float, out_std: float, dims: ParallelDims):
         super().__init__()
         self.dims = dims
@@ -82,6 +83,12 @@ def build(c: ChannelMixConfig, b: Build) -> ChannelMix:
     return ChannelMix(c.d_model, c.rwkv_ffn_hidden, init_std=b.init_std, out_std=b.out_std, dims=b.dims)
 
 
+def flops_per_token(c: ChannelMixConfig, seq_len: int) -> dict[str, float]:
+    """``W_k [F, d]``, ``W_v [d, F]``, ``W_r [d, d]``: 2 per weight (the token shift and gates are pointwise)."""
+    d, f = c.d_model, c.rwkv_ffn_hidden
+    return {"projections": 2.0 * (d * f + f * d + d * d)}
+
+
 SPECS = (SublayerSpec("C", "RWKV channel mix", ChannelMixConfig, build,
                       lambda c, tp: divisibility(tp, {"model.rwkv_ffn_hidden": c.rwkv_ffn_hidden}),
-                      lambda c: ContextParallel("halo", halo=1)),)
+                      lambda c: ContextParallel("halo", halo=1), flops_per_token=flops_per_token),)

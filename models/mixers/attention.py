@@ -135,6 +135,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int | None,
                  rope: Rope, init_std: float, out_std: float, dims: ParallelDims,
                  out_bias: bool = False, qkv_bias: bool = False, scale: float | None = None,
@@ -226,7 +228,8 @@ class Attention(nn.Module):
         return {
             "k": torch.zeros(shape, device=w.device, dtype=w.dtype),
             "v": torch.zeros(shape, device=w.device, dtype=w.dtype),
-            "pos": torch.full((slots,), -1, dtype=torch.long, device=w.device),  # position held by each slot
+            # the position each row's slot holds (-1: none yet)
+            "pos": torch.full((batch, slots), -1, dtype=torch.long, device=w.device),
         }
 
     def prefill(self, x: torch.Tensor, max_len: int, lora=None):  # x: [s, b, d] -> (out, state)
@@ -237,19 +240,34 @@ class Attention(nn.Module):
         q, k, v = self._project(x, pos, lora)
         out = self.o_proj(self._attend(q, k, v, self.visible(pos, pos)))
         state = self.init_state(b, max_len)
-        kept = pos[max(0, s - state["pos"].shape[0]):]  # what the ring buffer still holds
-        slot = kept % state["pos"].shape[0]
+        kept = pos[max(0, s - state["pos"].shape[1]):]  # what the ring buffer still holds
+        slot = kept % state["pos"].shape[1]
         state["k"][:, :, slot], state["v"][:, :, slot] = k[:, :, kept], v[:, :, kept]
-        state["pos"][slot] = kept
+        state["pos"][:, slot] = kept
         return out, state
 
-    def step(self, x: torch.Tensor, state, pos: int, lora=None) -> torch.Tensor:  # x: [1, b, d]
+    def step(self, x: torch.Tensor, state, pos: int | torch.Tensor, lora=None) -> torch.Tensor:  # x: [1, b, d]
+        """One token per row at ``pos``: one position for the batch, or each row's own (``LongTensor [b]``)."""
+        if isinstance(pos, torch.Tensor):
+            return self._step_rows(x, state, pos, lora)
         q, k, v = self._project(x, torch.tensor([pos], device=x.device), lora)
-        slot = pos % state["pos"].shape[0]  # ring buffer: overwrite the oldest position
+        slot = pos % state["pos"].shape[1]  # ring buffer: overwrite the oldest position
         state["k"][:, :, slot], state["v"][:, :, slot] = k[:, :, 0], v[:, :, 0]
-        state["pos"][slot] = pos
-        allowed = self.visible(torch.tensor([pos], device=x.device), state["pos"]) & (state["pos"] >= 0)
+        state["pos"][:, slot] = pos
+        held = state["pos"][0]  # rows at one position hold the same positions
+        allowed = self.visible(torch.tensor([pos], device=x.device), held) & (held >= 0)
         return self.o_proj(self._attend(q, state["k"], state["v"], allowed))
+
+    def _step_rows(self, x: torch.Tensor, state, pos: torch.Tensor, lora=None) -> torch.Tensor:
+        """``step`` with row ``i`` at ``pos[i]``: RoPE at each row's position, its slot, its mask."""
+        rows = torch.arange(x.shape[1], device=x.device)
+        q, k, v = self._project(x, pos[:, None, None], lora)  # tables [b, 1, 1, rot / 2]
+        slot = pos % state["pos"].shape[1]
+        state["k"][rows, :, slot], state["v"][rows, :, slot] = k[:, :, 0], v[:, :, 0]
+        state["pos"][rows, slot] = pos
+        held = state["pos"]
+        allowed = torch.stack([self.visible(pos[i: i + 1], held[i]) for i in range(len(rows))]) & (held >= 0)[:, None]
+        return self.o_proj(self._attend(q, state["k"], state["v"], allowed[:, None]))  # mask [b, 1, 1, slots]
 
 
 def _build(local: bool):
@@ -269,13 +287,29 @@ def check_tensor_parallel(c: AttentionConfig, tp: int) -> str | None:
         else None)
 
 
+def keys_seen(seq_len: int, window: int | None) -> float:
+    """The keys a causal query sees, on average over a sequence of ``seq_len``: ``t`` at position ``t``
+    (1-based), at most ``window`` of them."""
+    if window is None or seq_len <= window:
+        return (seq_len + 1) / 2
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def projection_flops(c: AttentionConfig, in_features: int | None = None) -> float:
+    """``W_q``, ``W_k``, ``W_v`` (from ``in_features``, default ``d_model``) and ``W_o``: 2 per weight."""
+    d_in = in_features or c.d_model
+    return 2.0 * (d_in * c.head_dim * (c.num_heads + 2 * c.num_kv_heads) + c.num_heads * c.head_dim * c.d_model)
+
+
+def score_flops(c: AttentionConfig, keys: float) -> float:
+    """``q k^T`` and the weighted values ``p v``: 2 x 2 x keys x head_dim per query head."""
+    return 4.0 * keys * c.num_heads * c.head_dim
+
+
 def _flops_per_token(local: bool):
-    def flops(c: AttentionConfig, seq_len: int) -> float:
-        """2 x the projections' weights, plus the scores and the weighted values: 2 x 2 x (keys seen) x heads x
-        head_dim, a query seeing (s + 1) / 2 keys on average (global) or up to the window (local)."""
-        weights = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-        keys = min(c.window, seq_len) if local else (seq_len + 1) / 2
-        return 2.0 * weights + 4.0 * keys * c.num_heads * c.head_dim
+    def flops(c: AttentionConfig, seq_len: int) -> dict[str, float]:
+        keys = keys_seen(seq_len, c.window if local else None)
+        return {"projections": projection_flops(c), "scores": score_flops(c, keys)}
     return flops
 
 

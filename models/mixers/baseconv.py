@@ -45,6 +45,8 @@ class BaseConvConfig(SublayerConfig):
 class BaseConv(nn.Module):
     """Symbol ``V``: ``[s, b, d] -> [s, b, d]`` over this rank's channels."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, width: int, kernel: int, *, bias: bool = True, init_std: float, out_std: float,
                  dims: ParallelDims):
         super().__init__()
@@ -78,6 +80,12 @@ def build(c: BaseConvConfig, b: Build) -> BaseConv:
                     out_std=b.out_std, dims=b.dims)
 
 
+def flops_per_token(c: BaseConvConfig, seq_len: int) -> dict[str, float]:
+    """``W_conv``, ``W_gate`` and ``W_out`` (2 per weight), and the depthwise conv's ``k`` taps per channel."""
+    w = c.baseconv_width
+    return {"projections": 2.0 * (2 * c.d_model * w + w * c.d_model), "conv": 2.0 * c.conv_kernel * w}
+
+
 SPECS = (SublayerSpec("V", "BaseConv gated short convolution (Based)", BaseConvConfig, build,
                       lambda c, tp: divisibility(tp, {"model.baseconv_width": c.baseconv_width}),
-                      lambda c: ContextParallel("halo", halo=c.conv_kernel - 1)),)
+                      lambda c: ContextParallel("halo", halo=c.conv_kernel - 1), flops_per_token=flops_per_token),)

@@ -186,6 +186,8 @@ def based_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int,
 class BasedLinearAttention(nn.Module):
     """Symbol ``B``: ``[s, b, d_model] -> [s, b, d_model]`` over this rank's heads."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, num_heads: int, *, feature_dim: int = 16, head_dim: int, chunk: int = 64,
                  eps: float = 1e-6, init_std: float, out_std: float, dims: ParallelDims):
         super().__init__()
@@ -240,13 +242,14 @@ def check_tensor_parallel(c: BasedConfig, tp: int) -> str | None:
     return divisibility(tp, {"model.num_heads": c.num_heads}, "Based splits whole heads over tensor-parallel ranks")
 
 
-def flops_per_token(c: BasedConfig, seq_len: int) -> float:
-    """The chunked form's matrix products: 2 x the projections' weights, plus per head the chunk's quadratic form
+def flops_per_token(c: BasedConfig, seq_len: int) -> dict[str, float]:
+    """The chunked form's matrix products: the projections (2 per weight), plus per head the chunk's quadratic form
     (scores over ``f`` dims and the weighted ``[v, 1]``, against all ``chunk`` keys of the chunk: the causal mask is
     applied after the product) and the state's update and read-out (``2 x 2 D (p + 1)``)."""
     h, f, p = c.num_heads, c.based_feature_dim, c.based_head_dim
-    weights = c.d_model * h * (2 * f + 2 * p)
-    return 2.0 * weights + h * (2.0 * c.based_chunk * (f + p + 1) + 4.0 * c.expanded_dim * (p + 1))
+    return {"projections": 2.0 * c.d_model * h * (2 * f + 2 * p),
+            "chunk products": h * 2.0 * c.based_chunk * (f + p + 1),
+            "state update and read-out": h * 4.0 * c.expanded_dim * (p + 1)}
 
 
 SPECS = (SublayerSpec("B", "Based linear attention (Taylor feature map)", BasedConfig, build, check_tensor_parallel,

@@ -40,6 +40,7 @@ import torch
 from pydantic import Field
 
 from chimera.models.documents import in_document_positions
+from chimera.models.mixers import attention
 from chimera.models.mixers.attention import Attention, AttentionConfig, check_tensor_parallel, rope_of
 from chimera.models.spec import Build, ContextParallel, SublayerSpec
 from chimera.parallel.context import chunk_start
@@ -210,13 +211,12 @@ def build(c: BigBirdConfig, b: Build) -> BigBirdAttention:
                             random_blocks=c.bigbird_random_blocks, seed=c.bigbird_seed, layer=b.layer)
 
 
-def flops_per_token(c: BigBirdConfig, seq_len: int) -> float:
-    """2 x the projections' weights, plus scores and weighted values over the keys a query sees: at most
-    ``(w + g + r) b`` (half a block fewer on average in its own block), fewer early in the sequence."""
-    weights = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+def flops_per_token(c: BigBirdConfig, seq_len: int) -> dict[str, float]:
+    """The projections, plus scores and weighted values over the keys a query sees: at most ``(w + g + r) b``
+    (half a block fewer on average in its own block), fewer early in the sequence."""
     slots = c.bigbird_sliding_blocks + c.bigbird_global_blocks + c.bigbird_random_blocks
     keys = min((slots - 0.5) * c.bigbird_block, (seq_len + 1) / 2)
-    return 2.0 * weights + 4.0 * keys * c.num_heads * c.head_dim
+    return {"projections": attention.projection_flops(c), "scores": attention.score_flops(c, keys)}
 
 
 SPECS = (SublayerSpec("K", "causal BigBird block-sparse attention (sliding, global and random blocks)",

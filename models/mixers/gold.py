@@ -256,5 +256,21 @@ def check_tensor_parallel(c: GoldConfig, tp: int) -> str | None:
     return divisibility(tp, {"the GOLD heads (model.d_model / model.rwkv_head_size)": c.heads})
 
 
+def flops_per_token(c: GoldConfig, seq_len: int) -> dict[str, float]:
+    """Per GOLD layer: ``W_q``, ``W_o`` and the LoRAs (query mix ``Q_1 Q_2``, key/value mix ``M_1 M_2`` with its
+    two outputs, ``K_1 K_2``, ``V_1 V_2``), 2 per weight; softmax attention's scores and weighted values over the
+    ``(s + 1) / 2`` keys a causal query sees on average, all heads together ``d`` wide."""
+    d, mix, lora = c.d_model, c.rwkv_mix_lora, c.gold_value_lora
+    weights = 2 * d * d + (d * mix + mix * d) + (d * 2 * mix + 2 * mix * d) + 2 * (d * lora + lora * d)
+    return {"projections": 2.0 * weights, "scores": 4.0 * d * (seq_len + 1) / 2}
+
+
+def cache_flops_per_token(c: GoldConfig, seq_len: int) -> dict[str, float]:
+    """The one cache of the model, made by the first GOLD layer: ``c = W_a x`` and ``kc = W_b [e; c]``."""
+    d, small = c.d_model, c.d_model // c.gold_compression
+    return {"key cache": 2.0 * (d * small + (d + small) * d)}
+
+
 SPECS = (SublayerSpec("G", "GOLD attention over the compressed key cache (GoldFinch)", GoldConfig, build,
-                      check_tensor_parallel, lambda c: ContextParallel("keys_values"), pipeline_parallel=False),)
+                      check_tensor_parallel, lambda c: ContextParallel("keys_values"), pipeline_parallel=False,
+                      flops_per_token=flops_per_token, shared_flops_per_token=cache_flops_per_token),)

@@ -481,21 +481,24 @@ def check_tensor_parallel(c: HyenaConfig, tp: int) -> str | None:
     return divisibility(tp, {"model.num_heads": c.num_heads})
 
 
-def flops_per_token(c: HyenaConfig, seq_len: int) -> float:
-    """2 x the projections' weights (the filter's parameters are not per token), plus per channel and long filter the
-    FFT convolution: three transforms of ``2s`` points (input, product back; the filter's amortised over the batch)
-    at ``~2.5 n log2 n`` real FLOPs each, per token ``~15 log2(2s)``, and the gates and skip (``~4``)."""
+def flops_per_token(c: HyenaConfig, seq_len: int) -> dict[str, float]:
+    """``W_in``, ``W_out`` (2 per weight) and the short convs' taps; per channel and long filter the FFT
+    convolution: three transforms of ``2s`` points (input, product back; the filter's amortised over the batch)
+    at ``~2.5 n log2 n`` real FLOPs each, per token ``~15 log2(2s)``, with the spectra's product, the skip and the
+    gates (``~4``); and the first gate ``x^1 v`` (the filter's own parameters are not per token)."""
     d, n = c.d_model, c.hyena_order
-    weights = d * (n + 1) * d + d * d + (n + 1) * d * c.hyena_short_kernel
-    return 2.0 * weights + (n - 1) * d * (15.0 * math.log2(2 * max(seq_len, 1)) + 4.0) + 2.0 * d
+    return {"projections": 2.0 * (d * (n + 1) * d + d * d), "short conv": 2.0 * (n + 1) * d * c.hyena_short_kernel,
+            "fft conv": (n - 1) * d * (15.0 * math.log2(2 * max(seq_len, 1)) + 4.0), "gate": 2.0 * d}
 
 
 def explicit_flops(filter_len_of):
-    def flops(c: HyenaConfig, seq_len: int) -> float:
-        """2 x the projections' and the FIRs' taps (depthwise: 2 FLOPs per tap and channel), gates and skip."""
+    def flops(c: HyenaConfig, seq_len: int) -> dict[str, float]:
+        """The projections and short convs, the FIRs' taps (depthwise: 2 FLOPs per tap and channel), gates and
+        skip."""
         d, n = c.d_model, c.hyena_order
-        weights = d * (n + 1) * d + d * d + (n + 1) * d * c.hyena_short_kernel + (n - 1) * d * filter_len_of(c)
-        return 2.0 * weights + (n - 1) * 4.0 * d + 2.0 * d
+        return {"projections": 2.0 * (d * (n + 1) * d + d * d),
+                "short conv": 2.0 * (n + 1) * d * c.hyena_short_kernel,
+                "filter conv": 2.0 * (n - 1) * d * filter_len_of(c), "gates and skip": (n - 1) * 4.0 * d + 2.0 * d}
     return flops
 
 

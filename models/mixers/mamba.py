@@ -71,7 +71,7 @@ from torch import nn
 
 from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
-from chimera.models.scan import linear_scan
+from chimera.models.ops import dispatch
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import linear_scan_across
 from chimera.parallel.dims import ParallelDims
@@ -138,11 +138,14 @@ class SelectionNorm(nn.Module):
 class MambaMixer(nn.Module):
     """Symbol ``m``: the Mamba-1 selective SSM mixer, ``[s, b, d_model] -> [s, b, d_model]``."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", *, conv_bias: bool = True, bias: bool = False,
                  dt_bc_norm: bool = False, heads: int = 1, norm_eps: float = 1e-6, init_std: float, out_std: float,
-                 dims: ParallelDims):
+                 dims: ParallelDims, kernels: str = "auto"):
         super().__init__()
+        self.kernels = kernels
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
@@ -159,7 +162,7 @@ class MambaMixer(nn.Module):
         self.in_proj_x = ColumnParallel(d_model, self.d_inner, dims, init=normal(init_std), bias=bias)
         self.in_proj_z = ColumnParallel(d_model, self.d_inner, dims, init=normal(init_std), bias=bias)
         # weight [d_inner / tp, d_conv], bias [d_inner / tp]: split along dim 0 (d_inner)
-        self.conv1d = CausalConv1d(inner_local, d_conv, bias=conv_bias, dims=dims)
+        self.conv1d = CausalConv1d(inner_local, d_conv, bias=conv_bias, dims=dims, kernels=kernels)
         if not self.multi_head:
             # [dt_rank + 2 N, d_inner / tp]: split along dim 1 (d_inner); output all-reduced over TP. The
             # input is this rank's full sequence (inside the mixer), so no sequence-parallel reduce-scatter.
@@ -230,7 +233,8 @@ class MambaMixer(nn.Module):
         dA, dBx, C, xf = self._ssm_inputs(xc)  # [s, b, H, P, N]
         if docs is not None:
             dA = dA.masked_fill(docs.starts[..., None, None, None], 0.0)  # h_{t-1} dropped at a document's start
-        h = linear_scan_across(linear_scan, dA, dBx, self.dims)[0]  # (2a) for all t (of this rank's chunk)
+        # (2a) for all t (of this rank's chunk)
+        h = linear_scan_across(dispatch.scan_with(self.kernels), dA, dBx, self.dims)[0]
         return self._output(h, C, xf, z), xi, h
 
     def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
@@ -256,7 +260,8 @@ class MambaMixer(nn.Module):
 
 def build(c: MambaConfig, b: Build) -> MambaMixer:
     return MambaMixer(c.d_model, c.ssm_state, c.conv_kernel, c.ssm_expand, c.ssm_dt_rank, dt_bc_norm=c.ssm_dt_bc_norm,
-                      heads=c.ssm_heads, norm_eps=c.norm_eps, init_std=b.init_std, out_std=b.out_std, dims=b.dims)
+                      heads=c.ssm_heads, norm_eps=c.norm_eps, init_std=b.init_std, out_std=b.out_std, dims=b.dims,
+                      kernels=c.kernels)
 
 
 def check_tensor_parallel(c: MambaConfig, tp: int) -> str | None:
@@ -269,5 +274,15 @@ def check_tensor_parallel(c: MambaConfig, tp: int) -> str | None:
     return None
 
 
+def flops_per_token(c: MambaConfig, seq_len: int) -> dict[str, float]:
+    """``in_proj`` (x and z), ``x_proj`` (to ``dt_rank + 2N``), ``dt_proj`` and ``out_proj``, 2 per weight (with
+    heads: each head's ``x_proj``/``dt_proj`` over its ``P`` channels, the same total); the conv's taps; the
+    selective scan per state element of ``[d_inner, N]``: ``h = A_bar h + B_bar x`` (2) and ``y = C . h`` (2). The
+    discretisation ``exp(Delta A)``, ``Delta B x`` is pointwise (not counted)."""
+    d, inner, n, rank = c.d_model, c.ssm_expand * c.d_model, c.ssm_state, c.ssm_dt_rank
+    return {"projections": 2.0 * (2 * d * inner + inner * (rank + 2 * n) + rank * inner + inner * d),
+            "conv": 2.0 * c.conv_kernel * inner, "scan": 2.0 * inner * n, "read-out": 2.0 * inner * n}
+
+
 SPECS = (SublayerSpec("m", "Mamba selective SSM (Mamba-1)", MambaConfig, build, check_tensor_parallel,
-                      lambda c: ContextParallel("state")),)
+                      lambda c: ContextParallel("state"), flops_per_token=flops_per_token),)

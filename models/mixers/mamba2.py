@@ -58,7 +58,8 @@ from torch import nn
 
 from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
-from chimera.models.scan import linear_scan, log_decay_after
+from chimera.models.ops import dispatch
+from chimera.models.scan import log_decay_after
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec
 from chimera.parallel.context import linear_scan_across
 from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
@@ -122,8 +123,15 @@ def segsum(log_a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~lower, -math.inf)
 
 
+def within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
+    """Step 1 of ``ssd``, the diagonal blocks: ``y_l = sum_{s <= l} (C_l . B_s) decay[l, s] xdt_s`` within each chunk
+    (``C, B [..., q, n]``, ``xdt [..., q, p]``, ``log_a [..., q]``); its Triton kernel: ``chimera.models.ops.ssd``."""
+    decay = torch.exp(segsum(log_a))  # [..., l, s]: prod_{s < k <= l} a_k, 0 for s > l
+    return (torch.matmul(C, B.transpose(-1, -2)) * decay) @ xdt
+
+
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
-        reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS) -> torch.Tensor:
+        reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto") -> torch.Tensor:
     """``y_t = C_t . h_t`` of ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`` for a whole sequence, chunked.
 
     ``x [s, b, h, p]``, ``dt [s, b, h]``, ``A [h]``, ``B, C [s, b, h, n]`` -> ``y [s, b, h, p]``;
@@ -132,6 +140,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     is a batched matmul over ``(b, h, c)`` without further copies; states are held as ``[n, p]``.
     Under context parallelism ``x`` ... ``C`` are this rank's part of the sequence; the scan between chunks
     (step 3) continues from the state the earlier ranks' chunks leave (``chimera.parallel.context``).
+    ``kernels``: ``model.kernels`` for step 1 and the scan of step 3 (``chimera.models.ops.dispatch``).
     """
     s = x.shape[0]
     log_a = dt * A  # log of the decay, <= 0
@@ -145,17 +154,19 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
 
     xdt, B, C = chunks(x * dt.unsqueeze(-1)), chunks(B), chunks(C)
     log_a = chunks(log_a)  # [b, h, c, q]
-    decay = torch.exp(segsum(log_a))  # [b, h, c, l, s]: prod_{s < k <= l} a_k, 0 for s > l
 
     # 1. Within a chunk (diagonal blocks): y_l = sum_{s <= l} (C_l . B_s) decay[l, s] dt_s x_s.
-    y = (torch.matmul(C, B.transpose(-1, -2)) * decay) @ xdt  # [b, h, c, l, p]
+    y = dispatch.ssd_within_chunks(C, B, xdt, log_a, kernels=kernels)  # [b, h, c, l, p]
 
-    # 2. Each chunk's own tokens in the state at its end: sum_s decay[q-1, s] B_s (dt_s x_s)^T.
-    chunk_states = (B * decay[..., -1, :].unsqueeze(-1)).transpose(-1, -2) @ xdt  # [b, h, c, n, p]
+    # 2. Each chunk's own tokens in the state at its end: sum_s decay[q-1, s] B_s (dt_s x_s)^T, where
+    # decay[q-1, s] = prod_{k > s} a_k (in the chunk).
+    to_end = torch.exp(log_decay_after(log_a.movedim(-1, 0)).movedim(0, -1))  # [b, h, c, q]
+    chunk_states = (B * to_end.unsqueeze(-1)).transpose(-1, -2) @ xdt  # [b, h, c, n, p]
 
     # 3. Between chunks: h_end[c] = (prod of chunk c's decays) h_end[c-1] + chunk_states[c].
     cum = log_a.cumsum(-1)  # [b, h, c, q]: log prod_{k <= l} a_k
-    ends, first = linear_scan_across(linear_scan, torch.exp(cum[..., -1]).movedim(2, 0)[..., None, None],
+    ends, first = linear_scan_across(dispatch.scan_with(kernels),
+                                     torch.exp(cum[..., -1]).movedim(2, 0)[..., None, None],
                                      chunk_states.movedim(2, 0), dims)
     first = torch.zeros_like(ends[:1]) if first is None else first.unsqueeze(0)  # the state before the 1st chunk
     entering = torch.cat([first, ends[:-1]]).movedim(0, 2)  # the state before each chunk
@@ -168,11 +179,14 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 block: ``[s, b, d_model] -> [s, b, d_model]``, over this rank's heads."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: int = 2, head_dim: int = 64,
                  n_groups: int = 1, chunk_size: int = 64, conv_bias: bool = True, bias: bool = False,
                  norm_eps: float = 1e-5, dt_min: float = 0.0, init_std: float, out_std: float,
-                 dims: ParallelDims):
+                 dims: ParallelDims, kernels: str = "auto"):
         super().__init__()
+        self.kernels = kernels
         d_inner = expand * d_model
         if d_inner % head_dim:
             raise ValueError(f"head_dim={head_dim} does not divide d_inner={d_inner} (expand * d_model)")
@@ -207,10 +221,11 @@ class Mamba2Mixer(nn.Module):
         self.in_proj_dt = ColumnParallel(d_model, n_heads, dims, init=normal(init_std), bias=bias)
 
         # [d_inner / tp, k] and [d_inner / tp]: split along dim 0, with the heads.
-        self.conv_x = CausalConv1d(self.heads_local * head_dim, d_conv, bias=conv_bias, dims=dims)
+        self.conv_x = CausalConv1d(self.heads_local * head_dim, d_conv, bias=conv_bias, dims=dims,
+                                   kernels=kernels)
         # [2 G N / tp, k] and [2 G N / tp]: split along dim 0 by group, or replicated like in_proj_bc.
         self.conv_bc = CausalConv1d(2 * n_slots * d_state, d_conv, bias=conv_bias, split=groups_split,
-                                    partial_grad_over_tp=dims.tp > 1, dims=dims)
+                                    partial_grad_over_tp=dims.tp > 1, dims=dims, kernels=kernels)
 
         def head_param(init):  # [H / tp]: split along dim 0, with the heads; never weight-decayed
             return declare(nn.Parameter(torch.empty(self.heads_local)), init=init, split_dim=0, weight_decay=False)
@@ -272,7 +287,7 @@ class Mamba2Mixer(nn.Module):
         xh, B, C, dt = self._ssm_inputs(xs, bc, dt)
         B, C = self._state_vectors(B, C)
         A = -torch.exp(at_least_fp32(self.A_log))
-        y = ssd(xh, dt, A, B, C, self.chunk_size, reset, self.dims) + self.D.unsqueeze(-1) * xh
+        y = ssd(xh, dt, A, B, C, self.chunk_size, reset, self.dims, self.kernels) + self.D.unsqueeze(-1) * xh
         return self.out_proj(self._gated_norm(y.flatten(-2), z))
 
     def init_state(self, batch: int, max_len: int):
@@ -313,7 +328,8 @@ class Mamba2Mixer(nn.Module):
 def build(c: Mamba2Config, b: Build) -> Mamba2Mixer:
     return Mamba2Mixer(c.d_model, d_state=c.ssm_state, d_conv=c.conv_kernel, expand=c.ssm_expand,
                        head_dim=c.ssm_head_dim, n_groups=c.ssm_groups, chunk_size=c.ssm_chunk, norm_eps=c.ssm_norm_eps,
-                       dt_min=c.ssm_dt_min, init_std=b.init_std, out_std=b.out_std, dims=b.dims)
+                       dt_min=c.ssm_dt_min, init_std=b.init_std, out_std=b.out_std, dims=b.dims,
+                       kernels=c.kernels)
 
 
 def check_tensor_parallel(c: Mamba2Config, tp: int) -> str | None:
@@ -327,5 +343,19 @@ def check_tensor_parallel(c: Mamba2Config, tp: int) -> str | None:
     return None
 
 
+def flops_per_token(c: Mamba2Config, seq_len: int) -> dict[str, float]:
+    """``in_proj`` (z, x, B and C of each group, dt) and ``out_proj``, 2 per weight; the convs' taps over x, B, C;
+    the chunked SSD (``ssd``'s steps, chunk ``q = min(ssm_chunk, s)``), per token: 1. ``C B^T`` within the chunk,
+    once per group (``2 q N``), and the weighted inputs per head (``2 q P``); 2. the chunk's state ``B^T (dt x)``
+    (``2 N P`` per head); 3. state passing between chunks (``2 N P / q`` per head); 4. the entering state's
+    read-out ``C h`` (``2 N P`` per head). Decays, ``D x`` and the gated norm are pointwise (not counted)."""
+    d, inner, n, p, g, h = c.d_model, c.ssm_expand * c.d_model, c.ssm_state, c.ssm_head_dim, c.ssm_groups, c.heads
+    q = min(c.ssm_chunk, seq_len)
+    return {"projections": 2.0 * (d * (2 * inner + 2 * g * n + h) + inner * d),
+            "conv": 2.0 * c.conv_kernel * (inner + 2 * g * n),
+            "ssd chunk products": 2.0 * q * n * g + 2.0 * q * p * h,
+            "ssd states": h * (2.0 * n * p + 2.0 * n * p / q + 2.0 * n * p)}
+
+
 SPECS = (SublayerSpec("M", "Mamba-2 SSD", Mamba2Config, build, check_tensor_parallel,
-                      lambda c: ContextParallel("state")),)
+                      lambda c: ContextParallel("state"), flops_per_token=flops_per_token),)

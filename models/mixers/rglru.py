@@ -38,7 +38,8 @@ from torch import nn
 
 from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
-from chimera.models.scan import linear_scan
+from chimera.models.ops import dispatch
+from chimera.models.positions import at_start
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import linear_scan_across
 from chimera.parallel.dims import ParallelDims
@@ -79,9 +80,10 @@ def _lambda_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 class RGLRU(nn.Module):
     """The gated recurrence of Eqs. (1)-(4) over this rank's heads."""
 
-    def __init__(self, width: int, heads: int, dims: ParallelDims, reset_unnormalized: bool = False):
+    def __init__(self, width: int, heads: int, dims: ParallelDims, reset_unnormalized: bool = False,
+                 kernels: str = "auto"):
         super().__init__()
-        self.dims = dims
+        self.dims, self.kernels = dims, kernels
         self.reset_unnormalized = reset_unnormalized
         self.heads_local = dims.local(heads, "rnn_heads")
         self.block = width // heads
@@ -128,7 +130,7 @@ class RGLRU(nn.Module):
         reset = first if reset is None else reset | first
         a, b = self.coefficients(at_least_fp32(u), reset)
         a = a.masked_fill(reset.unsqueeze(-1), 0.0)
-        return linear_scan_across(linear_scan, a, b, self.dims)[0]  # (4)
+        return linear_scan_across(dispatch.scan_with(self.kernels), a, b, self.dims)[0]  # (4)
 
     def step(self, u: torch.Tensor, h: torch.Tensor, first: bool = False) -> torch.Tensor:  # [b, w] -> [b, w]
         reset = torch.full(u.shape[:1], first, dtype=torch.bool, device=u.device)
@@ -139,15 +141,19 @@ class RGLRU(nn.Module):
 class RecurrentBlock(nn.Module):
     """Symbol ``R``: the recurrent temporal-mixing block of Griffin and Hawk."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, width: int, heads: int, conv_kernel: int, *, init_std: float,
-                 out_std: float, dims: ParallelDims, bias: bool = False, reset_unnormalized: bool = False):
+                 out_std: float, dims: ParallelDims, bias: bool = False, reset_unnormalized: bool = False,
+                 kernels: str = "auto"):
         super().__init__()
         width_local = dims.local(width, "rnn_width")
         # W_y, W_x [width / tp, d]: split along dim 0 (channels, whole heads)
         self.linear_y = ColumnParallel(d_model, width, dims, init=normal(init_std), bias=bias)
         self.linear_x = ColumnParallel(d_model, width, dims, init=normal(init_std), bias=bias)
-        self.conv = CausalConv1d(width_local, conv_kernel, dims=dims)  # [width / tp, k]: split along dim 0
-        self.rglru = RGLRU(width, heads, dims, reset_unnormalized)
+        # [width / tp, k]: split along dim 0
+        self.conv = CausalConv1d(width_local, conv_kernel, dims=dims, kernels=kernels)
+        self.rglru = RGLRU(width, heads, dims, reset_unnormalized, kernels)
         # W_out [d, width / tp]: split along dim 1; output all-reduced (or reduce-scattered)
         self.linear_out = RowParallel(width, d_model, dims, init=normal(out_std), bias=bias)
 
@@ -177,13 +183,23 @@ class RecurrentBlock(nn.Module):
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         y = F.gelu(self.linear_y(x), approximate="tanh")
         u, state["conv"] = self.conv.step(self.linear_x(x)[0], state["conv"])
-        state["h"] = self.rglru.step(u, state["h"], first=pos == 0)
+        state["h"] = self.rglru.step(u, state["h"], first=at_start(pos))
         return self.linear_out(y * state["h"].to(x.dtype).unsqueeze(0))
+
+
+def flops_per_token(c: RGLRUConfig, seq_len: int) -> dict[str, float]:
+    """``W_y``, ``W_x``, ``W_out`` (2 per weight); the conv's taps; the block-diagonal gates ``W_a``, ``W_x`` of
+    Eqs. (1)-(2) (``w / heads`` inputs per channel); the recurrence (4), ``h = a h + b``: 2 per channel. The gates'
+    nonlinearities and ``sqrt(1 - a^2)`` are pointwise (not counted)."""
+    d, w = c.d_model, c.rnn_width
+    return {"projections": 2.0 * (2 * d * w + w * d), "conv": 2.0 * c.conv_kernel * w,
+            "gates": 2.0 * 2 * w * (w // c.rnn_heads), "scan": 2.0 * w}
 
 
 def build(c: RGLRUConfig, b: Build) -> RecurrentBlock:
     return RecurrentBlock(c.d_model, c.rnn_width, c.rnn_heads, c.conv_kernel, init_std=b.init_std, out_std=b.out_std,
-                          dims=b.dims, bias=c.linear_bias, reset_unnormalized=c.rglru_reset_unnormalized)
+                          dims=b.dims, bias=c.linear_bias, reset_unnormalized=c.rglru_reset_unnormalized,
+                          kernels=c.kernels)
 
 
 def check_tensor_parallel(c: RGLRUConfig, tp: int) -> str | None:
@@ -192,4 +208,4 @@ def check_tensor_parallel(c: RGLRUConfig, tp: int) -> str | None:
 
 
 SPECS = (SublayerSpec("R", "RG-LRU recurrent block (Griffin)", RGLRUConfig, build, check_tensor_parallel,
-                      lambda c: ContextParallel("state")),)
+                      lambda c: ContextParallel("state"), flops_per_token=flops_per_token),)

@@ -354,12 +354,16 @@ def check_tensor_parallel(c: RoutedHybridConfig, tp: int) -> str | None:
         c.attention_config(), tp)
 
 
-def flops_per_token(c: RoutedHybridConfig, seq_len: int) -> float:
-    """Both paths at their capacities (an upper bound: a path runs on at most its capacity's tokens)."""
-    d, inner = c.d_model, c.ssm_expand * c.d_model
-    ssm = 2.0 * (d * (2 * inner + 2 * c.ssm_groups * c.ssm_state + c.heads) + inner * d)  # projections
-    att = attention.SPECS[0].flops_per_token(c.attention_config(), seq_len)
-    return c.routed_capacity_ssm * ssm + c.routed_capacity_attention * att + 4.0 * d
+def flops_per_token(c: RoutedHybridConfig, seq_len: int) -> dict[str, float]:
+    """Each path's own count at its capacity, over the tokens routed to it (an upper bound: a path runs on at most
+    its capacity's tokens; the SSM path counted with its whole state), and the router ``[d, 2]``."""
+    def routed(capacity: float, flops, config) -> float:
+        return capacity * sum(flops(config, max(1, round(capacity * seq_len))).values())
+
+    return {"ssm path": routed(c.routed_capacity_ssm, mamba2.flops_per_token, c.ssm_config()),
+            "attention path": routed(c.routed_capacity_attention, attention.SPECS[0].flops_per_token,
+                                     c.attention_config()),
+            "router": 4.0 * c.d_model}
 
 
 SPECS = (SublayerSpec("Y", "routed hybrid: a router sends each token to a Mamba-2 or an attention path",

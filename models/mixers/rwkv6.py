@@ -192,6 +192,8 @@ def replicated(shape, init, dims: ParallelDims) -> nn.Parameter:
 class TimeMix(nn.Module):
     """Symbol ``W``: RWKV-6's time mix over this rank's heads, ``[s, b, d] -> [s, b, d]``."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     def __init__(self, d_model: int, head_size: int, *, mix_lora: int = 32, decay_lora: int = 64,
                  group_norm_eps: float = 64e-5, chunk: int = 16, init_std: float, out_std: float, dims: ParallelDims):
         super().__init__()
@@ -289,5 +291,19 @@ def check_tensor_parallel(c: RWKVConfig, tp: int) -> str | None:
     return divisibility(tp, {"the RWKV heads (model.d_model / model.rwkv_head_size)": c.heads})
 
 
+def flops_per_token(c: RWKVConfig, seq_len: int) -> dict[str, float]:
+    """``W_r``, ``W_k``, ``W_v``, ``W_g``, ``W_o`` and the two LoRAs (token shift: ``[d, 5 L]``, ``[5, L, d]``;
+    decay: ``D_1``, ``D_2``), 2 per weight; the chunked WKV (``wkv``'s steps, chunk ``q = min(rwkv_chunk, s)``), per
+    token and head of ``N`` channels: 1. the scores ``r_t . k_s`` against the chunk's ``q`` keys and the weighted
+    values (``2 q N`` each); 2. the chunk's state ``k^T v`` (``2 N^2``); 3. state passing (``2 N^2 / q``); 4. the
+    entering state's read-out ``r S`` (``2 N^2``). Decays, the bonus and the group norm are pointwise."""
+    d, n, mix, decay = c.d_model, c.rwkv_head_size, c.rwkv_mix_lora, c.rwkv_decay_lora
+    q = min(c.rwkv_chunk, seq_len)
+    return {"projections": 2.0 * 5 * d * d,
+            "loras": 2.0 * (d * len(MIXED) * mix + len(MIXED) * mix * d + d * decay + decay * d),
+            "wkv chunk products": c.heads * 4.0 * q * n,
+            "wkv states": c.heads * (2.0 * n * n + 2.0 * n * n / q + 2.0 * n * n)}
+
+
 SPECS = (SublayerSpec("W", "RWKV-6 (Finch) time mix", RWKVConfig, build, check_tensor_parallel,
-                      lambda c: ContextParallel("state")),)
+                      lambda c: ContextParallel("state"), flops_per_token=flops_per_token),)

@@ -67,6 +67,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from chimera.models.numerics import at_least_fp32
+from chimera.models.ops import dispatch
+from chimera.models.positions import at_start
 from chimera.models.scan import HillisSteele
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import linear_scan_across
@@ -169,9 +171,9 @@ class S5SSM(nn.Module):
     over TP ranks)."""
 
     def __init__(self, d_model: int, state: int, *, conj_sym: bool = True, dt_min: float = 0.001,
-                 dt_max: float = 0.1, lr_scale: float = 1.0, dims: ParallelDims):
+                 dt_max: float = 0.1, lr_scale: float = 1.0, dims: ParallelDims, kernels: str = "auto"):
         super().__init__()
-        self.dims, self.conj_sym = dims, conj_sym
+        self.dims, self.conj_sym, self.kernels = dims, conj_sym, kernels
         stored = state // 2 if conj_sym else state
         local = dims.local(stored, "the S5 stored states (s5_state, halved with s5_conj_sym)")
 
@@ -213,7 +215,8 @@ class S5SSM(nn.Module):
         first[0] = self.dims.cp_rank == 0
         reset = first if reset is None else reset | first
         a = torch.where(reset.unsqueeze(-1), torch.zeros_like(Lambda_bar), Lambda_bar)  # [s, b, P'/tp]
-        return linear_scan_across(associative_scan, a, bu, self.dims)[0]
+        # associative_scan, or its Triton kernel on (real, imaginary) pairs (chimera.models.ops.dispatch)
+        return linear_scan_across(dispatch.scan_with(self.kernels), a, bu, self.dims)[0]
 
     def init_state(self, batch: int) -> torch.Tensor:
         dtype = torch.complex128 if self.lambda_re.dtype == torch.float64 else torch.complex64
@@ -231,14 +234,16 @@ class S5SSM(nn.Module):
 class S5Layer(nn.Module):
     """Symbol ``S``: ``GELU(S5(u))`` on ``[s, b, d_model]``."""
 
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
+
     metrics_group = "s5"
 
     def __init__(self, d_model: int, state: int, *, conj_sym: bool, dt_min: float, dt_max: float, lr_scale: float,
-                 monitor_eps: float, dims: ParallelDims):
+                 monitor_eps: float, dims: ParallelDims, kernels: str = "auto"):
         super().__init__()
         self.dims, self.monitor_eps = dims, monitor_eps
         self.ssm = S5SSM(d_model, state, conj_sym=conj_sym, dt_min=dt_min, dt_max=dt_max, lr_scale=lr_scale,
-                         dims=dims)
+                         dims=dims, kernels=kernels)
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s(/tp), b, d]
         y = self.ssm(x, None if docs is None else docs.starts).to(x.dtype)
@@ -253,7 +258,7 @@ class S5Layer(nn.Module):
         return F.gelu(leave_tensor_parallel(y, self.dims, False), approximate="tanh"), {"x": states[-1]}
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
-        y, state["x"] = self.ssm.step(x[0], state["x"], first=pos == 0)
+        y, state["x"] = self.ssm.step(x[0], state["x"], first=at_start(pos))
         return F.gelu(leave_tensor_parallel(y.to(x.dtype).unsqueeze(0), self.dims, False), approximate="tanh")
 
     @torch.no_grad()
@@ -275,7 +280,7 @@ class S5Layer(nn.Module):
 
 def build(c: S5Config, b: Build) -> S5Layer:
     return S5Layer(c.d_model, c.s5_state, conj_sym=c.s5_conj_sym, dt_min=c.s5_dt_min, dt_max=c.s5_dt_max,
-                   lr_scale=c.s5_lr_scale, monitor_eps=c.s5_monitor_eps, dims=b.dims)
+                   lr_scale=c.s5_lr_scale, monitor_eps=c.s5_monitor_eps, dims=b.dims, kernels=c.kernels)
 
 
 def check_tensor_parallel(c: S5Config, tp: int) -> str | None:
@@ -283,10 +288,13 @@ def check_tensor_parallel(c: S5Config, tp: int) -> str | None:
     return divisibility(tp, {"the S5 stored states (model.s5_state, halved with s5_conj_sym)": c.stored_states})
 
 
-def flops_per_token(c: S5Config, seq_len: int) -> float:
-    """Complex ``B_bar u`` and ``C~ x``: 4 real multiply-adds per complex one, 2 FLOPs each, over ``P' x H``; the
-    scan's ``log2 s`` rounds of a complex multiply-add per state."""
-    return 2.0 * 4 * 2 * c.stored_states * c.d_model + 8.0 * c.stored_states * max(1.0, math.log2(seq_len))
+def flops_per_token(c: S5Config, seq_len: int) -> dict[str, float]:
+    """Per stored (complex) state and channel: ``B_bar u`` with a real input, two real products (4 FLOPs), and
+    ``Re(C~ x)``, two real products (4); per stored state the recurrence ``x = Lambda_bar x + B_bar u``, a complex
+    multiply-add (8). The discretisation is per parameter, not per token; ``D u`` and GELU are pointwise. (The
+    reference's log-depth scan does ``log2 s`` times the recurrence's work; these are the model's FLOPs.)"""
+    p, h = c.stored_states, c.d_model
+    return {"input": 4.0 * p * h, "read-out": 4.0 * p * h, "scan": 8.0 * p}
 
 
 SPECS = (SublayerSpec("S", "S5 diagonal MIMO state space layer", S5Config, build, check_tensor_parallel,

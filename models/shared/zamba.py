@@ -36,7 +36,7 @@ from torch import nn
 
 from chimera.models.channels.mlp import GatedMLP
 from chimera.models.lora import LoRA
-from chimera.models.mixers.attention import Attention, rope_of
+from chimera.models.mixers.attention import Attention, keys_seen, projection_flops, rope_of, score_flops
 from chimera.models.norms import RMSNorm
 from chimera.models.registry import SHARED_SYMBOLS
 from chimera.models.spec import SharedBlockStyle, SublayerConfig, divisibility
@@ -66,6 +66,8 @@ class ZambaStyleConfig(SublayerConfig):
 
 class SharedTransformer(nn.Module):
     """``(h, e) -> t``: ``[s(/tp), b, d]`` twice -> ``[s(/tp), b, d]``; the lines for ``u``, ``a``, ``t`` above."""
+
+    ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
 
     def __init__(self, cfg, dims: ParallelDims):
         super().__init__()
@@ -170,6 +172,23 @@ def check_tensor_parallel(config: ZambaStyleConfig, tp: int) -> str | None:
     return None
 
 
+def flops_per_token(cfg, index: int, seq_len: int) -> dict[str, float]:
+    """One use (the fed sublayer counted as its own kind): attention over ``concat(h, e)`` (its projections from
+    ``2 d``, its scores), the MLP, the use's linear ``W_i [d, d]`` and its LoRA adapters, 2 per weight."""
+    d, style = cfg.d_model, cfg.style_config
+    att, mlp = cfg.sublayer("*"), cfg.sublayer("-")
+    terms = {"attention projections": projection_flops(att, in_features=2 * d),
+             "attention scores": score_flops(att, keys_seen(seq_len, None)),
+             "mlp": 2.0 * 3 * d * mlp.mlp_hidden, "use linear": 2.0 * d * d}
+    rank = style.shared_lora_rank
+    if rank:
+        terms["mlp lora"] = 2.0 * (rank * d + 2 * mlp.mlp_hidden * rank)
+        if style.shared_lora_attention:
+            outputs = att.head_dim * (att.num_heads + 2 * att.num_kv_heads)
+            terms["attention lora"] = 2.0 * (3 * rank * 2 * d + outputs * rank)
+    return terms
+
+
 STYLE = SharedBlockStyle(
     name="zamba",
     summary="the block ('*-') reads concat(h, token embeddings), has no residual of its own, and its output, "
@@ -181,4 +200,5 @@ STYLE = SharedBlockStyle(
     check=check,
     check_tensor_parallel=check_tensor_parallel,
     reads_embeddings=True,
+    flops_per_token=flops_per_token,
 )

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent('''
     import transformers
     import chimera
     from chimera.launch.cli import main
-    from chimera.trainer.generate import generate
+    from chimera.inference.generate import generate
 
     out, hf_dir = sys.argv[1], sys.argv[2]
     listing = io.StringIO()

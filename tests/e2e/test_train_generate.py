@@ -63,7 +63,7 @@ def test_load_model_forward_and_decoding_agree(trained, single_process):
 
 
 def test_generate_cli_greedy_matches_load_model(trained, single_process):
-    from chimera.trainer.generate import generate
+    from chimera.inference.generate import generate
 
     run_dir, _ = trained
     proc = run_chimera("generate", run_dir, "--prompt", "def ", "--max-new-tokens", 30, "--temperature", 0)

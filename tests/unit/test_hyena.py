@@ -217,12 +217,15 @@ def test_fit_modal_of_an_implicit_filter_has_a_measured_error():
 
 
 def test_flops_per_token_counts_projections_and_the_fft():
-    from chimera.models import registry
+    from chimera.models.flops import sublayer_flops
+
+    def total(cfg, symbol, s):
+        return sum(sublayer_flops(cfg, symbol, s).values())
 
     cfg = config()
-    flops = registry.sublayers()["H"].flops_per_token(cfg.sublayer("H"), 1024)
+    flops = total(cfg, "H", 1024)
     projections = 2 * (32 * 3 * 32 + 32 * 32 + 3 * 32 * 3)
     assert flops == pytest.approx(projections + 32 * (15 * 11 + 4) + 2 * 32)
-    assert registry.sublayers()["H"].flops_per_token(cfg.sublayer("H"), 4096) > flops  # grows as log s
-    x = registry.sublayers()["X"].flops_per_token(config(pattern="X").sublayer("X"), 1024)
+    assert total(cfg, "H", 4096) > flops  # grows as log s
+    x = total(config(pattern="X"), "X", 1024)
     assert x == pytest.approx(projections + 2 * 32 * 7 + 4 * 32 + 2 * 32)

@@ -1,0 +1,52 @@
+"""The linear recurrence ``h_t = a_t h_{t-1} + b_t`` for a graph of symbolic length: ``graph_scans(max_len)``.
+
+Both of ``chimera.models.scan``'s algorithms loop in Python over the length (``Sequential``: one step per position;
+``HillisSteele``: ``ceil(log2 T)`` rounds), so a graph traced at one prompt length would hold that length's loop
+only. While exporting, ``graph_scans`` swaps in ``PaddedScan``: the inputs padded along time to a fixed ``P``
+(``a = 1, b = 0`` beyond ``T``, which leaves the first ``T`` states alone), ``log2 P`` Hillis-Steele rounds of fixed
+shapes (the same associative combination), and the first ``T`` states kept. ``P`` is the decoding cache's length
+rounded up to a power of two: no scanned length (positions, or chunks of them) exceeds it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from chimera.models import scan
+
+
+class PaddedScan:
+    def __init__(self, length: int):
+        self.length = 1 << max(0, (length - 1).bit_length())  # P: a power of two >= length
+
+    def states(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """All states of ``h_t = a_t h_{t-1} + b_t`` along dim 0, ``h_{-1} = 0``."""
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        a, b = a.expand(shape), b.expand(shape)
+        steps, P = shape[0], self.length
+        torch._check(steps <= P)
+        pad = (P - steps, *shape[1:])
+        a = torch.cat([a, torch.ones(pad, dtype=a.dtype, device=a.device)])
+        b = torch.cat([b, torch.zeros(pad, dtype=b.dtype, device=b.device)])
+        k = 1
+        while k < P:
+            b = torch.cat([b[:k], b[k:] + a[k:] * b[:-k]])
+            a = torch.cat([a[:k], a[k:] * a[:-k]])
+            k *= 2
+        return b[:steps]
+
+
+@contextmanager
+def graph_scans(max_len: int):
+    """Within: every linear scan of ``chimera.models`` (the generic ``linear_scan`` and S5's associative scan, which
+    calls ``HillisSteele`` directly) is a ``PaddedScan`` of ``max_len``."""
+    padded = PaddedScan(max_len)
+    algorithm, hillis_steele = scan.algorithm, scan.HillisSteele.states
+    scan.algorithm = lambda device: padded
+    scan.HillisSteele.states = staticmethod(padded.states)
+    try:
+        yield padded
+    finally:
+        scan.algorithm, scan.HillisSteele.states = algorithm, staticmethod(hillis_steele)

@@ -1,0 +1,98 @@
+"""One dispatch point per hot operation: the reference math, or its Triton kernel.
+
+``model.kernels`` chooses (``chimera.models.spec.ModelFields``):
+
+* ``reference``: the readable math where it lives (``chimera.models.scan``, the mixers, ``chimera.models.conv``);
+* ``triton``: the kernels of ``chimera.models.ops.<op>``. On a CUDA tensor they need ``triton`` importable; on a
+  CPU tensor they run in Triton's interpreter, which only ``TRITON_INTERPRET=1`` (set before ``triton`` is first
+  imported) turns on — the tests' way of holding the kernels to the reference without a GPU;
+* ``auto``: the kernels on CUDA tensors when ``triton`` imports, else the reference. On CPU the reference is the
+  fastest correct path measured (``benchmarks/ops_cpu.py``, ``benchmarks/RESULTS.md``): it is what ``auto`` runs.
+
+Every function here takes the reference's arguments plus ``kernels`` and returns what the reference returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from chimera.errors import UserError
+from chimera.models import conv, scan
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(kernels: str, device: torch.device) -> bool:
+    """Whether ``kernels`` runs the Triton kernel for tensors on ``device`` (a ``UserError`` where it cannot)."""
+    if kernels == "reference":
+        return False
+    if kernels == "auto":
+        return device.type == "cuda" and triton_importable()
+    if kernels != "triton":
+        raise ValueError(f"kernels={kernels!r}: expected auto, reference or triton")
+    if not triton_importable():
+        raise UserError("model.kernels=triton but triton is not installed; install the `kernels` extra "
+                        "(pip install 'chimera[kernels]') or set model.kernels=auto")
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return True
+    raise UserError(f"model.kernels=triton needs a CUDA device (the tensors are on {device.type}); set "
+                    "model.kernels=auto (or reference), or TRITON_INTERPRET=1 to run the kernels in Triton's "
+                    "interpreter (slow; for tests)")
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, *,
+                kernels: str = "auto") -> torch.Tensor:
+    """``chimera.models.scan.linear_scan``: all ``h_t = a_t h_{t-1} + b_t`` along dim 0 (real or complex)."""
+    if use_triton(kernels, a.device):
+        from chimera.models.ops import scan as triton_scan
+
+        return triton_scan.linear_scan(a, b, h0)
+    if a.is_complex() or b.is_complex():
+        return scan.HillisSteele.states(a, b) if h0 is None else scan.linear_recurrence_loop(a, b, h0)
+    return scan.linear_scan(a, b, h0)
+
+
+def scan_with(kernels: str):
+    """``linear_scan`` with ``kernels`` bound: the scan function ``linear_scan_across`` takes."""
+    return functools.partial(linear_scan, kernels=kernels)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  segments: torch.Tensor | None = None, *, kernels: str = "auto") -> torch.Tensor:
+    """The causal depthwise conv of ``x [k-1+s, b, c]`` (the ``k - 1`` inputs before the sequence in front) with
+    ``weight [c, k]`` -> ``[s, b, c]``; ``segments [k-1+s, b]``: packed documents' ids, no tap crossing one
+    (``chimera.models.conv.depthwise_valid``, ``depthwise_valid_within_segments``)."""
+    if use_triton(kernels, x.device):
+        from chimera.models.ops import short_conv
+
+        return short_conv.depthwise_conv(x, weight, bias, segments)
+    if segments is None:
+        return conv.depthwise_valid(x, weight, bias)
+    return conv.depthwise_valid_within_segments(x, weight, bias, segments)
+
+
+def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor, *,
+                      kernels: str = "auto") -> torch.Tensor:
+    """``chimera.models.mixers.mamba2.within_chunks``: Mamba-2's SSD inside each chunk (``C, B [..., q, n]``,
+    ``xdt [..., q, p]``, ``log_a [..., q]``, ``-inf`` at a document's start) -> ``y [..., q, p]``."""
+    if use_triton(kernels, xdt.device):
+        from chimera.models.ops import ssd
+
+        return ssd.within_chunks(C, B, xdt, log_a)
+    from chimera.models.mixers import mamba2  # imports this module
+
+    return mamba2.within_chunks(C, B, xdt, log_a)

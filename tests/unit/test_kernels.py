@@ -1,0 +1,196 @@
+"""The Triton kernels of ``chimera.models.ops`` equal their reference (``model.kernels=reference``): forward outputs and
+input / parameter gradients, with document resets and lengths that the kernels' tiles do not divide.
+
+No GPU here: the kernels run in Triton's interpreter, which ``TRITON_INTERPRET=1`` turns on. It must be set before
+``triton`` is first imported (the ops modules import it lazily, on the first ``kernels=triton`` call), so it is set
+at this module's import. Sizes are tiny: the interpreter runs each program in numpy.
+
+Tolerances: fp32 1e-5 (the kernels accumulate in fp32, in a different order than the reference); bf16 inputs: the
+kernels compute in fp32 and round once, so they are held to the fp32 reference on the same bf16 inputs within
+bf16's rounding, 2e-2 relative.
+"""
+
+import math
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from chimera.errors import UserError  # noqa: E402
+from chimera.models import conv, scan  # noqa: E402
+from chimera.models.ops import dispatch  # noqa: E402
+from helpers import build_model  # noqa: E402
+
+pytest.importorskip("triton")
+
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def grads(out, inputs, seed=0):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, g)
+
+
+def assert_close_all(got, want, **tol):
+    for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(x, y, **tol, msg=lambda m, i=i: f"output {i}: {m}")
+
+
+def decays_with_resets(shape, gen):
+    """Decays in (0, 1) with ``a_t = 0`` at a few positions: documents' first tokens, as the mixers mark them."""
+    a = torch.rand(shape, generator=gen) * 0.5 + 0.5
+    resets = torch.rand(shape[:2], generator=gen) < 0.15
+    return a.masked_fill(resets.reshape(*shape[:2], *([1] * (len(shape) - 2))), 0.0)
+
+
+# ---- the diagonal linear scan -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 16, 37])  # one step, exactly one tile (CHUNK = 16), not a multiple of it
+def test_scan_kernel_equals_reference_forward_and_backward(T):
+    gen = torch.Generator().manual_seed(T)
+    a = decays_with_resets((T, 2, 3, 5), gen).requires_grad_()
+    b = torch.randn(T, 2, 3, 5, generator=gen).requires_grad_()
+    h0 = torch.randn(2, 3, 5, generator=gen).requires_grad_()
+    for start in (None, h0):
+        got = dispatch.linear_scan(a, b, start, kernels="triton")
+        want = dispatch.linear_scan(a, b, start, kernels="reference")
+        torch.testing.assert_close(got, want, **FP32)
+        inputs = (a, b) if start is None else (a, b, h0)
+        assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+
+
+def test_scan_kernel_broadcast_decay_matches_the_step_by_step_recurrence():
+    """A decay shared by channels (size 1 there, as Based's): its gradient summed back over them."""
+    gen = torch.Generator().manual_seed(1)
+    a = decays_with_resets((21, 2, 1), gen).requires_grad_()
+    b = torch.randn(21, 2, 150, generator=gen).requires_grad_()  # 300 channels: a whole program and a partial one
+    got = dispatch.linear_scan(a, b, kernels="triton")
+    want = scan.linear_recurrence_loop(a, b)
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, (a, b)), grads(want, (a, b)), **FP32)
+
+
+def test_complex_scan_kernel_equals_the_reference_s5_runs():
+    gen = torch.Generator().manual_seed(2)
+    magnitude = decays_with_resets((19, 2, 6), gen)
+    a = torch.polar(magnitude, torch.randn(19, 2, 6, generator=gen)).requires_grad_()
+    b = torch.complex(torch.randn(19, 2, 6, generator=gen), torch.randn(19, 2, 6, generator=gen)).requires_grad_()
+    got = dispatch.linear_scan(a, b, kernels="triton")
+    want = scan.HillisSteele.states(a, b)
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, (a, b)), grads(want, (a, b)), **FP32)
+
+
+def test_scan_kernel_bf16_within_bf16_rounding_of_the_fp32_reference():
+    gen = torch.Generator().manual_seed(3)
+    a = decays_with_resets((37, 2, 40), gen).bfloat16().requires_grad_()
+    b = torch.randn(37, 2, 40, generator=gen).bfloat16().requires_grad_()
+    got = dispatch.linear_scan(a, b, kernels="triton")
+    assert got.dtype == torch.bfloat16
+    a32, b32 = a.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    want = scan.linear_scan(a32, b32)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    g = torch.randn(got.shape, generator=gen)
+    got_grads = torch.autograd.grad(got, (a, b), g.bfloat16())
+    want_grads = torch.autograd.grad(want, (a32, b32), g)
+    assert_close_all([x.float() for x in got_grads], want_grads, rtol=2e-2, atol=5e-2)
+
+
+# ---- the causal depthwise short conv ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel,s,bias", [(4, 19, True), (1, 5, False), (3, 33, True)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_short_conv_kernel_equals_reference(kernel, s, bias, packed):
+    gen = torch.Generator().manual_seed(kernel * 100 + s)
+    x = torch.randn(s + kernel - 1, 2, 150, generator=gen).requires_grad_()  # 150 channels: a whole tile, a partial one
+    w = torch.randn(150, kernel, generator=gen).requires_grad_()
+    b = torch.randn(150, generator=gen).requires_grad_() if bias else None
+    segments = torch.randint(0, 3, (s + kernel - 1, 2), generator=gen).sort(0).values if packed else None
+    got = dispatch.causal_conv1d(x, w, b, segments, kernels="triton")
+    want = (conv.depthwise_valid(x, w, b) if segments is None
+            else conv.depthwise_valid_within_segments(x, w, b, segments))
+    torch.testing.assert_close(got, want, **FP32)
+    inputs = (x, w) if b is None else (x, w, b)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+
+
+# ---- Mamba-2's SSD within chunks ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("q,n,p", [(16, 16, 16), (8, 5, 3)])  # dims below the kernel's 16-wide tiles: masked
+def test_ssd_within_chunks_kernel_equals_reference(q, n, p):
+    from chimera.models.mixers import mamba2
+
+    gen = torch.Generator().manual_seed(q + n + p)
+    C, B = (torch.randn(2, 3, 2, q, n, generator=gen).requires_grad_() for _ in range(2))
+    xdt = torch.randn(2, 3, 2, q, p, generator=gen).requires_grad_()
+    starts = torch.rand(2, 3, 2, q, generator=gen) < 0.15  # documents' first tokens: log a = -inf
+    log_a = (-0.3 * torch.rand(2, 3, 2, q, generator=gen)).masked_fill(starts, -math.inf).requires_grad_()
+    got = dispatch.ssd_within_chunks(C, B, xdt, log_a, kernels="triton")
+    want = mamba2.within_chunks(C, B, xdt, log_a)
+    torch.testing.assert_close(got, want, **FP32)
+    inputs = (C, B, xdt, log_a)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+
+
+def test_ssd_with_kernels_equals_reference_across_chunks_and_odd_length():
+    """The whole chunked scan (kernel within chunks, torch between them) on 37 tokens in chunks of 16, with resets."""
+    from chimera.models.mixers import mamba2
+
+    gen = torch.Generator().manual_seed(5)
+    s, b, h, p, n = 37, 2, 3, 4, 8
+    x = torch.randn(s, b, h, p, generator=gen).requires_grad_()
+    dt = (0.05 + 0.1 * torch.rand(s, b, h, generator=gen)).requires_grad_()
+    A = -torch.arange(1.0, h + 1).requires_grad_()
+    B, C = (torch.randn(s, b, h, n, generator=gen).requires_grad_() for _ in range(2))
+    reset = torch.rand(s, b, generator=gen) < 0.1
+    reset[0] = True
+    got = mamba2.ssd(x, dt, A, B, C, 16, reset, kernels="triton")
+    want = mamba2.ssd(x, dt, A, B, C, 16, reset, kernels="reference")
+    torch.testing.assert_close(got, want, **FP32)
+    inputs = (x, dt, A, B, C)
+    assert_close_all(grads(got, inputs), grads(want, inputs), rtol=1e-5, atol=2e-5)
+
+
+# ---- through the mixers: a whole model with kernels=triton equals kernels=reference --------------------------------
+
+SMALLER = {"mamba-tiny": ["num_layers=2", "ssm_state=4"], "gryphon-tiny": ["num_layers=4"],
+           "griffin-tiny": ["num_layers=3"], "mamba2-tiny": ["num_layers=2"]}  # the interpreter is slow
+
+
+def loss_and_grads(preset, kernels, seq=23):
+    """A tiny preset's loss on two packed sequences (documents reset the states) and its parameter gradients."""
+    model = build_model(preset, seed=0, overrides=[f"kernels={kernels}", *SMALLER[preset]])
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, seq), generator=gen)
+    segment_ids = torch.tensor([[0] * 9 + [1] * (seq - 9), [0] * 4 + [1] * 11 + [2] * (seq - 15)])
+    position_ids = torch.cat([torch.arange(9), torch.arange(seq - 9)]), torch.cat(
+        [torch.arange(4), torch.arange(11), torch.arange(seq - 15)])
+    loss = model(ids, labels=ids, segment_ids=segment_ids, position_ids=torch.stack(position_ids))
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["griffin-tiny", "mamba-tiny", "gryphon-tiny", "mamba2-tiny"])
+def test_model_with_triton_kernels_equals_reference(preset):
+    """RG-LRU + conv (Griffin), Mamba-1's selective scan + conv, S5's complex scan (Gryphon), Mamba-2's SSD + convs;
+    an odd length (23) and packed documents."""
+    loss, grad = loss_and_grads(preset, "triton")
+    loss_ref, grad_ref = loss_and_grads(preset, "reference")
+    torch.testing.assert_close(loss, loss_ref, **FP32)
+    assert grad.keys() == grad_ref.keys()
+    for name in grad:
+        torch.testing.assert_close(grad[name], grad_ref[name], rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---- choosing ---------------------------------------------------------------------------------------------------
+
+def test_auto_runs_the_reference_on_cpu_and_triton_needs_cuda_or_the_interpreter(monkeypatch):
+    cpu = torch.device("cpu")
+    assert not dispatch.use_triton("auto", cpu)
+    assert not dispatch.use_triton("reference", cpu)
+    assert dispatch.use_triton("triton", cpu)  # TRITON_INTERPRET=1 here
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(UserError, match="model.kernels=triton needs a CUDA device"):
+        dispatch.use_triton("triton", cpu)
