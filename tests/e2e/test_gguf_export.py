@@ -21,7 +21,7 @@ from chimera.data.tokenizers import get_tokenizer, train_bpe
 from chimera.export import gguf as gguf_export
 from chimera.export.source import load_source
 from chimera.trainer.checkpoint import write_weights_checkpoint
-from helpers import build_model
+from helpers import build_model, run_chimera
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -560,3 +560,22 @@ def test_refusals(tmp_path, single_process):
         (tmp_path / "e").mkdir()
         gguf_export.write(source_of(tmp_path / "b2", "griffin-tiny"), tmp_path / "e", torch.float32)
     assert not list((tmp_path / "e").iterdir())
+
+
+def test_chimera_export_format_gguf(tmp_path, single_process):
+    """Through the command line: a file of ordinary permissions and only it (the tokenizer is inside); a model
+    llama.cpp cannot run is one line with exit 2 and nothing written."""
+    source = source_of(tmp_path, "mamba-tiny")
+    proc = run_chimera("export", tmp_path / "run", "--format", "gguf", "--out", tmp_path / "gguf", "--dtype", "bf16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["model.gguf"]
+    assert (tmp_path / "gguf/model.gguf").stat().st_mode & 0o777 == 0o644
+    reader = GGUFReader(tmp_path / "gguf/model.gguf")
+    assert fields_of(reader)["general.file_type"] == 32
+    assert_stored(tensors_of(reader), mamba_expected(source.state, source.model_cfg), torch.bfloat16)
+
+    source_of(tmp_path / "g", "griffin-tiny")
+    proc = run_chimera("export", tmp_path / "g/run", "--format", "gguf", "--out", tmp_path / "g/gguf")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "has no llama.cpp architecture" in lines[0], proc.stderr
+    assert not (tmp_path / "g/gguf").exists()
