@@ -4,8 +4,8 @@ llama.cpp tokenizes with the vocabulary stored in the file, so every GGUF carrie
 tokenizers become llama.cpp's byte-level BPE (``tokenizer.ggml.model = gpt2``):
 
 * an HF ``tokenizer.json`` byte-level BPE (what ``chimera data train-tokenizer`` trains): its tokens (byte-level
-  strings such as ``Ġthe``), merges and special tokens as they are; the GPT-2 pre-tokenizer regex is
-  ``tokenizer.ggml.pre = gpt-2``.
+  strings such as ``Ġthe``), merges and special tokens as they are; the pre-tokenizer by its regex: GPT-2's
+  (``ByteLevel``'s own) is ``tokenizer.ggml.pre = gpt-2``, Llama 3's ``llama-bpe``.
 * ``bytes``: token ``b`` is the byte ``b``. In byte-level BPE a byte is the one character GPT-2's byte-to-unicode
   table gives it, so the vocabulary is those 256 characters in byte order plus the separator (id 256), and no
   merge can ever apply: llama.cpp splits any text into its UTF-8 bytes and looks each up, giving ids equal to the
@@ -77,9 +77,35 @@ def _dna_vocab(tok: DNATokenizer) -> tuple[list[str], list[int], list[str]]:
     return _without_merges(list(tok.alphabet), SEPARATOR)
 
 
-def _hf_vocab(tok: HFTokenizer) -> tuple[list[str], list[int], list[str]]:
-    """Tokens, types and merges of a byte-level BPE ``tokenizer.json`` (with the separator Chimera adds when the
-    file has none: the next id)."""
+# llama.cpp's pre-tokenizers (``tokenizer.ggml.pre``) by the regex that splits words before byte-level BPE
+PRE_TOKENIZER_REGEXES = {
+    "gpt-2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+def llama_cpp_pre_tokenizer(pre: dict) -> str | None:
+    """llama.cpp's name for a ``tokenizer.json`` pre-tokenizer: ``ByteLevel`` with its own (GPT-2) regex, or a
+    ``Split`` on a known regex then ``ByteLevel`` without one; None for any other (or one adding a prefix space)."""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    *splits, last = steps or [{}]
+    if last.get("type") != "ByteLevel" or last.get("add_prefix_space"):
+        return None
+    if not splits:
+        return "gpt-2" if last.get("use_regex", True) else None
+    if len(splits) != 1 or last.get("use_regex", True):
+        return None
+    split = splits[0]
+    if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert"):
+        return None
+    regex = (split.get("pattern") or {}).get("Regex")
+    return next((name for name, known in PRE_TOKENIZER_REGEXES.items() if regex == known), None)
+
+
+def _hf_vocab(tok: HFTokenizer) -> tuple[list[str], list[int], list[str], str]:
+    """Tokens, types, merges and llama.cpp pre-tokenizer of a byte-level BPE ``tokenizer.json`` (with the separator
+    Chimera adds when the file has none: the next id)."""
     spec = json.loads(Path(tok.path).read_text())
     model = spec.get("model") or {}
     where = f"tokenizer {tok.path}"
@@ -87,10 +113,10 @@ def _hf_vocab(tok: HFTokenizer) -> tuple[list[str], list[int], list[str]]:
         kind = "byte-fallback BPE" if model.get("byte_fallback") else model.get("type")
         raise UserError(f"{where} is a {kind} tokenizer; GGUF export writes byte-level BPE tokenizers only "
                         "(llama.cpp's gpt2 vocabulary)")
-    pre = spec.get("pre_tokenizer") or {}
-    if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
-        raise UserError(f"{where} pre-tokenizes with {json.dumps(pre)}; GGUF export knows only the GPT-2 byte-level "
-                        "pre-tokenizer (ByteLevel with its regex), which llama.cpp calls gpt-2")
+    pre = llama_cpp_pre_tokenizer(spec.get("pre_tokenizer") or {})
+    if pre is None:
+        raise UserError(f"{where} pre-tokenizes with {json.dumps(spec.get('pre_tokenizer'))}; GGUF export knows the "
+                        f"byte-level pre-tokenizers llama.cpp calls {' and '.join(PRE_TOKENIZER_REGEXES)} only")
     if spec.get("normalizer"):
         raise UserError(f"{where} normalises its input ({spec['normalizer'].get('type')}), which llama.cpp's gpt2 "
                         "vocabulary does not; GGUF export refused")
@@ -106,24 +132,25 @@ def _hf_vocab(tok: HFTokenizer) -> tuple[list[str], list[int], list[str]]:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges:
         merges = [f"{by_id[tok.eos_id]} {by_id[tok.eos_id]}"]  # never applies (see the module docstring)
-    return [by_id[i] for i in range(len(by_id))], [types[i] for i in range(len(by_id))], merges
+    return [by_id[i] for i in range(len(by_id))], [types[i] for i in range(len(by_id))], merges, pre
 
 
 def vocab_of(spec: str, vocab_size: int) -> Vocab:
     """The GGUF vocabulary of a tokenizer spec for a model of ``vocab_size`` ids (UserError when it has none)."""
     tok = get_tokenizer(spec)
+    pre = "gpt-2"  # splitting words changes nothing when no merge applies
     if isinstance(tok, ByteTokenizer):
         tokens, types, merges = _bytes_vocab(tok)
     elif isinstance(tok, DNATokenizer):
         tokens, types, merges = _dna_vocab(tok)
     else:
-        tokens, types, merges = _hf_vocab(tok)
+        tokens, types, merges, pre = _hf_vocab(tok)
     if len(tokens) > vocab_size:
         raise UserError(f"tokenizer {spec!r} has {len(tokens)} tokens but the model only {vocab_size} embeddings; "
                         "GGUF export refused")
     pads = range(len(tokens), vocab_size)
     return Vocab(tokens=tokens + [f"[PAD{i}]" for i in pads], types=types + [TokenType.UNUSED] * len(pads),
-                 merges=merges, eos_id=tok.eos_id)
+                 merges=merges, eos_id=tok.eos_id, pre=pre)
 
 
 def refusal(spec: str, vocab_size: int) -> str | None:

@@ -489,16 +489,29 @@ def test_granite_hybrid_tensors_metadata_and_logits(tmp_path, single_process):
 
 # ---- tokenizers ------------------------------------------------------------------------------------
 
+def pre_tokenizer(name: str):
+    """llama.cpp's pre-tokenizer ``name`` in HF ``tokenizers``: its regex split, then bytes as GPT-2's symbols."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if name == "gpt-2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")
+    assert name == "llama-bpe"
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(llama3), "isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def bpe_of(meta: dict):
     """The file's vocabulary as a byte-level BPE of HF ``tokenizers`` (what llama.cpp's gpt2 vocabulary is)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     vocab = {tok: i for i, tok in enumerate(tokens) if types[i] != TokenType.UNUSED}
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     merges = [m for m in merges if m[0] + m[1] in vocab]  # tokenizers needs each merge's result in the vocabulary
     bpe = Tokenizer(models.BPE(vocab, merges))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizer(meta["tokenizer.ggml.pre"])
     bpe.decoder = decoders.ByteLevel()
     bpe.add_special_tokens([AddedToken(tokens[i], special=True) for i, ty in enumerate(types)
                             if ty == TokenType.CONTROL])
@@ -524,13 +537,40 @@ def test_byte_tokenizer_in_the_file(tmp_path, single_process):
     assert bpe.decode(want.tolist()) == TEXT
 
 
-def test_hf_bpe_tokenizer_in_the_file(tmp_path, single_process):
-    texts = [TEXT * 3, "the quick brown fox jumps over the lazy dog " * 20, "def f(x):\n    return x + 1\n" * 10]
-    path = train_bpe(texts, 300, tmp_path / "tok/tokenizer.json")
+def test_dna_tokenizer_in_the_file(tmp_path, single_process):
+    meta = fields_of(export(tmp_path, source_of(tmp_path, "mamba-tiny", tokenizer="dna")))
+    assert meta["tokenizer.ggml.tokens"][:6] == ["A", "C", "G", "T", "N", "<|endoftext|>"]
+    assert meta["tokenizer.ggml.eos_token_id"] == 5
+    seq = "ACGTNNACGGT"
+    assert bpe_of(meta).encode(seq + "<|endoftext|>" + seq).ids == [*get_tokenizer("dna").encode(seq), 5,
+                                                                     *get_tokenizer("dna").encode(seq)]
+
+
+def train_llama3_style_bpe(texts, vocab_size: int, out):
+    """A byte-level BPE split as Llama 3's is (a ``Split`` on its regex, then ``ByteLevel`` without one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer("llama-bpe")
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    out.parent.mkdir(parents=True)
+    tok.save(str(out))
+    return out
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
+def test_hf_bpe_tokenizer_in_the_file(tmp_path, pre, single_process):
+    texts = [TEXT * 3, "the quick brown fox jumps over the lazy dog " * 20, "def f(x):\n    return x + 1\n" * 10,
+             "numbers 1234567 and 'quoted' words, I've they'll\r\n\r\nnext"]
+    train = train_bpe if pre == "gpt-2" else train_llama3_style_bpe
+    path = train(texts, 300, tmp_path / "tok/tokenizer.json")
     tok = get_tokenizer(str(path))
     source = source_of(tmp_path, "llama-tiny", tokenizer=str(path))
     meta = fields_of(export(tmp_path, source))
-    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == pre
     assert len(meta["tokenizer.ggml.merges"]) > 10
     assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_id
     assert meta["tokenizer.ggml.token_type"][tok.eos_id] == TokenType.CONTROL
