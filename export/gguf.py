@@ -99,7 +99,10 @@ def llama_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor]]:
 def llama_metadata(w: GGUFWriter, source: ExportSource) -> None:
     cfg = source.model_cfg
     head_dim = cfg.effective("head_dim")
-    w.add_context_length(source.run.data.seq_len)  # the context it was trained at
+    # the context it was trained at, or the HF export's max_position_embeddings when longer (an imported model's run
+    # keeps the default seq_len; llama.cpp takes this as its default context)
+    hf_positions = mapping_for("llama").config_to_hf(cfg)["max_position_embeddings"]
+    w.add_context_length(max(source.run.data.seq_len, hf_positions))
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(len(cfg.layers) // 2)
     w.add_feed_forward_length(cfg.mlp_hidden)

@@ -20,6 +20,7 @@ from chimera.configs.loader import load_model_config
 from chimera.data.tokenizers import get_tokenizer, train_bpe
 from chimera.export import gguf as gguf_export
 from chimera.export.source import load_source
+from chimera.models.hf import llama as hf_llama
 from chimera.trainer.checkpoint import write_weights_checkpoint
 from helpers import build_model, run_chimera
 
@@ -159,7 +160,8 @@ def test_llama_tensors_and_metadata(tmp_path, dtype, single_process):
     assert_stored(tensors_of(reader), llama_expected(source.state, cfg), DTYPES[dtype])
     meta = fields_of(reader)
     expected = {"general.architecture": "llama", "general.file_type": {"fp32": 0, "fp16": 1, "bf16": 32}[dtype],
-                "llama.block_count": len(cfg.layers) // 2, "llama.context_length": source.run.data.seq_len,
+                "llama.block_count": len(cfg.layers) // 2,
+                "llama.context_length": hf_llama.config_to_hf(cfg)["max_position_embeddings"],  # as the HF export
                 "llama.embedding_length": cfg.d_model, "llama.feed_forward_length": cfg.mlp_hidden,
                 "llama.attention.head_count": cfg.num_heads, "llama.attention.head_count_kv": cfg.num_kv_heads,
                 "llama.rope.dimension_count": cfg.d_model // cfg.num_heads, "llama.vocab_size": cfg.vocab_size,
