@@ -8,6 +8,7 @@ the file, rebuilt as a byte-level BPE from its tokens and merges, tokenizes as t
 """
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -582,6 +583,62 @@ def test_hf_bpe_tokenizer_in_the_file(tmp_path, pre, single_process):
         assert bpe.encode(text).ids == tok.encode(text).tolist()
 
 
+def sentencepiece_style_bpe(texts, out, prepend: bool):
+    """A byte-fallback BPE over ``▁``-spaced text, laid out as transformers writes Llama 2's: ``<unk> <s> </s>``,
+    the 256 byte tokens, then the learnt ones."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    learnt = Tokenizer(models.BPE())
+    learnt.normalizer = normalizers.Replace(" ", "\u2581")
+    learnt.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    head = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    vocab = {t: i for i, t in enumerate(head)}
+    for t, _ in sorted(learnt.get_vocab().items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+              for m in json.loads(learnt.to_str())["model"]["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Prepend("\u2581")] if prepend else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    out.parent.mkdir(parents=True)
+    tok.save(str(out))
+    return out
+
+
+def llama_cpp_spm_encode(meta: dict, text: str) -> list[int]:
+    """llama.cpp's SentencePiece tokenization of a vocabulary: spaces as ▁ (one prepended when add_space_prefix),
+    characters as symbols, repeatedly the adjacent pair whose concatenation is a token of the highest score
+    (leftmost on ties) merged, then each symbol its token or, failing that, its bytes' <0xXX> tokens."""
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+    ids = {t: i for i, t in enumerate(tokens)}
+    text = ("\u2581" if meta["tokenizer.ggml.add_space_prefix"] else "") + text.replace(" ", "\u2581")
+    symbols = list(text)
+    while True:
+        pairs = [(scores[ids[a + b]], -i) for i, (a, b) in enumerate(zip(symbols, symbols[1:], strict=False))
+                 if a + b in ids]
+        if not pairs:
+            break
+        i = -max(pairs)[1]
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return [j for sym in symbols for j in ([ids[sym]] if sym in ids else
+                                           [ids[f"<0x{b:02X}>"] for b in sym.encode("utf-8")])]
+
+
+@pytest.mark.parametrize("prepend", [True, False], ids=["space-prefix", "no-prefix"])
+def test_sentencepiece_style_tokenizer_in_the_file(tmp_path, prepend, single_process):
+    texts = [TEXT * 3, "the quick brown fox jumps over the lazy dog " * 20, "def f(x):\n    return x + 1\n" * 10]
+    path = sentencepiece_style_bpe(texts, tmp_path / "tok/tokenizer.json", prepend)
+    tok = get_tokenizer(str(path))
+    meta = fields_of(export(tmp_path, source_of(tmp_path, "llama-tiny", ["vocab_size=512"], tokenizer=str(path))))
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is prepend
+    types = meta["tokenizer.ggml.token_type"]
+    assert types[0] == TokenType.UNKNOWN and types[3:259] == [TokenType.BYTE] * 256
+    assert meta["tokenizer.ggml.unknown_token_id"] == 0 and meta["tokenizer.ggml.eos_token_id"] == tok.eos_id
+    for text in texts + ["unseen words: zebra quixotic ✓ 12345 ünï"]:
+        assert llama_cpp_spm_encode(meta, text) == tok.encode(text).tolist(), text
+
+
 # ---- refusals --------------------------------------------------------------------------------------
 
 def test_refusals(tmp_path, single_process):
@@ -597,7 +654,7 @@ def test_refusals(tmp_path, single_process):
     words = tmp_path / "words.json"
     Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]")).save(str(words))
     refused = gguf_export.refusal(source_of(tmp_path / "d", "mamba-tiny", tokenizer=str(words)))
-    assert "WordLevel tokenizer" in refused and "byte-level BPE" in refused
+    assert "WordLevel tokenizer" in refused and "writes BPE tokenizers only" in refused
     with pytest.raises(Exception, match="has no llama.cpp architecture"):
         (tmp_path / "e").mkdir()
         gguf_export.write(source_of(tmp_path / "b2", "griffin-tiny"), tmp_path / "e", torch.float32)
