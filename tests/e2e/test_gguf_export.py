@@ -583,10 +583,11 @@ def test_hf_bpe_tokenizer_in_the_file(tmp_path, pre, single_process):
         assert bpe.encode(text).ids == tok.encode(text).tolist()
 
 
-def sentencepiece_style_bpe(texts, out, prepend: bool):
+def sentencepiece_style_bpe(texts, out, spacing: str):
     """A byte-fallback BPE over ``▁``-spaced text, laid out as transformers writes Llama 2's: ``<unk> <s> </s>``,
-    the 256 byte tokens, then the learnt ones."""
-    from tokenizers import Tokenizer, models, normalizers, trainers
+    the 256 byte tokens, then the learnt ones; spaces made ``▁`` by a normaliser that may prepend one, or by a
+    ``Metaspace`` pre-tokenizer that prepends one."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     learnt = Tokenizer(models.BPE())
     learnt.normalizer = normalizers.Replace(" ", "\u2581")
@@ -598,8 +599,11 @@ def sentencepiece_style_bpe(texts, out, prepend: bool):
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
               for m in json.loads(learnt.to_str())["model"]["merges"]]
     tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    steps = [normalizers.Prepend("\u2581")] if prepend else []
-    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    if spacing == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    else:
+        steps = [normalizers.Prepend("\u2581")] if spacing == "space-prefix" else []
+        tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
     out.parent.mkdir(parents=True)
     tok.save(str(out))
@@ -625,10 +629,11 @@ def llama_cpp_spm_encode(meta: dict, text: str) -> list[int]:
                                            [ids[f"<0x{b:02X}>"] for b in sym.encode("utf-8")])]
 
 
-@pytest.mark.parametrize("prepend", [True, False], ids=["space-prefix", "no-prefix"])
-def test_sentencepiece_style_tokenizer_in_the_file(tmp_path, prepend, single_process):
+@pytest.mark.parametrize("spacing", ["space-prefix", "no-prefix", "metaspace"])
+def test_sentencepiece_style_tokenizer_in_the_file(tmp_path, spacing, single_process):
     texts = [TEXT * 3, "the quick brown fox jumps over the lazy dog " * 20, "def f(x):\n    return x + 1\n" * 10]
-    path = sentencepiece_style_bpe(texts, tmp_path / "tok/tokenizer.json", prepend)
+    path = sentencepiece_style_bpe(texts, tmp_path / "tok/tokenizer.json", spacing)
+    prepend = spacing != "no-prefix"
     tok = get_tokenizer(str(path))
     meta = fields_of(export(tmp_path, source_of(tmp_path, "llama-tiny", ["vocab_size=512"], tokenizer=str(path))))
     assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is prepend
