@@ -238,7 +238,7 @@ class Trainer:
                               changes=self.changes.said if self.changes else [], superseded_rows=superseded)
         metrics = MetricsLogger(self.run_dir, cfg.logging, cfg.model_dump(mode="json"), is_main, t.steps)
         if is_main and self.flops_rate.flops_per_token(cfg.data.seq_len) is not None:
-            events.record(self.run_dir, "mfu_basis", **self.flops_rate.basis(cfg.data.seq_len))
+            self.flops_rate.write_basis(self.run_dir, cfg.data.seq_len)
         if is_main:
             where = f"resumed at step {self.step}" if resumed else (
                 f"from the weights of {self.initialised_from}" if self.initialised_from else "from scratch")

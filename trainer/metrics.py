@@ -6,7 +6,8 @@ id is kept in the run directory so a resumed run continues the same wandb run.
 Throughput: ``tokens_per_s`` (all ranks), and from it ``tflops``, the model FLOPs per second of one device
 (``chimera.models.flops``: training FLOPs per token at the step's sequence length x tokens/s / devices), and
 ``mfu``, that over the device's peak (``chimera.trainer.device_peak``): ``mfu = flops_per_token x tokens_per_s /
-devices / peak``. The run's ``events.jsonl`` says, once, the peak and where it comes from (``mfu_basis``).
+devices / peak``. ``RUN_DIR/mfu_basis.json`` says what that is measured against: the FLOPs per token, the
+devices, the peak and where the peak comes from (rewritten at each start: a resumed run may be on other devices).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 from chimera.configs.schema import LoggingConfig
 from chimera.errors import UserError
+
+MFU_BASIS = "mfu_basis.json"
 
 
 def format_duration(seconds: float) -> str:
@@ -66,9 +69,12 @@ class ModelFlopsRate:
         return {"tflops": per_device / 1e12, "mfu": per_device / self.peak.flops_per_s}
 
     def basis(self, seq_len: int) -> dict:
-        """What ``mfu`` is measured against (for the run's events)."""
+        """What ``mfu`` is measured against (``RUN_DIR/mfu_basis.json``)."""
         return {"model_flops_per_token": self.flops_per_token(seq_len), "seq_len": seq_len, "devices": self.devices,
                 "peak_tflops": self.peak.flops_per_s / 1e12, "peak_source": self.peak.source}
+
+    def write_basis(self, run_dir: Path, seq_len: int) -> None:
+        (Path(run_dir) / MFU_BASIS).write_text(json.dumps(self.basis(seq_len), indent=1) + "\n")
 
 
 class MetricsLogger:
