@@ -197,3 +197,120 @@ def test_a_failed_write_leaves_nothing_and_overwrite_keeps_the_old_export(tmp_pa
     export(tmp_path / "run2", "safetensors", tmp_path / "out", overwrite=True)
     assert {p.name: p.read_bytes() for p in first.iterdir()} != before
     assert sorted(os.listdir(tmp_path)) == ["out", "run", "run2"]
+
+
+# ---- layout-free: a TP=2 checkpoint exports as the same model does at TP=1; --step ----
+
+TRAIN = ["--set", "model.preset=griffin-tiny", "--set", "train.steps=3", "--set", "train.micro_batch_size=2",
+         "--set", "train.global_batch_size=2", "--set", "data.seq_len=32", "--set", "checkpoint.every=1",
+         "--set", "checkpoint.keep=3", "--set", "train.warmup_steps=1"]
+
+
+def train_tp2(run_dir, *fields):
+    from helpers import REPO
+
+    proc = run_chimera("train", REPO / "configs/runs/tiny.yaml", "--run-dir", run_dir, "--nproc", 2,
+                       "--set", "parallel.tensor=2", *TRAIN, *fields)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_export_of_a_tp2_checkpoint_equals_the_same_weights_at_tp1(tmp_path, single_process):
+    """3 steps at TP=2 at learning rate 1e-30 (every update far below a weight's last bit, so the weights stay the
+    initial ones; zero-initialised ones move by ~1e-30): the checkpoint's tensors were written as TP=2 fragments by
+    two ranks; their export equals the model built at TP=1 from the same seed (the init is layout-free), read by no
+    checkpoint code at all."""
+    from safetensors.torch import load_file
+
+    train_tp2(tmp_path / "tp2", "--set", "train.lr=1e-30", "--set", "train.min_lr=0")
+    state = json.loads((tmp_path / "tp2/checkpoints/step_00000003/trainer_state.json").read_text())
+    assert state["layout"]["tensor"] == 2
+    out = export(tmp_path / "tp2", "safetensors", tmp_path / "out")
+    exported = load_file(str(out / "model.safetensors"))
+    reference = weights_of(build_model("griffin-tiny", seed=1234))  # train.seed
+    assert exported.keys() == reference.keys()
+    for name, t in reference.items():
+        torch.testing.assert_close(exported[name], t, rtol=0, atol=1e-20, msg=name)
+
+
+def test_step_picks_an_older_checkpoint(tmp_path, single_process):
+    """A TP=2 run trained 3 steps, a checkpoint each step: ``--step 2`` exports step 2 (its own weights, one
+    optimizer step before the newest); the default exports step 3."""
+    from safetensors.torch import load_file
+
+    from chimera.trainer.checkpoint import read_weights
+
+    train_tp2(tmp_path / "tp2")
+    for step in (2, None):
+        args = ["--step", step] if step else []
+        proc = run_chimera("export", tmp_path / "tp2", "--format", "safetensors", "--out", tmp_path / f"s{step}",
+                           *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "s2/chimera_config.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "sNone/chimera_config.json").read_text())["step"] == 3
+    older, newest = (load_file(str(tmp_path / f"s{s}/model.safetensors")) for s in (2, None))
+    step2 = read_weights(tmp_path / "tp2/checkpoints/step_00000002")
+    assert all(torch.equal(older[n], step2[n]) for n in step2)
+    assert any(not torch.equal(older[n], t) for n, t in newest.items())  # one optimizer step apart
+
+
+# ---- tokenizers travel with the model ----
+
+def tiny_llama_dir(path, vocab: int = 320):
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False)).save_pretrained(path)
+    return path
+
+
+TEXTS = ["the quick brown fox jumps over the lazy dog " * 20, "hybrid models carry their state " * 20]
+
+
+def test_import_keeps_the_hf_tokenizer_and_export_carries_it(tmp_path, single_process):
+    import transformers
+    import yaml
+
+    from chimera.data.tokenizers import get_tokenizer, train_bpe
+    from chimera.export.tokenizer_files import read_tokenizer
+
+    hf = tiny_llama_dir(tmp_path / "hf")
+    train_bpe(TEXTS, 300, hf / "tokenizer.json")
+    proc = run_chimera("import-hf", hf, "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec = yaml.safe_load((tmp_path / "run/run.yaml").read_text())["data"]["tokenizer"]
+    assert spec == str((tmp_path / "run/tokenizer.json").resolve())
+    assert (tmp_path / "run/tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    ids = get_tokenizer(spec).encode("the lazy fox")
+    assert len(ids) < len("the lazy fox")  # merges: not bytes
+
+    for fmt in ("safetensors", "hf"):
+        out = tmp_path / f"out-{fmt}"
+        proc = run_chimera("export", tmp_path / "run", "--format", fmt, "--out", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (out / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+        assert read_tokenizer(out).encode("the lazy fox").tolist() == ids.tolist()
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "out-hf")
+    assert auto("the lazy fox", add_special_tokens=False)["input_ids"] == ids.tolist()
+
+
+def test_import_refuses_a_vocabulary_the_model_cannot_hold(tmp_path):
+    from chimera.data.tokenizers import train_bpe
+
+    hf = tiny_llama_dir(tmp_path / "hf", vocab=280)
+    train_bpe(TEXTS, 300, hf / "tokenizer.json")
+    proc = run_chimera("import-hf", hf, "--out", tmp_path / "run")
+    one_line(proc, "but the model's vocab_size is 280")
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
+
+
+def test_byte_runs_name_their_tokenizer(tmp_path, single_process):
+    from chimera.export.tokenizer_files import read_tokenizer
+
+    make_run(tmp_path / "run", "llama-tiny")
+    out = export(tmp_path / "run", "safetensors", tmp_path / "out")
+    assert json.loads((out / "chimera_tokenizer.json").read_text()) == {
+        "tokenizer": "bytes", "name": "bytes", "vocab_size": 257, "eos_id": 256}
+    assert not (out / "tokenizer.json").exists()
+    assert read_tokenizer(out).decode([104, 105]) == "hi"
