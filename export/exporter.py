@@ -62,8 +62,11 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, step: int | None =
             write_tokenizer(source, tmp)
         ordinary_permissions(tmp)
         replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # the file system's refusal (a full disk, a quota): nothing was changed
+            raise UserError(f"--out {str(out)!r}: writing the export failed ({e.strerror or e}); nothing was "
+                            "changed there") from None
         raise
     return out
 

@@ -477,13 +477,16 @@ def load_inference_model(path: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
-def write_weights_checkpoint(run_dir: str | Path, model_cfg: ModelConfig, weights: dict, source: str) -> Path:
+def write_weights_checkpoint(run_dir: str | Path, model_cfg: ModelConfig, weights: dict, source: str,
+                             tokenizer_file: Path | None = None) -> Path:
     """A new run directory whose only checkpoint (step 0) holds full weights, no optimizer state.
 
     ``chimera train RUN_DIR/run.yaml --run-dir RUN_DIR`` continues from it; ``run.yaml`` is a
     template run file with the model spelled out. Written under a temporary name, then renamed.
+    ``tokenizer_file``: a tokenizer.json copied to ``RUN_DIR/tokenizer.json``, the run's ``data.tokenizer``
+    (default: bytes).
     """
-    from chimera.configs.schema import TrainConfig
+    from chimera.configs.schema import DataConfig, TrainConfig
 
     run_dir = Path(run_dir)
     tmp = run_dir.with_name(f".{run_dir.name}.tmp")
@@ -491,7 +494,11 @@ def write_weights_checkpoint(run_dir: str | Path, model_cfg: ModelConfig, weight
     ckpt = tmp / CHECKPOINTS / step_tag(0)
     ckpt.mkdir(parents=True)
     try:
-        run = RunConfig(model=model_cfg, train=TrainConfig(steps=1000))
+        data = DataConfig()
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+            data = DataConfig(tokenizer=str(run_dir.resolve() / "tokenizer.json"))
+        run = RunConfig(model=model_cfg, data=data, train=TrainConfig(steps=1000))
         text = yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False)
         (tmp / "run.yaml").write_text(f"# {source}: edit train/data/parallel, then\n"
                                       f"# chimera train {run_dir}/run.yaml --run-dir {run_dir}\n" + text)

@@ -37,7 +37,23 @@ def import_hf(hf_dir: str | Path, out: str | Path, into: str | None = None) -> P
 
         cfg, state = granite_dynamic.convert(hf, cfg, state, str(hf_dir))
         source += f", converted into {into}"
-    return write_weights_checkpoint(out, cfg, state, source=source)
+    tokenizer_file = hf_tokenizer(hf_dir, cfg)
+    return write_weights_checkpoint(out, cfg, state, source=source, tokenizer_file=tokenizer_file)
+
+
+def hf_tokenizer(hf_dir: Path, cfg: ModelConfig) -> Path | None:
+    """The directory's ``tokenizer.json`` (None when it has none), refused when its vocabulary (with the
+    end-of-document token training adds) is larger than the model's embedding."""
+    from chimera.data.tokenizers import HFTokenizer
+
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    vocab = HFTokenizer(path).vocab_size
+    if vocab > cfg.vocab_size:
+        raise UserError(f"{path} has {vocab} tokens but the model's vocab_size is {cfg.vocab_size}; a token past "
+                        "the embedding cannot be read: pass the tokenizer this model was trained with")
+    return path
 
 
 # Fields that do not change a model's output (training settings, names, how it is computed; the layers are
