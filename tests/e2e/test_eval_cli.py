@@ -62,6 +62,17 @@ def test_eval_ppl_on_known_weights_equals_ln_vocab(tmp_path):
     assert result["rows"][0]["tokens"] == 320
     assert abs(result["summary"]["loss"] - math.log(320)) < 1e-6
 
+    (tmp_path / "doc.txt").write_text("a prepared dataset for the ppl suite\n" * 30)  # 1,110 bytes
+    prepared = run_chimera("data", "prepare", tmp_path / "doc.txt", "--tokenizer", "bytes", "--format", "webdataset",
+                           "--out", tmp_path / "wds", "--quiet")
+    assert prepared.returncode == 0, prepared.stderr
+    proc = run_chimera("eval", run, "--suite", "ppl", "--set", f"data={tmp_path / 'wds'}", "--set", "seq_len=64",
+                       "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["summary"]["tokens"] == (1110 + 1 - 1) // 64 * 64  # the document and its separator, in windows
+    assert abs(result["summary"]["loss"] - math.log(320)) < 1e-6
+
 
 def test_bad_input_is_one_line_exit_2(tmp_path):
     run = _zero_run(tmp_path)
