@@ -225,9 +225,11 @@ class ChomskyOptions(Section):
     test_lengths: tuple[int, int] = Field((41, 500), description="inclusive range of test input lengths")
     num_lengths: int = Field(16, ge=1, description="lengths evaluated, evenly spread over the range (ends included)")
     samples: int = Field(8, ge=1, description="instances per length")
+    train_lengths_checked: int = Field(4, ge=0, description="also score this many training lengths (evenly spread "
+                                       "over the training range; 0: none): in-distribution accuracy, for contrast")
 
 
-def test_length_grid(test_lengths: tuple[int, int], num_lengths: int) -> list[int]:
+def length_grid(test_lengths: tuple[int, int], num_lengths: int) -> list[int]:
     lo, hi = test_lengths
     return sorted({int(round(x)) for x in np.linspace(lo, hi, min(num_lengths, hi - lo + 1))})
 
@@ -282,15 +284,21 @@ def chomsky(target: EvalTarget, opts: ChomskyOptions) -> dict:
         task = _make(name, {**options, "train_lengths": train_lengths, "test_lengths": opts.test_lengths,
                             "split": "test"}, f"chomsky ({name})")
         _check_vocab(task, target, f"chomsky ({name})")
-        lengths = test_length_grid(opts.test_lengths, opts.num_lengths)
+        lengths = length_grid(opts.test_lengths, opts.num_lengths)
         scores = _output_scores(target.model, task, lengths, opts.samples, EVAL_SEED)
         per_length[name] = scores
         valid = [s for s in scores if not math.isnan(s["accuracy"])]
-        rows.append({"task": name, "level": task.level, "train_lengths": list(train_lengths),
-                     "test_lengths": list(opts.test_lengths),
-                     "accuracy": float(np.mean([s["accuracy"] for s in valid])),
-                     "sequence_accuracy": float(np.mean([s["sequence_accuracy"] for s in valid])),
-                     "lengths_evaluated": len(valid)})
+        row = {"task": name, "level": task.level, "train_lengths": list(train_lengths),
+               "test_lengths": list(opts.test_lengths),
+               "accuracy": float(np.mean([s["accuracy"] for s in valid])),
+               "sequence_accuracy": float(np.mean([s["sequence_accuracy"] for s in valid])),
+               "lengths_evaluated": len(valid)}
+        if opts.train_lengths_checked:
+            seen = _make(name, {**options, "train_lengths": train_lengths}, f"chomsky ({name})")
+            inside = _output_scores(target.model, seen, length_grid(train_lengths, opts.train_lengths_checked),
+                                    opts.samples, EVAL_SEED + 2)
+            row["train_length_accuracy"] = float(np.nanmean([s["accuracy"] for s in inside]))
+        rows.append(row)
     return {"suite": "chomsky", "metric": "accuracy", "rows": rows, "per_length": per_length,
             "summary": {"accuracy": float(np.mean([r["accuracy"] for r in rows]))}}
 

@@ -1,0 +1,143 @@
+"""``chimera eval``, ``chimera bench-arch`` and ``chimera plot`` as a user runs them: results against references
+(ln V for zero weights, the shipped JSON schema through jsonschema, PNGs decoded by matplotlib), and bad input
+refused in one line with exit code 2."""
+
+import copy
+import json
+import math
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import build_model, run_chimera
+
+TINY_EXPERIMENT = """
+name: tiny
+models:
+  - name: griffin
+    preset: griffin-tiny
+    d_model: 32
+    overrides: {num_layers: 3, mlp_hidden: 64, num_heads: 2, window: 8}
+  - {name: hawk, preset: hawk-tiny, match: griffin, overrides: {num_layers: 2, num_heads: 2}}
+tasks:
+  - name: mqar
+    task: mqar
+    options: {vocab_size: 128, num_kv_pairs: 2}
+    seq_len: 16
+    eval:
+      mqar: {seq_lens: [16, 32], kv_pairs: [2, 4], samples: 8}
+      longctx: {lengths: [16, 32, 64], samples: 4}
+budget: {tokens: 192, full_tokens: 1920}
+train: {micro_batch_size: 4, global_batch_size: 4, warmup_steps: 1}
+"""
+
+
+def _one_line_exit_2(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chimera: error:"), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _zero_run(tmp_path):
+    from chimera.configs.loader import load_model_config
+    from chimera.trainer.checkpoint import write_weights_checkpoint
+
+    model = build_model("griffin-tiny")
+    weights = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    return write_weights_checkpoint(tmp_path / "zero", load_model_config("griffin-tiny"), weights, "test")
+
+
+def test_eval_ppl_on_known_weights_equals_ln_vocab(tmp_path):
+    run = _zero_run(tmp_path)
+    out = tmp_path / "ppl.json"
+    proc = run_chimera("eval", run, "--suite", "ppl", "--set", "seq_len=32", "--set", "max_tokens=320",
+                       "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "perplexity" in proc.stdout and "bits_per_byte" in proc.stdout  # the table
+    result = json.loads(out.read_text())
+    assert result["rows"][0]["tokens"] == 320
+    assert abs(result["summary"]["loss"] - math.log(320)) < 1e-6
+
+    (tmp_path / "doc.txt").write_text("a prepared dataset for the ppl suite\n" * 30)  # 1,110 bytes
+    prepared = run_chimera("data", "prepare", tmp_path / "doc.txt", "--tokenizer", "bytes", "--format", "webdataset",
+                           "--out", tmp_path / "wds", "--quiet")
+    assert prepared.returncode == 0, prepared.stderr
+    proc = run_chimera("eval", run, "--suite", "ppl", "--set", f"data={tmp_path / 'wds'}", "--set", "seq_len=64",
+                       "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["summary"]["tokens"] == (1110 + 1 - 1) // 64 * 64  # the document and its separator, in windows
+    assert abs(result["summary"]["loss"] - math.log(320)) < 1e-6
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    run = _zero_run(tmp_path)
+    _one_line_exit_2(run_chimera("eval", run, "--suite", "hellaswag"), "invalid choice: 'hellaswag'")
+    (tmp_path / "empty").mkdir()
+    _one_line_exit_2(run_chimera("eval", tmp_path / "empty", "--suite", "mqar"), "holds no checkpoint")
+    _one_line_exit_2(run_chimera("eval", run, "--suite", "mqar", "--set", "vocab_size=1024"),
+                     "vocabulary holds 320")
+    _one_line_exit_2(run_chimera("eval", run, "--suite", "mqar", "--set", "sample=3"), "sample", "unknown field")
+    bad_preset = tmp_path / "bad_preset.yaml"
+    bad_preset.write_text(TINY_EXPERIMENT.replace("preset: hawk-tiny", "preset: hawk-huge"))
+    _one_line_exit_2(run_chimera("bench-arch", bad_preset, "--out", tmp_path / "o1"),
+                     "unknown model preset 'hawk-huge'")
+    small_vocab = tmp_path / "small_vocab.yaml"
+    small_vocab.write_text(TINY_EXPERIMENT + "vocab_size: 64\n")
+    _one_line_exit_2(run_chimera("bench-arch", small_vocab, "--out", tmp_path / "o2"),
+                     "task mqar needs 128 token ids", "cannot hold")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # nothing half-written
+
+
+def _assert_png_with_content(path):
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    flat = pixels.reshape(-1, pixels.shape[-1])
+    assert len(np.unique(flat, axis=0)) > 20  # not one colour: axes, text and lines were drawn
+
+
+def test_bench_arch_tiny_experiment_results_validate_and_plot(tmp_path):
+    from chimera.evaluation.bench import SCHEMA
+
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(TINY_EXPERIMENT)
+    out = tmp_path / "out"
+    proc = run_chimera("bench-arch", exp, "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.validate(results, schema)  # the independent validator
+    runs = {r["model"]: r for r in results["runs"]}
+    assert set(runs) == {"griffin", "hawk"} and all(r["steps"] == 3 for r in runs.values())
+    g, h = runs["griffin"]["parameters"], runs["hawk"]["parameters"]
+    assert abs(g - h) / g <= 0.02  # matched
+    assert [row["length"] for row in runs["hawk"]["longctx"]] == [16, 32, 64]
+    logged = (out / "runs/hawk/mqar/lr0.003-seed0/metrics.jsonl").read_text().splitlines()
+    metrics = [json.loads(line) for line in logged]
+    assert runs["hawk"]["loss_curve"] == [[r["step"], r["loss"]] for r in metrics]
+    for name in ("accuracy_vs_length", "accuracy_vs_d_model", "loss_curves", "throughput_memory"):
+        _assert_png_with_content(out / "plots" / f"{name}.png")
+
+    for broken in (lambda r: r["runs"][0].pop("parameters"), lambda r: r["runs"][1].update(accuracy=1.5),
+                   lambda r: r.update(budget="tiny"), lambda r: r["runs"][0]["loss_curve"].append(["x", 1.0])):
+        bad = copy.deepcopy(results)
+        broken(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+    again = run_chimera("bench-arch", exp, "--out", out)  # finished runs are skipped
+    assert again.returncode == 0 and again.stdout.count("done before, skipped") == 2
+
+    fig = tmp_path / "curves.png"
+    proc = run_chimera("plot", out / "runs/griffin/mqar/lr0.003-seed0", out / "runs/hawk/mqar/lr0.003-seed0",
+                       "--out", fig)
+    assert proc.returncode == 0, proc.stderr
+    _assert_png_with_content(fig)
+    _one_line_exit_2(run_chimera("plot", tmp_path, "--out", tmp_path / "x.png"), "no metrics.jsonl")
