@@ -314,3 +314,27 @@ def test_byte_runs_name_their_tokenizer(tmp_path, single_process):
         "tokenizer": "bytes", "name": "bytes", "vocab_size": 257, "eos_id": 256}
     assert not (out / "tokenizer.json").exists()
     assert read_tokenizer(out).decode([104, 105]) == "hi"
+
+
+# ---- --format hf, native: the presets of the eight architectures transformers has ----
+
+def native_presets() -> list[str]:
+    from chimera.models.hf import ARCHITECTURES
+
+    return [p for p in test_size_presets() if load_model_config(p).family in ARCHITECTURES]
+
+
+@pytest.mark.parametrize("preset", native_presets())
+def test_native_hf_export_gives_equal_logits_and_text(tmp_path, preset, single_process):
+    import transformers
+
+    from helpers import hf_greedy
+
+    model = make_run(tmp_path / "run", preset)
+    out = export(tmp_path / "run", "hf", tmp_path / "exported")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = prompt_ids(model)
+    with torch.no_grad():
+        assert (back(ids).logits - model(ids)).abs().max() <= 1e-4
+    prompt = ids[:1, :5]
+    assert torch.equal(hf_greedy(back, prompt, NEW_TOKENS), generate(model, prompt, NEW_TOKENS, temperature=0))
