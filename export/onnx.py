@@ -216,8 +216,7 @@ def write_prefill(model: nn.Module, path: Path, max_len: int, names: list[str], 
             program = torch.export.export(graph, (torch.zeros(2, 3, dtype=torch.long),), strict=False,
                                           dynamic_shapes=({0: batch, 1: length},))
         tokens = None
-    except Exception as e:
-        print("PREFILL FALLBACK", type(e).__name__, str(e)[:2000])  # a prefill that steps through the prompt: a loop over its length (see the module docstring)
+    except Exception:  # a prefill that steps through the prompt: a loop over its length (see the module docstring)
         program = torch.export.export(graph, (torch.zeros(2, 1, dtype=torch.long),), strict=False,
                                       dynamic_shapes=({0: batch},))
         tokens = 1
