@@ -57,7 +57,8 @@ def sublayer_flops(cfg, symbol: str, seq_len: int, first_of_kind: bool = True) -
     a kind computes for all of them (``SublayerSpec.shared_flops_per_token``: GOLD's key cache)."""
     spec = sublayers()[symbol]
     if spec.flops_per_token is None:
-        raise RuntimeError(f"sublayer kind {symbol!r} ({spec.summary}) declares no flops_per_token in its SPECS")
+        raise UserError(f"sublayer kind {symbol!r} ({spec.summary}) declares no flops_per_token in its SPECS: add "
+                        "one beside its math (chimera.models.spec.SublayerSpec) to count its FLOPs")
     config = cfg.sublayer(symbol)
     terms = dict(spec.flops_per_token(config, seq_len))
     if first_of_kind and spec.shared_flops_per_token is not None:

@@ -1,6 +1,15 @@
-"""Shared fixtures."""
+"""Shared fixtures.
 
-import pytest
+``TRITON_INTERPRET=1`` for the whole session, before anything imports ``triton`` (DeepSpeed does, on import): the
+interpreter is chosen when ``triton.language`` is first imported, and the kernel tests (``tests/unit/test_kernels.py``)
+run the Triton kernels in it on CPU. Nothing else changes: ``model.kernels=auto`` runs the reference on CPU.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,8 @@ class ModelFlopsRate:
 
             try:
                 self._per_token[seq_len] = model_flops_per_token(self.model_cfg, seq_len)
-            except UserError:
+            except UserError as e:  # no mfu / tflops for this run, said once
+                print(f"chimera: no mfu or tflops for this model: {e}", file=sys.stderr, flush=True)
                 self._per_token[seq_len] = None
         return self._per_token[seq_len]
 

@@ -46,6 +46,7 @@ from chimera.trainer.checkpoint import (
     step_of,
     step_tag,
 )
+from chimera.trainer.metrics import MFU_BASIS
 from chimera.trainer.optim import ScheduleAnchor, lr_at
 
 RECORDS = ("metrics.jsonl", "samples.jsonl")
@@ -188,7 +189,7 @@ def has_run(run_dir: Path) -> bool:
 def archive_for_restart(run_dir: Path) -> Path | None:
     """Move a run's checkpoints and records out of the way (``RUN_DIR/restarted/N/``); the directory, or None."""
     names = [CHECKPOINTS, *RECORDS, *(f"{Path(r).stem}.superseded.jsonl" for r in RECORDS), "events.jsonl",
-             "config.yaml", events.SKIP_FILE, "superseded", "stacks"]
+             "config.yaml", events.SKIP_FILE, "superseded", "stacks", MFU_BASIS]
     present = [n for n in names if (run_dir / n).exists()]
     if not present:
         return None

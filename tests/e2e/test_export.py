@@ -134,21 +134,13 @@ def test_refusals_are_one_line_and_leave_nothing(tmp_path, single_process):
              "holds no checkpoint")
     one_line(run_chimera("export", tmp_path / "nowhere", "--format", "safetensors", "--out", out), "does not exist")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
-    # a model transformers has no class for
+    # a format the architecture cannot express: llama.cpp has no Hawk
     make_run(tmp_path / "hawk", "hawk-tiny")
-    proc = run_chimera("export", tmp_path / "hawk", "--format", "hf", "--out", out)
-    if not importlib_has("chimera.export.remote_code"):
-        one_line(proc, "has no native transformers architecture")
-        assert not out.exists()
+    one_line(run_chimera("export", tmp_path / "hawk", "--format", "gguf", "--out", out), "llama.cpp")
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
     (out / "keep").mkdir(parents=True)
     one_line(run_chimera("export", run, "--format", "safetensors", "--out", out), "exists and is not empty")
     assert [p.name for p in out.iterdir()] == ["keep"]
-
-
-def importlib_has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def test_a_damaged_checkpoint_is_refused(tmp_path, single_process):

@@ -2,8 +2,8 @@
 input / parameter gradients, with document resets and lengths that the kernels' tiles do not divide.
 
 No GPU here: the kernels run in Triton's interpreter, which ``TRITON_INTERPRET=1`` turns on. It must be set before
-``triton`` is first imported (the ops modules import it lazily, on the first ``kernels=triton`` call), so it is set
-at this module's import. Sizes are tiny: the interpreter runs each program in numpy.
+``triton`` is first imported (DeepSpeed imports it, so a worker that ran a DeepSpeed test first has it), so
+``tests/conftest.py`` sets it for the whole session. Sizes are tiny: the interpreter runs each program in numpy.
 
 Tolerances: fp32 1e-5 (the kernels accumulate in fp32, in a different order than the reference); bf16 inputs: the
 kernels compute in fp32 and round once, so they are held to the fp32 reference on the same bf16 inputs within
@@ -11,17 +11,14 @@ bf16's rounding, 2e-2 relative.
 """
 
 import math
-import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from chimera.errors import UserError  # noqa: E402
-from chimera.models import conv, scan  # noqa: E402
-from chimera.models.ops import dispatch  # noqa: E402
-from helpers import build_model  # noqa: E402
+from chimera.errors import UserError
+from chimera.models import conv, scan
+from chimera.models.ops import dispatch
+from helpers import build_model
 
 pytest.importorskip("triton")
 
