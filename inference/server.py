@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -326,14 +327,30 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self._json(e.status, {"error": {"message": message, "type": e.kind}})
 
 
+def stop_on_signals(server: CompletionServer) -> dict:
+    """SIGINT (Ctrl-C) and SIGTERM (a service manager's stop) end ``serve_forever`` through ``shutdown``, whatever
+    handlers the libraries imported before installed; returns the handlers replaced."""
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, name="chimera-stop", daemon=True).start()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, stop)
+    return previous
+
+
 def serve(model, tokenizer, host: str, port: int, limits: Limits, model_name: str, announce=print) -> None:
     """Serve until interrupted (Ctrl-C)."""
     server = CompletionServer((host, port), model, tokenizer, limits, model_name)
     announce(f"chimera: serving {model_name} on {server.url} (POST /v1/completions, GET /health); Ctrl-C stops")
+    previous = stop_on_signals(server)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.server_close()
         server.loop.stop()

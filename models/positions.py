@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 
-def at_start(pos: int | torch.Tensor) -> bool:
+def at_start(pos: int | torch.SymInt | torch.Tensor) -> bool:
     """Whether a decoding step is at position 0 (a recurrence starts there): all rows at 0, or none; a batch mixing
     the two is refused (step those rows apart)."""
-    if isinstance(pos, int):
+    if not isinstance(pos, torch.Tensor):  # an int, or a symbolic one (torch.export of a decode step: ONNX)
         return pos == 0
     starts = pos == 0
     if bool(starts.any()) and not bool(starts.all()):

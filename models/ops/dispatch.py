@@ -6,8 +6,9 @@
 * ``triton``: the kernels of ``chimera.models.ops.<op>``. On a CUDA tensor they need ``triton`` importable; on a
   CPU tensor they run in Triton's interpreter, which only ``TRITON_INTERPRET=1`` (set before ``triton`` is first
   imported) turns on — the tests' way of holding the kernels to the reference without a GPU;
-* ``auto``: the kernels on CUDA tensors when ``triton`` imports, else the reference. On CPU the reference is the
-  fastest correct path measured (``benchmarks/ops_cpu.py``, ``benchmarks/RESULTS.md``): it is what ``auto`` runs.
+* ``auto``: the kernels on CUDA tensors when ``triton`` imports (the SSD kernel excepted, see
+  ``ssd_within_chunks``), else the reference: on CPU the reference is the only fast path (the kernels run there only
+  in the interpreter, for tests). GPU figures: ``benchmarks/gpu_fast_paths.py``, ``benchmarks/RESULTS.md``.
 
 Every function here takes the reference's arguments plus ``kernels`` and returns what the reference returns.
 """
@@ -88,8 +89,12 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor, *,
                       kernels: str = "auto") -> torch.Tensor:
     """``chimera.models.mixers.mamba2.within_chunks``: Mamba-2's SSD inside each chunk (``C, B [..., q, n]``,
-    ``xdt [..., q, p]``, ``log_a [..., q]``, ``-inf`` at a document's start) -> ``y [..., q, p]``."""
-    if use_triton(kernels, xdt.device):
+    ``xdt [..., q, p]``, ``log_a [..., q]``, ``-inf`` at a document's start) -> ``y [..., q, p]``.
+
+    ``auto`` runs the reference here, also on CUDA: the kernel holds a whole chunk in one program, and on an H200 at
+    Mamba-2's chunk of 256 (state 128) it did not finish its first check within minutes (``benchmarks/RESULTS.md``,
+    fast paths); it must be tiled within the chunk first. ``triton`` still runs it."""
+    if kernels != "auto" and use_triton(kernels, xdt.device):
         from chimera.models.ops import ssd
 
         return ssd.within_chunks(C, B, xdt, log_a)

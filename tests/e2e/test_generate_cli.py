@@ -109,7 +109,8 @@ def test_serve_cli_answers_on_localhost_until_interrupted(run_dir, single_proces
     import urllib.request
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
     server = subprocess.Popen([sys.executable, "-m", "chimera.launch.cli", "serve", str(run_dir), "--port", "0",
                                "--max-tokens", "32"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env)
