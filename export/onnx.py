@@ -23,7 +23,8 @@ keeps the position symbolic (``position.item()`` with its range checked), and th
 A mixer whose prefill steps through the prompt (the routed hybrid, a capacity-limited MoE: which tokens a path or
 expert takes depends on the tokens routed before) has a Python loop over the prompt length, which a graph with a
 symbolic length cannot hold; its prefill graph is exported for one token (``prefill_max_tokens: 1``) and
-``OnnxCausalLM.prefill`` steps the rest of the prompt through ``decode.onnx``, giving the same state by definition.
+a runner steps the rest of the prompt through ``decode.onnx``, giving the same state by definition (the
+onnxruntime runner and ``chimera generate --onnx`` are not written yet).
 """
 
 from __future__ import annotations
