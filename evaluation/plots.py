@@ -24,6 +24,16 @@ def _pyplot():
     return plt
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, legend: bool = True) -> None:
+    """Every panel's axes, title, grid (and legend)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -54,10 +64,7 @@ def plot_runs(run_dirs: list[str], out: str | Path) -> Path:
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=Path(name).name)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
+        _label(ax, "step", key, key, legend=False)
     axes[0][0].legend(fontsize=7)
     return _save(fig, out)
 
@@ -90,11 +97,7 @@ def plot_experiment(results: dict, out_dir: str | Path) -> list[Path]:
                 ax.plot(*zip(*sorted(points)), marker="o", label=f"{r['model']} lr {r['lr']:g} s{r['seed']}")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("evaluation length (tokens)")
-        ax.set_ylabel("accuracy")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "evaluation length (tokens)", "accuracy", task)
     written.append(_save(fig, out_dir / "accuracy_vs_length.png"))
 
     # accuracy vs d_model, one line per model entry (the best lr per width, as Zoology does)
@@ -108,11 +111,7 @@ def plot_experiment(results: dict, out_dir: str | Path) -> list[Path]:
         for name, points in lines.items():
             ax.plot(*zip(*sorted(points.items())), marker="o", label=name)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("d_model")
-        ax.set_ylabel("accuracy (best lr)")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "d_model", "accuracy (best lr)", task)
     written.append(_save(fig, out_dir / "accuracy_vs_d_model.png"))
 
     # training loss curves, one panel per task
@@ -120,11 +119,7 @@ def plot_experiment(results: dict, out_dir: str | Path) -> list[Path]:
     for ax, (task, rs) in zip(axes[0], tasks.items()):
         for r in rs:
             ax.plot(*zip(*r["loss_curve"]), label=f"{r['model']} lr {r['lr']:g} s{r['seed']}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "step", "training loss", task)
     written.append(_save(fig, out_dir / "loss_curves.png"))
 
     # throughput and peak memory per model (median over its runs)
