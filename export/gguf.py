@@ -74,11 +74,17 @@ def rope_frequency_divisors(cfg) -> torch.Tensor:
     return replace(rope, scaling="none").frequencies() / rope.frequencies()
 
 
-def llama_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor]]:
-    yield tensor_name(MODEL_TENSOR.TOKEN_EMBD), hf["model.embed_tokens.weight"]
-    yield tensor_name(MODEL_TENSOR.OUTPUT_NORM), hf["model.norm.weight"]
-    if "lm_head.weight" in hf:  # absent when tied
+def model_ends(hf: Tensors, final_norm: str, embeddings: str = "model.embed_tokens.weight"
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The token embedding, the final norm and the output head (absent when tied to the embedding)."""
+    yield tensor_name(MODEL_TENSOR.TOKEN_EMBD), hf[embeddings]
+    yield tensor_name(MODEL_TENSOR.OUTPUT_NORM), hf[final_norm]
+    if "lm_head.weight" in hf:
         yield tensor_name(MODEL_TENSOR.OUTPUT), hf["lm_head.weight"]
+
+
+def llama_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model_ends(hf, "model.norm.weight")
     for i in range(len(cfg.layers) // 2):
         p = f"model.layers.{i}."
         yield tensor_name(MODEL_TENSOR.ATTN_NORM, i), hf[p + "input_layernorm.weight"]
@@ -121,8 +127,7 @@ def llama_metadata(w: GGUFWriter, source: ExportSource) -> None:
 # ---- Mamba and Mamba-2 (HF's "backbone" naming) --------------------------------------------------
 
 def backbone_tensors(hf: Tensors, cfg, mixer: Callable[[str, int], Iterator]) -> Iterator[tuple[str, torch.Tensor]]:
-    yield tensor_name(MODEL_TENSOR.TOKEN_EMBD), hf["backbone.embeddings.weight"]
-    yield tensor_name(MODEL_TENSOR.OUTPUT_NORM), hf["backbone.norm_f.weight"]
+    yield from model_ends(hf, "backbone.norm_f.weight", "backbone.embeddings.weight")
     for i in range(len(cfg.layers)):
         yield tensor_name(MODEL_TENSOR.ATTN_NORM, i), hf[f"backbone.layers.{i}.norm.weight"]
         yield from mixer(f"backbone.layers.{i}.mixer.", i)
@@ -198,10 +203,7 @@ def mamba2_metadata(w: GGUFWriter, source: ExportSource) -> None:
 def jamba_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor]]:
     """Attention (no RoPE: no permutation) or Mamba per layer, then a gated MLP or a MoE whose experts are
     stacked ``[E, ...]`` (llama.cpp's ``*_exps``)."""
-    yield tensor_name(MODEL_TENSOR.TOKEN_EMBD), hf["model.embed_tokens.weight"]
-    yield tensor_name(MODEL_TENSOR.OUTPUT_NORM), hf["model.final_layernorm.weight"]
-    if "lm_head.weight" in hf:
-        yield tensor_name(MODEL_TENSOR.OUTPUT), hf["lm_head.weight"]
+    yield from model_ends(hf, "model.final_layernorm.weight")
     for i in range(len(cfg.layers) // 2):
         p = f"model.layers.{i}."
         yield tensor_name(MODEL_TENSOR.ATTN_NORM, i), hf[p + "input_layernorm.weight"]
@@ -251,10 +253,7 @@ def granite_hybrid_tensors(hf: Tensors, cfg) -> Iterator[tuple[str, torch.Tensor
     """Attention (q/k permuted as for Llama, as the converter does even without RoPE: q.k is unchanged) or
     Mamba-2 per layer; the fused ``input_linear`` of the experts and of the shared MLP split into gate and up."""
     moe = cfg.layers[1] == "E"
-    yield tensor_name(MODEL_TENSOR.TOKEN_EMBD), hf["model.embed_tokens.weight"]
-    yield tensor_name(MODEL_TENSOR.OUTPUT_NORM), hf["model.norm.weight"]
-    if "lm_head.weight" in hf:
-        yield tensor_name(MODEL_TENSOR.OUTPUT), hf["lm_head.weight"]
+    yield from model_ends(hf, "model.norm.weight")
     for i in range(len(cfg.layers) // 2):
         p = f"model.layers.{i}."
         yield tensor_name(MODEL_TENSOR.ATTN_NORM, i), hf[p + "input_layernorm.weight"]
