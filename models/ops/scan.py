@@ -58,6 +58,17 @@ def _last_row(x, i, last):
 
 
 @triton.jit
+def _steps(start, T, REVERSE: tl.constexpr, CHUNK: tl.constexpr):
+    """A tile's steps in scan order ``i``, the time index ``t`` of its ``b`` (and ``h``), and ``t_a`` of its ``a``:
+    the same step forward; from the end and one step later in reverse (the adjoint)."""
+    i = start + tl.arange(0, CHUNK)
+    if REVERSE:
+        t = T - 1 - i
+        return i, t, t + 1
+    return i, i, i
+
+
+@triton.jit
 def _scan_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
                  CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
     """``h_t = a_t h_{t-1} + b_t`` over ``[T, C]`` tensors; with ``REVERSE``, ``h_t = a_{t+1} h_{t+1} + b_t`` from the
@@ -68,13 +79,7 @@ def _scan_kernel(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, HAS_H0: tl.constexpr, REVERS
     if HAS_H0:
         h = tl.load(h0_ptr + cols, mask=in_c, other=0.0).to(tl.float32)
     for start in range(0, T, CHUNK):
-        i = start + tl.arange(0, CHUNK)  # steps in scan order
-        if REVERSE:
-            t = T - 1 - i
-            t_a = t + 1
-        else:
-            t = i
-            t_a = t
+        i, t, t_a = _steps(start, T, REVERSE, CHUNK)
         m = (i < T)[:, None] & in_c[None, :]
         a = _tile(a_ptr, t_a, cols, T, C, m & (t_a < T)[:, None])
         b = _tile(b_ptr, t, cols, T, C, m)
@@ -97,13 +102,7 @@ def _complex_scan_kernel(ar_ptr, ai_ptr, br_ptr, bi_ptr, h0r_ptr, h0i_ptr, hr_pt
         hr = tl.load(h0r_ptr + cols, mask=in_c, other=0.0).to(tl.float32)
         hi = tl.load(h0i_ptr + cols, mask=in_c, other=0.0).to(tl.float32)
     for start in range(0, T, CHUNK):
-        i = start + tl.arange(0, CHUNK)
-        if REVERSE:
-            t = T - 1 - i
-            t_a = t + 1
-        else:
-            t = i
-            t_a = t
+        i, t, t_a = _steps(start, T, REVERSE, CHUNK)
         m = (i < T)[:, None] & in_c[None, :]
         ma = m & (t_a < T)[:, None]
         ar = _tile(ar_ptr, t_a, cols, T, C, ma)
