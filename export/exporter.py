@@ -34,10 +34,10 @@ SHARDED = {"safetensors", "hf"}  # formats whose write takes max_shard_bytes
 
 
 def export(run_dir: str | Path, fmt: str, out: str | Path, *, step: int | None = None, dtype: str = "fp32",
-           overwrite: bool = False, max_shard_mb: float | None = None) -> Path:
+           overwrite: bool = False, max_shard_mb: float | None = None, max_len: int | None = None) -> Path:
     """Export ``step`` (None: the newest valid checkpoint) of ``run_dir`` (a run or checkpoint directory) as ``fmt``
     into the directory ``out``, its tensors in ``dtype`` (safetensors, hf: in files of at most ``max_shard_mb``
-    MiB, default 2 GiB); returns ``out``."""
+    MiB, default 2 GiB; onnx: with a decoding cache of ``max_len`` tokens); returns ``out``."""
     module = format_module(fmt)
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: unknown; choose one of {', '.join(DTYPES)}")
@@ -48,6 +48,12 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, *, step: int | None =
         if not max_shard_mb > 0:
             raise UserError(f"--max-shard-mb {max_shard_mb}: must be positive")
         options["max_shard_bytes"] = int(max_shard_mb * 1024**2)
+    if max_len is not None:
+        if fmt != "onnx":
+            raise UserError(f"--max-len applies to --format onnx, not {fmt}")
+        if max_len < 2:
+            raise UserError(f"--max-len {max_len}: must be at least 2 (a prompt token and a new one)")
+        options["max_len"] = max_len
     out = Path(out)
     check_target(out, overwrite)
     source = load_source(run_dir, step)

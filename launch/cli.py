@@ -6,11 +6,12 @@
     chimera launch status DIR | cancel DIR
     chimera models [--flops SEQ]
     chimera bench CONFIG [--layouts 1,tp2,...] [--seq-lens 1024,2048,...] [--steps N] [--warmup N] [--compare-hf]
-    chimera generate RUN_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N --temperature T --top-k K
-                     --top-p P --stop S --seed N]
+    chimera generate RUN_DIR | --onnx EXPORT_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N
+                     --temperature T --top-k K --top-p P --stop S --seed N]
     chimera serve RUN_DIR --port P [--host 127.0.0.1 --max-tokens N --max-concurrent N --max-prompt-tokens N]
     chimera import-hf HF_DIR --out DIR [--into dynamic-hybrid]
     chimera export RUN_DIR_OR_CKPT --format safetensors|hf|onnx|gguf --out DIR [--step N] [--dtype bf16|fp16|fp32]
+                   [--max-len N (onnx)]
     chimera data prepare INPUT... --tokenizer T --format {webdataset,zarr} --out DIR
     chimera data train-tokenizer INPUT... --vocab-size N --out tokenizer.json
     chimera data genomic-tasks GENOME.fasta.gz... --out DIR [--window N --per-genome N --heldout F --seed S]
@@ -204,19 +205,40 @@ def cmd_generate(args) -> int:
                             "one prompt per line") from None
     if not prompts:
         raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE")
-    from chimera.trainer.checkpoint import read_config, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(args.run_dir)
-    from chimera import load_model
-    from chimera.data.tokenizers import get_tokenizer
-    from chimera.inference.cli import print_generations
-
-    tokenizer = get_tokenizer(read_config(ckpt).data.tokenizer)
+    if (args.run_dir is None) == (args.onnx is None):
+        raise UserError("give a RUN_DIR or --onnx EXPORT_DIR (one of them): the model to generate with")
+    model, tokenizer = generation_model(args)
     ids = [tokenizer.encode(p).tolist() for p in prompts]
     if any(len(i) == 0 for i in ids):
         raise UserError("a --prompt is empty; give at least one character")
-    print_generations(load_model(ckpt), tokenizer, ids, args)
+    from chimera.inference.cli import print_generations
+
+    if args.onnx is not None:
+        longest = max(map(len, ids)) + args.max_new_tokens
+        if longest > model.max_len:
+            raise UserError(f"--max-new-tokens {args.max_new_tokens} with a prompt of {longest - args.max_new_tokens}"
+                            f" tokens exceeds the ONNX export's decoding cache of {model.max_len} tokens; generate "
+                            "fewer tokens or export again with a larger --max-len")
+    print_generations(model, tokenizer, ids, args)
     return 0
+
+
+def generation_model(args):
+    """The model and tokenizer ``chimera generate`` samples from: a run's checkpoint (Chimera's modules) or an ONNX
+    export (onnxruntime)."""
+    from chimera.data.tokenizers import get_tokenizer
+
+    if args.onnx is not None:
+        from chimera.export.onnx_runtime import load_onnx_model
+        from chimera.export.tokenizer_files import read_tokenizer
+
+        model = load_onnx_model(args.onnx)
+        return model, read_tokenizer(args.onnx)
+    from chimera import load_model
+    from chimera.trainer.checkpoint import read_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.run_dir)
+    return load_model(ckpt), get_tokenizer(read_config(ckpt).data.tokenizer)
 
 
 def cmd_serve(args) -> int:
@@ -311,7 +333,7 @@ def cmd_export(args) -> int:
 
     _writable_output(args.out)
     out = export(args.checkpoint, args.format, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
-                 max_shard_mb=args.max_shard_mb)
+                 max_shard_mb=args.max_shard_mb, max_len=args.max_len)
     print(f"exported ({args.format}, {args.dtype}) -> {out}")
     return 0
 
@@ -447,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="sample text from a trained run")
-    g.add_argument("run_dir", help="run directory or checkpoint directory")
+    g.add_argument("run_dir", nargs="?", help="run directory or checkpoint directory")
+    g.add_argument("--onnx", metavar="EXPORT_DIR", help="generate with onnxruntime from a chimera export --format onnx")
     g.add_argument("--prompt", action="append", help="repeatable: several prompts decode as one batch")
     g.add_argument("--prompts-file", help="a text file, one prompt per line (with or without --prompt)")
     g.add_argument("--max-new-tokens", type=int, default=200)
@@ -479,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="fp32", help="bf16, fp16 or fp32 (default)")
     e.add_argument("--overwrite", action="store_true", help="replace --out (once the new export is complete)")
     e.add_argument("--max-shard-mb", type=float, default=None, help="safetensors/hf: MiB per file (default 2048)")
+    e.add_argument("--max-len", type=int, default=None,
+                   help="onnx: the decoding cache's length, prompt and new tokens (default: seq_len, at least 256)")
     e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("data", help="prepare datasets and tokenizers")

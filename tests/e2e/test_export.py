@@ -14,8 +14,7 @@ from chimera.configs.loader import load_model_config
 from chimera.errors import UserError
 from chimera.export.exporter import export
 from chimera.export.safetensors_format import INDEX_FILE, read_shards
-from chimera.trainer.checkpoint import write_weights_checkpoint
-from helpers import build_model, run_chimera, test_size_presets
+from helpers import build_model, preset_run, run_chimera, test_size_presets
 
 try:
     from chimera.inference.generate import generate
@@ -26,15 +25,11 @@ NEW_TOKENS = 20
 BF16_TOLERANCE = 0.05  # max |logit difference| / max |logit|: bf16 keeps 8 bits of mantissa (2^-9 relative per weight)
 
 
+make_run = preset_run
+
+
 def weights_of(model) -> dict:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def make_run(run_dir, preset: str, seed: int = 0):
-    """A run directory whose checkpoint (step 0) holds ``preset``'s model initialised from ``seed``; the model."""
-    model = build_model(preset, seed=seed).eval()
-    write_weights_checkpoint(run_dir, load_model_config(preset), weights_of(model), source=f"test {preset}")
-    return model
 
 
 def prompt_ids(model, length: int = 24, batch: int = 2) -> torch.Tensor:

@@ -1,0 +1,86 @@
+"""``chimera export --format onnx`` run by onnxruntime (``chimera.export.onnx_runtime.OnnxCausalLM``): the prefill
+graph's logits and state equal Chimera's ``prefill``, 20 decode steps with the state going round through the decode
+graph equal Chimera's ``step`` logits, and the 20-token greedy text is Chimera's, for one preset of each kind of
+decoding state (RG-LRU state and conv tail; global KV cache; sliding-window ring buffer; Mamba-2's SSM state; Based's
+linear-attention state and Taylor-feature sums); ``chimera generate --onnx`` prints what ``chimera generate`` prints;
+the refusals."""
+
+import pytest
+import torch
+
+from chimera.export.exporter import export
+from chimera.export.onnx import flatten_state, to_boundary
+from chimera.export.onnx_runtime import OnnxCausalLM
+from chimera.inference.generate import generate
+from helpers import preset_run, run_chimera
+
+TOLERANCE = 1e-4  # fp32, max |difference| of logits (and of state tensors)
+STEPS = NEW_TOKENS = 20
+MAX_LEN = 48
+
+PRESETS = ["hawk-tiny", "llama-tiny", "local-transformer-tiny", "mamba2-tiny", "based-tiny"]
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert got.shape == ref.shape, what
+    err = (got - ref).abs().max().item() if got.numel() else 0.0
+    assert err <= TOLERANCE, f"{what}: max |difference| {err:.2e}"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_onnx_prefill_and_decode_equal_chimera(tmp_path, preset, single_process):
+    model = preset_run(tmp_path / "run", preset)
+    out = export(tmp_path / "run", "onnx", tmp_path / "onnx", max_len=MAX_LEN)
+    onnx_model = OnnxCausalLM(out)
+    assert onnx_model.max_len == MAX_LEN and onnx_model.prefill_max_tokens is None  # one parallel prefill pass
+    vocab = min(model.cfg.vocab_size, 257)
+    prompt = torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(1))
+
+    with torch.no_grad():
+        ref_logits, ref_state = model.prefill(prompt, MAX_LEN)
+        logits, state = onnx_model.prefill(prompt, MAX_LEN)
+        assert_close(logits, ref_logits, "prefill logits")
+        for i, (got, ref) in enumerate(zip(state, flatten_state(ref_state), strict=True)):
+            assert_close(got, to_boundary(ref), f"prefill state tensor {i}")
+        # the state goes round through decode.onnx: its outputs are the next step's inputs
+        tokens = torch.randint(0, vocab, (STEPS, 2), generator=torch.Generator().manual_seed(2))
+        for step, token in enumerate(tokens):
+            pos = prompt.shape[1] + step
+            assert_close(onnx_model.step(token, state, pos), model.step(token, ref_state, pos), f"decode step {step}")
+
+    expected = generate(model, prompt[:1, :5], NEW_TOKENS, temperature=0)
+    assert torch.equal(generate(onnx_model, prompt[:1, :5], NEW_TOKENS, temperature=0), expected)
+
+
+def test_generate_onnx_prints_chimeras_text(tmp_path, single_process):
+    preset_run(tmp_path / "run", "hawk-tiny")
+    out = export(tmp_path / "run", "onnx", tmp_path / "onnx", max_len=64)
+    prompts = ["def ", "import os\n"]  # different lengths: rows at their own positions step in groups
+    args = [a for p in prompts for a in ("--prompt", p)] + ["--max-new-tokens", NEW_TOKENS, "--temperature", 0]
+    chimera = run_chimera("generate", tmp_path / "run", *args)
+    onnx = run_chimera("generate", "--onnx", out, *args)
+    assert chimera.returncode == 0 and onnx.returncode == 0, chimera.stderr + onnx.stderr
+    assert onnx.stdout == chimera.stdout and "--- prompt 2 of 2 ---" in onnx.stdout
+
+    too_long = run_chimera("generate", "--onnx", out, "--prompt", "def ", "--max-new-tokens", 61)
+    assert too_long.returncode == 2 and len(too_long.stderr.strip().splitlines()) == 1
+    assert "decoding cache of 64 tokens" in too_long.stderr
+
+
+def test_onnx_refusals_are_one_line(tmp_path, single_process):
+    preset_run(tmp_path / "glt", "hyena-glt-tiny")
+    preset_run(tmp_path / "hawk", "hawk-tiny")
+    cases = [
+        (["export", tmp_path / "glt", "--format", "onnx", "--out", tmp_path / "x"], "byte-latent model"),
+        (["export", tmp_path / "hawk", "--format", "onnx", "--dtype", "bf16", "--out", tmp_path / "x"], "only fp32"),
+        (["export", tmp_path / "hawk", "--format", "safetensors", "--max-len", 64, "--out", tmp_path / "x"],
+         "--max-len applies to --format onnx"),
+        (["generate", "--onnx", tmp_path / "glt", "--prompt", "x"], "has no state.json"),
+        (["generate", tmp_path / "glt", "--onnx", tmp_path / "glt", "--prompt", "x"], "one of them"),
+    ]
+    for args, expected in cases:
+        proc = run_chimera(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and expected in proc.stderr, (args, proc.stderr)
+    assert not (tmp_path / "x").exists()
+
