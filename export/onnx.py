@@ -20,11 +20,16 @@ TorchScript exporter (``dynamo=False``) records the decoding position as a const
 (the ring-buffer slot, RoPE's angle, ``[:, : pos + 1]``) would be frozen at the traced position. ``torch.export``
 keeps the position symbolic (``position.item()`` with its range checked), and the batch and prompt length dynamic.
 
-A mixer whose prefill steps through the prompt (the routed hybrid, a capacity-limited MoE: which tokens a path or
-expert takes depends on the tokens routed before) has a Python loop over the prompt length, which a graph with a
-symbolic length cannot hold; its prefill graph is exported for one token (``prefill_max_tokens: 1``) and
-a runner steps the rest of the prompt through ``decode.onnx``, giving the same state by definition (the
-onnxruntime runner and ``chimera generate --onnx`` are not written yet).
+A mixer whose prefill steps through the prompt (a capacity-limited MoE: which tokens an expert takes depends on the
+tokens routed before) has a Python loop over the prompt length, which a graph with a symbolic length cannot hold; its
+prefill graph is exported for one token (``prefill_max_tokens: 1``) and the runner
+(``chimera.export.onnx_runtime.OnnxCausalLM``, ``chimera generate --onnx``) steps the rest of the prompt through
+``decode.onnx``, giving the same state by definition. MoE layers are traced in their dense form (every expert on
+every token, weighted by the routing: ``chimera.models.channels.moe.dense_experts``), Hyena's FFT convolution as the
+direct one (``chimera.models.mixers.hyena.long_conv``): ONNX has no complex tensors.
+
+Refused (one line): the byte-latent models, the modal Hyena filter (complex poles and state), BigBird attention and
+the routed hybrid (``NOT_YET_IN_GRAPHS``).
 """
 
 from __future__ import annotations
@@ -151,12 +156,27 @@ def batch_dims(layout: list[dict]) -> list[int | None]:
 
 # ---- refusal and writing ------------------------------------------------------------------------------------------
 
+# Sublayers whose decoding step indexes by values a static graph cannot hold, and why (a symbol: its reason).
+NOT_YET_IN_GRAPHS = {
+    "K": "BigBird attention (pattern symbol K): its block table is sized by the largest position in the call",
+    "Y": ("routed hybrid (pattern symbol Y): its SSM keeps the state dimensions its learned importance chooses, and "
+          "each path runs over the tokens routed to it (sizes known only from the values)"),
+}
+
+
 def refusal(source) -> str | None:
     cfg = source.model_cfg
     if cfg.byte_latent is not None:
         return ("the byte-latent model (model.byte_latent) cannot be exported to ONNX: its decoding closes patches "
                 "where the entropy model decides, per row, with Python counters in its state (a data-dependent "
                 "control flow a static graph cannot express); export it as --format safetensors or hf")
+    for symbol in sorted(cfg.symbols & NOT_YET_IN_GRAPHS.keys()):
+        return (f"the {NOT_YET_IN_GRAPHS[symbol]} cannot be exported to ONNX yet; export it as --format safetensors "
+                "or hf")
+    if "H" in cfg.symbols and cfg.sublayer("H").hyena_filter == "modal":
+        return ("the modal Hyena filter (model.hyena_filter: modal) cannot be exported to ONNX yet: its poles and "
+                "its decoding state are complex, which ONNX has no element type for (the graphs would need them "
+                "as real pairs throughout); export it as --format safetensors or hf")
     return None
 
 

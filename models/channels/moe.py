@@ -237,6 +237,29 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor, plan: Dispatch, tok
     return y.index_add(0, plan.token, expert_out * w.unsqueeze(-1))
 
 
+def dense_combine_weights(routing: Routing, num_experts: int, capacity: int | None) -> torch.Tensor:
+    """``[T, E]``: the weight of each expert's output in each token's ``y_t`` (0 where not routed or dropped): the
+    dispatch plan as a dense matrix. An assignment is dropped where ``capacity`` assignments earlier in token order
+    (index ``t * k + slot``, as ``dispatch_plan``) went to the same expert."""
+    tokens, top_k = routing.experts.shape
+    chosen = F.one_hot(routing.experts.reshape(-1), num_experts).to(routing.weights.dtype)  # [T k, E]
+    if capacity is not None:
+        earlier = chosen.cumsum(0) - chosen  # assignments before this one to the same expert
+        chosen = chosen * (earlier < capacity).to(chosen.dtype)
+    return (chosen * routing.weights.reshape(-1, 1)).view(tokens, top_k, num_experts).sum(1)
+
+
+def dense_experts(x: torch.Tensor, combine_weights: torch.Tensor, gate_weight: torch.Tensor,
+                  up_weight: torch.Tensor, down_weight: torch.Tensor, act) -> torch.Tensor:
+    """``y_t = sum_e c_te * down_e(act(gate_e x_t) * up_e x_t)`` with every expert on every token: ``[T, d]``. The
+    same sum as dispatch / run_experts / combine, in fixed shapes (no data-dependent group sizes): what a static
+    graph (``torch.export``, ONNX) holds. E times the expert FLOPs, so not for training."""
+    x = x.to(gate_weight.dtype)
+    hidden = act(torch.einsum("td,ehd->teh", x, gate_weight)) * torch.einsum("td,ehd->teh", x, up_weight)
+    out = torch.einsum("teh,edh->ted", hidden, down_weight)
+    return (out * combine_weights.to(out.dtype).unsqueeze(-1)).sum(1)
+
+
 class MoE(nn.Module):
     """Top-k routed gated-MLP experts, the channel mixer of Mixtral / Jamba / Switch-style models."""
 
@@ -288,6 +311,8 @@ class MoE(nn.Module):
         s, b, d = x.shape
         flat = x.reshape(s * b, d)
         routing = route(self.router_logits(flat), self.top_k, self.normalize_top_k)
+        if torch.compiler.is_exporting():  # a static graph: the dense form (see dense_experts)
+            return self._exported(x, flat, routing)
         plan = self._plan(routing.experts, s * b)
 
         routed = to_experts(dispatch(flat, plan), plan.counts, self.dims)  # expert parallel: to the experts' ranks
@@ -298,6 +323,18 @@ class MoE(nn.Module):
         if not x.is_meta:
             self._record_losses(routing, plan)
         y = leave_tensor_parallel(y, self.dims, self.dims.sequence_parallel)  # the sum over TP ranks, once
+        return y if self.shared_expert is None else y + self.shared_expert(x)
+
+    def _exported(self, x: torch.Tensor, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The forward pass for ``torch.export`` (one process): the experts dense, no router losses recorded."""
+        if self.dims.tp > 1 or self.dims.ep > 1:
+            raise ValueError("a static graph of the MoE is exported from a model with whole experts (no tensor or "
+                             "expert parallelism)")
+        tokens = flat.shape[0]
+        capacity = capacity_of(self.capacity_factor, tokens, self.top_k, self.num_experts)
+        weights = dense_combine_weights(routing, self.num_experts, capacity)
+        y = dense_experts(flat, weights, self.gate_weight, self.up_weight, self.down_weight, self.act)
+        y = y.to(x.dtype).view(x.shape)
         return y if self.shared_expert is None else y + self.shared_expert(x)
 
     def _plan(self, experts: torch.Tensor, tokens: int) -> Dispatch:

@@ -151,7 +151,13 @@ def fft_long_conv(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(spectrum, n=n, dim=0)[:s]
 
 
-def long_conv_within_documents(z: torch.Tensor, h: torch.Tensor, segment_ids: torch.Tensor, conv=fft_long_conv
+def long_conv(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``h (*) z``: by FFT, except in a graph ``torch.export`` traces for ONNX, which has no complex tensors (the
+    FFT's spectrum): there the definition, ``direct_long_conv`` (``O(s^2)``, s at most the decoding cache)."""
+    return direct_long_conv(z, h) if torch.compiler.is_exporting() else fft_long_conv(z, h)
+
+
+def long_conv_within_documents(z: torch.Tensor, h: torch.Tensor, segment_ids: torch.Tensor, conv=long_conv
                                ) -> torch.Tensor:
     """``conv`` run per document: ``segment_ids [s, b]`` (a change starts a document, and so does position 0).
 
@@ -362,12 +368,12 @@ class Hyena(nn.Module):
             whole = gather_sequence(z, self.dims)  # every earlier input (the rule keys_values)
             h = self.filter(whole.shape[0])[n]
             if docs is None:
-                y = fft_long_conv(whole, h)
+                y = long_conv(whole, h)
             else:
                 y = long_conv_within_documents(whole, h, docs.all_segment_ids)
             return local_chunk(y, self.dims, 0)
         h = self.filter(z.shape[0])[n]
-        y = fft_long_conv(z, h) if docs is None else long_conv_within_documents(z, h, docs.segment_ids)
+        y = long_conv(z, h) if docs is None else long_conv_within_documents(z, h, docs.segment_ids)
         return y if self.dims.cp == 1 else y + self._entering_response(n, z, docs)
 
     def _entering_response(self, n: int, z: torch.Tensor, docs) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """``chimera export --format onnx`` run by onnxruntime (``chimera.export.onnx_runtime.OnnxCausalLM``): the prefill
 graph's logits and state equal Chimera's ``prefill``, 20 decode steps with the state going round through the decode
 graph equal Chimera's ``step`` logits, and the 20-token greedy text is Chimera's, for one preset of each kind of
-decoding state (RG-LRU state and conv tail; global KV cache; sliding-window ring buffer; Mamba-2's SSM state; Based's
-linear-attention state and Taylor-feature sums); ``chimera generate --onnx`` prints what ``chimera generate`` prints;
-the refusals."""
+decoding state (RG-LRU state and conv tail; Mamba's state beside a global KV cache and MoE experts, which the graphs
+hold dense; sliding-window ring buffer; Mamba-2's SSM state; Based's linear-attention state and Taylor-feature sums;
+Hyena's long-convolution inputs, its FFT a direct convolution in the graph); ``chimera generate --onnx`` prints what
+``chimera generate`` prints; the refusals."""
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ TOLERANCE = 1e-4  # fp32, max |difference| of logits (and of state tensors)
 STEPS = NEW_TOKENS = 20
 MAX_LEN = 48
 
-PRESETS = ["hawk-tiny", "llama-tiny", "local-transformer-tiny", "mamba2-tiny", "based-tiny"]
+PRESETS = ["hawk-tiny", "jamba-tiny", "local-transformer-tiny", "mamba2-tiny", "based-tiny", "hyena-tiny"]
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -70,8 +71,10 @@ def test_generate_onnx_prints_chimeras_text(tmp_path, single_process):
 def test_onnx_refusals_are_one_line(tmp_path, single_process):
     preset_run(tmp_path / "glt", "hyena-glt-tiny")
     preset_run(tmp_path / "hawk", "hawk-tiny")
+    preset_run(tmp_path / "striped", "striped-hyena-tiny")
     cases = [
         (["export", tmp_path / "glt", "--format", "onnx", "--out", tmp_path / "x"], "byte-latent model"),
+        (["export", tmp_path / "striped", "--format", "onnx", "--out", tmp_path / "x"], "modal Hyena filter"),
         (["export", tmp_path / "hawk", "--format", "onnx", "--dtype", "bf16", "--out", tmp_path / "x"], "only fp32"),
         (["export", tmp_path / "hawk", "--format", "safetensors", "--max-len", 64, "--out", tmp_path / "x"],
          "--max-len applies to --format onnx"),

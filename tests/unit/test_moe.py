@@ -229,3 +229,22 @@ def test_step_and_state(single_process):
     x = x_seq(s=1)
     assert moe.init_state(2, 10) is None
     torch.testing.assert_close(moe.step(x, None, 0), moe(x))
+
+
+def exported_form(moe, x):
+    """The MoE's forward as ``torch.export`` sees it (the experts dense: ``MoE._exported``)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return moe._exported(x, flat, route(moe.router_logits(flat), moe.top_k, moe.normalize_top_k))
+
+
+def test_the_exported_dense_form_equals_dispatch_with_the_same_drops(single_process):
+    # the hand case of test_capacity_drops_later_tokens: half the assignments dropped, first come first served
+    moe = make_moe(top_k=2, capacity_factor=0.5)
+    forced_router(moe)
+    x = forced_tokens()
+    kept = {(0, 0), (1, 0), (0, 1), (3, 1), (1, 2), (4, 2), (2, 3), (5, 3)}
+    torch.testing.assert_close(exported_form(moe, x), reference(moe, x, kept), rtol=1e-10, atol=1e-10)
+    for kw in ({}, {"normalize_top_k": True}, {"capacity_factor": 1.0, "shared_hidden": 8}):
+        moe = make_moe(**kw)
+        x = x_seq()
+        torch.testing.assert_close(exported_form(moe, x), moe(x), rtol=1e-10, atol=1e-10)
