@@ -76,6 +76,21 @@ def _by_task(runs: list[dict]) -> dict[str, list[dict]]:
     return tasks
 
 
+def length_curve(run: dict) -> list[tuple[int, float]]:
+    """A run's ``(length, accuracy)`` points: its long-context curve, else the Chomsky test lengths, else the MQAR
+    grid's lengths (accuracy averaged over its key-value counts)."""
+    points = [(row["length"], row["accuracy"]) for row in run["longctx"] if row["accuracy"] is not None]
+    if not points and "chomsky" in run["eval"]:
+        points = [(row["length"], row["accuracy"]) for rows in run["eval"]["chomsky"]["per_length"].values()
+                  for row in rows]
+    if not points and "mqar" in run["eval"]:
+        cells = defaultdict(list)
+        for row in run["eval"]["mqar"]["rows"]:
+            cells[row["seq_len"]].append(row["accuracy"])
+        points = [(k, sum(v) / len(v)) for k, v in cells.items()]
+    return sorted(points)
+
+
 def plot_experiment(results: dict, out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     runs = results["runs"]
@@ -83,16 +98,11 @@ def plot_experiment(results: dict, out_dir: str | Path) -> list[Path]:
     written = []
     tasks = _by_task(runs)
 
-    # accuracy vs evaluation length (longctx curve, else the MQAR grid's lengths), one line per model
+    # accuracy vs evaluation length (length_curve), one line per model
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
     for ax, (task, rs) in zip(axes[0], tasks.items()):
         for r in rs:
-            points = [(row["length"], row["accuracy"]) for row in r["longctx"] if row["accuracy"] is not None]
-            if not points and "mqar" in r["eval"]:
-                cells = defaultdict(list)
-                for row in r["eval"]["mqar"]["rows"]:
-                    cells[row["seq_len"]].append(row["accuracy"])
-                points = sorted((k, sum(v) / len(v)) for k, v in cells.items())
+            points = length_curve(r)
             if points:
                 ax.plot(*zip(*sorted(points)), marker="o", label=f"{r['model']} lr {r['lr']:g} s{r['seed']}")
         ax.set_xscale("log", base=2)
