@@ -193,25 +193,39 @@ TRAIN = ["--set", "model.preset=griffin-tiny", "--set", "train.steps=3", "--set"
          "--set", "checkpoint.keep=3", "--set", "train.warmup_steps=1"]
 
 
-def train_tp2(run_dir, *fields):
+def train_2_ranks(run_dir, layout: str, *fields):
+    """3 steps of griffin-tiny on two ranks, ``layout`` a ``parallel`` field (e.g. ``tensor=2``)."""
     from helpers import REPO
 
-    proc = run_chimera("train", REPO / "configs/runs/tiny.yaml", "--run-dir", run_dir, "--nproc", 2,
-                       "--set", "parallel.tensor=2", *TRAIN, *fields)
+    proc = run_chimera("train", REPO / "configs/runs/tiny.yaml", "--run-dir", run_dir, "--nproc", 2, *TRAIN,
+                       "--set", f"parallel.{layout}", *fields)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_export_of_a_tp2_checkpoint_equals_the_same_weights_at_tp1(tmp_path, single_process):
-    """3 steps at TP=2 at learning rate 1e-30 (every update far below a weight's last bit, so the weights stay the
-    initial ones; zero-initialised ones move by ~1e-30): the checkpoint's tensors were written as TP=2 fragments by
-    two ranks; their export equals the model built at TP=1 from the same seed (the init is layout-free), read by no
-    checkpoint code at all."""
+def train_tp2(run_dir, *fields):
+    train_2_ranks(run_dir, "tensor=2", *fields)
+
+
+# each layout: the parallel field set, and what the checkpoint's trainer state records of it
+LAYOUTS = {"tp2": ("tensor=2", "tensor", 2), "pp2": ("pipeline=2", "pipeline", 2),
+           "zero3": ("zero_stage=3", "zero_stage", 3)}  # zero3: two data-parallel ranks
+BATCH = {"zero3": ["--set", "train.global_batch_size=4"]}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_export_of_a_two_rank_checkpoint_equals_the_same_weights_at_one(tmp_path, layout, single_process):
+    """3 steps on two ranks at learning rate 1e-30 (every update far below a weight's last bit, so the weights stay
+    the initial ones; zero-initialised ones move by ~1e-30): the checkpoint's tensors were written by two ranks as
+    TP=2 fragments, as two pipeline stages' layers, or as ZeRO-3 partitions; their export equals the model built in
+    one process from the same seed (the init is layout-free), read by no checkpoint code at all."""
     from safetensors.torch import load_file
 
-    train_tp2(tmp_path / "tp2", "--set", "train.lr=1e-30", "--set", "train.min_lr=0")
-    state = json.loads((tmp_path / "tp2/checkpoints/step_00000003/trainer_state.json").read_text())
-    assert state["layout"]["tensor"] == 2
-    out = export(tmp_path / "tp2", "safetensors", tmp_path / "out")
+    field, key, value = LAYOUTS[layout]
+    train_2_ranks(tmp_path / layout, field, "--set", "train.lr=1e-30", "--set", "train.min_lr=0",
+                  *BATCH.get(layout, []))
+    state = json.loads((tmp_path / layout / "checkpoints/step_00000003/trainer_state.json").read_text())
+    assert state["layout"][key] == value
+    out = export(tmp_path / layout, "safetensors", tmp_path / "out")
     exported = load_file(str(out / "model.safetensors"))
     reference = weights_of(build_model("griffin-tiny", seed=1234))  # train.seed
     assert exported.keys() == reference.keys()
