@@ -29,6 +29,13 @@ class Tally:
         self.positions += other.positions
         self.correct += other.correct
 
+    def over_ranks(self) -> Tally:
+        """This tally summed over the evaluation's ranks (``chimera.evaluation.ranks``)."""
+        from chimera.evaluation.ranks import sum_over_ranks
+
+        loss, positions, correct = sum_over_ranks([self.loss_nats, self.positions, self.correct])
+        return Tally(loss, int(positions), int(correct))
+
     @property
     def loss(self) -> float:
         return self.loss_nats / self.positions if self.positions else float("nan")

@@ -25,6 +25,7 @@ from pydantic import Field
 from chimera.configs.section import Section
 from chimera.data import IGNORE_INDEX
 from chimera.errors import UserError
+from chimera.evaluation.ranks import mine, sum_over_ranks
 from chimera.evaluation.scoring import Tally, model_logits, per_row_accuracy, score
 from chimera.evaluation.target import EvalTarget
 
@@ -37,20 +38,20 @@ def _rows_per_batch(length: int) -> int:
 
 
 def _batched(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+    """This rank's batches of ``size`` items (all of them on one process; see ``chimera.evaluation.ranks``)."""
+    yield from mine(items[i:i + size] for i in range(0, len(items), size))
 
 
 def _score_samples(model, samples: list[tuple[np.ndarray, np.ndarray]], unscored: tuple[int, ...] = ()) -> Tally:
     """The tally over (inputs, labels) samples of one length, in batches."""
     total = Tally()
     if not samples:
-        return total
+        return total  # the same on every rank: no sums to add
     for chunk in _batched(samples, _rows_per_batch(len(samples[0][0]))):
         inputs = torch.from_numpy(np.stack([s[0] for s in chunk]))
         labels = torch.from_numpy(np.stack([s[1] for s in chunk]))
         total.add(score(model_logits(model, inputs), labels, unscored))
-    return total
+    return total.over_ranks()
 
 
 def _check_vocab(task, target: EvalTarget, what: str) -> None:
@@ -136,12 +137,14 @@ def ppl(target: EvalTarget, opts: PplOptions) -> dict:
             raise UserError(f"ppl: source {name!r} holds {stream.epoch_tokens} tokens, fewer than one window of "
                             f"{length + 1}; lower --set seq_len")
         tally, text_bytes = Tally(), 0
-        for first in range(0, windows, _rows_per_batch(length)):
+        for first in mine(range(0, windows, _rows_per_batch(length))):
             tokens = np.stack([stream.window(i * length, length + 1).tokens
                                for i in range(first, min(windows, first + _rows_per_batch(length)))]).astype(np.int64)
             inputs, labels = torch.from_numpy(tokens[:, :-1]), torch.from_numpy(tokens[:, 1:])
             tally.add(score(model_logits(target.model, inputs), labels))
             text_bytes += int((labels != tokenizer.eos_id).sum())
+        tally = tally.over_ranks()
+        text_bytes = int(sum_over_ranks([text_bytes])[0])
         row = {"source": name, "tokens": tally.positions, "loss": tally.loss, "perplexity": math.exp(tally.loss),
                "accuracy": tally.accuracy}
         if byte_level:  # the separators between documents are tokens, not bytes of text
@@ -257,9 +260,11 @@ def _output_scores(model, task, lengths: list[int], samples: int, seed: int) -> 
             accs += per_row_accuracy(logits, labels, (task.eos_id,))
             tally.add(score(logits, labels, (task.eos_id,)))
         scored = [a for a in accs if a is not None]  # an empty output (stack_manipulation) scores nothing
-        out.append({"length": length, "accuracy": float(np.mean(scored)) if scored else float("nan"),
-                    "sequence_accuracy": float(np.mean([a == 1.0 for a in scored])) if scored else float("nan"),
-                    "loss": tally.loss, "instances": len(scored)})
+        tally = tally.over_ranks()
+        total, exact, instances = sum_over_ranks([sum(scored), sum(a == 1.0 for a in scored), len(scored)])
+        out.append({"length": length, "accuracy": total / instances if instances else float("nan"),
+                    "sequence_accuracy": exact / instances if instances else float("nan"),
+                    "loss": tally.loss, "instances": int(instances)})
     return out
 
 

@@ -17,6 +17,7 @@
     chimera data genomic-tasks GENOME.fasta.gz... --out DIR [--window N --per-genome N --heldout F --seed S]
     chimera finetune RUN_DIR --task TASK.yaml [--out DIR]
     chimera eval RUN_DIR --suite {ppl,mqar,chomsky,longctx} [--set OPTION=VALUE ...] [--out results.json]
+                 [--nproc N]
     chimera bench-arch EXPERIMENT.yaml [--full-budget] [--out DIR]
     chimera plot RUN_DIR... --out fig.png
 
@@ -341,6 +342,21 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from chimera.evaluation.cli import run_eval
 
+    if args.nproc < 1:
+        raise UserError(f"--nproc {args.nproc}: must be at least 1")
+    in_worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.nproc > 1 and not in_worker:  # the checks once, here; then the ranks, each its share of the batches
+        from chimera.evaluation.cli import check_eval
+        from chimera.launch.local import launch
+
+        check_eval(args.run_dir, args.suite, args.set, args.out)
+        argv = ["eval", args.run_dir, "--suite", args.suite, *[x for s in args.set for x in ("--set", s)]]
+        return launch(args.nproc, [sys.executable, "-m", "chimera.launch.cli", *argv,
+                                   *(["--out", args.out] if args.out else [])])
+    if in_worker and int(os.environ["WORLD_SIZE"]) > 1:
+        from chimera.evaluation.ranks import join_ranks
+
+        join_ranks()
     return run_eval(args.run_dir, args.suite, args.set, args.out)
 
 
@@ -548,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                     help="a suite option, e.g. seq_lens=[64,128] (YAML value)")
     ev.add_argument("--out", default=None, help="write the result as JSON here")
+    ev.add_argument("--nproc", type=int, default=1, help="local ranks, each evaluating its share of the batches")
     ev.set_defaults(func=cmd_eval)
     ba = sub.add_parser("bench-arch", help="train and evaluate every (model, task, lr, seed) of an experiment")
     ba.add_argument("experiment", help="experiment file (see configs/experiments/)")

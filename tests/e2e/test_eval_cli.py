@@ -74,6 +74,44 @@ def test_eval_ppl_on_known_weights_equals_ln_vocab(tmp_path):
     assert abs(result["summary"]["loss"] - math.log(320)) < 1e-6
 
 
+
+def _rows_close(got, ref, path="result"):
+    """Equal structure and strings; numbers equal to 1e-9 (relative): the ranks add the same sums in another order."""
+    if isinstance(ref, dict):
+        assert got.keys() == ref.keys(), path
+        for k in ref:
+            _rows_close(got[k], ref[k], f"{path}.{k}")
+    elif isinstance(ref, list):
+        assert len(got) == len(ref), path
+        for i, (g, r) in enumerate(zip(got, ref)):
+            _rows_close(g, r, f"{path}[{i}]")
+    elif isinstance(ref, float) and not math.isnan(ref):
+        assert math.isclose(got, ref, rel_tol=1e-9, abs_tol=1e-12), (path, got, ref)
+    else:
+        assert got == ref or (isinstance(ref, float) and math.isnan(got)), (path, got, ref)
+
+
+@pytest.mark.parametrize("suite, options", [
+    ("ppl", ["seq_len=32", "max_tokens=1600"]),  # 50 windows: 4 batches of 16 rows, split 2 / 2 over the ranks
+    ("chomsky", ["tasks=[parity_check, reverse_string]", "num_lengths=3", "samples=40"]),
+])
+def test_eval_on_two_ranks_equals_one(tmp_path, suite, options):
+    """A randomly initialised model (its predictions far from uniform): the result of ``--nproc 2`` (each rank
+    every other batch, the sums added over gloo) equals the one-process result."""
+    from helpers import preset_run
+
+    preset_run(tmp_path / "run", "griffin-tiny", seed=3)
+    sets = [x for o in options for x in ("--set", o)]
+    outs = {n: tmp_path / f"{n}.json" for n in (1, 2)}
+    for n, out in outs.items():
+        proc = run_chimera("eval", tmp_path / "run", "--suite", suite, *sets, "--nproc", n, "--out", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("chimera: wrote") == 1  # rank 0 alone reports
+    one, two = (json.loads(outs[n].read_text()) for n in (1, 2))
+    _rows_close(two, one)
+    if suite == "ppl":
+        assert one["summary"]["tokens"] == 1600
+
 def test_bad_input_is_one_line_exit_2(tmp_path):
     run = _zero_run(tmp_path)
     _one_line_exit_2(run_chimera("eval", run, "--suite", "hellaswag"), "invalid choice: 'hellaswag'")
