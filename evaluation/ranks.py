@@ -43,6 +43,5 @@ def is_main() -> bool:
 
 
 def join_ranks() -> None:
-    """Join the process group the launcher's environment describes (gloo: evaluation runs on CPU or each rank's
-    model on its device; only sums cross)."""
+    """Join the process group the launcher's environment describes (gloo: only a few sums cross the ranks)."""
     dist.init_process_group("gloo")

@@ -170,9 +170,10 @@ def refusal(source) -> str | None:
         return ("the byte-latent model (model.byte_latent) cannot be exported to ONNX: its decoding closes patches "
                 "where the entropy model decides, per row, with Python counters in its state (a data-dependent "
                 "control flow a static graph cannot express); export it as --format safetensors or hf")
-    for symbol in sorted(cfg.symbols & NOT_YET_IN_GRAPHS.keys()):
-        return (f"the {NOT_YET_IN_GRAPHS[symbol]} cannot be exported to ONNX yet; export it as --format safetensors "
-                "or hf")
+    blocked = sorted(cfg.symbols & NOT_YET_IN_GRAPHS.keys())
+    if blocked:
+        return (f"the {NOT_YET_IN_GRAPHS[blocked[0]]} cannot be exported to ONNX yet; export it as --format "
+                "safetensors or hf")
     if "H" in cfg.symbols and cfg.sublayer("H").hyena_filter == "modal":
         return ("the modal Hyena filter (model.hyena_filter: modal) cannot be exported to ONNX yet: its poles and "
                 "its decoding state are complex, which ONNX has no element type for (the graphs would need them "

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from chimera.errors import UserError
-from chimera.export.onnx import STATE_MANIFEST
+from chimera.export.onnx import STATE_MANIFEST, batch_dims
 from chimera.models.causal_lm import step_rows_apart
 
 
@@ -44,18 +44,18 @@ class OnnxCausalLM:
                                                             providers=providers)
         self.decode_session = onnxruntime.InferenceSession(str(export_dir / self.manifest["decode"]), options,
                                                            providers=providers)
-        # the batch dimension of each state tensor, as chimera.models.batch_state reads it
-        self._state_layout = [entry["shape"].index("batch") if "batch" in entry["shape"] else None
-                              for entry in self.manifest["state"]]
+        # the batch dimension of each state tensor, where chimera.models.batch_state.state_layout looks for it
+        self._state_layout = batch_dims(self.manifest["state"])
 
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
 
-    def check_length(self, max_len: int) -> None:
-        if max_len > self.max_len:
-            raise ValueError(f"{max_len} tokens (prompt and new ones) exceed the ONNX export's decoding cache of "
-                             f"{self.max_len}; export again with a larger --max-len or generate fewer tokens")
+    def check_length(self, tokens: int) -> None:
+        """``tokens`` (a prompt and its new tokens) fit the export's decoding cache, else a ``UserError``."""
+        if tokens > self.max_len:
+            raise UserError(f"{tokens} tokens (prompt and new ones) exceed the ONNX export's decoding cache of "
+                            f"{self.max_len} tokens; generate fewer tokens or export again with a larger --max-len")
 
     def prefill(self, input_ids: torch.Tensor, max_len: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self.check_length(max(max_len, input_ids.shape[1]))

@@ -56,7 +56,7 @@ def cmd_train(args) -> int:
     from chimera.trainer import stopping
 
     cfg = load_run_config(args.config, args.set)
-    in_worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    in_worker = launched_rank()
     world = int(os.environ["WORLD_SIZE"]) if in_worker else args.nproc
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: must be at least 1")
@@ -214,12 +214,8 @@ def cmd_generate(args) -> int:
         raise UserError("a --prompt is empty; give at least one character")
     from chimera.inference.cli import print_generations
 
-    if args.onnx is not None:
-        longest = max(map(len, ids)) + args.max_new_tokens
-        if longest > model.max_len:
-            raise UserError(f"--max-new-tokens {args.max_new_tokens} with a prompt of {longest - args.max_new_tokens}"
-                            f" tokens exceeds the ONNX export's decoding cache of {model.max_len} tokens; generate "
-                            "fewer tokens or export again with a larger --max-len")
+    if args.onnx is not None:  # before any text is printed
+        model.check_length(max(map(len, ids)) + args.max_new_tokens)
     print_generations(model, tokenizer, ids, args)
     return 0
 
@@ -339,12 +335,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def launched_rank() -> bool:
+    """Whether this process is one of the ranks ``chimera.launch.local`` (or torchrun, Slurm) started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def cmd_eval(args) -> int:
     from chimera.evaluation.cli import run_eval
 
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: must be at least 1")
-    in_worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    in_worker = launched_rank()
     if args.nproc > 1 and not in_worker:  # the checks once, here; then the ranks, each its share of the batches
         from chimera.evaluation.cli import check_eval
         from chimera.launch.local import launch

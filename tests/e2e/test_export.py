@@ -25,9 +25,6 @@ NEW_TOKENS = 20
 BF16_TOLERANCE = 0.05  # max |logit difference| / max |logit|: bf16 keeps 8 bits of mantissa (2^-9 relative per weight)
 
 
-make_run = preset_run
-
-
 def weights_of(model) -> dict:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -39,7 +36,7 @@ def prompt_ids(model, length: int = 24, batch: int = 2) -> torch.Tensor:
 
 @pytest.mark.parametrize("preset", test_size_presets())
 def test_safetensors_export_loads_back_with_equal_logits_and_text(tmp_path, preset, single_process):
-    model = make_run(tmp_path / "run", preset)
+    model = preset_run(tmp_path / "run", preset)
     out = export(tmp_path / "run", "safetensors", tmp_path / "exported")
     back = chimera.load_model(out)
     ids = prompt_ids(model)
@@ -52,7 +49,7 @@ def test_safetensors_export_loads_back_with_equal_logits_and_text(tmp_path, pres
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "griffin-tiny"])
 def test_bf16_export_is_the_rounded_weights(tmp_path, preset, single_process):
-    model = make_run(tmp_path / "run", preset)
+    model = preset_run(tmp_path / "run", preset)
     out = export(tmp_path / "run", "safetensors", tmp_path / "exported", dtype="bf16")
     assert {t.dtype for t in read_shards(out).values()} == {torch.bfloat16}
     back = chimera.load_model(out)
@@ -68,7 +65,7 @@ def test_bf16_export_is_the_rounded_weights(tmp_path, preset, single_process):
 
 
 def test_shards_and_their_index(tmp_path, single_process):
-    model = make_run(tmp_path / "run", "llama-tiny")
+    model = preset_run(tmp_path / "run", "llama-tiny")
     proc = run_chimera("export", tmp_path / "run", "--format", "safetensors", "--out", tmp_path / "exported",
                        "--max-shard-mb", 0.05)
     assert proc.returncode == 0, proc.stderr
@@ -100,7 +97,7 @@ def test_files_get_ordinary_permissions(tmp_path, single_process):
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     assert stat.S_IMODE(os.stat(tmp_path / "plain.safetensors").st_mode) == 0o600  # why the exporter must set them
-    make_run(tmp_path / "run", "llama-tiny")
+    preset_run(tmp_path / "run", "llama-tiny")
     for fmt in ("safetensors", "hf"):
         out = export(tmp_path / "run", fmt, tmp_path / fmt, max_shard_mb=0.05)
         assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
@@ -116,7 +113,7 @@ def one_line(proc, text: str) -> None:
 
 
 def test_refusals_are_one_line_and_leave_nothing(tmp_path, single_process):
-    make_run(tmp_path / "run", "llama-tiny")
+    preset_run(tmp_path / "run", "llama-tiny")
     run, out = tmp_path / "run", tmp_path / "out"
     one_line(run_chimera("export", run, "--format", "tflite", "--out", out), "--format 'tflite': unknown")
     one_line(run_chimera("export", run, "--format", "safetensors", "--out", out, "--dtype", "int8"),
@@ -130,7 +127,7 @@ def test_refusals_are_one_line_and_leave_nothing(tmp_path, single_process):
     one_line(run_chimera("export", tmp_path / "nowhere", "--format", "safetensors", "--out", out), "does not exist")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     # a format the architecture cannot express: llama.cpp has no Hawk
-    make_run(tmp_path / "hawk", "hawk-tiny")
+    preset_run(tmp_path / "hawk", "hawk-tiny")
     one_line(run_chimera("export", tmp_path / "hawk", "--format", "gguf", "--out", out), "llama.cpp")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     (out / "keep").mkdir(parents=True)
@@ -139,7 +136,7 @@ def test_refusals_are_one_line_and_leave_nothing(tmp_path, single_process):
 
 
 def test_a_damaged_checkpoint_is_refused(tmp_path, single_process):
-    make_run(tmp_path / "run", "llama-tiny")
+    preset_run(tmp_path / "run", "llama-tiny")
     ckpt = tmp_path / "run/checkpoints/step_00000000"
     victim = max((p for p in (ckpt / "tensors").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[:-1] + bytes([victim.read_bytes()[-1] ^ 1]))
@@ -153,7 +150,7 @@ def test_a_failed_write_leaves_nothing_and_overwrite_keeps_the_old_export(tmp_pa
     (absent; or with --overwrite the previous complete export)."""
     import safetensors.torch
 
-    make_run(tmp_path / "run", "llama-tiny", seed=0)
+    preset_run(tmp_path / "run", "llama-tiny", seed=0)
     real_save, calls = safetensors.torch.save_file, []
 
     def disk_full_at_second_file(tensors, filename, metadata=None):
@@ -170,7 +167,7 @@ def test_a_failed_write_leaves_nothing_and_overwrite_keeps_the_old_export(tmp_pa
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     first = export(tmp_path / "run", "safetensors", tmp_path / "out", max_shard_mb=0.05)
     before = {p.name: p.read_bytes() for p in first.iterdir()}
-    make_run(tmp_path / "run2", "llama-tiny", seed=1)
+    preset_run(tmp_path / "run2", "llama-tiny", seed=1)
     calls.clear()
     monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_second_file)
     with pytest.raises(UserError, match="No space left on device"):
@@ -309,7 +306,7 @@ def test_import_refuses_a_vocabulary_the_model_cannot_hold(tmp_path):
 def test_byte_runs_name_their_tokenizer(tmp_path, single_process):
     from chimera.export.tokenizer_files import read_tokenizer
 
-    make_run(tmp_path / "run", "llama-tiny")
+    preset_run(tmp_path / "run", "llama-tiny")
     out = export(tmp_path / "run", "safetensors", tmp_path / "out")
     assert json.loads((out / "chimera_tokenizer.json").read_text()) == {
         "tokenizer": "bytes", "name": "bytes", "vocab_size": 257, "eos_id": 256}
@@ -331,7 +328,7 @@ def test_native_hf_export_gives_equal_logits_and_text(tmp_path, preset, single_p
 
     from helpers import hf_greedy
 
-    model = make_run(tmp_path / "run", preset)
+    model = preset_run(tmp_path / "run", preset)
     out = export(tmp_path / "run", "hf", tmp_path / "exported")
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = prompt_ids(model)
