@@ -28,8 +28,10 @@ prefill graph is exported for one token (``prefill_max_tokens: 1``) and the runn
 every token, weighted by the routing: ``chimera.models.channels.moe.dense_experts``), Hyena's FFT convolution as the
 direct one (``chimera.models.mixers.hyena.long_conv``): ONNX has no complex tensors.
 
-Refused (one line): the byte-latent models, the modal Hyena filter (complex poles and state), BigBird attention and
-the routed hybrid (``NOT_YET_IN_GRAPHS``).
+The modal Hyena filter computes in real pairs (``chimera.models.mixers.hyena.complex_mul``) and BigBird's block
+table is built for ``max_len`` before tracing (a constant of the graphs; ``export_model`` runs one eager prefill to
+fill such caches). Refused (one line): the byte-latent models, S5 (complex throughout) and the routed hybrid
+(``NOT_YET_IN_GRAPHS``).
 """
 
 from __future__ import annotations
@@ -158,7 +160,8 @@ def batch_dims(layout: list[dict]) -> list[int | None]:
 
 # Sublayers whose decoding step indexes by values a static graph cannot hold, and why (a symbol: its reason).
 NOT_YET_IN_GRAPHS = {
-    "K": "BigBird attention (pattern symbol K): its block table is sized by the largest position in the call",
+    "S": ("S5 (pattern symbol S): its discretisation, scan and state are complex, which ONNX has no element type for "
+          "(the modal Hyena filter's real-pair form is the way; not done for S5)"),
     "Y": ("routed hybrid (pattern symbol Y): its SSM keeps the state dimensions its learned importance chooses, and "
           "each path runs over the tokens routed to it (sizes known only from the values)"),
 }
@@ -174,10 +177,6 @@ def refusal(source) -> str | None:
     if blocked:
         return (f"the {NOT_YET_IN_GRAPHS[blocked[0]]} cannot be exported to ONNX yet; export it as --format "
                 "safetensors or hf")
-    if "H" in cfg.symbols and cfg.sublayer("H").hyena_filter == "modal":
-        return ("the modal Hyena filter (model.hyena_filter: modal) cannot be exported to ONNX yet: its poles and "
-                "its decoding state are complex, which ONNX has no element type for (the graphs would need them "
-                "as real pairs throughout); export it as --format safetensors or hf")
     return None
 
 
@@ -203,6 +202,8 @@ def export_model(model: nn.Module, out_dir: Path, max_len: int) -> dict:
     """Write ``prefill.onnx``, ``decode.onnx`` and ``state.json`` for ``model`` (fp32, eval) into ``out_dir``;
     returns the manifest."""
     model = model.eval()
+    with torch.no_grad():  # fills what a mixer caches by value (BigBird's block table for max_len): constants in
+        model.prefill(torch.zeros(1, 1, dtype=torch.long), max_len)  # the graphs, not traced
     layout = state_layout(model, max_len)
     names = [entry["name"] for entry in layout]
     batch = torch.export.Dim("batch", min=1, max=1024)

@@ -22,13 +22,14 @@ def build_model(preset: str, seed: int = 0, overrides=(), dims=None):
 
 def preset_run(run_dir, preset: str, seed: int = 0):
     """A run directory whose checkpoint (step 0) holds ``preset``'s model initialised from ``seed``; the model
-    (eval mode)."""
+    (eval mode). ``preset``: a name, or ``name:field=value:...`` with model overrides."""
     from chimera.configs.loader import load_model_config
     from chimera.trainer.checkpoint import write_weights_checkpoint
 
-    model = build_model(preset, seed=seed).eval()
+    name, *overrides = preset.split(":")
+    model = build_model(name, seed=seed, overrides=overrides).eval()
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    write_weights_checkpoint(run_dir, load_model_config(preset), weights, source=f"test {preset}")
+    write_weights_checkpoint(run_dir, load_model_config(name, overrides), weights, source=f"test {preset}")
     return model
 
 TEST_SIZE = 1_000_000  # parameters: below this a preset is one of ours for tests (published names keep published sizes)

@@ -187,8 +187,10 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)  # None: 1/sqrt(d_head)
         return o.permute(2, 0, 1, 3).flatten(-2)  # [s, b, heads * d_head]
 
-    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """The mask M: key s visible from query t iff t - window < s <= t (and s is a position, s >= 0)."""
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor, bound: int | None = None) -> torch.Tensor:
+        """The mask M: key s visible from query t iff t - window < s <= t (and s is a position, s >= 0).
+        ``bound``: a length every position stays below, where decoding knows one (its cache's ``max_len``); a
+        pattern built per block (BigBird's) sizes its table by it, so that a traced graph's table is static."""
         diff = q_pos[:, None] - k_pos[None, :]
         allowed = (diff >= 0) & (k_pos >= 0)[None, :]
         if self.window is not None:
@@ -238,7 +240,7 @@ class Attention(nn.Module):
         s, b = x.shape[:2]
         pos = torch.arange(s, device=x.device)
         q, k, v = self._project(x, pos, lora)
-        out = self.o_proj(self._attend(q, k, v, self.visible(pos, pos)))
+        out = self.o_proj(self._attend(q, k, v, self.visible(pos, pos, max_len)))
         state = self.init_state(b, max_len)
         kept = pos[max(0, s - state["pos"].shape[1]):]  # what the ring buffer still holds
         slot = kept % state["pos"].shape[1]
@@ -255,8 +257,13 @@ class Attention(nn.Module):
         state["k"][:, :, slot], state["v"][:, :, slot] = k[:, :, 0], v[:, :, 0]
         state["pos"][:, slot] = pos
         held = state["pos"][0]  # rows at one position hold the same positions
-        allowed = self.visible(torch.tensor([pos], device=x.device), held) & (held >= 0)
+        allowed = self.visible(torch.tensor([pos], device=x.device), held, self._bound(held)) & (held >= 0)
         return self.o_proj(self._attend(q, state["k"], state["v"], allowed))
+
+    def _bound(self, held: torch.Tensor) -> int | None:
+        """The cache's length where every position stays below it: the global cache of ``max_len`` slots (a ring
+        buffer's slots are reused by later positions)."""
+        return held.shape[-1] if self.window is None else None
 
     def _step_rows(self, x: torch.Tensor, state, pos: torch.Tensor, lora=None) -> torch.Tensor:
         """``step`` with row ``i`` at ``pos[i]``: RoPE at each row's position, its slot, its mask."""
@@ -266,7 +273,9 @@ class Attention(nn.Module):
         state["k"][rows, :, slot], state["v"][rows, :, slot] = k[:, :, 0], v[:, :, 0]
         state["pos"][rows, slot] = pos
         held = state["pos"]
-        allowed = torch.stack([self.visible(pos[i: i + 1], held[i]) for i in range(len(rows))]) & (held >= 0)[:, None]
+        bound = self._bound(held)
+        allowed = torch.stack([self.visible(pos[i: i + 1], held[i], bound) for i in range(len(rows))])
+        allowed = allowed & (held >= 0)[:, None]
         return self.o_proj(self._attend(q, state["k"], state["v"], allowed[:, None]))  # mask [b, 1, 1, slots]
 
 

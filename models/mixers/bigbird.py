@@ -95,9 +95,12 @@ class BigBirdAttention(Attention):
         out.scatter_(1, table.masked_fill(table < 0, blocks), True)
         return out[:, :blocks].to(device)
 
-    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """``M`` at sequence positions (decoding, and the dense reference without documents): ``[s_q, s_k]``."""
-        blocks = int(max(q_pos.max(), k_pos.max())) // self.block + 1
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor, bound: int | None = None) -> torch.Tensor:
+        """``M`` at sequence positions (decoding, and the dense reference without documents): ``[s_q, s_k]``; the
+        block table covers positions below ``bound`` (decoding's ``max_len``: a constant in the ONNX graphs), else
+        up to the largest position given."""
+        last = bound - 1 if bound is not None else int(max(q_pos.max(), k_pos.max()))
+        blocks = last // self.block + 1
         member = self.member(blocks, q_pos.device)
         seen = member[(q_pos // self.block)[:, None], (k_pos.clamp(min=0) // self.block)[None, :]]
         return seen & (q_pos[:, None] >= k_pos[None, :]) & (k_pos >= 0)[None, :]

@@ -42,6 +42,9 @@ Decoding (``init_state`` + ``step``):
 
 * ``modal``: the recurrence above, an ``O(S)`` complex state per channel and filter; exact, since the filter *is*
   that recurrence's impulse response. A model trained with ``hyena_filter: modal`` decodes exactly in O(1) per token.
+  Its complex numbers are real pairs ``[..., 2]`` throughout the filter, the prefill and the step (``p^t`` from
+  ``|p|^t`` and ``t arg p``; products by ``complex_mul``), so the ONNX graphs, which have no complex element type, trace
+  the same code.
 * ``implicit``: an exact cache of every input to the long convolution (``O(L)`` per channel) and the filter's first
   ``max_len`` taps, evaluated once: ``y_t = sum_{j <= t} h_{t-j} z_j``. We do not fit a modal form to an implicit
   filter (a least-squares fit of poles and residues to ``h`` decodes approximately, with an error that depends on the
@@ -231,6 +234,12 @@ def _pole_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return t.copy_(torch.stack([r * torch.cos(theta), r * torch.sin(theta)], -1))
 
 
+def complex_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a b`` of complex numbers held as real pairs ``[..., 2]`` (broadcasting)."""
+    (ar, ai), (br, bi) = a.unbind(-1), b.unbind(-1)
+    return torch.stack([ar * br - ai * bi, ar * bi + ai * br], -1)
+
+
 class ModalFilter(nn.Module):
     """``h^n_t = Re(sum_m R_m p_m^t)`` per channel: poles and residues ``[filters, channels / tp, S, 2]``."""
 
@@ -245,18 +254,24 @@ class ModalFilter(nn.Module):
         self.poles = modal(_pole_init)
         self.residues = modal(normal(1.0 / math.sqrt(state)))
 
-    def modes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log p, R)``, complex ``[filters, channels / tp, S]``."""
-        p = torch.view_as_complex(at_least_fp32(self.poles).contiguous())
-        return torch.log(p), torch.view_as_complex(at_least_fp32(self.residues).contiguous())
+    def modes(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Filter ``n``'s ``(p, R)``, real pairs ``[channels / tp, S, 2]`` (fp32 or wider)."""
+        return at_least_fp32(self.poles[n]), at_least_fp32(self.residues[n])
 
-    def powers(self, log_p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # [..., S] x [L] -> [..., S, L]
-        return torch.exp(log_p.unsqueeze(-1) * t.to(log_p.real.dtype))
+    def powers(self, n: int, t: torch.Tensor) -> torch.Tensor:
+        """``p^t = |p|^t e^{i t arg p}`` of filter ``n`` at times ``t [L]``: real pairs ``[channels / tp, S, L, 2]``."""
+        p = self.modes(n)[0]
+        log_r = 0.5 * torch.log(p[..., 0] ** 2 + p[..., 1] ** 2)
+        angle = torch.atan2(p[..., 1], p[..., 0]).unsqueeze(-1) * t.to(p.dtype)
+        r_t = torch.exp(log_r.unsqueeze(-1) * t.to(p.dtype))
+        return torch.stack([r_t * torch.cos(angle), r_t * torch.sin(angle)], -1)
 
     def forward(self, length: int) -> torch.Tensor:
-        log_p, residues = self.modes()
-        t = torch.arange(length, device=log_p.device)
-        return (residues.unsqueeze(-1) * self.powers(log_p, t)).sum(-2).real  # [filters, channels / tp, length]
+        """The taps ``[filters, channels / tp, length]``."""
+        t = torch.arange(length, device=self.poles.device)
+        taps = [complex_mul(self.modes(n)[1].unsqueeze(-2), self.powers(n, t))[..., 0].sum(-2)
+                for n in range(self.poles.shape[0])]
+        return torch.stack(taps)
 
 
 class ExplicitFilter(nn.Module):
@@ -380,9 +395,9 @@ class Hyena(nn.Module):
         """Modal filter under context parallelism: ``Re(R p^{tau+1} s_in)`` at chunk position ``tau``, ``s_in`` the
         state the earlier chunks leave (for the document continuing into this chunk only)."""
         s = z.shape[0]
-        log_p, residues = (m[n] for m in self.filter.modes())  # [c, S]
+        residues = torch.view_as_complex(self.filter.modes(n)[1].contiguous())  # [c, S]
         t = torch.arange(s + 1, device=z.device)
-        powers = self.filter.powers(log_p, t)  # [c, S, s + 1]: p^0 .. p^s
+        powers = torch.view_as_complex(self.filter.powers(n, t))  # [c, S, s + 1]: p^0 .. p^s
         if docs is None:
             last_doc = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
             first_doc, passes = last_doc, last_doc[0]
@@ -432,9 +447,8 @@ class Hyena(nn.Module):
             elif self.kind == "implicit":
                 state["inputs"][n, : z.shape[0]] = z
             else:
-                log_p = self.filter.modes()[0][n]  # [c, S]
-                powers = self.filter.powers(log_p, torch.arange(z.shape[0], device=z.device))  # p^0 .. p^(s-1)
-                state["modes"][n] = torch.einsum("jbc,csj->bcs", z.to(powers.dtype), powers.flip(-1))
+                powers = self.filter.powers(n, torch.arange(z.shape[0], device=z.device))  # p^0 .. p^(s-1)
+                state["modes"][n] = torch.einsum("jbc,csjk->bcsk", z.to(powers.dtype), powers.flip(-2))
         return out, state
 
     # -- decoding
@@ -450,9 +464,9 @@ class Hyena(nn.Module):
             state["inputs"] = torch.zeros(filters, max_len, batch, c, device=w.device, dtype=dtype)
             with torch.no_grad():
                 state["taps"] = at_least_fp32(self.filter(max_len)).flip(-1).contiguous()  # h_{max_len-1} .. h_0
-        else:  # the modal recurrence's complex state
-            cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-            state["modes"] = torch.zeros(filters, batch, c, self.filter.poles.shape[2], device=w.device, dtype=cdtype)
+        else:  # the modal recurrence's complex state, as real pairs
+            state["modes"] = torch.zeros(filters, batch, c, self.filter.poles.shape[2], 2, device=w.device,
+                                         dtype=dtype)
         return state
 
     def _step_long_conv(self, n: int, z: torch.Tensor, state, pos: int) -> torch.Tensor:  # z [b, c]
@@ -464,10 +478,11 @@ class Hyena(nn.Module):
             state["inputs"][n, pos] = z
             taps = state["taps"][n, :, state["taps"].shape[-1] - 1 - pos:]  # [c, pos + 1]: h_pos .. h_0
             return torch.einsum("jbc,cj->bc", state["inputs"][n, : pos + 1], taps)
-        log_p, residues = (m[n] for m in self.filter.modes())  # [c, S]
-        s = torch.exp(log_p) * state["modes"][n] + z.unsqueeze(-1)  # s_t = p s_{t-1} + z_t
+        p, residues = self.filter.modes(n)  # [c, S, 2]
+        s = complex_mul(p, state["modes"][n])  # s_t = p s_{t-1} + z_t
+        s = torch.stack([s[..., 0] + z.unsqueeze(-1), s[..., 1]], -1)
         state["modes"][n] = s
-        return (residues * s).sum(-1).real
+        return complex_mul(residues, s)[..., 0].sum(-1)  # Re(R . s_t)
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         p, state["conv"] = self.short_conv.step(self.in_proj(x)[0], state["conv"])

@@ -3,8 +3,9 @@ graph's logits and state equal Chimera's ``prefill``, 20 decode steps with the s
 graph equal Chimera's ``step`` logits, and the 20-token greedy text is Chimera's, for one preset of each kind of
 decoding state (RG-LRU state and conv tail; Mamba's state beside a global KV cache and MoE experts, which the graphs
 hold dense; sliding-window ring buffer; Mamba-2's SSM state; Based's linear-attention state and Taylor-feature sums;
-Hyena's long-convolution inputs, its FFT a direct convolution in the graph); ``chimera generate --onnx`` prints what
-``chimera generate`` prints; the refusals."""
+Hyena's long-convolution inputs, its FFT a direct convolution in the graph; StripedHyena 2's FIR windows and the
+modal filter's complex state as real pairs; BigBird's block table fixed at max_len); ``chimera generate --onnx``
+prints what ``chimera generate`` prints; the refusals."""
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ TOLERANCE = 1e-4  # fp32, max |difference| of logits (and of state tensors)
 STEPS = NEW_TOKENS = 20
 MAX_LEN = 48
 
-PRESETS = ["hawk-tiny", "jamba-tiny", "local-transformer-tiny", "mamba2-tiny", "based-tiny", "hyena-tiny"]
+PRESETS = ["hawk-tiny", "jamba-tiny", "local-transformer-tiny", "mamba2-tiny", "based-tiny", "hyena-tiny",
+           "striped-hyena2-tiny", "gryphon-tiny:pattern=K-"]
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -71,10 +73,12 @@ def test_generate_onnx_prints_chimeras_text(tmp_path, single_process):
 def test_onnx_refusals_are_one_line(tmp_path, single_process):
     preset_run(tmp_path / "glt", "hyena-glt-tiny")
     preset_run(tmp_path / "hawk", "hawk-tiny")
-    preset_run(tmp_path / "striped", "striped-hyena-tiny")
+    preset_run(tmp_path / "gryphon", "gryphon-tiny")
+    preset_run(tmp_path / "routed", "dynamic-hybrid-tiny")
     cases = [
         (["export", tmp_path / "glt", "--format", "onnx", "--out", tmp_path / "x"], "byte-latent model"),
-        (["export", tmp_path / "striped", "--format", "onnx", "--out", tmp_path / "x"], "modal Hyena filter"),
+        (["export", tmp_path / "gryphon", "--format", "onnx", "--out", tmp_path / "x"], "S5 (pattern symbol S)"),
+        (["export", tmp_path / "routed", "--format", "onnx", "--out", tmp_path / "x"], "routed hybrid"),
         (["export", tmp_path / "hawk", "--format", "onnx", "--dtype", "bf16", "--out", tmp_path / "x"], "only fp32"),
         (["export", tmp_path / "hawk", "--format", "safetensors", "--max-len", 64, "--out", tmp_path / "x"],
          "--max-len applies to --format onnx"),
