@@ -29,9 +29,9 @@ every token, weighted by the routing: ``chimera.models.channels.moe.dense_expert
 direct one (``chimera.models.mixers.hyena.long_conv``): ONNX has no complex tensors.
 
 The modal Hyena filter computes in real pairs (``chimera.models.mixers.hyena.complex_mul``) and BigBird's block
-table is built for ``max_len`` before tracing (a constant of the graphs; ``export_model`` runs one eager prefill to
-fill such caches). Refused (one line): the byte-latent models, S5 (complex throughout) and the routed hybrid
-(``NOT_YET_IN_GRAPHS``).
+table for ``max_len`` is built by its ``init_state``, which ``state_layout`` calls before tracing: a constant of the
+graphs, not a traced ``randperm``. Refused (one line): the byte-latent models, S5 (complex throughout) and the
+routed hybrid (``NOT_YET_IN_GRAPHS``).
 """
 
 from __future__ import annotations
@@ -202,8 +202,6 @@ def export_model(model: nn.Module, out_dir: Path, max_len: int) -> dict:
     """Write ``prefill.onnx``, ``decode.onnx`` and ``state.json`` for ``model`` (fp32, eval) into ``out_dir``;
     returns the manifest."""
     model = model.eval()
-    with torch.no_grad():  # fills what a mixer caches by value (BigBird's block table for max_len): constants in
-        model.prefill(torch.zeros(1, 1, dtype=torch.long), max_len)  # the graphs, not traced
     layout = state_layout(model, max_len)
     names = [entry["name"] for entry in layout]
     batch = torch.export.Dim("batch", min=1, max=1024)

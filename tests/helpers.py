@@ -20,16 +20,22 @@ def build_model(preset: str, seed: int = 0, overrides=(), dims=None):
 
 
 
-def preset_run(run_dir, preset: str, seed: int = 0):
-    """A run directory whose checkpoint (step 0) holds ``preset``'s model initialised from ``seed``; the model
-    (eval mode). ``preset``: a name, or ``name:field=value:...`` with model overrides."""
+def preset_spec(spec: str) -> tuple[str, list[str]]:
+    """``"name"`` or ``"name:field=value,field=value"`` -> ``(name, overrides)``."""
+    preset, _, overrides = spec.partition(":")
+    return preset, [o for o in overrides.split(",") if o]
+
+
+def preset_run(run_dir, spec: str, seed: int = 0):
+    """A run directory whose checkpoint (step 0) holds the model of ``spec`` (``preset_spec``) initialised from
+    ``seed``; the model (eval mode)."""
     from chimera.configs.loader import load_model_config
     from chimera.trainer.checkpoint import write_weights_checkpoint
 
-    name, *overrides = preset.split(":")
-    model = build_model(name, seed=seed, overrides=overrides).eval()
+    preset, overrides = preset_spec(spec)
+    model = build_model(preset, seed=seed, overrides=overrides).eval()
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    write_weights_checkpoint(run_dir, load_model_config(name, overrides), weights, source=f"test {preset}")
+    write_weights_checkpoint(run_dir, load_model_config(preset, overrides), weights, source=f"test {spec}")
     return model
 
 TEST_SIZE = 1_000_000  # parameters: below this a preset is one of ours for tests (published names keep published sizes)

@@ -95,6 +95,12 @@ class BigBirdAttention(Attention):
         out.scatter_(1, table.masked_fill(table < 0, blocks), True)
         return out[:, :blocks].to(device)
 
+    def init_state(self, batch: int, max_len: int):
+        """Global attention's cache of ``max_len`` slots; the block table for ``max_len`` built now (and cached),
+        before decoding or a traced graph reads it (built inside a trace, its ``randperm`` would be traced)."""
+        self.table(-(-max_len // self.block))
+        return super().init_state(batch, max_len)
+
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor, bound: int | None = None) -> torch.Tensor:
         """``M`` at sequence positions (decoding, and the dense reference without documents): ``[s_q, s_k]``; the
         block table covers positions below ``bound`` (decoding's ``max_len``: a constant in the ONNX graphs), else

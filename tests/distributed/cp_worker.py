@@ -21,7 +21,7 @@ import torch.distributed as dist  # noqa: E402
 from chimera.parallel import topology  # noqa: E402
 from chimera.parallel.context import gather_sequence  # noqa: E402
 from chimera.parallel.sharding import full_state_dict  # noqa: E402
-from helpers import build_model  # noqa: E402
+from helpers import build_model, preset_spec  # noqa: E402
 
 cp, tp, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 topo = topology.initialize(tensor=tp, context=cp)
@@ -39,8 +39,8 @@ def packed_batch():
 
 results = {}
 for spec in sys.argv[4:]:
-    preset, _, overrides = spec.partition(":")
-    model = build_model(preset, seed=3, overrides=[o for o in overrides.split(",") if o], dims=dims).double()
+    preset, overrides = preset_spec(spec)
+    model = build_model(preset, seed=3, overrides=overrides, dims=dims).double()
     ids, seg, pos = packed_batch()
     labels = torch.roll(ids, -1, dims=1)
     labels[:, -1] = -100
