@@ -24,17 +24,24 @@ from __future__ import annotations
 import torch
 
 
+def hillis_steele(a: torch.Tensor, b: torch.Tensor, mul=torch.mul) -> torch.Tensor:
+    """All states of ``h_t = a_t h_{t-1} + b_t``, ``h_{-1} = 0``, in ``ceil(log2 T)`` rounds: round ``k`` combines
+    position ``t`` with ``t - k``. ``mul``: the product (``chimera.models.complex_pairs.mul`` for complex numbers held
+    as real pairs)."""
+    b = b.expand(torch.broadcast_shapes(a.shape, b.shape))
+    T, k = a.shape[0], 1
+    while k < T:
+        b = torch.cat([b[:k], b[k:] + mul(a[k:], b[:-k])])
+        a = torch.cat([a[:k], mul(a[k:], a[:-k])])
+        k *= 2
+    return b
+
+
 class HillisSteele:
     @staticmethod
-    def states(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def states(a: torch.Tensor, b: torch.Tensor, mul=torch.mul) -> torch.Tensor:
         """All states of ``h_t = a_t h_{t-1} + b_t``, ``h_{-1} = 0``: the parallel (log-depth) form."""
-        b = b.expand(torch.broadcast_shapes(a.shape, b.shape))
-        T, k = a.shape[0], 1
-        while k < T:
-            b = torch.cat([b[:k], b[k:] + a[k:] * b[:-k]])
-            a = torch.cat([a[:k], a[k:] * a[:-k]])
-            k *= 2
-        return b
+        return hillis_steele(a, b, mul)
 
     @staticmethod
     def adjoint(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,8 @@ Decoding (``init_state`` + ``step``):
 * ``modal``: the recurrence above, an ``O(S)`` complex state per channel and filter; exact, since the filter *is*
   that recurrence's impulse response. A model trained with ``hyena_filter: modal`` decodes exactly in O(1) per token.
   Its complex numbers are real pairs ``[..., 2]`` throughout the filter, the prefill and the step (``p^t`` from
-  ``|p|^t`` and ``t arg p``; products by ``complex_mul``), so the ONNX graphs, which have no complex element type, trace
-  the same code.
+  ``|p|^t`` and ``t arg p``; ``chimera.models.complex_pairs``), so the ONNX graphs, which have no complex element
+  type, trace the same code.
 * ``implicit``: an exact cache of every input to the long convolution (``O(L)`` per channel) and the filter's first
   ``max_len`` taps, evaluated once: ``y_t = sum_{j <= t} h_{t-j} z_j``. We do not fit a modal form to an implicit
   filter (a least-squares fit of poles and residues to ``h`` decodes approximately, with an error that depends on the
@@ -82,6 +82,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from chimera.models import complex_pairs
 from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
@@ -234,12 +235,6 @@ def _pole_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return t.copy_(torch.stack([r * torch.cos(theta), r * torch.sin(theta)], -1))
 
 
-def complex_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a b`` of complex numbers held as real pairs ``[..., 2]`` (broadcasting)."""
-    (ar, ai), (br, bi) = a.unbind(-1), b.unbind(-1)
-    return torch.stack([ar * br - ai * bi, ar * bi + ai * br], -1)
-
-
 class ModalFilter(nn.Module):
     """``h^n_t = Re(sum_m R_m p_m^t)`` per channel: poles and residues ``[filters, channels / tp, S, 2]``."""
 
@@ -269,7 +264,7 @@ class ModalFilter(nn.Module):
     def forward(self, length: int) -> torch.Tensor:
         """The taps ``[filters, channels / tp, length]``."""
         t = torch.arange(length, device=self.poles.device)
-        taps = [complex_mul(self.modes(n)[1].unsqueeze(-2), self.powers(n, t))[..., 0].sum(-2)
+        taps = [complex_pairs.mul(self.modes(n)[1].unsqueeze(-2), self.powers(n, t))[..., 0].sum(-2)
                 for n in range(self.poles.shape[0])]
         return torch.stack(taps)
 
@@ -395,9 +390,9 @@ class Hyena(nn.Module):
         """Modal filter under context parallelism: ``Re(R p^{tau+1} s_in)`` at chunk position ``tau``, ``s_in`` the
         state the earlier chunks leave (for the document continuing into this chunk only)."""
         s = z.shape[0]
-        residues = torch.view_as_complex(self.filter.modes(n)[1].contiguous())  # [c, S]
+        residues = complex_pairs.as_complex(self.filter.modes(n)[1])  # [c, S]
         t = torch.arange(s + 1, device=z.device)
-        powers = torch.view_as_complex(self.filter.powers(n, t))  # [c, S, s + 1]: p^0 .. p^s
+        powers = complex_pairs.as_complex(self.filter.powers(n, t))  # [c, S, s + 1]: p^0 .. p^s
         if docs is None:
             last_doc = torch.ones(z.shape[:2], dtype=torch.bool, device=z.device)
             first_doc, passes = last_doc, last_doc[0]
@@ -409,8 +404,8 @@ class Hyena(nn.Module):
         # this chunk's final state from zero, of its last document: sum_j p^{s-1-j} z_j  -> [b, c, S]
         final = torch.einsum("jbc,csj->bcs", (z * last_doc.unsqueeze(-1)).to(powers.dtype), powers[..., :s].flip(-1))
         decay = powers[..., s].unsqueeze(0) * passes[:, None, None]  # [b, c, S]
-        pairs = gather_sequence(torch.view_as_real(torch.stack([decay, final])).unsqueeze(0), self.dims)
-        pairs = torch.view_as_complex(pairs)  # [cp, 2, b, c, S]
+        pairs = gather_sequence(complex_pairs.as_pairs(torch.stack([decay, final])).unsqueeze(0), self.dims)
+        pairs = complex_pairs.as_complex(pairs)  # [cp, 2, b, c, S]
         entering = torch.zeros_like(final)
         for c in range(self.dims.cp - 1):
             # times 0 rather than skipped for chunks at or after this one: every rank's graph is alike
@@ -479,10 +474,10 @@ class Hyena(nn.Module):
             taps = state["taps"][n, :, state["taps"].shape[-1] - 1 - pos:]  # [c, pos + 1]: h_pos .. h_0
             return torch.einsum("jbc,cj->bc", state["inputs"][n, : pos + 1], taps)
         p, residues = self.filter.modes(n)  # [c, S, 2]
-        s = complex_mul(p, state["modes"][n])  # s_t = p s_{t-1} + z_t
+        s = complex_pairs.mul(p, state["modes"][n])  # s_t = p s_{t-1} + z_t
         s = torch.stack([s[..., 0] + z.unsqueeze(-1), s[..., 1]], -1)
         state["modes"][n] = s
-        return complex_mul(residues, s)[..., 0].sum(-1)  # Re(R . s_t)
+        return complex_pairs.mul(residues, s)[..., 0].sum(-1)  # Re(R . s_t)
 
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         p, state["conv"] = self.short_conv.step(self.in_proj(x)[0], state["conv"])

@@ -34,9 +34,13 @@ Discrete recurrence (Eq. 2-3) and the layer's output (Sec. 3; the nonlinearity i
 
 Reference: ``forward`` computes every ``x_t`` with the parallel (associative) scan of the operator
 ``(a, b) . (a', b') = (a' a, a' b + b')`` over the elements ``(Lambda_bar, B_bar u_t)``, log-depth in whole-tensor
-ops (``chimera.models.scan.HillisSteele``, differentiated by autograd in complex arithmetic); ``step`` is the O(1)
-recurrence itself, one token at a time (the complex state ``[b, P/2]``). Causal only (S5's bidirectional form
-is not built).
+ops (``chimera.models.scan.HillisSteele``, differentiated by autograd); ``step`` is the O(1) recurrence itself, one
+token at a time (the complex state ``[b, P/2]``). Causal only (S5's bidirectional form is not built).
+
+Every complex number (parameters, ``Lambda_bar``, ``B_bar``, the states) is a real pair ``[..., 2]``
+(``chimera.models.complex_pairs``), so the ONNX graphs (no complex element type) trace the training code. Only the
+scan itself crosses to torch complex tensors, for its Triton kernel and the context-parallel fold; in a graph traced
+for export it runs on the pairs, with complex products.
 
 Tensor parallelism splits the states: ``Lambda``, ``log_step`` and ``B~`` by rows (state), ``C~`` by columns
 (state); each rank's ``2 Re(C~ x)`` is a partial sum over its states, all-reduced (or reduce-scattered under
@@ -66,6 +70,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from chimera.models import complex_pairs as cx
 from chimera.models.numerics import at_least_fp32
 from chimera.models.ops import dispatch
 from chimera.models.positions import at_start
@@ -156,14 +161,15 @@ def _init_c(P: int):
 
 def zoh(Lambda: torch.Tensor, B: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-order hold of the diagonal system: ``Lambda_bar = exp(Lambda Delta)``, ``B_bar = (Lambda_bar - 1) /
-    Lambda * B~`` (``Lambda, step [P]``, ``B [P, H]`` complex)."""
-    Lambda_bar = torch.exp(Lambda * step)
-    return Lambda_bar, ((Lambda_bar - 1) / Lambda).unsqueeze(-1) * B
+    Lambda * B~`` (``Lambda [P, 2]``, ``B [P, H, 2]`` complex pairs, ``step [P]`` real)."""
+    Lambda_bar = cx.exp(Lambda * step.unsqueeze(-1))
+    return Lambda_bar, cx.mul(cx.div(Lambda_bar - cx.real(torch.ones_like(step)), Lambda).unsqueeze(-2), B)
 
 
 def associative_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """All ``x_t = a_t x_{t-1} + b_t`` (time along dim 0, ``x_{-1} = 0``): the parallel scan, log-depth."""
-    return HillisSteele.states(a, b)
+    """All ``x_t = a_t x_{t-1} + b_t`` (time along dim 0, ``x_{-1} = 0``, complex pairs ``[..., 2]``): the parallel
+    scan, log-depth, its products complex."""
+    return HillisSteele.states(a, b, mul=cx.mul)
 
 
 class S5SSM(nn.Module):
@@ -191,43 +197,51 @@ class S5SSM(nn.Module):
         self.D = declare(nn.Parameter(torch.empty(d_model)), init=normal(1.0), partial_grad_over_tp=dims.tp > 1)
 
     def discretized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Lambda_bar [P'/tp], B_bar [P'/tp, H])``, complex, from the parameters in real ``dtype``."""
-        Lambda = torch.complex(self.lambda_re.to(dtype), self.lambda_im.to(dtype))
-        B = torch.complex(self.B[..., 0].to(dtype), self.B[..., 1].to(dtype))
-        return zoh(Lambda, B, torch.exp(self.log_step.to(dtype)))
+        """``(Lambda_bar [P'/tp, 2], B_bar [P'/tp, H, 2])``, complex pairs in real ``dtype``."""
+        Lambda = torch.stack([self.lambda_re, self.lambda_im], -1).to(dtype)
+        return zoh(Lambda, self.B.to(dtype), torch.exp(self.log_step.to(dtype)))
+
+    @staticmethod
+    def inputs(u: torch.Tensor, B_bar: torch.Tensor) -> torch.Tensor:
+        """``B_bar u_t`` of a real ``u [..., H]``: complex pairs ``[..., P'/tp, 2]``."""
+        return torch.einsum("...h,phk->...pk", u, B_bar.to(u.dtype))
 
     def readout(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``(2) Re(C~ x) + D u / tp``: this rank's part of ``y`` (real, ``u``'s dtype)."""
-        C = torch.complex(self.C[..., 0].to(u.dtype), self.C[..., 1].to(u.dtype))
-        y = (x @ C.T).real * (2.0 if self.conj_sym else 1.0)
-        return y + self.D.to(u.dtype) * u / self.dims.tp
+        """``(2) Re(C~ x) + D u / tp`` of the states ``x [..., P'/tp, 2]``: this rank's part of ``y`` (real, ``u``'s
+        dtype). ``Re(C~ x) = Re C~ Re x - Im C~ Im x``."""
+        y = torch.einsum("...pk,hpk->...h", x.to(u.dtype), cx.conj(self.C.to(u.dtype)))
+        return y * (2.0 if self.conj_sym else 1.0) + self.D.to(u.dtype) * u / self.dims.tp
 
     def forward(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, H]
         """``reset [s, b]``: a document's first token, where ``x_{t-1}`` is dropped (``Lambda_bar`` -> 0)."""
         return self.readout(self.states(u, reset), at_least_fp32(u))
 
-    def states(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, P'/tp], complex
-        """Every state ``x_t`` (``forward`` before the readout)."""
+    def states(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, P'/tp, 2]
+        """Every state ``x_t`` (``forward`` before the readout), complex pairs."""
         u = at_least_fp32(u)
         Lambda_bar, B_bar = self.discretized(u.dtype)
-        bu = u.to(B_bar.dtype) @ B_bar.T  # [s, b, P'/tp]: B_bar u_t
+        bu = self.inputs(u, B_bar)  # [s, b, P'/tp, 2]
         first = torch.zeros(u.shape[:2], dtype=torch.bool, device=u.device)
         first[0] = self.dims.cp_rank == 0
         reset = first if reset is None else reset | first
-        a = torch.where(reset.unsqueeze(-1), torch.zeros_like(Lambda_bar), Lambda_bar)  # [s, b, P'/tp]
-        # associative_scan, or its Triton kernel on (real, imaginary) pairs (chimera.models.ops.dispatch)
-        return linear_scan_across(dispatch.scan_with(self.kernels), a, bu, self.dims)[0]
+        a = torch.where(reset[..., None, None], torch.zeros_like(Lambda_bar), Lambda_bar)  # [s, b, P'/tp, 2]
+        if torch.compiler.is_exporting():  # a graph for ONNX, which has no complex tensors: the scan on the pairs
+            return associative_scan(a, bu)
+        # the scan's Triton kernel (on the pairs again inside) and the context-parallel fold take torch complex
+        # tensors; without a kernel, the same Hillis-Steele scan in complex arithmetic (chimera.models.ops.dispatch)
+        h = linear_scan_across(dispatch.scan_with(self.kernels), cx.as_complex(a), cx.as_complex(bu), self.dims)[0]
+        return cx.as_pairs(h)
 
-    def init_state(self, batch: int) -> torch.Tensor:
-        dtype = torch.complex128 if self.lambda_re.dtype == torch.float64 else torch.complex64
-        return torch.zeros(batch, self.lambda_re.shape[0], dtype=dtype, device=self.lambda_re.device)
+    def init_state(self, batch: int) -> torch.Tensor:  # [b, P'/tp, 2]: complex pairs
+        dtype = at_least_fp32(self.lambda_re).dtype
+        return torch.zeros(batch, self.lambda_re.shape[0], 2, dtype=dtype, device=self.lambda_re.device)
 
     def step(self, u: torch.Tensor, x: torch.Tensor, first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token ``u [b, H]``, state ``x [b, P'/tp]`` -> (this rank's ``y`` ``[b, H]``, new state)."""
+        """One token ``u [b, H]``, state ``x [b, P'/tp, 2]`` -> (this rank's ``y`` ``[b, H]``, new state)."""
         u = at_least_fp32(u)
         Lambda_bar, B_bar = self.discretized(u.dtype)
-        bu = u.to(B_bar.dtype) @ B_bar.T
-        x = bu if first else Lambda_bar * x + bu
+        bu = self.inputs(u, B_bar)
+        x = bu if first else cx.mul(Lambda_bar, x.to(u.dtype)) + bu
         return self.readout(x, u), x
 
 
@@ -268,7 +282,7 @@ class S5Layer(nn.Module):
         p = self.ssm.lambda_re
         if p.is_meta or p.numel() == 0:
             return {}
-        magnitude = self.ssm.discretized(torch.float64)[0].abs()
+        magnitude = cx.abs(self.ssm.discretized(torch.float64)[0])
         largest = magnitude.max().reshape(1)
         counts = torch.stack([(magnitude > 1 - self.monitor_eps).sum(), torch.tensor(magnitude.numel())]).double()
         if self.dims.communicates:

@@ -35,7 +35,7 @@ def test_parallel_scan_equals_the_recurrence(conj_sym):
     layer, _ = make_layer(s5_conj_sym=conj_sym)
     ssm = layer.ssm
     u = x_seq()
-    Lambda_bar, B_bar = ssm.discretized(torch.float64)
+    Lambda_bar, B_bar = (torch.view_as_complex(t) for t in ssm.discretized(torch.float64))
     C = torch.complex(ssm.C[..., 0], ssm.C[..., 1])
     x = torch.zeros(2, Lambda_bar.shape[0], dtype=torch.complex128)
     expected = []
@@ -68,6 +68,22 @@ def test_decoding_steps_equal_the_forward_pass(conj_sym):
     state = layer.init_state(2, 30)
     steps = torch.cat([layer.step(x[t:t + 1], state, t) for t in range(30)])
     torch.testing.assert_close(steps, layer(x), rtol=1e-9, atol=1e-9)
+
+
+def test_the_scan_on_real_pairs_equals_the_complex_scan():
+    """The scan an exported graph runs (complex pairs, chimera.models.complex_pairs.mul) against the one training
+    runs in torch complex arithmetic, with a document reset inside."""
+    layer, _ = make_layer()
+    u = x_seq(s=21)
+    reset = torch.zeros(21, 2, dtype=torch.bool)
+    reset[9, 1] = True
+    trained = layer.ssm.states(u, reset)
+    Lambda_bar, B_bar = layer.ssm.discretized(torch.float64)
+    a = torch.where(reset[..., None, None], 0.0, Lambda_bar).expand(21, 2, -1, -1)
+    a = torch.cat([torch.zeros_like(a[:1]), a[1:]])
+    pairs = s5_mixer.associative_scan(a, layer.ssm.inputs(u, B_bar))
+    torch.testing.assert_close(pairs, trained, rtol=1e-12, atol=1e-12)
+    assert trained.shape == (21, 2, 4, 2) and not trained.is_complex()
 
 
 def test_causal():
@@ -113,12 +129,13 @@ def test_zero_order_hold_equals_the_matrix_exponential():
     block[:P, :P] = torch.diag(Lambda * step)
     block[:P, P:] = step[:, None] * B
     exp = torch.linalg.matrix_exp(block)
-    Lambda_bar, B_bar = ssm.discretized(torch.float64)
+    Lambda_bar, B_bar = (torch.view_as_complex(t) for t in ssm.discretized(torch.float64))
     torch.testing.assert_close(torch.diagonal(exp[:P, :P]), Lambda_bar, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(exp[:P, P:], B_bar, rtol=1e-12, atol=1e-12)
     Lambda0, V = s5_mixer.hippo_n_eigen(6)
     one = torch.full((6,), 0.05, dtype=torch.float64)
-    bar, _ = s5_mixer.zoh(Lambda0, torch.zeros(6, 1, dtype=torch.complex128), one)
+    bar, _ = s5_mixer.zoh(torch.view_as_real(Lambda0), torch.zeros(6, 1, 2, dtype=torch.float64), one)
+    bar = torch.view_as_complex(bar)
     expm = torch.linalg.matrix_exp(s5_mixer.hippo_n(6) * 0.05)
     torch.testing.assert_close((V @ torch.diag(bar) @ V.conj().T).real, expm, rtol=1e-12, atol=1e-12)
 
@@ -148,7 +165,7 @@ def test_equals_s5_pytorch_on_the_same_weights():
         got = layer.ssm(u.transpose(0, 1)).transpose(0, 1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # its step mode (forward_rnn), from a zero state (its initial_state() is broken upstream)
-    state, ours = torch.zeros(6, dtype=torch.complex64), layer.ssm.init_state(1)
+    state, ours = torch.zeros(6, dtype=torch.complex64), layer.ssm.init_state(1)  # ours: [1, 6, 2], real pairs
     with torch.no_grad():
         for t in range(25):
             y_theirs, state = theirs.seq.forward_rnn(u[0, t], state)
