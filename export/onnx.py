@@ -12,26 +12,27 @@ The decoding state (a list per layer of mixer-specific tensors and dicts: RG-LRU
 tails, ring-buffer and global KV caches with their slot positions, Hyena's long-convolution inputs) is flattened into
 named tensors (``flatten_state``; ``unflatten_state`` puts them back into the nested form ``init_state`` gives).
 Where a step updates the state in place, the graph takes the old tensors as inputs and returns the new ones as outputs
-(``DecodeGraph``: clone, step, return). Complex state (S5's, Hyena's modal filters') crosses the graph boundary as
-real tensors with a trailing dimension of 2 (``torch.view_as_real``): ONNX has no complex element type.
+(``DecodeGraph``: clone, step, return). Every state tensor is real: complex states (S5's, Hyena's modal filters')
+are held as real pairs ``[..., 2]`` by the mixers themselves, since ONNX has no complex element type.
 
 Exporter: the dynamo exporter (``torch.onnx.export(..., dynamo=True)`` of a ``torch.export`` program). The legacy
 TorchScript exporter (``dynamo=False``) records the decoding position as a constant: every ``pos``-dependent index
 (the ring-buffer slot, RoPE's angle, ``[:, : pos + 1]``) would be frozen at the traced position. ``torch.export``
 keeps the position symbolic (``position.item()`` with its range checked), and the batch and prompt length dynamic.
 
-A mixer whose prefill steps through the prompt (a capacity-limited MoE: which tokens an expert takes depends on the
-tokens routed before) has a Python loop over the prompt length, which a graph with a symbolic length cannot hold; its
-prefill graph is exported for one token (``prefill_max_tokens: 1``) and the runner
+A mixer whose prefill steps through the prompt (a capacity-limited MoE, the routed hybrid: which tokens an expert or a
+path takes depends on the tokens routed before) has a Python loop over the prompt length, which a graph with a
+symbolic length cannot hold; its prefill graph is exported for one token (``prefill_max_tokens: 1``) and the runner
 (``chimera.export.onnx_runtime.OnnxCausalLM``, ``chimera generate --onnx``) steps the rest of the prompt through
 ``decode.onnx``, giving the same state by definition. MoE layers are traced in their dense form (every expert on
 every token, weighted by the routing: ``chimera.models.channels.moe.dense_experts``), Hyena's FFT convolution as the
 direct one (``chimera.models.mixers.hyena.long_conv``): ONNX has no complex tensors.
 
-The modal Hyena filter computes in real pairs (``chimera.models.mixers.hyena.complex_mul``) and BigBird's block
-table for ``max_len`` is built by its ``init_state``, which ``state_layout`` calls before tracing: a constant of the
-graphs, not a traced ``randperm``. Refused (one line): the byte-latent models, S5 (complex throughout) and the
-routed hybrid (``NOT_YET_IN_GRAPHS``).
+S5 and the modal Hyena filter compute their complex numbers in real pairs (``chimera.models.complex_pairs``; S5's
+scan runs on the pairs while exporting) and BigBird's block table for ``max_len`` is built by its ``init_state``,
+which ``state_layout`` calls before tracing: a constant of the graphs, not a traced ``randperm``; the routed hybrid's
+compressed SSM state keeps the dimensions chosen from the weights at export (a constant too). Refused (one line): the
+byte-latent models (``refusal``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ STATE_MANIFEST = "state.json"
 PREFILL, DECODE = "prefill.onnx", "decode.onnx"
 OPSET = 18
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
-          torch.int32: "int32", torch.bool: "bool", torch.complex64: "complex64"}
+          torch.int32: "int32", torch.bool: "bool"}
 
 
 # ---- the state as a flat list of named tensors --------------------------------------------------------------------
@@ -89,15 +90,6 @@ def unflatten_state(template, tensors):
     return out
 
 
-def to_boundary(t: torch.Tensor) -> torch.Tensor:
-    """A state tensor as it crosses a graph boundary: complex as real ``[..., 2]``."""
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def from_boundary(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_complex(t) if like.is_complex() else t
-
-
 # ---- the graphs' modules ------------------------------------------------------------------------------------------
 
 class PrefillGraph(nn.Module):
@@ -110,7 +102,7 @@ class PrefillGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor):
         with SymbolicIndexing():
             logits, state = self.model.prefill(input_ids, self.max_len)
-        return logits, *(to_boundary(t) for t in flatten_state(state))
+        return logits, *flatten_state(state)
 
 
 class DecodeGraph(nn.Module):
@@ -120,34 +112,28 @@ class DecodeGraph(nn.Module):
     def __init__(self, model: nn.Module, template, max_len: int):
         super().__init__()
         self.model, self.template, self.max_len = model, template, max_len
-        self.like = flatten_state(template)
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, *tensors: torch.Tensor):
-        state = unflatten_state(self.template, [from_boundary(t, like).clone() for t, like in zip(tensors, self.like)])
+        state = unflatten_state(self.template, [t.clone() for t in tensors])
         pos = position.item()
         torch._check(pos >= 1)  # position 0 is a one-token prefill (RG-LRU and S5 reset their state there)
         torch._check(pos < self.max_len)
         with SymbolicIndexing():
             logits = self.model.step(token, state, pos)
-        return logits, *(to_boundary(t) for t in flatten_state(state))
+        return logits, *flatten_state(state)
 
 
 # ---- the manifest -------------------------------------------------------------------------------------------------
 
 def state_layout(model: nn.Module, max_len: int) -> list[dict]:
     """Each state tensor's name, shape (``"batch"`` / ``"max_len"`` at the dimensions that grow with them, found by
-    building the state at two batches and two lengths), dtype as it crosses the graphs (complex: ``"float32"`` with a
-    trailing 2 and ``"complex": true``)."""
+    building the state at two batches and two lengths) and dtype."""
     base, wider, longer = (model.init_state(b, n) for b, n in ((2, max_len), (3, max_len), (2, max_len + 1)))
     names = state_names(base)
     layout = []
     for name, t, w, n in zip(names, flatten_state(base), flatten_state(wider), flatten_state(longer)):
         shape = ["batch" if a != b else "max_len" if a != c else a for a, b, c in zip(t.shape, w.shape, n.shape)]
-        entry = {"name": name, "shape": shape + ([2] if t.is_complex() else []),
-                 "dtype": DTYPES[torch.float32 if t.is_complex() else t.dtype]}
-        if t.is_complex():
-            entry["complex"] = True
-        layout.append(entry)
+        layout.append({"name": name, "shape": shape, "dtype": DTYPES[t.dtype]})
     return layout
 
 
@@ -158,25 +144,12 @@ def batch_dims(layout: list[dict]) -> list[int | None]:
 
 # ---- refusal and writing ------------------------------------------------------------------------------------------
 
-# Sublayers whose decoding step indexes by values a static graph cannot hold, and why (a symbol: its reason).
-NOT_YET_IN_GRAPHS = {
-    "S": ("S5 (pattern symbol S): its discretisation, scan and state are complex, which ONNX has no element type for "
-          "(the modal Hyena filter's real-pair form is the way; not done for S5)"),
-    "Y": ("routed hybrid (pattern symbol Y): its SSM keeps the state dimensions its learned importance chooses, and "
-          "each path runs over the tokens routed to it (sizes known only from the values)"),
-}
-
-
 def refusal(source) -> str | None:
     cfg = source.model_cfg
     if cfg.byte_latent is not None:
         return ("the byte-latent model (model.byte_latent) cannot be exported to ONNX: its decoding closes patches "
                 "where the entropy model decides, per row, with Python counters in its state (a data-dependent "
                 "control flow a static graph cannot express); export it as --format safetensors or hf")
-    blocked = sorted(cfg.symbols & NOT_YET_IN_GRAPHS.keys())
-    if blocked:
-        return (f"the {NOT_YET_IN_GRAPHS[blocked[0]]} cannot be exported to ONNX yet; export it as --format "
-                "safetensors or hf")
     return None
 
 
@@ -209,7 +182,7 @@ def export_model(model: nn.Module, out_dir: Path, max_len: int) -> dict:
     prefill_tokens = write_prefill(model, out_dir / PREFILL, max_len, names, batch)
 
     template = model.init_state(1, max_len)
-    sample_state = [to_boundary(t) for t in flatten_state(model.init_state(2, max_len))]
+    sample_state = flatten_state(model.init_state(2, max_len))
     state_shapes = [{d: batch} if d is not None else None for d in batch_dims(layout)]
     sample = (torch.zeros(2, dtype=torch.long), torch.tensor(1), *sample_state)
     program = torch.export.export(DecodeGraph(model, template, max_len), sample, strict=False,

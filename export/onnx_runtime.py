@@ -1,9 +1,9 @@
 """Generation from an ``--format onnx`` export with onnxruntime: ``OnnxCausalLM`` is a decoder with the interface
 ``chimera.inference.generate`` drives (``prefill``, ``step``, the state's batch dimensions), running the two graphs.
 
-Its decoding state is the flat list of tensors ``state.json`` names, in the form they cross the graphs (complex state
-as real pairs), at the export's ``max_len``: a longer generation is refused. Where the prefill graph takes one token
-(``prefill_max_tokens: 1``, see ``chimera.export.onnx``), the rest of the prompt steps through the decode graph.
+Its decoding state is the flat list of tensors ``state.json`` names, at the export's ``max_len``: a longer generation
+is refused. Where the prefill graph takes one token (``prefill_max_tokens: 1``, see ``chimera.export.onnx``), the
+rest of the prompt steps through the decode graph.
 Rows at different positions step in groups of one position (the decode graph takes one position for its batch).
 """
 

@@ -132,12 +132,17 @@ class StateCompression(nn.Module):
     def __init__(self, d_state: int, ratios: list[int], keep: float, partial_grad: bool):
         super().__init__()
         self.d_state, self.ratios, self.keep = d_state, sorted(ratios), keep
+        self.last_choice = None
         # [N]: replicated; every head's B is scaled by it, so its gradient is partial over TP
         self.importance = declare(nn.Parameter(torch.empty(d_state)), init=ones, weight_decay=False,
                                   partial_grad_over_tp=partial_grad)
 
     def choice(self) -> tuple[int, torch.Tensor, float]:
-        """The ratio, the kept dims (ascending) and the share of importance dropped, from the current ``w``."""
+        """The ratio, the kept dims (ascending) and the share of importance dropped, from the current ``w``. While
+        ``torch.export`` traces (ONNX), the weights are fixed and the choice is a constant of the graph: the last one
+        made eagerly (``export.onnx.state_layout`` builds the decoding state, which makes one, before tracing)."""
+        if torch.compiler.is_exporting():
+            return self.last_choice
         w2 = self.importance.detach().float().pow(2)
         order = torch.sort(w2, descending=True, stable=True).indices
         total, ratio = w2.sum().clamp(min=1e-30), 1
@@ -145,7 +150,8 @@ class StateCompression(nn.Module):
             if w2[order[: self.d_state // r]].sum() >= self.keep * total:
                 ratio = max(ratio, r)
         kept = order[: self.d_state // ratio].sort().values
-        return ratio, kept, float(1.0 - w2[kept].sum() / total)
+        self.last_choice = ratio, kept, float(1.0 - w2[kept].sum() / total)
+        return self.last_choice
 
     @property
     def size(self) -> int:
