@@ -25,6 +25,9 @@ TP: query heads split over ranks (``W_q`` column parallel, ``W_o`` row parallel)
 split too when TP divides their number; otherwise (MQA: one kv head) every rank holds all kv
 heads and their projection's gradient, partial per rank, is summed over TP.
 
+Over a sequence longer than the window, local attention runs in blocks of queries, each against the keys its
+window reaches (``sliding_window_attention``): memory and work ``O(s window)``, not the dense mask's ``O(s^2)``.
+
 Decoding keeps keys/values in a ring buffer of ``window`` slots (local) or ``max_len`` slots
 (global): memory is bounded by the window for local attention. Prefill computes the prompt's keys and values
 once, attends with the mask ``M``, and writes the last ``slots`` of them into their ring-buffer slots.
@@ -134,6 +137,54 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([rotated, x_pass], dim=-1)
 
 
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, *,
+                             key_ok: torch.Tensor | None = None, q_seg: torch.Tensor | None = None,
+                             k_seg: torch.Tensor | None = None, scale: float | None = None,
+                             block: int | None = None) -> torch.Tensor:
+    """Local attention in blocks, never forming the dense ``[s, s_k]`` mask or scores: ``q [b, h, s, d]`` at ``s``
+    consecutive positions; ``k, v [b, h, s_k, d]``, the ``n = s_k - s`` positions before the queries (a CP halo; any
+    ``n >= 0``) then the queries' own; query ``t`` sees key ``u`` iff ``t - window < u <= t`` (the mask ``M``), and,
+    where given, ``key_ok [s_k]`` (False: no such position, e.g. before the sequence) and its document
+    ``q_seg [b, s] == k_seg [b, s_k]``. Equal to ``softmax(q k^T scale + M) v`` with the dense mask.
+
+    Queries go in blocks of ``B = block`` (default ``min(window, s)``); block ``i`` reads the ``B + window - 1`` keys
+    ending at its last query's own: ``s (B + window - 1)`` scores instead of ``s s_k``. In a block, query ``r`` and key
+    ``c`` are ``window - 1 + r - c`` positions apart, the same for every block: the band mask is one ``[B, B + w - 1]``
+    table. Padding (keys before the first block's window, queries after the last) is masked; a padded query sees its
+    own padded key, so that no row of the softmax is empty (a NaN there would reach the keys' gradients)."""
+    b, h, s, d = q.shape
+    w = window
+    drop = max(0, k.shape[2] - s - (w - 1))  # keys no query can see
+    k, v = k[:, :, drop:], v[:, :, drop:]
+    n = k.shape[2] - s  # keys before the first query, now < window
+    B = min(block or w, s)
+    nq = -(-s // B)  # query blocks
+    span = B + w - 1  # keys a block reads
+    front, back = w - 1 - n, nq * B - s  # padded: keys (so block i reads keys i B .. i B + span - 1), queries
+
+    def blocks_of_keys(t: torch.Tensor, fill, dim: int, size: int = span) -> torch.Tensor:
+        pad = [0, 0] * (t.dim() - 1 - dim) + [front, back]
+        return F.pad(t, pad, value=fill).unfold(dim, size, B)  # [..., nq, ..., size] (the blocks' axis at dim)
+
+    q_blocks = F.pad(q, (0, 0, 0, back)).unflatten(2, (nq, B)).transpose(1, 2)  # [b, nq, h, B, d]
+    k_blocks = blocks_of_keys(k, 0.0, 2).permute(0, 2, 1, 4, 3)  # [b, nq, h, span, d]
+    v_blocks = blocks_of_keys(v, 0.0, 2).permute(0, 2, 1, 4, 3)
+    r = torch.arange(B, device=q.device)[:, None]
+    c = torch.arange(span, device=q.device)[None, :]
+    allowed = ((c >= r) & (c < r + w))[None, None]  # [1, 1, B, span]: 0 <= (w - 1 + r - c) < w
+    ok = torch.ones(k.shape[2], dtype=torch.bool, device=q.device) if key_ok is None else key_ok[drop:]
+    ok = F.pad(F.pad(ok, (0, back), value=True), (front, 0), value=False)  # padded queries' own keys: True
+    allowed = allowed & ok.unfold(0, span, B)[None, :, None, :]  # [1, nq, B, span]
+    if q_seg is not None:
+        q_blocks_seg = F.pad(q_seg, (0, back), value=-1).unflatten(1, (nq, B))  # [b, nq, B]
+        k_blocks_seg = blocks_of_keys(k_seg[:, drop:], -1, 1)  # [b, nq, span]
+        allowed = allowed & (q_blocks_seg[..., :, None] == k_blocks_seg[..., None, :])
+    allowed = allowed.expand(b, nq, B, span).reshape(b * nq, 1, B, span)
+    o = F.scaled_dot_product_attention(q_blocks.reshape(b * nq, h, B, d), k_blocks.reshape(b * nq, h, span, d),
+                                       v_blocks.reshape(b * nq, h, span, d), attn_mask=allowed, scale=scale)
+    return o.unflatten(0, (b, nq)).transpose(1, 2).flatten(2, 3)[:, :, :s]  # [b, h, s, d]
+
+
 class Attention(nn.Module):
     ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
 
@@ -187,6 +238,18 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)  # None: 1/sqrt(d_head)
         return o.permute(2, 0, 1, 3).flatten(-2)  # [s, b, heads * d_head]
 
+    def _in_blocks(self, s: int) -> bool:
+        """Whether ``s`` queries attend by ``sliding_window_attention`` (the window's mask, longer than one window,
+        outside an exported graph) rather than with the dense mask ``visible`` builds."""
+        return (self.window is not None and s > self.window and type(self).visible is Attention.visible
+                and not torch.compiler.is_exporting())
+
+    def _attend_window(self, q, k, v, key_ok=None, q_seg=None, k_seg=None) -> torch.Tensor:
+        """``_attend`` with the sliding window's mask, in blocks (``sliding_window_attention``)."""
+        o = sliding_window_attention(q, k[:, self.kv_of_head], v[:, self.kv_of_head], self.window, key_ok=key_ok,
+                                     q_seg=q_seg, k_seg=k_seg, scale=self.scale)
+        return o.permute(2, 0, 1, 3).flatten(-2)
+
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor, bound: int | None = None) -> torch.Tensor:
         """The mask M: key s visible from query t iff t - window < s <= t (and s is a position, s >= 0).
         ``bound``: a length every position stays below, where decoding knows one (its cache's ``max_len``); a
@@ -202,10 +265,15 @@ class Attention(nn.Module):
         pos = chunk_start(x.shape[0], self.dims) + torch.arange(x.shape[0], device=x.device)  # sequence positions
         q, k, v = self._project(x, pos if docs is None else docs.position_ids.t().unsqueeze(1), lora)  # RoPE
         k, v, k_pos = self._keys_values(k, v, pos)
-        allowed = self.visible(pos, k_pos)  # [s, s_k]
+        q_seg = k_seg = None
         if docs is not None:  # a token sees only its own document
+            q_seg = docs.segment_ids.t()  # [b, s]
             k_seg = docs.all_segment_ids.index_select(0, k_pos.clamp(min=0)).t()  # [b, s_k] (k_pos < 0: masked)
-            allowed = (allowed & (docs.segment_ids.t()[:, :, None] == k_seg[:, None, :])).unsqueeze(1)
+        if self._in_blocks(x.shape[0]):
+            return self.o_proj(self._attend_window(q, k, v, k_pos >= 0, q_seg, k_seg))
+        allowed = self.visible(pos, k_pos)  # [s, s_k]
+        if docs is not None:
+            allowed = (allowed & (q_seg[:, :, None] == k_seg[:, None, :])).unsqueeze(1)
         return self.o_proj(self._attend(q, k, v, allowed))
 
     def _keys_values(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
@@ -235,12 +303,16 @@ class Attention(nn.Module):
         }
 
     def prefill(self, x: torch.Tensor, max_len: int, lora=None):  # x: [s, b, d] -> (out, state)
-        """The prompt in one pass (``visible`` is the mask: global, the window, or a subclass's pattern), and the
+        """The prompt in one pass (``visible`` is the mask: global, the window (in blocks where the prompt is longer
+        than it), or a subclass's pattern), and the
         cache ``step`` would hold after it: the positions ``s - slots .. s - 1`` at ``position % slots``."""
         s, b = x.shape[:2]
         pos = torch.arange(s, device=x.device)
         q, k, v = self._project(x, pos, lora)
-        out = self.o_proj(self._attend(q, k, v, self.visible(pos, pos, max_len)))
+        if self._in_blocks(s):
+            out = self.o_proj(self._attend_window(q, k, v))
+        else:
+            out = self.o_proj(self._attend(q, k, v, self.visible(pos, pos, max_len)))
         state = self.init_state(b, max_len)
         kept = pos[max(0, s - state["pos"].shape[1]):]  # what the ring buffer still holds
         slot = kept % state["pos"].shape[1]

@@ -25,7 +25,7 @@ def test_s5_stability_monitor_reaches_the_metrics_line(tmp_path):
     for index in (0, 4):
         layer = model.layers[index].mixer
         assert isinstance(layer, S5Layer)
-        magnitude = cx.abs(layer.ssm.discretized(torch.float64)[0])  # |Lambda_bar| of all 32 stored states, both TP shards
+        magnitude = cx.abs(layer.ssm.discretized(torch.float64)[0])  # |Lambda_bar|, 32 states, both TP shards
         assert magnitude.numel() == 32
         assert steps[-1][f"s5/layers.{index}/max_abs_lambda_bar"] == round(float(magnitude.max()), 6)
         near = float((magnitude > 1 - 0.01).double().mean())

@@ -1,0 +1,85 @@
+"""Local attention in blocks (``sliding_window_attention``) equals softmax attention with the dense window mask:
+outputs and gradients, at lengths that do and do not fill the last block, with a CP-style halo whose first positions
+do not exist, and with packed documents; and a local-attention layer longer than its window runs it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chimera.models.mixers import attention as attention_mixer
+from chimera.models.mixers.attention import sliding_window_attention
+from chimera.parallel.dims import SINGLE_PROCESS
+
+
+def dense(q, k, v, window, key_ok=None, q_seg=None, k_seg=None, scale=None):
+    """The reference: the full [s, s_k] mask of the window (query t sees t - window < u <= t), then SDPA."""
+    s, s_k = q.shape[2], k.shape[2]
+    q_pos = torch.arange(s) + (s_k - s)
+    diff = q_pos[:, None] - torch.arange(s_k)[None, :]
+    allowed = (diff >= 0) & (diff < window)
+    if key_ok is not None:
+        allowed = allowed & key_ok[None, :]
+    if q_seg is not None:
+        allowed = (allowed & (q_seg[:, :, None] == k_seg[:, None, :])).unsqueeze(1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+def tensors(b, h, s, s_k, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64, requires_grad=True) for n in (s, s_k, s_k))
+    return q, k, v
+
+
+def assert_same_with_gradients(q, k, v, window, block=None, **kw):
+    out = sliding_window_attention(q, k, v, window, block=block, **kw)
+    ref = dense(q, k, v, window, **kw)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, e in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("s,window,block", [(32, 8, None), (37, 8, None), (37, 8, 3), (5, 8, None), (40, 1, None)])
+def test_blocks_equal_the_dense_window_mask(s, window, block):
+    q, k, v = tensors(2, 3, s, s)
+    assert_same_with_gradients(q, k, v, window, block=block, scale=0.3)
+
+
+def test_a_halo_whose_first_positions_do_not_exist():
+    """A CP chunk at sequence position 3 with window 8: 7 halo keys before it, the first 4 (positions < 0) masked;
+    a longer halo than the window needs is cut."""
+    s, window = 29, 8
+    q, k, v = tensors(1, 2, s, s + window - 1)
+    key_ok = torch.arange(s + window - 1) - (window - 1) + 3 >= 0
+    assert_same_with_gradients(q, k, v, window, key_ok=key_ok)
+    q, k, v = tensors(1, 2, s, s + 12, seed=1)
+    assert_same_with_gradients(q, k, v, window)
+
+
+def test_packed_documents():
+    s, window = 45, 8
+    q, k, v = tensors(2, 2, s, s)
+    seg = torch.zeros(2, s, dtype=torch.long)
+    seg[0, 10:] = 1
+    seg[0, 12:] = 2  # a two-token document inside a block
+    seg[1, 30:] = 1
+    assert_same_with_gradients(q, k, v, window, q_seg=seg, k_seg=seg)
+
+
+def test_a_local_attention_layer_longer_than_its_window_runs_in_blocks(monkeypatch):
+    """The layer's forward equals its dense-mask forward (the blocked path switched off), and takes the blocked path."""
+    torch.manual_seed(0)
+    layer = attention_mixer.Attention(16, 4, 2, 4, window=6, rope=attention_mixer.Rope(4, 10000.0), init_std=0.2,
+                                      out_std=0.2, dims=SINGLE_PROCESS).double()
+    x = torch.randn(23, 2, 16, dtype=torch.float64)
+    calls = []
+    blocked = attention_mixer.sliding_window_attention
+    monkeypatch.setattr(attention_mixer, "sliding_window_attention",
+                        lambda *a, **kw: calls.append(1) or blocked(*a, **kw))
+    out = layer(x)
+    assert calls == [1]
+    monkeypatch.setattr(attention_mixer.Attention, "_in_blocks", lambda self, s: False)
+    torch.testing.assert_close(out, layer(x), rtol=1e-12, atol=1e-12)
