@@ -21,7 +21,9 @@ Three forms of the same function (each below, each tested against the others in 
   per head: the numerator's ``phi(k) v^T`` sums and, in the last column, the denominator's ``phi(k)`` sums),
   ``[num_t, den_t] = phi(q_t)^T S_t``; run over the sequence by a linear scan (``chimera.models.scan``);
 * ``based_chunked`` (the module's forward): chunks of ``chunk`` tokens, within a chunk the quadratic form,
-  between chunks the state ``S`` at each chunk's end, carried by a scan over chunks.
+  between chunks the state ``S`` at each chunk's end, carried by a scan over chunks. The quadratic form within
+  chunks (``within_chunks``) has a Triton kernel with the Taylor map fused (``chimera.models.ops.based``,
+  ``model.kernels``).
 
 Packed documents: the state is dropped at a document's first token (the recurrence's decay is 0 there, 1
 elsewhere); the quadratic form masks query/key pairs of different documents.
@@ -43,6 +45,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from chimera.models.numerics import at_least_fp32
+from chimera.models.ops import dispatch
 from chimera.models.scan import linear_scan
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import linear_scan_across
@@ -131,11 +134,24 @@ def based_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reset: to
     return _normalised(out, eps)
 
 
+def within_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document: torch.Tensor | None) -> torch.Tensor:
+    """Step 1 of ``based_chunked``, the quadratic form inside each chunk: ``out_l = sum_{s <= l} K(q_l, k_s) v_s`` over
+    the keys of ``l``'s document (``q, k [..., l, f]``, ``v [..., l, e]``; ``document``: broadcastable to ``[..., l]``,
+    the index of each position's document in its chunk, or None: one document). Its Triton kernel, the Taylor map
+    fused: ``chimera.models.ops.based``."""
+    n = q.shape[-2]
+    visible = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()  # [l, s]
+    if document is not None:
+        visible = visible & (document[..., :, None] == document[..., None, :])
+    return (taylor_kernel(q, k) * visible) @ v
+
+
 def based_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, reset: torch.Tensor | None = None,
-                  eps: float = 1e-6, dims: ParallelDims = SINGLE_PROCESS) -> torch.Tensor:
+                  eps: float = 1e-6, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto") -> torch.Tensor:
     """The chunked form. Shapes as ``based_parallel``. Inside, tensors are ``[b, h, c, l, ...]`` (chunk ``c``,
     position ``l`` in it). Under context parallelism the inputs are this rank's part of the sequence; the scan
-    between chunks continues from the state the earlier ranks' chunks leave (``chimera.parallel.context``)."""
+    between chunks continues from the state the earlier ranks' chunks leave (``chimera.parallel.context``).
+    ``kernels``: ``model.kernels`` for step 1 (``chimera.models.ops.dispatch``)."""
     s, b = q.shape[:2]
     pad = -s % chunk
 
@@ -148,21 +164,18 @@ def based_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int,
         return chunks(t).permute(0, 3, 1, 2, 4)
 
     qc, kc, vc = head_chunks(q), head_chunks(k), head_chunks(_with_ones(v))
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     if reset is None:
-        visible = causal  # [l, s]
-        alive = survives = None
+        document = alive = survives = None
         keep = torch.ones(b, qc.shape[2], dtype=q.dtype, device=q.device)  # [b, c]
     else:
         starts = chunks(reset.long())  # [b, c, l]: 1 at documents' first tokens
-        document = starts.cumsum(-1)  # documents started in the chunk up to l
-        visible = (causal & (document[..., :, None] == document[..., None, :])).unsqueeze(1)  # [b, 1, c, l, s]
-        alive = (document == 0).unsqueeze(1).unsqueeze(-1).to(q.dtype)  # [b, 1, c, l, 1]: entering state reaches l
-        survives = (document == document[..., -1:]).unsqueeze(1).unsqueeze(-1).to(q.dtype)  # key s reaches the end
-        keep = (document[..., -1] == 0).to(q.dtype)  # [b, c]: the chunk passes the state entering it on
+        document = starts.cumsum(-1).unsqueeze(1)  # [b, 1, c, l]: documents started in the chunk up to l
+        alive = (document == 0).unsqueeze(-1).to(q.dtype)  # [b, 1, c, l, 1]: the entering state reaches l
+        survives = (document == document[..., -1:]).unsqueeze(-1).to(q.dtype)  # key s reaches the chunk's end
+        keep = (document[:, 0, :, -1] == 0).to(q.dtype)  # [b, c]: the chunk passes the state entering it on
 
     # 1. Within a chunk: the quadratic form.
-    out = (taylor_kernel(qc, kc) * visible) @ vc  # [b, h, c, l, p + 1]
+    out = dispatch.based_within_chunks(qc, kc, vc, document, kernels=kernels)  # [b, h, c, l, p + 1]
 
     # 2. Each chunk's keys in the state at its end: sum_s phi(k_s) [v_s, 1]^T.
     fk = taylor_features(kc)  # [b, h, c, l, D]
@@ -189,9 +202,10 @@ class BasedLinearAttention(nn.Module):
     ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
 
     def __init__(self, d_model: int, num_heads: int, *, feature_dim: int = 16, head_dim: int, chunk: int = 64,
-                 eps: float = 1e-6, init_std: float, out_std: float, dims: ParallelDims):
+                 eps: float = 1e-6, init_std: float, out_std: float, dims: ParallelDims, kernels: str = "auto"):
         super().__init__()
         self.feature_dim, self.head_dim, self.chunk, self.eps, self.dims = feature_dim, head_dim, chunk, eps, dims
+        self.kernels = kernels
         self.heads_local = dims.local(num_heads, "num_heads")
         # W_q, W_k [H / tp * f, d] and W_v [H / tp * p, d]: split along dim 0, by head
         self.q_proj = ColumnParallel(d_model, num_heads * feature_dim, dims, init=normal(init_std))
@@ -209,7 +223,8 @@ class BasedLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
         """``docs``: packed documents (``chimera.models.documents``); the state never crosses a boundary."""
         q, k, v = self.project(x)
-        o = based_chunked(q, k, v, self.chunk, None if docs is None else docs.starts, self.eps, self.dims)
+        o = based_chunked(q, k, v, self.chunk, None if docs is None else docs.starts, self.eps, self.dims,
+                          self.kernels)
         return self.o_proj(o.flatten(-2).to(x.dtype))
 
     def init_state(self, batch: int, max_len: int):
@@ -220,7 +235,7 @@ class BasedLinearAttention(nn.Module):
     def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
         """The prompt in one pass (chunked form); the state ``S = sum_s phi(k_s) [v_s, 1]^T`` (no decay)."""
         q, k, v = self.project(x)
-        o = based_chunked(q, k, v, self.chunk, None, self.eps, self.dims)
+        o = based_chunked(q, k, v, self.chunk, None, self.eps, self.dims, self.kernels)
         kv = torch.einsum("sbhd,sbhe->bhde", taylor_features(k), _with_ones(v))
         return self.o_proj(o.flatten(-2).to(x.dtype)), {"kv": kv}
 
@@ -234,7 +249,7 @@ class BasedLinearAttention(nn.Module):
 def build(c: BasedConfig, b: Build) -> BasedLinearAttention:
     return BasedLinearAttention(c.d_model, c.num_heads, feature_dim=c.based_feature_dim, head_dim=c.based_head_dim,
                                 chunk=c.based_chunk, eps=c.based_eps, init_std=b.init_std, out_std=b.out_std,
-                                dims=b.dims)
+                                dims=b.dims, kernels=c.kernels)
 
 
 def check_tensor_parallel(c: BasedConfig, tp: int) -> str | None:

@@ -3,7 +3,8 @@
 ``model.kernels`` chooses (``chimera.models.spec.ModelFields``):
 
 * ``reference``: the readable math where it lives (``chimera.models.scan``, the mixers, ``chimera.models.conv``);
-* ``triton``: the kernels of ``chimera.models.ops.<op>``. On a CUDA tensor they need ``triton`` importable; on a
+* ``triton``: the kernels of ``chimera.models.ops.<op>`` (the linear scan, the short conv, and within chunks Mamba-2's
+  SSD and Based's linear attention). On a CUDA tensor they need ``triton`` importable; on a
   CPU tensor they run in Triton's interpreter, which only ``TRITON_INTERPRET=1`` (set before ``triton`` is first
   imported) turns on — the tests' way of holding the kernels to the reference without a GPU;
 * ``auto``: the kernels on CUDA tensors when ``triton`` imports (the SSD kernel excepted, see
@@ -101,3 +102,16 @@ def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a
     from chimera.models.mixers import mamba2  # imports this module
 
     return mamba2.within_chunks(C, B, xdt, log_a)
+
+
+def based_within_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document: torch.Tensor | None, *,
+                        kernels: str = "auto") -> torch.Tensor:
+    """``chimera.models.mixers.based.within_chunks``: Based's quadratic form inside each chunk (``q, k [..., l, f]``,
+    ``v [..., l, e]``, ``document``: each position's document index in its chunk, or None)."""
+    if use_triton(kernels, v.device):
+        from chimera.models.ops import based
+
+        return based.within_chunks(q, k, v, document)
+    from chimera.models.mixers import based  # imports this module
+
+    return based.within_chunks(q, k, v, document)

@@ -76,7 +76,8 @@ def _backward_kernel(c_ptr, b_ptr, x_ptr, cum_ptr, seg_ptr, dy_ptr, dc_ptr, db_p
     tl.store(dcum_ptr + chunk * Q + q, dcum.to(dcum_ptr.dtype.element_ty), mask=q < Q)
 
 
-def _block(size: int) -> int:
+def tile_width(size: int) -> int:
+    """The power-of-two tile covering ``size`` (padded and masked past it)."""
     return max(16, triton.next_power_of_2(size))  # tl.dot needs 16 or more along every dim
 
 
@@ -88,7 +89,8 @@ class _WithinChunks(torch.autograd.Function):
         y = torch.empty(*lead, Q, P, dtype=xdt.dtype, device=xdt.device)
         chunks = cum.numel() // Q
         if chunks:
-            _forward_kernel[(chunks,)](C, B, xdt, cum, seg, y, Q, N, P, BQ=_block(Q), BN=_block(N), BP=_block(P))
+            _forward_kernel[(chunks,)](C, B, xdt, cum, seg, y, Q, N, P, BQ=tile_width(Q), BN=tile_width(N),
+                                       BP=tile_width(P))
         ctx.save_for_backward(C, B, xdt, cum, seg)
         return y
 
@@ -100,7 +102,7 @@ class _WithinChunks(torch.autograd.Function):
         chunks = cum.numel() // Q
         if chunks:
             _backward_kernel[(chunks,)](C, B, xdt, cum, seg, dy.contiguous(), dC, dB, dX, dcum, Q, N, P,
-                                        BQ=_block(Q), BN=_block(N), BP=_block(P))
+                                        BQ=tile_width(Q), BN=tile_width(N), BP=tile_width(P))
         return dC, dB, dX, dcum, None
 
 

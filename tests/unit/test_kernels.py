@@ -150,10 +150,48 @@ def test_ssd_with_kernels_equals_reference_across_chunks_and_odd_length():
     assert_close_all(grads(got, inputs), grads(want, inputs), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("q_len,f,e", [(16, 16, 17), (8, 5, 3)])  # e: the values with their ones; below 16: masked
+@pytest.mark.parametrize("packed", [False, True])
+def test_based_within_chunks_kernel_equals_reference(q_len, f, e, packed):
+    from chimera.models.mixers import based
+
+    gen = torch.Generator().manual_seed(q_len + f + e)
+    q, k = (torch.randn(2, 3, 2, q_len, f, generator=gen).requires_grad_() for _ in range(2))
+    v = torch.randn(2, 3, 2, q_len, e, generator=gen).requires_grad_()
+    # each position's document index in its chunk, shared by the heads (as based_chunked passes it)
+    document = (torch.rand(2, 1, 2, q_len, generator=gen) < 0.2).long().cumsum(-1) if packed else None
+    got = dispatch.based_within_chunks(q, k, v, document, kernels="triton")
+    want = based.within_chunks(q, k, v, document)
+    torch.testing.assert_close(got, want, **FP32)
+    inputs = (q, k, v)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+
+
+def test_based_with_kernels_equals_the_recurrent_form_across_chunks_and_odd_length():
+    """The whole chunked form (kernel within chunks, torch between them) on 37 tokens in chunks of 16, with resets,
+    against the recurrent form (step-by-step state) in fp64 and the reference chunked form."""
+    from chimera.models.mixers import based
+
+    gen = torch.Generator().manual_seed(7)
+    s, b, h, f, p = 37, 2, 3, 4, 5
+    q, k = (torch.randn(s, b, h, f, generator=gen).requires_grad_() for _ in range(2))
+    v = torch.randn(s, b, h, p, generator=gen).requires_grad_()
+    reset = torch.rand(s, b, generator=gen) < 0.1
+    reset[0] = True
+    got = based.based_chunked(q, k, v, 16, reset, kernels="triton")
+    want = based.based_chunked(q, k, v, 16, reset, kernels="reference")
+    recurrent = based.based_recurrent(q.double(), k.double(), v.double(), reset)
+    torch.testing.assert_close(got, want, **FP32)
+    torch.testing.assert_close(got.double(), recurrent, **FP32)
+    inputs = (q, k, v)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+
+
 # ---- through the mixers: a whole model with kernels=triton equals kernels=reference --------------------------------
 
 SMALLER = {"mamba-tiny": ["num_layers=2", "ssm_state=4"], "gryphon-tiny": ["num_layers=4"],
-           "griffin-tiny": ["num_layers=3"], "mamba2-tiny": ["num_layers=2"]}  # the interpreter is slow
+           "griffin-tiny": ["num_layers=3"], "mamba2-tiny": ["num_layers=2"],
+           "based-tiny": ["num_layers=4"]}  # the interpreter is slow
 
 
 def loss_and_grads(preset, kernels, seq=23):
@@ -169,10 +207,10 @@ def loss_and_grads(preset, kernels, seq=23):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("preset", ["griffin-tiny", "mamba-tiny", "gryphon-tiny", "mamba2-tiny"])
+@pytest.mark.parametrize("preset", ["griffin-tiny", "mamba-tiny", "gryphon-tiny", "mamba2-tiny", "based-tiny"])
 def test_model_with_triton_kernels_equals_reference(preset):
-    """RG-LRU + conv (Griffin), Mamba-1's selective scan + conv, S5's complex scan (Gryphon), Mamba-2's SSD + convs;
-    an odd length (23) and packed documents."""
+    """RG-LRU + conv (Griffin), Mamba-1's selective scan + conv, S5's complex scan (Gryphon), Mamba-2's SSD + convs,
+    Based's linear attention + BaseConv's conv; an odd length (23) and packed documents."""
     loss, grad = loss_and_grads(preset, "triton")
     loss_ref, grad_ref = loss_and_grads(preset, "reference")
     torch.testing.assert_close(loss, loss_ref, **FP32)
