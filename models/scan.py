@@ -21,6 +21,8 @@ so the backward pass stores ``a`` and ``h`` only, instead of every round's inter
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -68,8 +70,52 @@ class Sequential:
         return lam
 
 
-def algorithm(device: torch.device):
-    return Sequential if device.type == "cpu" else HillisSteele
+class TwoLevel:
+    """``Sequential`` in ``n`` chunks of ``q ~ sqrt(T)`` steps: every chunk's scan from a zero state at once (``q``
+    steps, each on a slice of all ``n`` chunks), then the chunk-end states carried across chunks (``n`` steps), then
+    each state's share of the state entering its chunk added, ``h_t = h_local_t + (prod of a in the chunk up to t)
+    h_entering``: ``2 sqrt(T)`` steps instead of ``T``, for about twice the memory traffic. The CPU form for long
+    sequences of few rows (``batch x seq`` = ``1 x 16k``), where ``Sequential``'s per-step cost is the op's launch,
+    not its arithmetic."""
+
+    @staticmethod
+    def states(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        T = shape[0]
+        q = 2 ** max(0, round(math.log2(T) / 2))
+        n = -(-T // q)
+        h = b.expand(shape).clone()
+        if n * q > T:  # padding at the end: it only reaches later (dropped) states
+            h, a = (torch.cat([t, t.new_zeros(n * q - T, *t.shape[1:])]) for t in (h, a))
+        h, a = h.unflatten(0, (n, q)), a.unflatten(0, (n, q))  # [n, q, ...]: chunk, step in it
+        for t in range(1, q):  # every chunk's states from a zero state
+            h[:, t].addcmul_(a[:, t], h[:, t - 1])
+        decay = a.cumprod(1)  # prod of the chunk's a up to each step (|a| <= 1: no overflow)
+        for j in range(1, n):  # the true state at each chunk's end
+            h[j, -1].addcmul_(decay[j, -1], h[j - 1, -1])
+        h[1:, :-1].addcmul_(decay[1:, :-1], h[:-1, -1:])  # the state entering each chunk, carried to its steps
+        return h.flatten(0, 1)[:T]
+
+    @staticmethod
+    def adjoint(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``lambda_t = g_t + a_{t+1} lambda_{t+1}``: the forward scan on time-reversed inputs."""
+        a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])
+        return TwoLevel.states(a_next.flip(0), g.flip(0)).flip(0)
+
+
+TWO_LEVEL_BELOW = 2048  # slice elements: under this TwoLevel wins on this CPU (benchmarks/RESULTS.md, the scan)
+
+
+def algorithm(device: torch.device, a: torch.Tensor | None = None, b: torch.Tensor | None = None):
+    """The forward algorithm for tensors on ``device``: on a CPU ``Sequential``, or ``TwoLevel`` where a step's slice
+    of ``a``, ``b`` is small and the sequence long enough to chunk; elsewhere ``HillisSteele``."""
+    if device.type != "cpu":
+        return HillisSteele
+    if a is not None and a.shape[0] >= 256:
+        slice_size = torch.broadcast_shapes(a.shape, b.shape)[1:].numel()
+        if slice_size < TWO_LEVEL_BELOW:
+            return TwoLevel
+    return Sequential
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -85,14 +131,14 @@ class _LinearScan(torch.autograd.Function):
         if h0 is not None:  # h_0 = a_0 h0 + b_0
             b = b.expand(torch.broadcast_shapes(a.shape, b.shape, (1, *h0.shape)))
             b = torch.cat([b[:1] + a[:1] * h0, b[1:]])
-        h = algorithm(a.device).states(a, b)
+        h = algorithm(a.device, a, b).states(a, b)
         ctx.save_for_backward(a, h, h0)
         return h
 
     @staticmethod
     def backward(ctx, g):
         a, h, h0 = ctx.saved_tensors
-        lam = algorithm(a.device).adjoint(a, g.contiguous())
+        lam = algorithm(a.device, a, g).adjoint(a, g.contiguous())
         h_prev = torch.cat([(torch.zeros_like(h[:1]) if h0 is None else h0.unsqueeze(0).expand_as(h[:1])), h[:-1]])
         grad_a = _sum_to(lam * h_prev, a.shape) if ctx.needs_input_grad[0] else None
         grad_b = _sum_to(lam, ctx.b_shape) if ctx.needs_input_grad[1] else None

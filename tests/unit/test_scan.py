@@ -1,4 +1,4 @@
-"""The linear scan equals the step-by-step linear recurrence, forward and backward, with both algorithms."""
+"""The linear scan equals the step-by-step linear recurrence, forward and backward, with every algorithm."""
 
 import pytest
 import torch
@@ -6,12 +6,12 @@ import torch
 from chimera.models import scan
 from chimera.models.scan import linear_recurrence_loop, linear_scan
 
-ALGORITHMS = [scan.HillisSteele, scan.Sequential]
+ALGORITHMS = [scan.HillisSteele, scan.Sequential, scan.TwoLevel]
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("length", [1, 2, 7, 64, 100])
-def test_both_algorithms_equal_the_loop(algorithm, length):
+@pytest.mark.parametrize("length", [1, 2, 7, 64, 100])  # TwoLevel: chunks of 1, 1, 3 (one padded), 8 and 10 steps
+def test_every_algorithm_equals_the_loop(algorithm, length):
     g = torch.Generator().manual_seed(length)
     a = torch.rand(length, 3, 5, generator=g, dtype=torch.float64)
     b = torch.randn(length, 3, 5, generator=g, dtype=torch.float64)
@@ -33,7 +33,7 @@ def test_scan_equals_loop(length, with_h0):
 def test_adjoint_gradients_equal_the_loop(monkeypatch, algorithm, with_h0):
     """The backward pass (the adjoint recurrence, reversed in time) equals autograd through the loop, for
     ``a`` broadcast over a dim of ``b`` (Mamba-2's per-head decay) and for an initial state."""
-    monkeypatch.setattr(scan, "algorithm", lambda device: algorithm)
+    monkeypatch.setattr(scan, "algorithm", lambda device, a=None, b=None: algorithm)
     g = torch.Generator().manual_seed(0)
     a = torch.rand(33, 4, 1, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(33, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -63,3 +63,15 @@ def test_scan_is_stable_for_long_sequences(algorithm):
     h = algorithm.states(a, b)
     expected = (1 - 0.999 ** torch.arange(1, 4097, dtype=torch.float64)) / (1 - 0.999)
     torch.testing.assert_close(h[:, 0].double(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_cpu_chunks_long_scans_of_small_slices_only():
+    """``TwoLevel`` where a step's slice is small and the sequence long (1 x 16k tokens of a 192-wide RG-LRU);
+    ``Sequential`` for short sequences or wide slices; ``HillisSteele`` off the CPU."""
+    cpu = torch.device("cpu")
+    assert scan.algorithm(cpu, torch.empty(16384, 1, 192), torch.empty(16384, 1, 192)) is scan.TwoLevel
+    assert scan.algorithm(cpu, torch.empty(16384, 1, 1), torch.empty(16384, 1, 192)) is scan.TwoLevel
+    assert scan.algorithm(cpu, torch.empty(100, 1, 192), torch.empty(100, 1, 192)) is scan.Sequential
+    assert scan.algorithm(cpu, torch.empty(1024, 16, 512), torch.empty(1024, 16, 512)) is scan.Sequential
+    assert scan.algorithm(torch.device("meta"), torch.empty(16384, 1, 192), torch.empty(16384, 1, 192)) is \
+        scan.HillisSteele
