@@ -304,8 +304,8 @@ class Attention(nn.Module):
 
     def prefill(self, x: torch.Tensor, max_len: int, lora=None):  # x: [s, b, d] -> (out, state)
         """The prompt in one pass (``visible`` is the mask: global, the window (in blocks where the prompt is longer
-        than it), or a subclass's pattern), and the
-        cache ``step`` would hold after it: the positions ``s - slots .. s - 1`` at ``position % slots``."""
+        than it), or a subclass's pattern), and the cache ``step`` would hold after it: the positions
+        ``s - slots .. s - 1`` at ``position % slots``."""
         s, b = x.shape[:2]
         pos = torch.arange(s, device=x.device)
         q, k, v = self._project(x, pos, lora)
