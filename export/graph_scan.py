@@ -40,7 +40,7 @@ def graph_scans(max_len: int):
     calls ``HillisSteele`` directly) is a ``PaddedScan`` of ``max_len``."""
     padded = PaddedScan(max_len)
     algorithm, hillis_steele = scan.algorithm, scan.HillisSteele.states
-    scan.algorithm = lambda device, a=None, b=None: padded
+    scan.algorithm = lambda device, shape=None: padded
     scan.HillisSteele.states = staticmethod(padded.states)
     try:
         yield padded

@@ -39,6 +39,12 @@ def hillis_steele(a: torch.Tensor, b: torch.Tensor, mul=torch.mul) -> torch.Tens
     return b
 
 
+def adjoint_by_reversal(states, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``lambda_t = g_t + a_{t+1} lambda_{t+1}``: the forward scan ``states`` on time-reversed inputs."""
+    a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])
+    return states(a_next.flip(0), g.flip(0)).flip(0)
+
+
 class HillisSteele:
     @staticmethod
     def states(a: torch.Tensor, b: torch.Tensor, mul=torch.mul) -> torch.Tensor:
@@ -47,9 +53,7 @@ class HillisSteele:
 
     @staticmethod
     def adjoint(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``lambda_t = g_t + a_{t+1} lambda_{t+1}``: the forward scan on time-reversed inputs."""
-        a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])
-        return HillisSteele.states(a_next.flip(0), g.flip(0)).flip(0)
+        return adjoint_by_reversal(HillisSteele.states, a, g)
 
 
 class Sequential:
@@ -98,23 +102,21 @@ class TwoLevel:
 
     @staticmethod
     def adjoint(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """``lambda_t = g_t + a_{t+1} lambda_{t+1}``: the forward scan on time-reversed inputs."""
-        a_next = torch.cat([a[1:], torch.zeros_like(a[:1])])
-        return TwoLevel.states(a_next.flip(0), g.flip(0)).flip(0)
+        return adjoint_by_reversal(TwoLevel.states, a, g)
 
 
 TWO_LEVEL_BELOW = 2048  # slice elements: under this TwoLevel wins on this CPU (benchmarks/RESULTS.md, the scan)
+TWO_LEVEL_FROM = 256  # steps: shorter scans are cheap either way
 
 
-def algorithm(device: torch.device, a: torch.Tensor | None = None, b: torch.Tensor | None = None):
-    """The forward algorithm for tensors on ``device``: on a CPU ``Sequential``, or ``TwoLevel`` where a step's slice
-    of ``a``, ``b`` is small and the sequence long enough to chunk; elsewhere ``HillisSteele``."""
+def algorithm(device: torch.device, shape: torch.Size | None = None):
+    """The forward algorithm for tensors on ``device`` whose states have ``shape`` (``[T, ...]``, where known): on a
+    CPU ``Sequential``, or ``TwoLevel`` for a long sequence whose steps each touch few elements; elsewhere
+    ``HillisSteele``."""
     if device.type != "cpu":
         return HillisSteele
-    if a is not None and a.shape[0] >= 256:
-        slice_size = torch.broadcast_shapes(a.shape, b.shape)[1:].numel()
-        if slice_size < TWO_LEVEL_BELOW:
-            return TwoLevel
+    if shape is not None and shape[0] >= TWO_LEVEL_FROM and shape[1:].numel() < TWO_LEVEL_BELOW:
+        return TwoLevel
     return Sequential
 
 
@@ -131,14 +133,14 @@ class _LinearScan(torch.autograd.Function):
         if h0 is not None:  # h_0 = a_0 h0 + b_0
             b = b.expand(torch.broadcast_shapes(a.shape, b.shape, (1, *h0.shape)))
             b = torch.cat([b[:1] + a[:1] * h0, b[1:]])
-        h = algorithm(a.device, a, b).states(a, b)
+        h = algorithm(a.device, torch.broadcast_shapes(a.shape, b.shape)).states(a, b)
         ctx.save_for_backward(a, h, h0)
         return h
 
     @staticmethod
     def backward(ctx, g):
         a, h, h0 = ctx.saved_tensors
-        lam = algorithm(a.device, a, g).adjoint(a, g.contiguous())
+        lam = algorithm(a.device, g.shape).adjoint(a, g.contiguous())
         h_prev = torch.cat([(torch.zeros_like(h[:1]) if h0 is None else h0.unsqueeze(0).expand_as(h[:1])), h[:-1]])
         grad_a = _sum_to(lam * h_prev, a.shape) if ctx.needs_input_grad[0] else None
         grad_b = _sum_to(lam, ctx.b_shape) if ctx.needs_input_grad[1] else None

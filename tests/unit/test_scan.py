@@ -33,7 +33,7 @@ def test_scan_equals_loop(length, with_h0):
 def test_adjoint_gradients_equal_the_loop(monkeypatch, algorithm, with_h0):
     """The backward pass (the adjoint recurrence, reversed in time) equals autograd through the loop, for
     ``a`` broadcast over a dim of ``b`` (Mamba-2's per-head decay) and for an initial state."""
-    monkeypatch.setattr(scan, "algorithm", lambda device, a=None, b=None: algorithm)
+    monkeypatch.setattr(scan, "algorithm", lambda device, shape=None: algorithm)
     g = torch.Generator().manual_seed(0)
     a = torch.rand(33, 4, 1, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(33, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -69,9 +69,23 @@ def test_cpu_chunks_long_scans_of_small_slices_only():
     """``TwoLevel`` where a step's slice is small and the sequence long (1 x 16k tokens of a 192-wide RG-LRU);
     ``Sequential`` for short sequences or wide slices; ``HillisSteele`` off the CPU."""
     cpu = torch.device("cpu")
-    assert scan.algorithm(cpu, torch.empty(16384, 1, 192), torch.empty(16384, 1, 192)) is scan.TwoLevel
-    assert scan.algorithm(cpu, torch.empty(16384, 1, 1), torch.empty(16384, 1, 192)) is scan.TwoLevel
-    assert scan.algorithm(cpu, torch.empty(100, 1, 192), torch.empty(100, 1, 192)) is scan.Sequential
-    assert scan.algorithm(cpu, torch.empty(1024, 16, 512), torch.empty(1024, 16, 512)) is scan.Sequential
-    assert scan.algorithm(torch.device("meta"), torch.empty(16384, 1, 192), torch.empty(16384, 1, 192)) is \
-        scan.HillisSteele
+    assert scan.algorithm(cpu, torch.Size([16384, 1, 192])) is scan.TwoLevel
+    assert scan.algorithm(cpu, torch.Size([100, 1, 192])) is scan.Sequential
+    assert scan.algorithm(cpu, torch.Size([1024, 16, 512])) is scan.Sequential
+    assert scan.algorithm(cpu) is scan.Sequential
+    assert scan.algorithm(torch.device("meta"), torch.Size([16384, 1, 192])) is scan.HillisSteele
+
+
+def test_linear_scan_chooses_by_the_broadcast_shape():
+    """A decay shared by channels (``a [T, 2, 1]`` against ``b [T, 2, 3]``) over 300 steps: ``linear_scan`` takes
+    ``TwoLevel`` by the states' shape, and its states and gradients equal the loop's."""
+    assert scan.algorithm(torch.device("cpu"), torch.broadcast_shapes((300, 2, 1), (300, 2, 3))) is scan.TwoLevel
+    g = torch.Generator().manual_seed(2)
+    a = (0.5 + 0.5 * torch.rand(300, 2, 1, generator=g, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(300, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, 2, 3, generator=g, dtype=torch.float64)
+    got, expected = linear_scan(a, b), linear_recurrence_loop(a, b)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for x, y in zip(torch.autograd.grad((got * w).sum(), (a, b)), torch.autograd.grad((expected * w).sum(), (a, b)),
+                    strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
