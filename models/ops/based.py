@@ -85,7 +85,7 @@ class _WithinChunks(torch.autograd.Function):
     def forward(ctx, q, k, v, doc):
         q, k, v, doc = (t.contiguous() for t in (q, k, v, doc))
         out = torch.empty_like(v)
-        chunks = doc.numel() // q.shape[-2] if q.shape[-2] else 0
+        chunks = q.shape[:-2].numel() if q.shape[-2] else 0
         sizes, blocks = _launch_args(q, v)
         if chunks:
             _forward_kernel[(chunks,)](q, k, v, doc, out, *sizes, **blocks)
@@ -96,7 +96,7 @@ class _WithinChunks(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, doc = ctx.saved_tensors
         dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-        chunks = doc.numel() // q.shape[-2] if q.shape[-2] else 0
+        chunks = q.shape[:-2].numel() if q.shape[-2] else 0
         sizes, blocks = _launch_args(q, v)
         if chunks:
             _backward_kernel[(chunks,)](q, k, v, doc, dout.contiguous(), dq, dk, dv, *sizes, **blocks)
@@ -104,11 +104,10 @@ class _WithinChunks(torch.autograd.Function):
 
 
 def within_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document: torch.Tensor | None) -> torch.Tensor:
-    """``based.within_chunks`` as a kernel: ``q, k [..., l, f]``, ``v [..., l, e]``, ``document`` (broadcastable to
-    ``[..., l]``, a document index per position, or None: one document) -> ``out [..., l, e]``."""
-    lead = torch.broadcast_shapes(q.shape[:-1], k.shape[:-1], v.shape[:-1])
-    doc = (torch.zeros(lead, dtype=torch.int32, device=q.device) if document is None
-           else document.to(torch.int32).expand(lead))
+    """``based.within_chunks`` as a kernel: ``q, k [..., l, f]``, ``v [..., l, e]`` (the same leading dims),
+    ``document`` (broadcastable to ``[..., l]``, a document index per position, or None: one document) ->
+    ``out [..., l, e]``."""
+    doc = (torch.zeros(q.shape[:-1], dtype=torch.int32, device=q.device) if document is None
+           else document.to(torch.int32).expand(q.shape[:-1]))
     dtype = torch.promote_types(q.dtype, v.dtype)
-    q, k, v = (t.to(dtype).expand(*lead, t.shape[-1]) for t in (q, k, v))
-    return _WithinChunks.apply(q, k, v, doc)
+    return _WithinChunks.apply(q.to(dtype), k.to(dtype), v.to(dtype), doc)
