@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from chimera.models.mixers import attention as attention_mixer
 from chimera.models.mixers.attention import sliding_window_attention
 from chimera.parallel.dims import SINGLE_PROCESS
+from chimera.parallel.sharding import initialize_parameters
 
 
 def dense(q, k, v, window, key_ok=None, q_seg=None, k_seg=None, scale=None):
@@ -73,13 +74,15 @@ def test_a_local_attention_layer_longer_than_its_window_runs_in_blocks(monkeypat
     """The layer's forward equals its dense-mask forward (the blocked path switched off), and takes the blocked path."""
     torch.manual_seed(0)
     layer = attention_mixer.Attention(16, 4, 2, 4, window=6, rope=attention_mixer.Rope(4, 10000.0), init_std=0.2,
-                                      out_std=0.2, dims=SINGLE_PROCESS).double()
+                                      out_std=0.2, dims=SINGLE_PROCESS)
+    initialize_parameters(layer, seed=0)  # parameters are created empty; their declared initialisers fill them
+    layer = layer.double()
     x = torch.randn(23, 2, 16, dtype=torch.float64)
     calls = []
     blocked = attention_mixer.sliding_window_attention
     monkeypatch.setattr(attention_mixer, "sliding_window_attention",
                         lambda *a, **kw: calls.append(1) or blocked(*a, **kw))
     out = layer(x)
-    assert calls == [1]
+    assert calls == [1] and torch.isfinite(out).all()
     monkeypatch.setattr(attention_mixer.Attention, "_in_blocks", lambda self, s: False)
     torch.testing.assert_close(out, layer(x), rtol=1e-12, atol=1e-12)
