@@ -9,7 +9,11 @@ interruption continues with the first unfinished run (whose own checkpoint, if a
 Per run: parameter count, final training loss (mean of the last 5 logged steps), the loss curve, latency per step
 and throughput (medians over the steps after the first), peak memory (CUDA: the allocator's peak; CPU: the peak
 resident set above the one at the start of the run, the process's high-water mark being reset before it), and
-each suite's result. Slurm job arrays are not used yet: runs are local.
+each suite's result.
+
+``--slurm`` (``chimera.launch.bench_array``) submits the unfinished runs as one Slurm job array, a task per run, and
+a job that waits for them and writes ``results.json`` and the plots; here ``plan``, ``run_one`` and ``collect`` are
+what both ways share.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -110,18 +115,23 @@ def headline_accuracy(evals: dict) -> float | None:
     return None
 
 
-def train_and_evaluate(spec: RunSpec, exp: Experiment, run_dir: Path) -> dict:
+def train_and_evaluate(spec: RunSpec, exp: Experiment, run_dir: Path, cfg=None) -> tuple[dict, dict | None]:
+    """Train one run (``cfg``: its config, default ``run_config(spec, exp)``) and evaluate it: ``train()``'s result
+    and the run's record, or None for the record where a stop signal or the time limit stopped the training (it
+    saved; the same run resumes from there)."""
     from chimera.evaluation.suites import run_suite
     from chimera.evaluation.target import load_target
     from chimera.trainer.loop import train
 
-    cfg = run_config(spec, exp)
+    cfg = cfg or run_config(spec, exp)
     memory = PeakMemory()
     memory.start()
     started = time.perf_counter()
     result = train(cfg, run_dir)
     train_seconds = time.perf_counter() - started
     peak = memory.peak_mb()
+    if result["stopped"] and not result["final_save_failed"]:
+        return result, None
     if result["stopped"] or result["final_save_failed"] or result["step"] < spec.steps:
         raise UserError(f"run {spec.key} stopped at step {result['step']} of {spec.steps} "
                         f"({result['stopped'] or 'no final checkpoint'}); run the same command again to continue")
@@ -134,7 +144,7 @@ def train_and_evaluate(spec: RunSpec, exp: Experiment, run_dir: Path) -> dict:
     target = load_target(run_dir)
     evals = {suite: run_suite(suite, target, options) for suite, options in spec.task.eval.items()}
     eval_seconds = time.perf_counter() - started
-    return {
+    return result, {
         "key": spec.key, "model": spec.variant.name, "model_entry": spec.variant.entry, "preset": spec.variant.preset,
         "task": spec.task.name, "task_kind": spec.task.task, "lr": spec.lr, "seed": spec.seed,
         "run_dir": str(run_dir), "config": cfg.model_dump(mode="json"),
@@ -159,46 +169,97 @@ def validate_results(results: dict) -> None:
     jsonschema.validate(results, json.loads(SCHEMA.read_text()))
 
 
-def bench_arch(experiment_path: str, out: str | None, full_budget: bool = False) -> int:
+@dataclass
+class Plan:
+    """An experiment's runs, checked, and where they go."""
+
+    experiment_file: str
+    experiment: Experiment
+    specs: list[RunSpec]
+    out_dir: Path
+    full_budget: bool
+
+    def run_dir(self, spec: RunSpec) -> Path:
+        return self.out_dir / "runs" / spec.key
+
+    def record_file(self, spec: RunSpec) -> Path:
+        return self.run_dir(spec) / RECORD
+
+    def done(self, spec: RunSpec) -> bool:
+        return self.record_file(spec).is_file()
+
+    def spec(self, key: str) -> RunSpec:
+        return next(s for s in self.specs if s.key == key)
+
+
+def plan(experiment_path: str, out: str | None, full_budget: bool = False) -> Plan:
+    """Every run of the experiment, widths solved and configs checked: bad input fails here, before any training."""
     exp = load_experiment(experiment_path)
-    specs = run_specs(exp, full_budget)  # widths solved, configs checked: bad input fails before any training
+    specs = run_specs(exp, full_budget)
     for spec in specs:
         run_config(spec, exp)
-    out_dir = Path(out or Path("runs") / "bench" / exp.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"chimera: bench-arch {exp.name}: {len(specs)} runs ({'full' if full_budget else 'reduced'} budget) "
-          f"-> {out_dir}", flush=True)
-    for v in {s.variant.name: s.variant for s in specs}.values():
+    return Plan(str(experiment_path), exp, specs, Path(out or Path("runs") / "bench" / exp.name), full_budget)
+
+
+def announce(p: Plan) -> None:
+    print(f"chimera: bench-arch {p.experiment.name}: {len(p.specs)} runs "
+          f"({'full' if p.full_budget else 'reduced'} budget) -> {p.out_dir}", flush=True)
+    for v in {s.variant.name: s.variant for s in p.specs}.values():
         print(f"  model {v.name}: {v.preset}, d_model {v.d_model}, {v.parameters:,} parameters", flush=True)
-    records = []
-    for i, spec in enumerate(specs, 1):
-        run_dir = out_dir / "runs" / spec.key
-        record_file = run_dir / RECORD
-        if record_file.is_file():
-            print(f"[{i}/{len(specs)}] {spec.key}: done before, skipped", flush=True)
-            records.append(json.loads(record_file.read_text()))
-            continue
-        print(f"[{i}/{len(specs)}] {spec.key}: {spec.steps} steps of {spec.seq_len} tokens x "
-              f"{exp.train.get('global_batch_size', 8)}", flush=True)
-        record = finite_or_none(train_and_evaluate(spec, exp, run_dir))
-        write_json(record_file, record)
-        records.append(record)
-        print(f"[{i}/{len(specs)}] {spec.key}: final loss {record['final_loss']:.4f}, accuracy "
-              f"{_text(record['accuracy'])}, {record['throughput_tokens_per_s']:,.0f} tokens/s", flush=True)
+
+
+def run_one(p: Plan, spec: RunSpec, cfg=None, label: str = "") -> dict:
+    """Train and evaluate one run and write its record (``RUN_DIR/bench.json``); returns ``train()``'s result
+    (``stopped``: saved before the end, no record yet)."""
+    print(f"{label}{spec.key}: {spec.steps} steps of {spec.seq_len} tokens x "
+          f"{p.experiment.train.get('global_batch_size', 8)}", flush=True)
+    result, record = train_and_evaluate(spec, p.experiment, p.run_dir(spec), cfg)
+    if record is not None:
+        record = finite_or_none(record)
+        write_json(p.record_file(spec), record)
+        print(f"{label}{spec.key}: final loss {record['final_loss']:.4f}, accuracy {_text(record['accuracy'])}, "
+              f"{record['throughput_tokens_per_s']:,.0f} tokens/s", flush=True)
+    return result
+
+
+def collect(p: Plan) -> int:
+    """``results.json`` (validated) and the plots from every run's record; every run must have finished."""
+    missing = [s.key for s in p.specs if not p.done(s)]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(p.specs)} runs have not finished (first: {missing[0]}); run "
+                        f"`chimera bench-arch {p.experiment_file} --out {p.out_dir}` again (with --slurm: submitted)")
+    records = [json.loads(p.record_file(s).read_text()) for s in p.specs]
     import torch
 
-    results = {"experiment": exp.name, "experiment_file": str(experiment_path),
-               "budget": "full" if full_budget else "reduced", "device": device_name(),
+    results = {"experiment": p.experiment.name, "experiment_file": p.experiment_file,
+               "budget": "full" if p.full_budget else "reduced", "device": device_name(),
                "torch": torch.__version__, "created": datetime.now(UTC).isoformat(timespec="seconds"),
                "runs": records}
     validate_results(results)
-    write_json(out_dir / "results.json", results)
+    write_json(p.out_dir / "results.json", results)
     from chimera.evaluation.plots import plot_experiment
     from chimera.evaluation.table import format_table
 
-    written = plot_experiment(results, out_dir / "plots")
+    written = plot_experiment(results, p.out_dir / "plots")
     print(format_table([{"run": r["key"], "parameters": r["parameters"], "final_loss": r["final_loss"],
                          "accuracy": r["accuracy"], "tokens/s": r["throughput_tokens_per_s"],
                          "peak MB": r["peak_memory_mb"]} for r in records]))
-    print(f"chimera: wrote {out_dir / 'results.json'} and {len(written)} plots in {out_dir / 'plots'}")
+    print(f"chimera: wrote {p.out_dir / 'results.json'} and {len(written)} plots in {p.out_dir / 'plots'}")
     return 0
+
+
+def bench_arch(experiment_path: str, out: str | None, full_budget: bool = False) -> int:
+    """Every run in this process, one after another, then ``collect``."""
+    p = plan(experiment_path, out, full_budget)
+    p.out_dir.mkdir(parents=True, exist_ok=True)
+    announce(p)
+    for i, spec in enumerate(p.specs, 1):
+        label = f"[{i}/{len(p.specs)}] "
+        if p.done(spec):
+            print(f"{label}{spec.key}: done before, skipped", flush=True)
+            continue
+        result = run_one(p, spec, label=label)
+        if result["stopped"]:
+            raise UserError(f"run {spec.key} stopped at step {result['step']} of {spec.steps} ({result['stopped']}); "
+                            f"run the same command again to continue")
+    return collect(p)

@@ -18,7 +18,7 @@
     chimera finetune RUN_DIR --task TASK.yaml [--out DIR]
     chimera eval RUN_DIR --suite {ppl,mqar,chomsky,longctx} [--set OPTION=VALUE ...] [--out results.json]
                  [--nproc N]
-    chimera bench-arch EXPERIMENT.yaml [--full-budget] [--out DIR]
+    chimera bench-arch EXPERIMENT.yaml [--full-budget] [--out DIR] [--slurm [--partition P --time T ...] [--dry-run]]
     chimera plot RUN_DIR... --out fig.png
 
 User errors print one line and exit with code 2 (``chimera.errors`` lists the exit codes: 75 is a run stopped
@@ -361,10 +361,48 @@ def cmd_eval(args) -> int:
     return run_eval(args.run_dir, args.suite, args.set, args.out)
 
 
-def cmd_bench_arch(args) -> int:
-    from chimera.evaluation.bench import bench_arch
+BENCH_ARRAY_FLAGS = {flag: field for flag, field in (
+    ("--gpus-per-node", "gpus_per_node"), ("--cpus-per-task", "cpus_per_task"), ("--partition", "partition"),
+    ("--time", "time"), ("--account", "account"), ("--qos", "qos"), ("--constraint", "constraint"), ("--mem", "mem"),
+    ("--save-before-end", "save_before_end"), ("--max-restarts", "max_restarts"))}
 
-    return bench_arch(args.experiment, args.out, full_budget=args.full_budget)
+
+def launch_flags(args, names) -> dict:
+    """The launch fields given as flags (``names``: their dests), ``--exclusive`` and ``--setup`` included."""
+    flags = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.exclusive:
+        flags["exclusive"] = True
+    if args.setup:
+        flags["setup"] = args.setup
+    return flags
+
+
+def cmd_bench_arch(args) -> int:
+    from chimera.evaluation.bench import announce, bench_arch, collect, plan
+
+    flags = launch_flags(args, BENCH_ARRAY_FLAGS.values())
+    if not args.slurm:
+        flag_of = {**{name: flag for flag, name in BENCH_ARRAY_FLAGS.items()}, "exclusive": "--exclusive",
+                   "setup": "--setup"}
+        given = (["--dry-run"] if args.dry_run else []) + [flag_of[name] for name in flags]
+        if given:
+            raise UserError(f"{' '.join(given)}: for a Slurm submission; add --slurm, or leave it out to run here")
+        return bench_arch(args.experiment, args.out, full_budget=args.full_budget)
+    from chimera.launch import bench_array
+
+    launch = bench_array.launch_config(flags)
+    p = plan(args.experiment, args.out, args.full_budget)
+    if args.dry_run:
+        print(bench_array.dry_run(p, launch))
+        return 0
+    announce(p)
+    if not bench_array.pending(p):
+        print("chimera: every run finished before: nothing submitted", flush=True)
+        return collect(p)
+    ids = bench_array.submit_experiment(p, launch)
+    print(f"chimera: submitted job array {ids[0].split('_')[0]} ({len(ids) - 1} runs) and job {ids[-1]}, which writes "
+          f"{p.out_dir / 'results.json'} after them; `chimera launch status {p.out_dir}` shows them")
+    return 0
 
 
 def cmd_plot(args) -> int:
@@ -388,15 +426,11 @@ def cmd_launch_slurm(args) -> int:
 
     from chimera.launch import slurm
 
-    flags = {name: getattr(args, name) for name, _ in LAUNCH_FLAGS.values() if getattr(args, name) is not None}
-    if args.exclusive:
-        flags["exclusive"] = True
-    if args.setup:
-        flags["setup"] = args.setup
+    flags = launch_flags(args, [name for name, _ in LAUNCH_FLAGS.values()])
     submission = slurm.prepare(args.config, args.set, args.run_dir, flags, args.sweep, dry_run=args.dry_run)
     if args.dry_run:
         print("# sbatch script (submitted through submitit; nothing written, nothing submitted)")
-        print(slurm.sbatch_script(submission))
+        print(slurm.sbatch_script(submission.run_dir, submission.launch, len(submission.points)))
         for where, cfg in submission.points:
             print(f"# resolved config of {where}")
             print(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
@@ -571,6 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("experiment", help="experiment file (see configs/experiments/)")
     ba.add_argument("--full-budget", action="store_true", help="train on the experiment's full token budget")
     ba.add_argument("--out", default=None, help="output directory (default: runs/bench/<experiment name>)")
+    ba.add_argument("--slurm", action="store_true", help="submit the unfinished runs as a Slurm job array (and a job "
+                    "that writes results.json after them) instead of running them here")
+    for flag, name in BENCH_ARRAY_FLAGS.items():
+        ba.add_argument(flag, dest=name, type=LAUNCH_FLAGS[flag][1], default=None)
+    ba.add_argument("--exclusive", action="store_true")
+    ba.add_argument("--setup", action="append", default=[], metavar="SHELL", help="e.g. 'module load cuda'")
+    ba.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch script and the runs only")
     ba.set_defaults(func=cmd_bench_arch)
     pl = sub.add_parser("plot", help="loss / val_loss / tokens-per-second curves of runs (one PNG)")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

@@ -129,10 +129,8 @@ class SlurmTask:
             end = job_end(job)
             if end is not None:
                 os.environ[stopping.DEADLINE_ENV] = str(end)
-        from chimera.trainer.loop import train
-
         try:
-            result = train(cfg, self.run_dir, announce=True)
+            result = self.work(cfg)
         except UserError as e:
             if rank == 0:
                 print(f"chimera: error: {e}", file=sys.stderr, flush=True)
@@ -145,6 +143,12 @@ class SlurmTask:
             print(f"chimera: job {job} requeued after step {result['step']} ({result['stopped']})", flush=True)
             requeue(job)
         return {"step": result["step"], "stopped": result["stopped"]}
+
+    def work(self, cfg: RunConfig) -> dict:
+        """What the task runs: training, to the end or to a stop (``train()``'s result: ``step``, ``stopped``)."""
+        from chimera.trainer.loop import train
+
+        return train(cfg, self.run_dir, announce=True)
 
     def checkpoint(self, *args, **kwargs):
         """submitit's own USR2 handler calls this when the signal comes before the trainer's handler is installed
@@ -242,50 +246,77 @@ def sbatch_parameters(launch: LaunchConfig, name: str) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def sbatch_script(submission: Submission) -> str:
-    """The script sbatch would get (what ``--dry-run`` prints; nothing is written)."""
+def sbatch_script(run_dir: Path, launch: LaunchConfig, tasks: int) -> str:
+    """The script sbatch would get for ``tasks`` jobs (more than one: an array) whose logs go under
+    ``RUN_DIR/slurm/`` (what ``--dry-run`` prints; nothing is written)."""
     from submitit.slurm.slurm import _make_sbatch_string  # the script submitit submits (submitit pinned)
 
-    folder = submission.run_dir / SLURM_DIR / "%j"
+    folder = run_dir / SLURM_DIR / "%j"
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    params = sbatch_parameters(submission.launch, f"chimera-{submission.run_dir.name}")
-    if len(submission.points) > 1:
-        params["map_count"] = len(submission.points)
+    params = sbatch_parameters(launch, f"chimera-{run_dir.name}")
+    if tasks > 1:
+        params["map_count"] = tasks
     return _make_sbatch_string(command=command, folder=folder, **params)
+
+
+def executor(run_dir: Path, launch: LaunchConfig):
+    """A submitit executor whose jobs log under ``RUN_DIR/slurm/<job>/`` (made here), with ``launch``'s sbatch
+    parameters; refused in one line where Slurm's commands are missing."""
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise UserError("sbatch/srun not found: run this where Slurm's commands are (a login node)")
+    import submitit
+
+    folder = run_dir / SLURM_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    ex = submitit.SlurmExecutor(folder=folder / "%j", python=shlex.quote(sys.executable),
+                                max_num_timeout=1_000_000)  # requeues are ours: never a submitit timeout
+    ex.update_parameters(**sbatch_parameters(launch, f"chimera-{run_dir.name}"))
+    return ex
+
+
+def submitted(submit_jobs) -> list:
+    """The jobs ``submit_jobs()`` returns; sbatch's refusal (a bad partition, account, limit) as one line."""
+    try:
+        return submit_jobs()
+    except Exception as e:
+        message = str(e).strip().splitlines()
+        raise UserError(f"sbatch refused the job: {message[-1] if message else e}") from None
+
+
+def record_launch(run_dir: Path, ids: list[str], run_dirs: list) -> None:
+    """``RUN_DIR/slurm/launch.json``: the job ids and the run directory of each, for ``status`` and ``cancel``."""
+    folder = run_dir / SLURM_DIR
+    record = {"jobs": ids, "run_dirs": [str(where) for where in run_dirs], "folder": str(folder),
+              "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (folder / LAUNCH_FILE).write_text(json.dumps(record, indent=1))
+
+
+def write_task_config(where: Path, cfg: RunConfig) -> str:
+    """The resolved config a task reads at every (re)start, ``WHERE/slurm/config.yaml``; its path."""
+    config = where / SLURM_DIR / CONFIG_FILE
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+    return str(config)
 
 
 def submit(submission: Submission) -> list[str]:
     """Submit the job (or job array); returns the job ids, recorded in ``RUN_DIR/slurm/launch.json``."""
-    if shutil.which("sbatch") is None or shutil.which("srun") is None:
-        raise UserError("sbatch/srun not found: run `chimera launch slurm` where Slurm's commands are (a login node)")
-    import submitit
-
-    folder = submission.run_dir / SLURM_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    executor = submitit.SlurmExecutor(folder=folder / "%j", python=shlex.quote(sys.executable),
-                                      max_num_timeout=1_000_000)  # requeues are ours: never a submitit timeout
-    executor.update_parameters(**sbatch_parameters(submission.launch, f"chimera-{submission.run_dir.name}"))
+    ex = executor(submission.run_dir, submission.launch)
     tasks = []
     for where, cfg in submission.points:
         where.mkdir(parents=True, exist_ok=True)
-        config = where / SLURM_DIR / CONFIG_FILE
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
-        tasks.append(SlurmTask(str(where), str(config)))
-    try:
-        if len(tasks) == 1:
-            jobs = [executor.submit(tasks[0])]
-        else:
-            with executor.batch():
-                jobs = [executor.submit(task) for task in tasks]
-    except Exception as e:  # sbatch refused (a bad partition, account, limit): its own message
-        message = str(e).strip().splitlines()
-        raise UserError(f"sbatch refused the job: {message[-1] if message else e}") from None
-    ids = [job.job_id for job in jobs]
-    record = {"jobs": ids, "run_dirs": [str(where) for where, _ in submission.points], "folder": str(folder),
-              "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (folder / LAUNCH_FILE).write_text(json.dumps(record, indent=1))
+        tasks.append(SlurmTask(str(where), write_task_config(where, cfg)))
+    ids = [job.job_id for job in submitted(lambda: submit_array(ex, tasks))]
+    record_launch(submission.run_dir, ids, [where for where, _ in submission.points])
     return ids
+
+
+def submit_array(ex, tasks: list) -> list:
+    """One job for one task, else one job array of a task each."""
+    if len(tasks) == 1:
+        return [ex.submit(tasks[0])]
+    with ex.batch():
+        return [ex.submit(task) for task in tasks]
 
 
 # ---- status and cancel ------------------------------------------------------------------------------------

@@ -227,3 +227,26 @@ def trains_with_tensor_parallelism_and_generates(tmp_path, preset: str) -> None:
 
     expected = greedy_by_full_forward(chimera.load_model(tmp_path), PROMPT.encode(), NEW_TOKENS)
     assert sampled.stdout.rstrip("\n") == ByteTokenizer().decode(expected).rstrip("\n"), preset
+
+
+# An architecture benchmark of two runs (Griffin, Hawk matched to it) on MQAR: `chimera bench-arch` locally and as a
+# Slurm job array.
+TINY_EXPERIMENT = """
+name: tiny
+models:
+  - name: griffin
+    preset: griffin-tiny
+    d_model: 32
+    overrides: {num_layers: 3, mlp_hidden: 64, num_heads: 2, window: 8}
+  - {name: hawk, preset: hawk-tiny, match: griffin, overrides: {num_layers: 2, num_heads: 2}}
+tasks:
+  - name: mqar
+    task: mqar
+    options: {vocab_size: 128, num_kv_pairs: 2}
+    seq_len: 16
+    eval:
+      mqar: {seq_lens: [16, 32], kv_pairs: [2, 4], samples: 8}
+      longctx: {lengths: [16, 32, 64], samples: 4}
+budget: {tokens: 192, full_tokens: 1920}
+train: {micro_batch_size: 4, global_batch_size: 4, warmup_steps: 1}
+"""

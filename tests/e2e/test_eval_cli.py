@@ -11,27 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import build_model, run_chimera
-
-TINY_EXPERIMENT = """
-name: tiny
-models:
-  - name: griffin
-    preset: griffin-tiny
-    d_model: 32
-    overrides: {num_layers: 3, mlp_hidden: 64, num_heads: 2, window: 8}
-  - {name: hawk, preset: hawk-tiny, match: griffin, overrides: {num_layers: 2, num_heads: 2}}
-tasks:
-  - name: mqar
-    task: mqar
-    options: {vocab_size: 128, num_kv_pairs: 2}
-    seq_len: 16
-    eval:
-      mqar: {seq_lens: [16, 32], kv_pairs: [2, 4], samples: 8}
-      longctx: {lengths: [16, 32, 64], samples: 4}
-budget: {tokens: 192, full_tokens: 1920}
-train: {micro_batch_size: 4, global_batch_size: 4, warmup_steps: 1}
-"""
+from tests.helpers import TINY_EXPERIMENT, build_model, run_chimera
 
 
 def _one_line_exit_2(proc, *fragments):

@@ -159,3 +159,44 @@ def test_a_killed_task_requeues_the_job_which_finishes_exactly(tmp_path, cluster
     failures = [e for e in events.read(run_dir) if e["event"] == "failure"]
     assert len(failures) == 1 and failures[0]["restarting"] and failures[0]["job"] == job
     assert_same_run(run_dir, tmp_path / "local")
+
+
+def test_bench_arch_as_a_job_array_equals_the_local_benchmark(tmp_path, cluster):
+    """``bench-arch --slurm``: a task per run and a job that collects them; the results equal the same experiment
+    run locally; a second submission while the first is queued is refused; a rerun once done submits nothing."""
+    from chimera.evaluation.bench import validate_results
+    from helpers import TINY_EXPERIMENT
+
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(TINY_EXPERIMENT)
+    proc = run_chimera("bench-arch", exp, "--out", tmp_path / "local")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    submit = ["bench-arch", exp, "--out", tmp_path / "slurm", "--slurm", "--partition", cluster.partition,
+              "--time", "00:15:00"]
+    proc = run_chimera(*submit, env=cluster.env)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "slurm/slurm/launch.json").read_text())
+    *array, collector = record["jobs"]
+    assert len(array) == 2 and len({j.split("_")[0] for j in array}) == 1 and "_" not in collector
+    again = run_chimera(*submit, env=cluster.env)  # the first submission's jobs are queued or running
+    assert again.returncode == 2 and "of an earlier submission" in again.stderr, again.stderr
+    assert wait_for_job(cluster, collector, timeout=600) == "COMPLETED", logs(tmp_path / "slurm")
+    assert all(job_state(cluster, job) == "COMPLETED" for job in array)
+
+    got, want = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("slurm", "local"))
+    validate_results(got)
+    assert got["experiment_file"].endswith("slurm/experiment.yaml")  # the copy the tasks read
+    for a, b in zip(got["runs"], want["runs"], strict=True):
+        assert (a["key"], a["parameters"], a["steps"]) == (b["key"], b["parameters"], b["steps"])
+        assert [s for s, _ in a["loss_curve"]] == [s for s, _ in b["loss_curve"]]
+        assert [v for _, v in a["loss_curve"]] == pytest.approx([v for _, v in b["loss_curve"]], rel=1e-5)
+        assert a["eval"]["mqar"]["summary"] == pytest.approx(b["eval"]["mqar"]["summary"], rel=1e-5)
+        assert [r["loss"] for r in a["longctx"]] == pytest.approx([r["loss"] for r in b["longctx"]], rel=1e-5)
+    assert (tmp_path / "slurm/plots/accuracy_vs_length.png").is_file()
+    status = run_chimera("launch", "status", tmp_path / "slurm", env=cluster.env)
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 3, status.stdout
+
+    before = cluster.run("squeue", "-h", "-o", "%i").stdout
+    rerun = run_chimera(*submit, env=cluster.env)
+    assert rerun.returncode == 0 and "nothing submitted" in rerun.stdout, rerun.stderr
+    assert cluster.run("squeue", "-h", "-o", "%i").stdout == before
