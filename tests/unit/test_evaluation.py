@@ -24,7 +24,7 @@ from chimera.evaluation.suites import (
 from chimera.evaluation.target import load_target
 from chimera.evaluation.width import count_parameters, solve_width
 from chimera.trainer.checkpoint import write_weights_checkpoint
-from tests.helpers import build_model
+from tests.helpers import REPO, build_model
 
 
 def _run_dir(tmp_path, preset="griffin-tiny", weights=None, name="run"):
@@ -175,3 +175,38 @@ def test_matching_griffin_at_d_model_144():
 def test_an_unreachable_target_is_refused():
     with pytest.raises(UserError, match="nearest count"):
         solve_width("griffin-tiny", 1_000, tolerance=0.02)
+
+
+def test_zoology_mqar_has_every_mixer_of_the_zoo_and_each_learns_from_an_mqar_batch():
+    """Every mixer symbol of the registry is in some model of configs/experiments/zoology-mqar.yaml (a new mixer
+    without a row fails here); each model at the smallest width takes one SGD step on an MQAR batch and its loss on
+    that batch falls from about ln(vocab)."""
+    from chimera.evaluation.bench import plan
+    from chimera.evaluation.experiment import run_config, task_of
+    from chimera.models import causal_lm
+    from chimera.models.registry import sublayers
+    from chimera.parallel.dims import ParallelDims
+
+    p = plan(REPO / "configs/experiments/zoology-mqar.yaml", None)
+    mixers = {s for s, spec in sublayers().items() if spec.build.__module__.startswith("chimera.models.mixers.")}
+    smallest = {}
+    for spec in p.specs:
+        if spec.variant.entry not in smallest or spec.variant.d_model < smallest[spec.variant.entry].variant.d_model:
+            smallest[spec.variant.entry] = spec
+    patterns = {name: run_config(spec, p.experiment).model.pattern for name, spec in smallest.items()}
+    assert mixers <= set("".join(patterns.values())), mixers - set("".join(patterns.values()))
+    task = task_of(p.experiment.tasks[0], seq_len=64)
+    rng = np.random.default_rng(0)
+    batch = [task.sample(rng) for _ in range(4)]
+    ids = torch.stack([torch.as_tensor(inputs, dtype=torch.long) for inputs, _ in batch])
+    labels = torch.stack([torch.as_tensor(target, dtype=torch.long) for _, target in batch])
+    for name, spec in smallest.items():
+        model = causal_lm.build_model(run_config(spec, p.experiment).model, ParallelDims(), seed=0)
+        loss = model(ids, labels=labels)
+        assert abs(loss.item() - math.log(p.experiment.vocab_size)) < 1.0, (name, loss.item())
+        loss.backward()
+        with torch.no_grad():
+            for w in model.parameters():
+                if w.grad is not None:
+                    w -= 0.5 * w.grad
+        assert model(ids, labels=labels).item() < loss.item(), name
