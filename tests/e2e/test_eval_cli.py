@@ -108,7 +108,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     small_vocab.write_text(TINY_EXPERIMENT + "vocab_size: 64\n")
     _one_line_exit_2(run_chimera("bench-arch", small_vocab, "--out", tmp_path / "o2"),
                      "task mqar needs 128 token ids", "cannot hold")
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # nothing half-written
+    _one_line_exit_2(run_chimera("bench-arch", bad_preset, "--out", tmp_path / "o3", "--slurm", "--dry-run"),
+                     "unknown model preset 'hawk-huge'")  # checked before anything is submitted
+    _one_line_exit_2(run_chimera("bench-arch", small_vocab, "--partition", "debug"), "--partition", "add --slurm")
+    _one_line_exit_2(run_chimera("bench-arch", small_vocab, "--slurm", "--gpus-per-node", "2", "--dry-run"),
+                     "--gpus-per-node 2", "one process")
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))  # nothing half-written
 
 
 def _assert_png_with_content(path):
