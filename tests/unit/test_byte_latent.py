@@ -13,7 +13,13 @@ PRESET = "hyena-glt-tiny"
 
 
 def model_with(*overrides, seed=0):
-    return build_model(load_model_config(PRESET, list(overrides)), seed=seed).eval()
+    """The preset's model, its entropy model's predictions sharpened (the final norm's gain x30): an untrained one
+    is near uniform, its entropies crowd within a few thousandths of a nat, and a boundary decided there flips with
+    the last bit that decoding and the full pass round differently. Sharpened, they spread over ~3.5 nats."""
+    model = build_model(load_model_config(PRESET, list(overrides)), seed=seed).eval()
+    with torch.no_grad():
+        model.entropy.final_norm.weight.mul_(30)
+    return model
 
 
 def ids(b, s, seed=0):
@@ -22,11 +28,16 @@ def ids(b, s, seed=0):
 
 @pytest.fixture(scope="module")
 def threshold():
-    """An entropy threshold that cuts the untrained entropy model's bytes into patches of varied length: the median
-    of its next-byte entropies on the test bytes."""
+    """An entropy threshold that cuts the entropy model's bytes into patches of varied length and lies well clear of
+    every entropy the tests meet: the midpoint of the widest gap between neighbouring entropies in their middle half
+    (~0.05 nats here; decoding and the full pass differ by ~2e-6)."""
     model = model_with()
     with torch.no_grad():
-        return float(next_byte_entropy(model.entropy(ids(2, 48))).median())
+        entropies = torch.cat([next_byte_entropy(model.entropy(ids(2, 48, seed=seed))).flatten()
+                               for seed in range(8)]).sort().values
+    middle = entropies[len(entropies) // 4: 3 * len(entropies) // 4]
+    widest = int((middle[1:] - middle[:-1]).argmax())
+    return float(middle[widest: widest + 2].mean())
 
 
 @pytest.fixture(scope="module")
