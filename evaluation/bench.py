@@ -115,6 +115,13 @@ def headline_accuracy(evals: dict) -> float | None:
     return None
 
 
+def unfinished(spec: RunSpec, result: dict) -> UserError:
+    """The one line for a run that ended before its last step or without its final checkpoint."""
+    why = result["stopped"] or "no final checkpoint"
+    return UserError(f"run {spec.key} stopped at step {result['step']} of {spec.steps} ({why}); "
+                     f"run the same command again to continue")
+
+
 def train_and_evaluate(spec: RunSpec, exp: Experiment, run_dir: Path, cfg=None) -> tuple[dict, dict | None]:
     """Train one run (``cfg``: its config, default ``run_config(spec, exp)``) and evaluate it: ``train()``'s result
     and the run's record, or None for the record where a stop signal or the time limit stopped the training (it
@@ -133,8 +140,7 @@ def train_and_evaluate(spec: RunSpec, exp: Experiment, run_dir: Path, cfg=None) 
     if result["stopped"] and not result["final_save_failed"]:
         return result, None
     if result["stopped"] or result["final_save_failed"] or result["step"] < spec.steps:
-        raise UserError(f"run {spec.key} stopped at step {result['step']} of {spec.steps} "
-                        f"({result['stopped'] or 'no final checkpoint'}); run the same command again to continue")
+        raise unfinished(spec, result)
     rows = [r for r in _metrics(run_dir) if r.get("loss") is not None]
     losses = [r["loss"] for r in rows]
     timed = rows[1:] or rows
@@ -260,6 +266,5 @@ def bench_arch(experiment_path: str, out: str | None, full_budget: bool = False)
             continue
         result = run_one(p, spec, label=label)
         if result["stopped"]:
-            raise UserError(f"run {spec.key} stopped at step {result['step']} of {spec.steps} ({result['stopped']}); "
-                            f"run the same command again to continue")
+            raise unfinished(spec, result)
     return collect(p)

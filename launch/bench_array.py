@@ -29,7 +29,6 @@ from chimera.evaluation.experiment import run_config
 from chimera.launch import slurm
 
 EXPERIMENT_COPY = "experiment.yaml"
-ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING")
 
 
 @dataclass
@@ -83,7 +82,7 @@ def refuse_while_queued(p: Plan) -> None:
         return
     for job in slurm.launched(str(p.out_dir))["jobs"]:
         state = slurm.job_state(job)
-        if state in ACTIVE:
+        if slurm.is_active(state):
             raise UserError(f"job {job} of an earlier submission to {p.out_dir} is {state}: wait for it to end, or "
                             f"`chimera launch cancel {p.out_dir}`, then submit again")
 

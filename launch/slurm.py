@@ -329,6 +329,16 @@ def launched(run_dir: str) -> dict:
     return json.loads(path.read_text())
 
 
+# Job states from which a job does not move on by itself (Slurm's squeue(1) "JOB STATE CODES").
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                   "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT")
+
+
+def is_active(state: str) -> bool:
+    """Whether a job in ``state`` (as ``job_state`` reads it) is still queued, running or about to run again."""
+    return not state.startswith("UNKNOWN") and state.split()[0] not in TERMINAL_STATES
+
+
 def job_state(job_id: str) -> str:
     out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.split()
     if out:

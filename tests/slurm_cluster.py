@@ -54,6 +54,8 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from chimera.launch.slurm import TERMINAL_STATES
+
 __all__ = [
     "TERMINAL_STATES",
     "SlurmCluster",
@@ -76,18 +78,6 @@ TMP_PREFIX = "chimera-slurm-"
 # A slurm.conf of ours, wherever the temp root was when it was made.
 _OUR_CONF = re.compile(rf"/{re.escape(TMP_PREFIX)}[^/]+/slurm\.conf$")
 
-# Job states from which a job does not move on by itself.
-TERMINAL_STATES = (
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "PREEMPTED",
-    "BOOT_FAIL",
-    "DEADLINE",
-)
 
 # Variables a test process may have inherited from an outer Slurm job; they would steer sbatch/srun.
 _SLURM_ENV_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "SQUEUE_", "SINFO_", "SCANCEL_")

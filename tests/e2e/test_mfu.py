@@ -68,7 +68,8 @@ def test_bench_prints_consistent_throughput_scaling_and_the_hf_comparison(tmp_pa
     for _, seq, sequences, step_ms, tokens_s, tflops, mfu, memory in rows:
         seq, sequences = int(seq), int(sequences)
         assert number(tokens_s) == pytest.approx(sequences * seq / (number(step_ms) / 1e3), rel=2e-3, abs=1)
-        assert number(tflops) == pytest.approx(model_flops_per_token(cfg, seq) * number(tokens_s) / 1e12, rel=2e-3)
+        # TFLOP/s printed to 3 significant figures: up to 0.5% from the exact figure (0.000111 for 0.0001115)
+        assert number(tflops) == pytest.approx(model_flops_per_token(cfg, seq) * number(tokens_s) / 1e12, rel=5e-3)
         assert number(mfu) == pytest.approx(100 * number(tflops) * 1e12 / peak, rel=2e-3, abs=0.01)
         assert number(memory) > 0
     [(_, per_seq_32, per_seq_64, alpha)] = parse_table(out, "| layout | ms/seq")
