@@ -30,8 +30,9 @@ its ``[1, 1, d]`` vectors are ``[d]`` here.
 Reference: ``forward`` computes the WKV in chunks (``wkv``, below), in fp32 or wider, no loop over tokens:
 within a chunk of ``Q`` tokens, pairs ``s < t`` with the decay ``exp(sum_{s<j<t} log w_j)`` per key channel, a
 difference of log cumulative sums that is never positive (so nothing overflows); between chunks the state at
-each chunk's end, by a linear scan over chunks (``chimera.models.scan``). ``step`` is the recurrence itself,
-one token at a time, with O(1) state (the token-shift input and ``S``).
+each chunk's end, by a linear scan over chunks (``chimera.models.scan``). ``model.kernels`` picks the Triton
+kernels for the within-chunk step and the scan (``chimera.models.ops.rwkv6``, ``chimera.models.ops.scan``).
+``step`` is the recurrence itself, one token at a time, with O(1) state (the token-shift input and ``S``).
 
 Tensor parallelism splits heads: ``receptance``, ``key``, ``value``, ``gate`` are column parallel, ``output``
 row parallel; ``time_decay``, ``time_faaaa``, ``ln_x`` and the decay LoRA's ``D_2`` (its output columns) split
@@ -57,7 +58,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from chimera.models.numerics import at_least_fp32
-from chimera.models.scan import linear_scan, log_decay_after
+from chimera.models.ops import dispatch
+from chimera.models.scan import log_decay_after
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import halo, linear_scan_across
 from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
@@ -92,14 +94,31 @@ class RWKVConfig(SublayerConfig):
 # ---- the WKV ----------------------------------------------------------------------------------------------
 
 
+def within_chunks(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, before: torch.Tensor, cum: torch.Tensor,
+                  document: torch.Tensor | None) -> torch.Tensor:
+    """Step 1 of ``wkv`` without the bonus: ``y_t = sum_{s < t} (r_t . (k_s * exp(before_t - cum_s))) v_s`` over the
+    keys of ``t``'s document (``r, k, before, cum [..., q, n]``, ``v [..., q, m]``; ``before``, ``cum``: the log
+    decays before and up to each position in its chunk; ``document``: broadcastable to ``[..., q]``, each position's
+    document index in its chunk, or None: one document). Its Triton kernel, the decays in registers:
+    ``chimera.models.ops.rwkv6``."""
+    q = r.shape[-2]
+    lower = torch.ones(q, q, dtype=torch.bool, device=r.device).tril(-1)  # [t, s]: s < t
+    gap = (before.unsqueeze(-2) - cum.unsqueeze(-3)).masked_fill(~lower[..., None], -math.inf)  # [.., t, s, n]
+    scores = torch.einsum("...tn,...sn,...tsn->...ts", r, k, torch.exp(gap))
+    if document is not None:
+        scores = scores * (document[..., :, None] == document[..., None, :])  # same document
+    return scores @ v
+
+
 def wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch.Tensor, u: torch.Tensor, chunk: int,
-        reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS) -> torch.Tensor:
+        reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto") -> torch.Tensor:
     """``o_t = r_t (S_{t-1} + diag(u) k_t^T v_t)`` of ``S_t = diag(w_t) S_{t-1} + k_t^T v_t`` for a whole sequence.
 
     ``r, k, v, log_w [s, b, h, n]`` (``log_w = log w_t <= 0``), ``u [h, n]``; ``reset [s, b]`` marks the tokens
     where ``S_{t-1}`` is dropped (documents' first tokens). Inside, tensors are ``[b, h, c, q, n]`` (chunk ``c``,
     position ``q`` in it). Under context parallelism the inputs are this rank's part of the sequence and the scan
-    between chunks continues from the state the earlier ranks leave."""
+    between chunks continues from the state the earlier ranks leave. ``kernels``: ``model.kernels`` for step 1 and
+    the scan of step 3 (``chimera.models.ops.dispatch``)."""
     s = r.shape[0]
     pad = -s % chunk
 
@@ -118,11 +137,8 @@ def wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch.Tensor, 
     before = cum - log_w  # log prod_{j < t} w_j
 
     # 1. Within a chunk, s < t: (r_t . (k_s * prod_{s<j<t} w_j)) v_s, and the bonus for s = t.
-    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=r.device).tril(-1)  # [t, s]: s < t
-    gap = (before.unsqueeze(-2) - cum.unsqueeze(-3)).masked_fill(~lower[..., None], -math.inf)  # [.., t, s, n]
-    scores = torch.einsum("bhctn,bhcsn,bhctsn->bhcts", r, k, torch.exp(gap))
-    scores = scores * (resets.squeeze(-1).unsqueeze(-1) == resets.squeeze(-1).unsqueeze(-2))  # same document
-    y = scores @ v + (r * u[:, None, None] * k).sum(-1, keepdim=True) * v
+    y = dispatch.rwkv6_within_chunks(r, k, v, before, cum, resets.squeeze(-1), kernels=kernels)
+    y = y + (r * u[:, None, None] * k).sum(-1, keepdim=True) * v
 
     # 2. Each chunk's own tokens in the state at its end: sum_s diag(prod_{s<j<=end} w_j) k_s^T v_s.
     kept = resets[..., -1:, :] == resets  # no reset after s in the chunk
@@ -130,8 +146,8 @@ def wkv(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch.Tensor, 
 
     # 3. Between chunks: S_end[c] = diag(prod of chunk c's w) S_end[c-1] + chunk_states[c] (0 after a reset).
     carried = torch.exp(cum[..., -1, :]) * (resets[..., -1, :] == 0)  # [b, h, c, n]
-    ends, first = linear_scan_across(linear_scan, carried.movedim(2, 0).unsqueeze(-1), chunk_states.movedim(2, 0),
-                                     dims)
+    ends, first = linear_scan_across(dispatch.scan_with(kernels), carried.movedim(2, 0).unsqueeze(-1),
+                                     chunk_states.movedim(2, 0), dims)
     first = torch.zeros_like(ends[:1]) if first is None else first.unsqueeze(0)  # the state before the first chunk
     entering = torch.cat([first, ends[:-1]]).movedim(0, 2)  # [b, h, c, n, n]: the state before each chunk
 
@@ -195,9 +211,11 @@ class TimeMix(nn.Module):
     ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
 
     def __init__(self, d_model: int, head_size: int, *, mix_lora: int = 32, decay_lora: int = 64,
-                 group_norm_eps: float = 64e-5, chunk: int = 16, init_std: float, out_std: float, dims: ParallelDims):
+                 group_norm_eps: float = 64e-5, chunk: int = 16, init_std: float, out_std: float, dims: ParallelDims,
+                 kernels: str = "auto"):
         super().__init__()
         self.dims, self.head_size, self.chunk, self.group_norm_eps = dims, head_size, chunk, group_norm_eps
+        self.kernels = kernels
         self.heads_local = dims.local(d_model // head_size, "RWKV heads (d_model / rwkv_head_size)")
         self.mix_lora = mix_lora
         # token-shift mixing: [d] each, and its LoRA [d, 5 L], [5, L, d]; replicated (the whole input's)
@@ -253,7 +271,8 @@ class TimeMix(nn.Module):
         r, k, v, g, log_w = self._inputs(x, token_shift(x, docs, self.dims))
         reset = None if docs is None else docs.starts
         k, v, log_w = self._heads(k), self._heads(v), log_w.unflatten(-1, (self.heads_local, -1))
-        o = wkv(self._heads(r), k, v, log_w, at_least_fp32(self.time_faaaa), self.chunk, reset, self.dims)
+        o = wkv(self._heads(r), k, v, log_w, at_least_fp32(self.time_faaaa), self.chunk, reset, self.dims,
+                self.kernels)
         return self._out(o, g), k, v, log_w
 
     def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
@@ -283,7 +302,7 @@ class TimeMix(nn.Module):
 def build(c: RWKVConfig, b: Build) -> TimeMix:
     return TimeMix(c.d_model, c.rwkv_head_size, mix_lora=c.rwkv_mix_lora, decay_lora=c.rwkv_decay_lora,
                    group_norm_eps=c.rwkv_group_norm_eps, chunk=c.rwkv_chunk, init_std=b.init_std, out_std=b.out_std,
-                   dims=b.dims)
+                   dims=b.dims, kernels=c.kernels)
 
 
 def check_tensor_parallel(c: RWKVConfig, tp: int) -> str | None:

@@ -4,7 +4,7 @@
 
 * ``reference``: the readable math where it lives (``chimera.models.scan``, the mixers, ``chimera.models.conv``);
 * ``triton``: the kernels of ``chimera.models.ops.<op>`` (the linear scan, the short conv, and within chunks Mamba-2's
-  SSD and Based's linear attention). On a CUDA tensor they need ``triton`` importable; on a
+  SSD, Based's linear attention and RWKV-6's WKV). On a CUDA tensor they need ``triton`` importable; on a
   CPU tensor they run in Triton's interpreter, which only ``TRITON_INTERPRET=1`` (set before ``triton`` is first
   imported) turns on — the tests' way of holding the kernels to the reference without a GPU;
 * ``auto``: the kernels on CUDA tensors when ``triton`` imports (the SSD kernel excepted, see
@@ -115,3 +115,17 @@ def based_within_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docum
     from chimera.models.mixers import based  # imports this module
 
     return based.within_chunks(q, k, v, document)
+
+
+def rwkv6_within_chunks(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, before: torch.Tensor, cum: torch.Tensor,
+                        document: torch.Tensor | None, *, kernels: str = "auto") -> torch.Tensor:
+    """``chimera.models.mixers.rwkv6.within_chunks``: RWKV-6's WKV inside each chunk, without the bonus (``r, k,
+    before, cum [..., q, n]``, ``v [..., q, m]``, ``document``: each position's document index in its chunk, or
+    None)."""
+    if use_triton(kernels, v.device):
+        from chimera.models.ops import rwkv6
+
+        return rwkv6.within_chunks(r, k, v, before, cum, document)
+    from chimera.models.mixers import rwkv6  # imports this module
+
+    return rwkv6.within_chunks(r, k, v, before, cum, document)

@@ -187,11 +187,65 @@ def test_based_with_kernels_equals_the_recurrent_form_across_chunks_and_odd_leng
     assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
 
 
+# ---- RWKV-6's WKV ---------------------------------------------------------------------------------------------------
+
+def wkv_chunk_inputs(shape, m, gen):
+    """``r, k, v`` and the log decays before / up to each position (cumulative sums of ``log w < 0``, as ``wkv``
+    makes them), all requiring gradients; ``shape``: ``[..., q, n]``."""
+    r, k = (torch.randn(shape, generator=gen).requires_grad_() for _ in range(2))
+    v = torch.randn(*shape[:-1], m, generator=gen).requires_grad_()
+    log_w = -torch.exp(torch.randn(shape, generator=gen) - 1.0)
+    cum = log_w.cumsum(-2).requires_grad_()
+    before = (cum.detach() - log_w).requires_grad_()
+    return r, k, v, before, cum
+
+
+@pytest.mark.parametrize("q_len,n,m", [(16, 16, 16), (8, 5, 3)])  # below 16: masked
+@pytest.mark.parametrize("packed", [False, True])
+def test_rwkv6_within_chunks_kernel_equals_reference(q_len, n, m, packed):
+    from chimera.models.mixers import rwkv6
+
+    gen = torch.Generator().manual_seed(q_len + n + m)
+    inputs = wkv_chunk_inputs((2, 3, 2, q_len, n), m, gen)
+    # each position's document index in its chunk, shared by the heads (as wkv passes it)
+    document = (torch.rand(2, 1, 2, q_len, generator=gen) < 0.2).long().cumsum(-1) if packed else None
+    got = dispatch.rwkv6_within_chunks(*inputs, document, kernels="triton")
+    want = rwkv6.within_chunks(*inputs, document)
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+
+
+def test_rwkv6_wkv_with_kernels_equals_the_recurrence_across_chunks_and_odd_length():
+    """The whole chunked WKV (kernel within chunks and for the scan between them, torch for the rest) on 37 tokens
+    in chunks of 16, with resets, against the recurrence one token at a time in fp64 and the reference chunks."""
+    from chimera.models.mixers import rwkv6
+
+    gen = torch.Generator().manual_seed(11)
+    s, b, h, n = 37, 2, 3, 4
+    r, k, v = (torch.randn(s, b, h, n, generator=gen).requires_grad_() for _ in range(3))
+    log_w = (-torch.exp(torch.randn(s, b, h, n, generator=gen) - 1.0)).requires_grad_()
+    u = torch.randn(h, n, generator=gen).requires_grad_()
+    reset = torch.rand(s, b, generator=gen) < 0.1
+    reset[0] = True
+    inputs = (r, k, v, log_w, u)
+    got = rwkv6.wkv(*inputs, 16, reset, kernels="triton")
+    want = rwkv6.wkv(*inputs, 16, reset, kernels="reference")
+    state = torch.zeros(b, h, n, n, dtype=torch.float64)
+    recurrence = []
+    for t in range(s):
+        state = state * ~reset[t, :, None, None, None]
+        o, state = rwkv6.wkv_step(*(x[t].double() for x in (r, k, v)), log_w[t].double().exp(), u.double(), state)
+        recurrence.append(o)
+    torch.testing.assert_close(got, want, **FP32)
+    torch.testing.assert_close(got.double(), torch.stack(recurrence), **FP32)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+
+
 # ---- through the mixers: a whole model with kernels=triton equals kernels=reference --------------------------------
 
 SMALLER = {"mamba-tiny": ["num_layers=2", "ssm_state=4"], "gryphon-tiny": ["num_layers=4"],
            "griffin-tiny": ["num_layers=3"], "mamba2-tiny": ["num_layers=2"],
-           "based-tiny": ["num_layers=4"]}  # the interpreter is slow
+           "based-tiny": ["num_layers=4"], "goldfinch-tiny": ["pattern=WCGC"]}  # the interpreter is slow
 
 
 def loss_and_grads(preset, kernels, seq=23):
@@ -207,10 +261,12 @@ def loss_and_grads(preset, kernels, seq=23):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("preset", ["griffin-tiny", "mamba-tiny", "gryphon-tiny", "mamba2-tiny", "based-tiny"])
+@pytest.mark.parametrize("preset", ["griffin-tiny", "mamba-tiny", "gryphon-tiny", "mamba2-tiny", "based-tiny",
+                                    "goldfinch-tiny"])
 def test_model_with_triton_kernels_equals_reference(preset):
     """RG-LRU + conv (Griffin), Mamba-1's selective scan + conv, S5's complex scan (Gryphon), Mamba-2's SSD + convs,
-    Based's linear attention + BaseConv's conv; an odd length (23) and packed documents."""
+    Based's linear attention + BaseConv's conv, RWKV-6's WKV (GoldFinch's Finch blocks); an odd length (23) and
+    packed documents."""
     loss, grad = loss_and_grads(preset, "triton")
     loss_ref, grad_ref = loss_and_grads(preset, "reference")
     torch.testing.assert_close(loss, loss_ref, **FP32)
