@@ -259,14 +259,20 @@ class Mamba2Mixer(nn.Module):
     def _ssm_inputs(self, x: torch.Tensor, bc: torch.Tensor, dt: torch.Tensor):
         """Per head, in fp32: ``x [..., h, p]``, ``B, C [..., h, n]``, ``dt = max(softplus(dt + dt_bias), dt_min)``."""
         x = at_least_fp32(x).unflatten(-1, (self.heads_local, self.head_dim))
-        # each group's B, C repeated for its heads (a broadcast view, not a gather), then this rank's heads
-        bc = at_least_fp32(bc).unflatten(-1, (self.n_slots, 1, 2, self.d_state))
-        bc = bc.expand(*bc.shape[:-3], self.heads_per_group, 2, self.d_state).flatten(-4, -3)
-        bc = bc.narrow(-3, self.first_head_slot, self.heads_local)
+        # B and C apart (unbind: its backward stacks the two gradients, where a select's fills a zero one of the
+        # whole), each group's repeated for its heads (a broadcast view, not a gather), then this rank's heads
+        B, C = at_least_fp32(bc).unflatten(-1, (self.n_slots, 1, 2, self.d_state)).unbind(-2)
         dt = F.softplus(at_least_fp32(dt) + self.dt_bias)
         if self.dt_min > 0:
             dt = dt.clamp(min=self.dt_min)
-        return x, bc[..., 0, :], bc[..., 1, :], dt
+        return x, self._heads_of_groups(B), self._heads_of_groups(C), dt
+
+    def _heads_of_groups(self, t: torch.Tensor) -> torch.Tensor:
+        """``[..., groups, 1, n]`` -> ``[..., heads / tp, n]``: each group's vector for each of this rank's heads."""
+        t = t.expand(*t.shape[:-2], self.heads_per_group, self.d_state).flatten(-3, -2)
+        if t.shape[-2] != self.heads_local:  # some heads elsewhere (TP); narrow's backward fills a zero gradient
+            t = t.narrow(-2, self.first_head_slot, self.heads_local)
+        return t
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``w * RMSNorm(y * SiLU(z))`` over each group's channels (HF ``MambaRMSNormGated``), cast to ``z``'s dtype."""
