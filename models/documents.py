@@ -13,6 +13,7 @@ halos a mixer receives from earlier chunks.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,14 @@ class PackedDocuments:
         local = local_chunk(seg, dims, 0)
         return cls(local, local_chunk(position_ids.t().contiguous(), dims, 0), local_chunk(starts, dims, 0), seg,
                    dims.cp_rank * local.shape[0])
+
+    @functools.cached_property
+    def reach(self) -> int:
+        """How far back within its document a token of this chunk sees, at most, counting itself (the largest
+        in-document index, plus one): causal attention within documents is a sliding window of ``reach`` positions.
+        Computed once per batch (a host sync), for every layer that reads it."""
+        within = in_document_positions(self.all_segment_ids)[self.offset: self.offset + self.segment_ids.shape[0]]
+        return int(within.max()) + 1
 
     def preceding_segment_ids(self, n: int) -> torch.Tensor:
         """``[n, b]``: segment ids of the ``n`` positions before this chunk; -1 before the sequence's start."""

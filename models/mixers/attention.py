@@ -238,15 +238,24 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)  # None: 1/sqrt(d_head)
         return o.permute(2, 0, 1, 3).flatten(-2)  # [s, b, heads * d_head]
 
-    def _in_blocks(self, s: int) -> bool:
-        """Whether ``s`` queries attend by ``sliding_window_attention`` (the window's mask, longer than one window,
-        outside an exported graph) rather than with the dense mask ``visible`` builds."""
-        return (self.window is not None and s > self.window and type(self).visible is Attention.visible
-                and not torch.compiler.is_exporting())
+    def _band(self, s: int, s_k: int, reach: int | None = None) -> int | None:
+        """The window ``sliding_window_attention`` runs this layer's mask with, in blocks, for ``s`` queries over
+        ``s_k`` keys; None: the dense mask ``visible`` builds (a subclass's own pattern, or an exported graph).
 
-    def _attend_window(self, q, k, v, key_ok=None, q_seg=None, k_seg=None) -> torch.Tensor:
-        """``_attend`` with the sliding window's mask, in blocks (``sliding_window_attention``)."""
-        o = sliding_window_attention(q, k[:, self.kv_of_head], v[:, self.kv_of_head], self.window, key_ok=key_ok,
+        Local attention longer than its window runs in blocks. Over packed documents no token looks further back
+        than its document's start, ``reach`` positions at most (``PackedDocuments.reach``): causal attention within
+        documents *is* a sliding window of ``reach``: the band is the shorter of the two windows, and it runs in blocks
+        too where it is at most half the keys (a block of ``band`` queries reads ``2 band - 1`` keys)."""
+        windows = [w for w in (self.window, reach) if w is not None]
+        if not windows or type(self).visible is not Attention.visible or torch.compiler.is_exporting():
+            return None
+        band = min(windows)
+        return band if (self.window is not None and s > self.window) or 2 * band <= s_k else None
+
+    def _attend_window(self, q, k, v, band: int, key_ok=None, q_seg=None, k_seg=None) -> torch.Tensor:
+        """``_attend`` with the mask of a sliding window of ``band`` positions, in blocks
+        (``sliding_window_attention``)."""
+        o = sliding_window_attention(q, k[:, self.kv_of_head], v[:, self.kv_of_head], band, key_ok=key_ok,
                                      q_seg=q_seg, k_seg=k_seg, scale=self.scale)
         return o.permute(2, 0, 1, 3).flatten(-2)
 
@@ -262,15 +271,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, docs=None, lora=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
         """``docs``: packed documents; a token then sees only its own document, at in-document positions."""
-        pos = chunk_start(x.shape[0], self.dims) + torch.arange(x.shape[0], device=x.device)  # sequence positions
+        start = chunk_start(x.shape[0], self.dims)
+        pos = start + torch.arange(x.shape[0], device=x.device)  # sequence positions
         q, k, v = self._project(x, pos if docs is None else docs.position_ids.t().unsqueeze(1), lora)  # RoPE
         k, v, k_pos = self._keys_values(k, v, pos)
         q_seg = k_seg = None
         if docs is not None:  # a token sees only its own document
             q_seg = docs.segment_ids.t()  # [b, s]
             k_seg = docs.all_segment_ids.index_select(0, k_pos.clamp(min=0)).t()  # [b, s_k] (k_pos < 0: masked)
-        if self._in_blocks(x.shape[0]):
-            return self.o_proj(self._attend_window(q, k, v, k_pos >= 0, q_seg, k_seg))
+        seen = k.shape[2] if self.window is not None else start + x.shape[0]  # global under CP: not later chunks'
+        band = self._band(x.shape[0], seen, None if docs is None else docs.reach)
+        if band is not None:
+            return self.o_proj(self._attend_window(q, k[:, :, :seen], v[:, :, :seen], band, k_pos[:seen] >= 0,
+                                                   q_seg, None if k_seg is None else k_seg[:, :seen]))
         allowed = self.visible(pos, k_pos)  # [s, s_k]
         if docs is not None:
             allowed = (allowed & (q_seg[:, :, None] == k_seg[:, None, :])).unsqueeze(1)
@@ -309,8 +322,9 @@ class Attention(nn.Module):
         s, b = x.shape[:2]
         pos = torch.arange(s, device=x.device)
         q, k, v = self._project(x, pos, lora)
-        if self._in_blocks(s):
-            out = self.o_proj(self._attend_window(q, k, v))
+        band = self._band(s, s)
+        if band is not None:
+            out = self.o_proj(self._attend_window(q, k, v, band))
         else:
             out = self.o_proj(self._attend(q, k, v, self.visible(pos, pos, max_len)))
         state = self.init_state(b, max_len)

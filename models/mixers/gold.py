@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from chimera.models.mixers.attention import sliding_window_attention
 from chimera.models.mixers.rwkv6 import RWKVConfig, _ramp, replicated, small_uniform, token_shift
 from chimera.models.norms import LayerNorm
 from chimera.models.numerics import at_least_fp32
@@ -189,8 +190,7 @@ class GoldAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:  # [s, b, h n] -> [b, h, s, n]
         return t.unflatten(-1, (self.heads_local, self.head_size)).permute(1, 2, 0, 3)
 
-    def _out(self, q, k, v, allowed) -> torch.Tensor:
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed)
+    def _out(self, o: torch.Tensor) -> torch.Tensor:  # o [b, h, s, n]
         o = o.permute(2, 0, 1, 3).flatten(-2)  # [s, b, h n]
         return self.output(layer_norm_over_heads(o, self.ln_x.weight, self.ln_x.bias, self.d_model, self.eps,
                                                  self.dims))
@@ -203,12 +203,20 @@ class GoldAttention(nn.Module):
             starts = torch.cat([torch.zeros_like(seg[:1], dtype=torch.bool), seg[1:] != seg[:-1]])
         k, v = self._keys_values(kc, xo, starts)
         q = self._queries(x, token_shift(x, docs, self.dims))
-        pos = chunk_start(x.shape[0], self.dims) + torch.arange(x.shape[0], device=x.device)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        start = chunk_start(x.shape[0], self.dims)
+        seen = start + x.shape[0]  # the keys up to this chunk's last query
+        if docs is not None and 2 * docs.reach <= seen and not torch.compiler.is_exporting():
+            # within documents causal attention is a sliding window of their reach: in blocks, no [s, S] mask
+            return self._out(sliding_window_attention(q, k[:, :, :seen], v[:, :, :seen], docs.reach,
+                                                      q_seg=docs.segment_ids.t(),
+                                                      k_seg=docs.all_segment_ids[:seen].t()))
+        pos = start + torch.arange(x.shape[0], device=x.device)
         allowed = torch.arange(kc.shape[0], device=x.device)[None, :] <= pos[:, None]  # [s, S]
         if docs is not None:  # and only its own document
             allowed = (allowed & (docs.segment_ids.t()[:, :, None] == docs.all_segment_ids.t()[:, None, :]))
             allowed = allowed.unsqueeze(1)
-        return self._out(q, k, v, allowed)
+        return self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=allowed))
 
     def init_state(self, batch: int, max_len: int):
         w = self.query.weight
@@ -242,7 +250,7 @@ class GoldAttention(nn.Module):
         k, v = self._keys_values(kc, xo, None)
         q = self._queries(x, state["shift"].unsqueeze(0))
         state["shift"] = x[0]
-        return self._out(q, k, v, None)
+        return self._out(F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype)))
 
 
 def build(c: GoldConfig, b: Build) -> GoldAttention:

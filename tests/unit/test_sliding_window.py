@@ -84,5 +84,52 @@ def test_a_local_attention_layer_longer_than_its_window_runs_in_blocks(monkeypat
                         lambda *a, **kw: calls.append(1) or blocked(*a, **kw))
     out = layer(x)
     assert calls == [1] and torch.isfinite(out).all()
-    monkeypatch.setattr(attention_mixer.Attention, "_in_blocks", lambda self, s: False)
+    monkeypatch.setattr(attention_mixer.Attention, "_band", lambda self, *a: None)
     torch.testing.assert_close(out, layer(x), rtol=1e-12, atol=1e-12)
+
+
+def packed(lengths_per_row):
+    """``PackedDocuments`` of rows of documents of the given lengths."""
+    from chimera.models.documents import PackedDocuments
+
+    seg = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths_per_row])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths_per_row])
+    return PackedDocuments.from_batch(seg, pos)
+
+
+@pytest.mark.parametrize("window,lengths,band", [
+    (None, [(9, 3, 11, 1, 6), (7, 7, 7, 9)], 11),  # global: the longest document's reach, under half the keys
+    (None, [(5, 25), (30,)], None),  # a document longer than half the sequence: the dense mask
+    (32, [(5, 25), (30,)], None),  # local, the sequence within its window, long documents: the dense mask
+    (32, [(9, 3, 11, 1, 6), (7, 7, 7, 9)], 11),  # local, the sequence within its window: the documents' reach
+    (8, [(9, 3, 11, 1, 6), (7, 7, 7, 9)], 8),  # local: its window, shorter than the documents' reach
+    (12, [(3, 5, 4, 6, 6, 6), (2,) * 15], 6),  # local: the documents' reach, shorter than its window
+])
+def test_attention_over_packed_documents_runs_in_blocks_of_their_reach(monkeypatch, window, lengths, band):
+    """Within packed documents, global attention is a sliding window of the longest document's reach: the layer
+    takes the blocked path with that window where it is at most half the sequence (no SDPA call then has an [s, s]
+    mask) and equals its dense-mask forward, outputs and parameter gradients."""
+    torch.manual_seed(0)
+    layer = attention_mixer.Attention(16, 4, 2, 4, window=window, rope=attention_mixer.Rope(4, 10000.0),
+                                      init_std=0.2, out_std=0.2, dims=SINGLE_PROCESS)
+    initialize_parameters(layer, seed=0)
+    layer = layer.double()
+    docs = packed(lengths)
+    s = docs.segment_ids.shape[0]
+    x = torch.randn(s, 2, 16, dtype=torch.float64)
+    bands, masks = [], []
+    blocked, sdpa = attention_mixer.sliding_window_attention, F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_mixer, "sliding_window_attention",
+                        lambda q, k, v, w, **kw: bands.append(w) or blocked(q, k, v, w, **kw))
+    monkeypatch.setattr(attention_mixer.F, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, **kw: masks.append(tuple(attn_mask.shape[-2:])) or
+                        sdpa(*a, attn_mask=attn_mask, **kw))
+    out = layer(x, docs)
+    grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+    assert bands == ([] if band is None else [band])
+    assert ((s, s) in masks) == (band is None)
+    monkeypatch.setattr(attention_mixer.Attention, "_band", lambda self, *a: None)
+    ref = layer(x, docs)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, torch.autograd.grad(ref.square().sum(), list(layer.parameters()))):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
