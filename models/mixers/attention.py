@@ -185,6 +185,14 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return o.unflatten(0, (b, nq)).transpose(1, 2).flatten(2, 3)[:, :, :s]  # [b, h, s, d]
 
 
+def blocks_pay(band: int, keys: int) -> bool:
+    """Whether attention over ``keys`` keys within a band of ``band`` positions is faster in blocks
+    (``sliding_window_attention``, a block of ``band`` queries reads ``2 band - 1`` keys) than with the dense mask:
+    where the keys are at least three bands. ``benchmarks/sliding_window.py --document-length 1024`` (CPU,
+    forward + backward): blocks/dense 0.86x at 2 bands, 1.63x at 3, 1.94x at 4, 9.1x at 16."""
+    return 3 * band <= keys
+
+
 class Attention(nn.Module):
     ROW_POSITIONS = True  # step takes each row's position (chimera.models.positions)
 
@@ -232,10 +240,12 @@ class Attention(nn.Module):
         cos, sin = self.rope.tables(positions)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _attend(self, q, k, v, allowed: torch.Tensor) -> torch.Tensor:
-        """Attention of local query heads over their kv heads; ``allowed`` [s_q, s_k] is True where visible."""
+    def _attend(self, q, k, v, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Attention of local query heads over their kv heads; ``allowed`` [s_q, s_k] is True where visible, or None:
+        causal over the queries' own positions (SDPA's ``is_causal``, no mask formed)."""
         k, v = k[:, self.kv_of_head], v[:, self.kv_of_head]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)  # None: 1/sqrt(d_head)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+                                           scale=self.scale)  # scale None: 1/sqrt(d_head)
         return o.permute(2, 0, 1, 3).flatten(-2)  # [s, b, heads * d_head]
 
     def _band(self, s: int, s_k: int, reach: int | None = None) -> int | None:
@@ -245,12 +255,19 @@ class Attention(nn.Module):
         Local attention longer than its window runs in blocks. Over packed documents no token looks further back
         than its document's start, ``reach`` positions at most (``PackedDocuments.reach``): causal attention within
         documents *is* a sliding window of ``reach``: the band is the shorter of the two windows, and it runs in blocks
-        too where it is at most half the keys (a block of ``band`` queries reads ``2 band - 1`` keys)."""
+        too where that pays (``blocks_pay``)."""
         windows = [w for w in (self.window, reach) if w is not None]
         if not windows or type(self).visible is not Attention.visible or torch.compiler.is_exporting():
             return None
         band = min(windows)
-        return band if (self.window is not None and s > self.window) or 2 * band <= s_k else None
+        return band if (self.window is not None and s > self.window) or blocks_pay(band, s_k) else None
+
+    def _only_causal(self, s: int, s_k: int) -> bool:
+        """Whether the mask is causality alone, ``s`` queries over their own ``s_k = s`` keys (global attention, one
+        document per row, no context parallelism): SDPA's ``is_causal`` then, with no ``[s, s]`` mask (CPU, forward +
+        backward: ``benchmarks/sliding_window.py --causal``)."""
+        return (self.window is None and s == s_k and type(self).visible is Attention.visible
+                and not torch.compiler.is_exporting())
 
     def _attend_window(self, q, k, v, band: int, key_ok=None, q_seg=None, k_seg=None) -> torch.Tensor:
         """``_attend`` with the mask of a sliding window of ``band`` positions, in blocks
@@ -284,6 +301,8 @@ class Attention(nn.Module):
         if band is not None:
             return self.o_proj(self._attend_window(q, k[:, :, :seen], v[:, :, :seen], band, k_pos[:seen] >= 0,
                                                    q_seg, None if k_seg is None else k_seg[:, :seen]))
+        if docs is None and self._only_causal(x.shape[0], k.shape[2]):
+            return self.o_proj(self._attend(q, k, v, None))
         allowed = self.visible(pos, k_pos)  # [s, s_k]
         if docs is not None:
             allowed = (allowed & (q_seg[:, :, None] == k_seg[:, None, :])).unsqueeze(1)
@@ -325,6 +344,8 @@ class Attention(nn.Module):
         band = self._band(s, s)
         if band is not None:
             out = self.o_proj(self._attend_window(q, k, v, band))
+        elif self._only_causal(s, s):
+            out = self.o_proj(self._attend(q, k, v, None))
         else:
             out = self.o_proj(self._attend(q, k, v, self.visible(pos, pos, max_len)))
         state = self.init_state(b, max_len)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from chimera.models.mixers.attention import sliding_window_attention
+from chimera.models.mixers.attention import blocks_pay, sliding_window_attention
 from chimera.models.mixers.rwkv6 import RWKVConfig, _ramp, replicated, small_uniform, token_shift
 from chimera.models.norms import LayerNorm
 from chimera.models.numerics import at_least_fp32
@@ -206,11 +206,13 @@ class GoldAttention(nn.Module):
         k, v = k.to(q.dtype), v.to(q.dtype)
         start = chunk_start(x.shape[0], self.dims)
         seen = start + x.shape[0]  # the keys up to this chunk's last query
-        if docs is not None and 2 * docs.reach <= seen and not torch.compiler.is_exporting():
+        if docs is not None and blocks_pay(docs.reach, seen) and not torch.compiler.is_exporting():
             # within documents causal attention is a sliding window of their reach: in blocks, no [s, S] mask
             return self._out(sliding_window_attention(q, k[:, :, :seen], v[:, :, :seen], docs.reach,
                                                       q_seg=docs.segment_ids.t(),
                                                       k_seg=docs.all_segment_ids[:seen].t()))
+        if docs is None and seen == kc.shape[0] and not torch.compiler.is_exporting():  # causal alone: no mask
+            return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=True))
         pos = start + torch.arange(x.shape[0], device=x.device)
         allowed = torch.arange(kc.shape[0], device=x.device)[None, :] <= pos[:, None]  # [s, S]
         if docs is not None:  # and only its own document

@@ -31,7 +31,7 @@ dims = topo.dims(sequence_parallel=tp > 1)
 def packed_batch():
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 300, (2, 32), generator=g)
-    lengths = [(5, 11, 9, 7), (10, 12, 10)]  # row 0: a document starts at 16 (and 5, 25); row 1: one spans 16
+    lengths = [(5, 11, 9, 7), (8, 10, 7, 7)]  # row 0: a document starts at 16 (and 5, 25); row 1: one spans 16
     seg = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths])
     pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
     return ids, seg, pos

@@ -3,8 +3,8 @@ gives the unsplit model's logits, loss and every gradient, for every mixer.
 
 The batch packs documents (``packing: boundaries``) with one starting exactly at the split in one row and one
 spanning it in the other, and the loss adds the same rows unpacked, so each mixer's context-parallel rule is
-exercised both ways: global attention (keys/values of every chunk; over the packed rows the second rank attends
-in blocks of the documents' reach, 12, the first with the dense mask), sliding-window attention (a halo of
+exercised both ways: global attention (keys/values of every chunk; over the packed rows the second rank attends in
+blocks of the documents' reach, 10, the first, and one rank, with the dense mask), sliding-window attention (a halo of
 ``window - 1`` positions, here wider than a chunk), short convolutions (a halo of ``kernel - 1``), the RG-LRU,
 Mamba-1 (one and several heads) and Mamba-2 (scans carried across ranks; Mamba-2 with chunks that do not divide
 a rank's part), Hyena's long convolutions (implicit filter: the whole sequence's inputs gathered; modal filter: its

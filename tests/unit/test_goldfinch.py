@@ -44,10 +44,11 @@ def test_causal():
     assert (a[:, 29] - b[:, 29]).abs().max() > 1e-6  # the last position still sees it (attention, recurrence)
 
 
-def test_packed_documents_equal_documents_run_separately():
+@pytest.mark.parametrize("lengths", [(7, 18, 1, 12), (5, 9, 1, 12, 3, 8)])  # GOLD: dense mask; in blocks of 12
+def test_packed_documents_equal_documents_run_separately(lengths):
     model = goldfinch()
     g = torch.Generator().manual_seed(0)
-    docs = [torch.randint(0, 320, (n,), generator=g) for n in (7, 18, 1, 12)]
+    docs = [torch.randint(0, 320, (n,), generator=g) for n in lengths]
     tokens = torch.cat(docs)[None]
     seg = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
     pos = torch.cat([torch.arange(len(d)) for d in docs])[None]

@@ -98,16 +98,16 @@ def packed(lengths_per_row):
 
 
 @pytest.mark.parametrize("window,lengths,band", [
-    (None, [(9, 3, 11, 1, 6), (7, 7, 7, 9)], 11),  # global: the longest document's reach, under half the keys
-    (None, [(5, 25), (30,)], None),  # a document longer than half the sequence: the dense mask
+    (None, [(9, 3, 10, 2, 6), (7, 7, 7, 9)], 10),  # global: the longest document's reach, a third of the keys
+    (None, [(9, 3, 11, 1, 6), (7, 7, 7, 9)], None),  # a document longer than a third of the sequence: the dense mask
     (32, [(5, 25), (30,)], None),  # local, the sequence within its window, long documents: the dense mask
-    (32, [(9, 3, 11, 1, 6), (7, 7, 7, 9)], 11),  # local, the sequence within its window: the documents' reach
+    (32, [(9, 3, 10, 2, 6), (7, 7, 7, 9)], 10),  # local, the sequence within its window: the documents' reach
     (8, [(9, 3, 11, 1, 6), (7, 7, 7, 9)], 8),  # local: its window, shorter than the documents' reach
     (12, [(3, 5, 4, 6, 6, 6), (2,) * 15], 6),  # local: the documents' reach, shorter than its window
 ])
 def test_attention_over_packed_documents_runs_in_blocks_of_their_reach(monkeypatch, window, lengths, band):
     """Within packed documents, global attention is a sliding window of the longest document's reach: the layer
-    takes the blocked path with that window where it is at most half the sequence (no SDPA call then has an [s, s]
+    takes the blocked path with that window where it is at most a third of the sequence (no SDPA call then has an [s, s]
     mask) and equals its dense-mask forward, outputs and parameter gradients."""
     torch.manual_seed(0)
     layer = attention_mixer.Attention(16, 4, 2, 4, window=window, rope=attention_mixer.Rope(4, 10000.0),
@@ -131,5 +131,31 @@ def test_attention_over_packed_documents_runs_in_blocks_of_their_reach(monkeypat
     monkeypatch.setattr(attention_mixer.Attention, "_band", lambda self, *a: None)
     ref = layer(x, docs)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, torch.autograd.grad(ref.square().sum(), list(layer.parameters()))):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_global_attention_over_one_document_per_row_is_causal_without_a_mask(monkeypatch):
+    """One document per row, no context parallelism: SDPA's is_causal (no mask given), equal to the dense causal
+    mask, outputs and parameter gradients; and prefill takes it too."""
+    torch.manual_seed(0)
+    layer = attention_mixer.Attention(16, 4, 2, 4, window=None, rope=attention_mixer.Rope(4, 10000.0),
+                                      init_std=0.2, out_std=0.2, dims=SINGLE_PROCESS)
+    initialize_parameters(layer, seed=0)
+    layer = layer.double()
+    x = torch.randn(23, 2, 16, dtype=torch.float64)
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_mixer.F, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, is_causal=False, **kw: calls.append((attn_mask, is_causal)) or
+                        sdpa(*a, attn_mask=attn_mask, is_causal=is_causal, **kw))
+    out = layer(x)
+    prefilled, _ = layer.prefill(x, max_len=32)
+    assert calls == [(None, True), (None, True)]
+    grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+    monkeypatch.setattr(attention_mixer.Attention, "_only_causal", lambda self, *a: False)
+    ref = layer(x)
+    assert calls[-1][0].shape[-2:] == (23, 23) and not calls[-1][1]
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(prefilled, ref, rtol=1e-12, atol=1e-12)
     for g, e in zip(grads, torch.autograd.grad(ref.square().sum(), list(layer.parameters()))):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
