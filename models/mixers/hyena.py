@@ -85,6 +85,7 @@ from torch import nn
 from chimera.models import complex_pairs
 from chimera.models.conv import CausalConv1d
 from chimera.models.numerics import at_least_fp32
+from chimera.models.ops import dispatch
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import gather_sequence, local_chunk
 from chimera.parallel.dims import ParallelDims
@@ -159,6 +160,12 @@ def long_conv(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``h (*) z``: by FFT, except in a graph ``torch.export`` traces for ONNX, which has no complex tensors (the
     FFT's spectrum): there the definition, ``direct_long_conv`` (``O(s^2)``, s at most the decoding cache)."""
     return direct_long_conv(z, h) if torch.compiler.is_exporting() else fft_long_conv(z, h)
+
+
+def gate_with_skip(g: torch.Tensor, y: torch.Tensor, z: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """The step after a long convolution ``y = h^n (*) z^n``: ``z^{n+1} = g (y + D^n z^n)``, ``g = x^{n+1}`` the gate
+    and ``D^n [c]`` the skip (``chimera.models.ops.hyena`` fuses it)."""
+    return g * (y + D * z)
 
 
 def long_conv_within_documents(z: torch.Tensor, h: torch.Tensor, segment_ids: torch.Tensor, conv=long_conv
@@ -272,12 +279,14 @@ class ModalFilter(nn.Module):
 class ExplicitFilter(nn.Module):
     """``filters`` depthwise causal FIRs of ``length`` taps over this rank's channels (``X``; with ``decay``, ``D``)."""
 
-    def __init__(self, filters: int, channels: int, length: int, decay: bool, dims: ParallelDims):
+    def __init__(self, filters: int, channels: int, length: int, decay: bool, dims: ParallelDims,
+                 kernels: str = "auto"):
         super().__init__()
         self.length, self.decay, self.dims, self.channels = length, decay, dims, channels
         local = dims.local(channels, "d_model")
         # each [channels / tp, length], split along dim 0; weight[:, -1] multiplies the current input
-        self.convs = nn.ModuleList(CausalConv1d(local, length, bias=False, dims=dims) for _ in range(filters))
+        self.convs = nn.ModuleList(CausalConv1d(local, length, bias=False, dims=dims, kernels=kernels)
+                                   for _ in range(filters))
 
     def weight(self, n: int) -> torch.Tensor:
         """Filter ``n``'s conv weight ``[channels / tp, length]``, its decay applied (``D``)."""
@@ -334,10 +343,11 @@ class Hyena(nn.Module):
     """Symbol ``H``: the Hyena operator of order ``N`` over this rank's heads."""
 
     def __init__(self, c: HyenaConfig, *, init_std: float, out_std: float, dims: ParallelDims, kind: str | None = None,
-                 filter_len: int = 0):
-        """``kind``: ``short`` (``X``) or ``medium`` (``D``): FIRs of ``filter_len`` taps; default ``hyena_filter``."""
+                 filter_len: int = 0, kernels: str = "auto"):
+        """``kind``: ``short`` (``X``) or ``medium`` (``D``): FIRs of ``filter_len`` taps; default ``hyena_filter``.
+        ``kernels``: ``model.kernels`` (``chimera.models.ops.dispatch``: the short convs, the FIRs, the gate)."""
         super().__init__()
-        d, self.order, self.dims = c.d_model, c.hyena_order, dims
+        d, self.order, self.dims, self.kernels = c.d_model, c.hyena_order, dims, kernels
         self.kind = kind or c.hyena_filter
         self.heads_local = dims.local(c.num_heads, "num_heads")
         self.head_dim = d // c.num_heads
@@ -347,10 +357,10 @@ class Hyena(nn.Module):
         self.in_proj = ColumnParallel(d, streams * d, dims, init=normal(init_std), bias=c.hyena_bias)
         # [(N + 1) d / tp, k]: split along dim 0 with the projection's rows
         self.short_conv = CausalConv1d(streams * self.channels_local, c.hyena_short_kernel, bias=c.hyena_short_bias,
-                                       dims=dims)
+                                       dims=dims, kernels=kernels)
         filters = self.order - 1
         if self.kind in ("short", "medium"):
-            self.filter = ExplicitFilter(filters, d, filter_len, self.kind == "medium", dims)
+            self.filter = ExplicitFilter(filters, d, filter_len, self.kind == "medium", dims, kernels)
         elif self.kind == "implicit":
             self.filter = ImplicitFilter(filters, d, c.hyena_filter_emb, c.hyena_filter_width, c.hyena_filter_max_len,
                                          c.hyena_filter_sine_freq, dims)
@@ -426,7 +436,8 @@ class Hyena(nn.Module):
         for n in range(self.order - 1):
             if long_inputs is not None:
                 long_inputs.append(z)
-            z = gates[n + 1] * (self._long_conv(n, z, docs) + self.D[n] * z)
+            z = dispatch.hyena_gate_with_skip(gates[n + 1], self._long_conv(n, z, docs), z, self.D[n],
+                                              kernels=self.kernels)
         return self.out_proj(z.to(projected.dtype))
 
     def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
@@ -489,7 +500,7 @@ class Hyena(nn.Module):
 
 
 def build(c: HyenaConfig, b: Build) -> Hyena:
-    return Hyena(c, init_std=b.init_std, out_std=b.out_std, dims=b.dims)
+    return Hyena(c, init_std=b.init_std, out_std=b.out_std, dims=b.dims, kernels=c.kernels)
 
 
 def check_tensor_parallel(c: HyenaConfig, tp: int) -> str | None:
@@ -525,12 +536,12 @@ def context_parallel(c: HyenaConfig) -> ContextParallel:
 
 def build_short(c: ShortExplicitConfig, b: Build) -> Hyena:
     return Hyena(c, init_std=b.init_std, out_std=b.out_std, dims=b.dims, kind="short",
-                 filter_len=c.hyena_short_filter_len)
+                 filter_len=c.hyena_short_filter_len, kernels=c.kernels)
 
 
 def build_medium(c: MediumRegularizedConfig, b: Build) -> Hyena:
     return Hyena(c, init_std=b.init_std, out_std=b.out_std, dims=b.dims, kind="medium",
-                 filter_len=c.hyena_medium_filter_len)
+                 filter_len=c.hyena_medium_filter_len, kernels=c.kernels)
 
 
 def explicit_halo(c: HyenaConfig, filter_len: int) -> ContextParallel:

@@ -3,10 +3,11 @@
 ``model.kernels`` chooses (``chimera.models.spec.ModelFields``):
 
 * ``reference``: the readable math where it lives (``chimera.models.scan``, the mixers, ``chimera.models.conv``);
-* ``triton``: the kernels of ``chimera.models.ops.<op>`` (the linear scan, the short conv, and within chunks Mamba-2's
-  SSD, Based's linear attention and RWKV-6's WKV). On a CUDA tensor they need ``triton`` importable; on a
-  CPU tensor they run in Triton's interpreter, which only ``TRITON_INTERPRET=1`` (set before ``triton`` is first
-  imported) turns on — the tests' way of holding the kernels to the reference without a GPU;
+* ``triton``: the kernels of ``chimera.models.ops.<op>`` (the linear scan, the short conv, Hyena's gate and skip after
+  its long convolution, and within chunks Mamba-2's SSD, Based's linear attention and RWKV-6's WKV). On a CUDA
+  tensor they need ``triton`` importable; on a CPU tensor they run in Triton's interpreter, which only
+  ``TRITON_INTERPRET=1`` (set before ``triton`` is first imported) turns on — the tests' way of holding the kernels
+  to the reference without a GPU;
 * ``auto``: the kernels on CUDA tensors when ``triton`` imports (the SSD kernel excepted, see
   ``ssd_within_chunks``), else the reference: on CPU the reference is the only fast path (the kernels run there only
   in the interpreter, for tests). GPU figures: ``benchmarks/gpu_fast_paths.py``, ``benchmarks/RESULTS.md``.
@@ -129,3 +130,16 @@ def rwkv6_within_chunks(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, befor
     from chimera.models.mixers import rwkv6  # imports this module
 
     return rwkv6.within_chunks(r, k, v, before, cum, document)
+
+
+def hyena_gate_with_skip(g: torch.Tensor, y: torch.Tensor, z: torch.Tensor, D: torch.Tensor, *,
+                         kernels: str = "auto") -> torch.Tensor:
+    """``chimera.models.mixers.hyena.gate_with_skip``: ``g * (y + D z)`` after the long convolution ``y = h (*) z``
+    (``g, y, z [s, b, c]``, ``D [c]``)."""
+    if use_triton(kernels, z.device):
+        from chimera.models.ops import hyena
+
+        return hyena.gate_with_skip(g, y, z, D)
+    from chimera.models.mixers import hyena  # imports this module
+
+    return hyena.gate_with_skip(g, y, z, D)

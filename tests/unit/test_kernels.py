@@ -113,6 +113,25 @@ def test_short_conv_kernel_equals_reference(kernel, s, bias, packed):
     assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
 
 
+# ---- Hyena's gate and skip after the long convolution --------------------------------------------------------------
+
+@pytest.mark.parametrize("s,c", [(37, 70), (1, 5)])  # rows and channels not multiples of the 32 x 64 tiles
+def test_hyena_gate_with_skip_kernel_equals_reference(s, c):
+    """``g (y + D z)``, forward and the gradients of all four (``D``'s summed over every row); the gate a strided view
+    of a wider tensor, as Hyena's streams are."""
+    from chimera.models.mixers import hyena
+
+    gen = torch.Generator().manual_seed(s)
+    wide = torch.randn(s, 2, 2 * c, generator=gen).requires_grad_()
+    y, z = (torch.randn(s, 2, c, generator=gen).requires_grad_() for _ in range(2))
+    D = torch.randn(c, generator=gen).requires_grad_()
+    g = wide[..., ::2]
+    got = dispatch.hyena_gate_with_skip(g, y, z, D, kernels="triton")
+    want = hyena.gate_with_skip(g, y, z, D)
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, (wide, y, z, D)), grads(want, (wide, y, z, D)), **FP32)
+
+
 # ---- Mamba-2's SSD within chunks ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("q,n,p", [(16, 16, 16), (8, 5, 3)])  # dims below the kernel's 16-wide tiles: masked
@@ -245,7 +264,8 @@ def test_rwkv6_wkv_with_kernels_equals_the_recurrence_across_chunks_and_odd_leng
 
 SMALLER = {"mamba-tiny": ["num_layers=2", "ssm_state=4"], "gryphon-tiny": ["num_layers=4"],
            "griffin-tiny": ["num_layers=3"], "mamba2-tiny": ["num_layers=2"],
-           "based-tiny": ["num_layers=4"], "goldfinch-tiny": ["pattern=WCGC"]}  # the interpreter is slow
+           "based-tiny": ["num_layers=4"], "goldfinch-tiny": ["pattern=WCGC"],
+           "hyena-tiny": ["num_layers=2"], "striped-hyena2-tiny": []}  # the interpreter: slow
 
 
 def loss_and_grads(preset, kernels, seq=23):
@@ -262,10 +282,11 @@ def loss_and_grads(preset, kernels, seq=23):
 
 
 @pytest.mark.parametrize("preset", ["griffin-tiny", "mamba-tiny", "gryphon-tiny", "mamba2-tiny", "based-tiny",
-                                    "goldfinch-tiny"])
+                                    "goldfinch-tiny", "hyena-tiny", "striped-hyena2-tiny"])
 def test_model_with_triton_kernels_equals_reference(preset):
     """RG-LRU + conv (Griffin), Mamba-1's selective scan + conv, S5's complex scan (Gryphon), Mamba-2's SSD + convs,
-    Based's linear attention + BaseConv's conv, RWKV-6's WKV (GoldFinch's Finch blocks); an odd length (23) and
+    Based's linear attention + BaseConv's conv, RWKV-6's WKV (GoldFinch's Finch blocks), Hyena's short convs and gate
+    (implicit filter), StripedHyena 2's FIRs (X, D: the short-conv kernel) and modal Hyena; an odd length (23) and
     packed documents."""
     loss, grad = loss_and_grads(preset, "triton")
     loss_ref, grad_ref = loss_and_grads(preset, "reference")
