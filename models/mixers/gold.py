@@ -211,7 +211,7 @@ class GoldAttention(nn.Module):
             return self._out(sliding_window_attention(q, k[:, :, :seen], v[:, :, :seen], docs.reach,
                                                       q_seg=docs.segment_ids.t(),
                                                       k_seg=docs.all_segment_ids[:seen].t()))
-        if docs is None and seen == kc.shape[0] and not torch.compiler.is_exporting():  # causal alone: no mask
+        if docs is None and x.shape[0] == kc.shape[0] and not torch.compiler.is_exporting():  # no CP: causal alone
             return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=True))
         pos = start + torch.arange(x.shape[0], device=x.device)
         allowed = torch.arange(kc.shape[0], device=x.device)[None, :] <= pos[:, None]  # [s, S]
