@@ -38,7 +38,10 @@ divides ``d_inner``, ``n_groups`` divides the number of heads, TP divides the nu
 
 Reference: ``forward`` runs the chunked SSD algorithm (Sec. 6, Listing 1) in fp32: within a chunk
 the quadratic "masked attention" form with a segment-sum decay matrix, between chunks the state
-recurrence by a parallel scan over chunks (``chimera.models.scan``); no loop over tokens. ``step``
+recurrence by a parallel scan over chunks (``chimera.models.scan``); no loop over tokens. A group's heads share
+``B`` and ``C``, so what depends on them alone is computed once per group, not per head: the chunk's ``C B^T``
+(then weighted by each head's decay), and the contractions with ``B`` (the chunks' states) and ``C`` (the entering
+state read out) as one matmul over the group's heads side by side. ``step``
 advances one token with O(1) state (conv windows + the ``[H, P, N]`` SSM state). Context parallelism
 carries exactly that state between sequence chunks on different ranks: the convs' inputs as halos, and
 the SSM state continuing the scan over chunks across ranks (``chimera.parallel.context``).
@@ -123,10 +126,26 @@ def segsum(log_a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~lower, -math.inf)
 
 
+def chunk_decay(log_a: torch.Tensor) -> torch.Tensor:
+    """``exp(segsum(log_a))``, ``decay[..., l, s] = prod_{s < k <= l} a_k`` (0 for ``s > l`` and across a document
+    start, where ``log a = -inf``), from one cumulative sum: ``exp(cum_l - cum_s)`` where ``l >= s`` lie in one
+    document, ``cum`` the sum of the finite logs after the chunk's first entry (which no product includes, so its
+    gradient from here is exactly 0). Two elementwise passes over ``[q, q]``, where ``segsum`` runs a cumulative sum
+    down every column (and its backward a flipped one); rounding: ``|cum|`` times fp32's epsilon in the exponent."""
+    starts = torch.isinf(log_a)
+    cum = F.pad(log_a.masked_fill(starts, 0.0)[..., 1:].cumsum(-1), (1, 0))
+    document = starts.cumsum(-1)  # a start begins a new one; [..., q]
+    q = log_a.shape[-1]
+    visible = torch.ones(q, q, dtype=torch.bool, device=log_a.device).tril()
+    visible = visible & (document.unsqueeze(-1) == document.unsqueeze(-2))
+    return torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~visible, -math.inf))
+
+
 def within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
     """Step 1 of ``ssd``, the diagonal blocks: ``y_l = sum_{s <= l} (C_l . B_s) decay[l, s] xdt_s`` within each chunk
-    (``C, B [..., q, n]``, ``xdt [..., q, p]``, ``log_a [..., q]``); its Triton kernel: ``chimera.models.ops.ssd``."""
-    decay = torch.exp(segsum(log_a))  # [..., l, s]: prod_{s < k <= l} a_k, 0 for s > l
+    (``C, B [..., q, n]``, broadcast against ``xdt [..., q, p]`` and ``log_a [..., q]``: a group's ``C B^T`` once for
+    its heads); its Triton kernel: ``chimera.models.ops.ssd``."""
+    decay = chunk_decay(log_a)  # [..., l, s]: prod_{s < k <= l} a_k, 0 for s > l
     return (torch.matmul(C, B.transpose(-1, -2)) * decay) @ xdt
 
 
@@ -134,15 +153,17 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto") -> torch.Tensor:
     """``y_t = C_t . h_t`` of ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`` for a whole sequence, chunked.
 
-    ``x [s, b, h, p]``, ``dt [s, b, h]``, ``A [h]``, ``B, C [s, b, h, n]`` -> ``y [s, b, h, p]``;
+    ``x [s, b, h, p]``, ``dt [s, b, h]``, ``A [h]``, ``B, C [s, b, g, n]`` -> ``y [s, b, h, p]``: ``g`` groups of
+    ``h / g`` consecutive heads, each group's heads reading its ``B, C`` (``g = h``: a ``B, C`` per head);
     ``reset [s, b]`` marks tokens where ``h_{t-1}`` is dropped (decay 0). The skip ``D x`` is not added.
-    Inside, tensors are ``[b, h, c, q, ...]`` (chunk ``c``, position ``q`` in it), so that every contraction
-    is a batched matmul over ``(b, h, c)`` without further copies; states are held as ``[n, p]``.
-    Under context parallelism ``x`` ... ``C`` are this rank's part of the sequence; the scan between chunks
-    (step 3) continues from the state the earlier ranks' chunks leave (``chimera.parallel.context``).
-    ``kernels``: ``model.kernels`` for step 1 and the scan of step 3 (``chimera.models.ops.dispatch``).
+    Inside, tensors are ``[b, g, h / g, c, q, ...]`` (chunk ``c``, position ``q`` in it; ``B, C`` without the
+    heads' axis), so that every contraction is a batched matmul without further copies of ``B`` or ``C`` per head;
+    states are held as ``[n, p]``. Under context parallelism ``x`` ... ``C`` are this rank's part of the sequence; the
+    scan between chunks (step 3) continues from the state the earlier ranks' chunks leave
+    (``chimera.parallel.context``). ``kernels``: ``model.kernels`` for step 1 and the scan of step 3
+    (``chimera.models.ops.dispatch``).
     """
-    s = x.shape[0]
+    s, h, g = x.shape[0], x.shape[2], B.shape[2]
     log_a = dt * A  # log of the decay, <= 0
     if reset is not None:
         log_a = log_a.masked_fill(reset.unsqueeze(-1), -math.inf)
@@ -152,28 +173,31 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
         t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)).movedim(0, 2).contiguous()
         return t.unflatten(2, (-1, chunk_size))
 
-    xdt, B, C = chunks(x * dt.unsqueeze(-1)), chunks(B), chunks(C)
-    log_a = chunks(log_a)  # [b, h, c, q]
+    def by_group(t):  # [b, h, ...] -> [b, g, h / g, ...]
+        return t.unflatten(1, (g, h // g))
+
+    xdt, log_a = by_group(chunks(x * dt.unsqueeze(-1))), by_group(chunks(log_a))  # [b, g, h/g, c, q, (p)]
+    B, C = chunks(B), chunks(C)  # [b, g, c, q, n]
 
     # 1. Within a chunk (diagonal blocks): y_l = sum_{s <= l} (C_l . B_s) decay[l, s] dt_s x_s.
-    y = dispatch.ssd_within_chunks(C, B, xdt, log_a, kernels=kernels)  # [b, h, c, l, p]
+    y = dispatch.ssd_within_chunks(C.unsqueeze(2), B.unsqueeze(2), xdt, log_a, kernels=kernels)  # [b, g, h/g, c, l, p]
 
-    # 2. Each chunk's own tokens in the state at its end: sum_s decay[q-1, s] B_s (dt_s x_s)^T, where
-    # decay[q-1, s] = prod_{k > s} a_k (in the chunk).
-    to_end = torch.exp(log_decay_after(log_a.movedim(-1, 0)).movedim(0, -1))  # [b, h, c, q]
-    chunk_states = (B * to_end.unsqueeze(-1)).transpose(-1, -2) @ xdt  # [b, h, c, n, p]
+    # 2. Each chunk's own tokens in the state at its end: sum_s B_s (decay[q-1, s] dt_s x_s)^T, where
+    # decay[q-1, s] = prod_{k > s} a_k (in the chunk); B_s^T against all the group's heads at once.
+    to_end = torch.exp(log_decay_after(log_a.movedim(-1, 0)).movedim(0, -1))  # [b, g, h/g, c, q]
+    chunk_states = torch.einsum("bgcqn,bghcqp->bghcnp", B, xdt * to_end.unsqueeze(-1)).flatten(1, 2)  # [b,h,c,n,p]
 
     # 3. Between chunks: h_end[c] = (prod of chunk c's decays) h_end[c-1] + chunk_states[c].
-    cum = log_a.cumsum(-1)  # [b, h, c, q]: log prod_{k <= l} a_k
+    cum = log_a.cumsum(-1)  # [b, g, h/g, c, q]: log prod_{k <= l} a_k
     ends, first = linear_scan_across(dispatch.scan_with(kernels),
-                                     torch.exp(cum[..., -1]).movedim(2, 0)[..., None, None],
+                                     torch.exp(cum[..., -1]).flatten(1, 2).movedim(2, 0)[..., None, None],
                                      chunk_states.movedim(2, 0), dims)
     first = torch.zeros_like(ends[:1]) if first is None else first.unsqueeze(0)  # the state before the 1st chunk
-    entering = torch.cat([first, ends[:-1]]).movedim(0, 2)  # the state before each chunk
+    entering = by_group(torch.cat([first, ends[:-1]]).movedim(0, 2))  # the state before each chunk [b,g,h/g,c,n,p]
 
     # 4. The entering state read out inside the chunk: y_l += (prod_{k <= l} a_k) C_l . h_entering.
-    y = y + (C @ entering) * torch.exp(cum).unsqueeze(-1)
-    return y.flatten(2, 3).movedim(2, 0)[:s]
+    y = y + torch.einsum("bgcqn,bghcnp->bghcqp", C, entering) * torch.exp(cum).unsqueeze(-1)
+    return y.flatten(1, 2).flatten(2, 3).movedim(2, 0)[:s]
 
 
 class Mamba2Mixer(nn.Module):
@@ -256,16 +280,29 @@ class Mamba2Mixer(nn.Module):
     def _project(self, u: torch.Tensor):
         return self.in_proj_z(u), self.in_proj_x(u), self.in_proj_bc(u), self.in_proj_dt(u)
 
-    def _ssm_inputs(self, x: torch.Tensor, bc: torch.Tensor, dt: torch.Tensor):
-        """Per head, in fp32: ``x [..., h, p]``, ``B, C [..., h, n]``, ``dt = max(softplus(dt + dt_bias), dt_min)``."""
+    def _ssm_inputs(self, x: torch.Tensor, bc: torch.Tensor, dt: torch.Tensor, per_head: bool = True):
+        """In fp32: ``x [..., h, p]``, ``B, C [..., h, n]`` per head (or, ``per_head=False``, ``[..., g, n]`` for ``g``
+        groups of this rank's heads, ``_groups_of_local_heads``), ``dt = max(softplus(dt + dt_bias), dt_min)``."""
         x = at_least_fp32(x).unflatten(-1, (self.heads_local, self.head_dim))
         # B and C apart (unbind: its backward stacks the two gradients, where a select's fills a zero one of the
-        # whole), each group's repeated for its heads (a broadcast view, not a gather), then this rank's heads
+        # whole), then this rank's heads' groups or each group's repeated for its heads
         B, C = at_least_fp32(bc).unflatten(-1, (self.n_slots, 1, 2, self.d_state)).unbind(-2)
         dt = F.softplus(at_least_fp32(dt) + self.dt_bias)
         if self.dt_min > 0:
             dt = dt.clamp(min=self.dt_min)
-        return x, self._heads_of_groups(B), self._heads_of_groups(C), dt
+        of_heads = self._heads_of_groups if per_head else self._groups_of_local_heads
+        return x, of_heads(B), of_heads(C), dt
+
+    def _groups_of_local_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[..., slots, 1, n]`` -> ``[..., g, n]``, ``g`` groups of this rank's heads in order, ``heads / tp / g``
+        each: the groups held here where this rank's heads are whole groups, the one group where they lie in one (TP
+        splits a group), else one vector per head (``_heads_of_groups``)."""
+        per_group, first, local = self.heads_per_group, self.first_head_slot, self.heads_local
+        if first % per_group == 0 and local % per_group == 0:  # whole groups: then exactly those held here
+            return t.squeeze(-2)
+        if first // per_group == (first + local - 1) // per_group:  # all within one group
+            return t.squeeze(-2).narrow(-2, first // per_group, 1)
+        return self._heads_of_groups(t)
 
     def _heads_of_groups(self, t: torch.Tensor) -> torch.Tensor:
         """``[..., groups, 1, n]`` -> ``[..., heads / tp, n]``: each group's vector for each of this rank's heads."""
@@ -290,7 +327,7 @@ class Mamba2Mixer(nn.Module):
         reset = None if docs is None else docs.starts
         z, xs, bc, dt = self._project(x)
         xs, bc = F.silu(self.conv_x(xs, docs)), F.silu(self.conv_bc(bc, docs))
-        xh, B, C, dt = self._ssm_inputs(xs, bc, dt)
+        xh, B, C, dt = self._ssm_inputs(xs, bc, dt, per_head=False)
         B, C = self._state_vectors(B, C)
         A = -torch.exp(at_least_fp32(self.A_log))
         y = ssd(xh, dt, A, B, C, self.chunk_size, reset, self.dims, self.kernels) + self.D.unsqueeze(-1) * xh

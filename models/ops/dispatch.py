@@ -91,7 +91,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor, *,
                       kernels: str = "auto") -> torch.Tensor:
     """``chimera.models.mixers.mamba2.within_chunks``: Mamba-2's SSD inside each chunk (``C, B [..., q, n]``,
-    ``xdt [..., q, p]``, ``log_a [..., q]``, ``-inf`` at a document's start) -> ``y [..., q, p]``.
+    broadcast against ``xdt [..., q, p]``, ``log_a [..., q]``, ``-inf`` at a document's start) -> ``y [..., q, p]``.
 
     ``auto`` runs the reference here, also on CUDA: the kernel holds a whole chunk in one program, and on an H200 at
     Mamba-2's chunk of 256 (state 128) it did not finish its first check within minutes (``benchmarks/RESULTS.md``,
@@ -99,7 +99,8 @@ def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a
     if kernels != "auto" and use_triton(kernels, xdt.device):
         from chimera.models.ops import ssd
 
-        return ssd.within_chunks(C, B, xdt, log_a)
+        heads = (*xdt.shape[:-2], *C.shape[-2:])  # the kernel takes a C, B per head
+        return ssd.within_chunks(C.expand(heads), B.expand(heads), xdt, log_a)
     from chimera.models.mixers import mamba2  # imports this module
 
     return mamba2.within_chunks(C, B, xdt, log_a)

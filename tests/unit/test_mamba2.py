@@ -187,3 +187,56 @@ def test_segsum_is_exact_with_document_starts():
         for j in range(4):
             expected = log_a[j + 1 : i + 1].sum() if i >= j else -math.inf
             assert out[i, j] == expected, (i, j)
+
+
+@pytest.mark.parametrize("heads,groups,tp", [(8, 2, 1), (8, 1, 2), (8, 2, 2), (8, 4, 2), (8, 2, 4), (8, 8, 4),
+                                             (6, 3, 2), (12, 2, 4)])
+def test_groups_of_a_ranks_heads_equal_the_vectors_of_each_head(heads, groups, tp):
+    """What ``ssd`` reads per group (``_groups_of_local_heads``: whole groups, one group split by TP, or heads that
+    straddle groups) repeated over the heads of each group equals each local head's own vector, on every rank."""
+    for rank in range(tp):
+        m = Mamba2Mixer(heads * 4 // 2, d_state=3, head_dim=4, n_groups=groups, init_std=0.1, out_std=0.1,
+                        dims=ParallelDims(tp=tp, tp_rank=rank))
+        t = torch.randn(5, m.n_slots, 1, 3)
+        per_head, per_group = m._heads_of_groups(t), m._groups_of_local_heads(t)
+        assert m.heads_local % per_group.shape[-2] == 0
+        torch.testing.assert_close(per_group.repeat_interleave(m.heads_local // per_group.shape[-2], -2), per_head,
+                                   rtol=0, atol=0)
+
+
+def test_ssd_with_a_groups_b_and_c_equals_them_repeated_for_its_heads():
+    """``ssd`` reading ``B, C`` once per group of heads equals it reading each head's copy: outputs and gradients."""
+    from chimera.models.mixers.mamba2 import ssd
+
+    gen = torch.Generator().manual_seed(0)
+    s, b, h, p, n, g = 37, 2, 6, 4, 5, 2
+    x = torch.randn(s, b, h, p, generator=gen, dtype=torch.float64, requires_grad=True)
+    dt = (0.05 + 0.2 * torch.rand(s, b, h, generator=gen, dtype=torch.float64)).requires_grad_()
+    A = -torch.rand(h, generator=gen, dtype=torch.float64) - 0.5
+    B, C = (torch.randn(s, b, g, n, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    reset = torch.rand(s, b, generator=gen) < 0.1
+    got = ssd(x, dt, A, B, C, 16, reset)
+    want = ssd(x, dt, A, B.repeat_interleave(h // g, 2), C.repeat_interleave(h // g, 2), 16, reset)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(got, (x, dt, B, C), grad), torch.autograd.grad(want, (x, dt, B, C), grad)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_chunk_decay_equals_the_exp_of_segsum_with_document_starts(dtype, tol):
+    """``chunk_decay`` (differences of one cumulative sum, masked by document) equals ``exp(segsum)`` (the masked
+    cumulative sums): values and the gradient of log a, with documents starting mid-chunk and at its first token."""
+    from chimera.models.mixers.mamba2 import chunk_decay, segsum
+
+    gen = torch.Generator().manual_seed(0)
+    log_a = -2.0 * torch.rand(3, 4, 64, generator=gen, dtype=torch.float64)
+    log_a[0, 1, 10] = log_a[1, 2, 0] = log_a[2, 3, 63] = log_a[2, 0, 30] = log_a[2, 0, 31] = -math.inf
+    log_a = log_a.to(dtype).requires_grad_()
+    got, want = chunk_decay(log_a), torch.exp(segsum(log_a))
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    grad = torch.rand(got.shape, generator=gen, dtype=torch.float64).to(dtype)
+    (g_got,), (g_want,) = torch.autograd.grad(got, log_a, grad), torch.autograd.grad(want, log_a, grad)
+    assert torch.isfinite(g_got).all()
+    torch.testing.assert_close(g_got, g_want, rtol=tol * 10, atol=tol * 10)
+    assert (g_got[..., 0] == 0).all()  # no product includes a chunk's first entry
