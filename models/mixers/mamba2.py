@@ -138,7 +138,8 @@ def chunk_decay(log_a: torch.Tensor) -> torch.Tensor:
     q = log_a.shape[-1]
     visible = torch.ones(q, q, dtype=torch.bool, device=log_a.device).tril()
     visible = visible & (document.unsqueeze(-1) == document.unsqueeze(-2))
-    return torch.exp((cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~visible, -math.inf))
+    exponent = cum.unsqueeze(-1) + (-cum).unsqueeze(-2)  # cum_l - cum_s (a sum: no negation of the [q, q] gradient)
+    return torch.exp(torch.where(visible, exponent, -math.inf))
 
 
 def within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
