@@ -27,6 +27,11 @@ heads and their projection's gradient, partial per rank, is summed over TP.
 
 Over a sequence longer than the window, local attention runs in blocks of queries, each against the keys its
 window reaches (``sliding_window_attention``): memory and work ``O(s window)``, not the dense mask's ``O(s^2)``.
+Over packed documents a token sees no further back than its document's start, so attention within documents is a
+sliding window of the longest document's reach (``PackedDocuments.reach``) and runs in the same blocks where that
+pays (``blocks_pay``); one document per row without context parallelism passes no mask at all (SDPA's
+``is_causal``). The dense mask remains for the rest: long documents, an offset chunk under CP, subclasses' own
+patterns (BigBird), decoding and exported graphs.
 
 Decoding keeps keys/values in a ring buffer of ``window`` slots (local) or ``max_len`` slots
 (global): memory is bounded by the window for local attention. Prefill computes the prompt's keys and values

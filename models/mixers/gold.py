@@ -35,6 +35,8 @@ cache's ``W_a``, ``W_b``) are held whole on every rank, each rank's gradient for
 Context parallelism (``keys_values``): the compressed keys and the embeddings of every position are gathered from
 all ranks (``chimera.parallel.context.gather_sequence``); every rank decompresses the whole sequence and its queries
 attend to the positions up to theirs. Pipeline parallelism is refused: stages do not carry the published cache.
+The attention itself is ``chimera.models.mixers.attention``'s: in blocks of the documents' reach over packed
+documents where that pays, SDPA's ``is_causal`` for one document per row without CP, else the dense mask.
 """
 
 from __future__ import annotations
