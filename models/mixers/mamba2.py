@@ -130,8 +130,9 @@ def chunk_decay(log_a: torch.Tensor) -> torch.Tensor:
     """``exp(segsum(log_a))``, ``decay[..., l, s] = prod_{s < k <= l} a_k`` (0 for ``s > l`` and across a document
     start, where ``log a = -inf``), from one cumulative sum: ``exp(cum_l - cum_s)`` where ``l >= s`` lie in one
     document, ``cum`` the sum of the finite logs after the chunk's first entry (which no product includes, so its
-    gradient from here is exactly 0). Two elementwise passes over ``[q, q]``, where ``segsum`` runs a cumulative sum
-    down every column (and its backward a flipped one); rounding: ``|cum|`` times fp32's epsilon in the exponent."""
+    gradient from here is exactly 0). A sum, a select and an exponential over ``[q, q]``, where ``segsum`` runs a
+    cumulative sum down every column (and its backward a flipped one); rounding: ``|cum|`` times fp32's epsilon in
+    the exponent."""
     starts = torch.isinf(log_a)
     cum = F.pad(log_a.masked_fill(starts, 0.0)[..., 1:].cumsum(-1), (1, 0))
     document = starts.cumsum(-1)  # a start begins a new one; [..., q]
