@@ -36,7 +36,9 @@ The long filters ``h^n_t`` (``hyena_filter``):
 
 Reference and fast path: ``forward`` materialises the filters for the sequence's length and convolves by FFT,
 ``O(L log L)`` (``fft_long_conv``); ``direct_long_conv`` is the definition, the sum over lags as a Toeplitz matrix,
-beside it, and the tests hold one to the other and both to the step-by-step recurrence.
+beside it, and the tests hold one to the other and both to the step-by-step recurrence. With ``model.kernels``
+the short convs and explicit FIRs take the short-conv kernel and the gate and skip after each long convolution
+(``gate_with_skip``) a fused one (``chimera.models.ops.hyena``); the FFT itself stays torch's (cuFFT on a GPU).
 
 Decoding (``init_state`` + ``step``):
 
