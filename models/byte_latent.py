@@ -106,7 +106,7 @@ class GlobalModel(nn.Module):
         build = Build.of(cfg, dims)
         self.shared = nn.ModuleList(cfg.style.build_block(cfg, i, build) for i in range(len(cfg.shared_blocks)))
         self.layers = nn.ModuleList(build_layers(cfg, build, self.shared))
-        self.final_norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps)
+        self.final_norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps, kernels=cfg.kernels)
         self.activation_checkpointing = False
         bl = cfg.byte_latent
         self.merge, self.merge_after = None, len(self.layers)

@@ -114,9 +114,11 @@ class CausalLM(nn.Module):
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, dims, init=normal(cfg.init_std))
         self.shared = nn.ModuleList(cfg.style.build_block(cfg, i, build) for i in range(len(cfg.shared_blocks)))
         # RWKV's ln0: on the embeddings, before the residual stream is split along the sequence
-        self.embed_norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps) if cfg.numerics.embedding_norm else None
+        self.embed_norm = (build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps, kernels=cfg.kernels)
+                           if cfg.numerics.embedding_norm else None)
         self.layers = nn.ModuleList(build_layers(cfg, build, self.shared))
-        self.final_norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps, sequence_parallel=dims.sequence_parallel)
+        self.final_norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps, sequence_parallel=dims.sequence_parallel,
+                                      kernels=cfg.kernels)
         self.head = None if cfg.tie_embeddings else ColumnParallel(cfg.d_model, cfg.vocab_size, dims,
                                                                    init=normal(cfg.init_std))
         self.activation_checkpointing = False

@@ -78,7 +78,8 @@ class Sublayer(nn.Module):
         super().__init__()
         self.symbol = symbol
         self.dims = build.dims
-        self.norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps, sequence_parallel=build.dims.sequence_parallel)
+        self.norm = build_norm(cfg.numerics, cfg.d_model, cfg.norm_eps, sequence_parallel=build.dims.sequence_parallel,
+                               kernels=cfg.kernels)
         self.mixer = build_mixer(symbol, cfg, build)
         self.numerics = cfg.numerics
         self.reads_context = getattr(self.mixer, "reads_context", False)

@@ -8,9 +8,11 @@
   tensor they need ``triton`` importable; on a CPU tensor they run in Triton's interpreter, which only
   ``TRITON_INTERPRET=1`` (set before ``triton`` is first imported) turns on — the tests' way of holding the kernels
   to the reference without a GPU;
-* ``auto``: the kernels on CUDA tensors when ``triton`` imports (the SSD kernel excepted, see
-  ``ssd_within_chunks``), else the reference: on CPU the reference is the only fast path (the kernels run there only
-  in the interpreter, for tests). GPU figures: ``benchmarks/gpu_fast_paths.py``, ``benchmarks/RESULTS.md``.
+* ``auto``: on CUDA tensors, when ``triton`` imports, the kernels that have been checked on a GPU against their
+  reference (``benchmarks/gpu_fast_paths.py``'s check: the linear scan and the short conv), else the reference. The
+  others (SSD, Based, RWKV-6, Hyena's gate, RMSNorm) are held to their references only in the interpreter so far and
+  run only with ``triton``, until a device check has run them (``checked_on_gpu``). On CPU the reference is the only
+  fast path (the kernels run there only in the interpreter, for tests). GPU figures: ``benchmarks/RESULTS.md``.
 
 Every function here takes the reference's arguments plus ``kernels`` and returns what the reference returns.
 """
@@ -39,12 +41,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def use_triton(kernels: str, device: torch.device) -> bool:
-    """Whether ``kernels`` runs the Triton kernel for tensors on ``device`` (a ``UserError`` where it cannot)."""
+def use_triton(kernels: str, device: torch.device, checked_on_gpu: bool = True) -> bool:
+    """Whether ``kernels`` runs the Triton kernel for tensors on ``device`` (a ``UserError`` where it cannot);
+    ``checked_on_gpu``: whether the kernel has been held to its reference on a GPU, without which ``auto`` does not
+    take it."""
     if kernels == "reference":
         return False
     if kernels == "auto":
-        return device.type == "cuda" and triton_importable()
+        return checked_on_gpu and device.type == "cuda" and triton_importable()
     if kernels != "triton":
         raise ValueError(f"kernels={kernels!r}: expected auto, reference or triton")
     if not triton_importable():
@@ -96,7 +100,7 @@ def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a
     ``auto`` runs the reference here, also on CUDA: the kernel holds a whole chunk in one program, and on an H200 at
     Mamba-2's chunk of 256 (state 128) it did not finish its first check within minutes (``benchmarks/RESULTS.md``,
     fast paths); it must be tiled within the chunk first. ``triton`` still runs it."""
-    if kernels != "auto" and use_triton(kernels, xdt.device):
+    if use_triton(kernels, xdt.device, checked_on_gpu=False):
         from chimera.models.ops import ssd
 
         heads = (*xdt.shape[:-2], *C.shape[-2:])  # the kernel takes a C, B per head
@@ -110,7 +114,7 @@ def based_within_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docum
                         kernels: str = "auto") -> torch.Tensor:
     """``chimera.models.mixers.based.within_chunks``: Based's quadratic form inside each chunk (``q, k [..., l, f]``,
     ``v [..., l, e]``, ``document``: each position's document index in its chunk, or None)."""
-    if use_triton(kernels, v.device):
+    if use_triton(kernels, v.device, checked_on_gpu=False):
         from chimera.models.ops import based
 
         return based.within_chunks(q, k, v, document)
@@ -124,7 +128,7 @@ def rwkv6_within_chunks(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, befor
     """``chimera.models.mixers.rwkv6.within_chunks``: RWKV-6's WKV inside each chunk, without the bonus (``r, k,
     before, cum [..., q, n]``, ``v [..., q, m]``, ``document``: each position's document index in its chunk, or
     None)."""
-    if use_triton(kernels, v.device):
+    if use_triton(kernels, v.device, checked_on_gpu=False):
         from chimera.models.ops import rwkv6
 
         return rwkv6.within_chunks(r, k, v, before, cum, document)
@@ -137,10 +141,23 @@ def hyena_gate_with_skip(g: torch.Tensor, y: torch.Tensor, z: torch.Tensor, D: t
                          kernels: str = "auto") -> torch.Tensor:
     """``chimera.models.mixers.hyena.gate_with_skip``: ``g * (y + D z)`` after the long convolution ``y = h (*) z``
     (``g, y, z [s, b, c]``, ``D [c]``)."""
-    if use_triton(kernels, z.device):
+    if use_triton(kernels, z.device, checked_on_gpu=False):
         from chimera.models.ops import hyena
 
         return hyena.gate_with_skip(g, y, z, D)
     from chimera.models.mixers import hyena  # imports this module
 
     return hyena.gate_with_skip(g, y, z, D)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False, *,
+             kernels: str = "auto") -> torch.Tensor:
+    """``chimera.models.norms.rms_norm``: ``x / sqrt(mean(x^2) + eps) * w`` (``1 + w`` with ``offset``) over the last
+    dim, in fp32, returned in ``x``'s dtype."""
+    if use_triton(kernels, x.device, checked_on_gpu=False):
+        from chimera.models.ops import rmsnorm
+
+        return rmsnorm.rms_norm(x, weight, eps, offset)
+    from chimera.models import norms  # imports this module
+
+    return norms.rms_norm(x, weight, eps, offset)

@@ -74,11 +74,11 @@ class SharedTransformer(nn.Module):
         d, sp = cfg.d_model, dims.sequence_parallel
         att, mlp = cfg.sublayer("*"), cfg.sublayer("-")
         self.dims = dims
-        self.input_norm = RMSNorm(2 * d, cfg.norm_eps, sequence_parallel=sp)
+        self.input_norm = RMSNorm(2 * d, cfg.norm_eps, sequence_parallel=sp, kernels=cfg.kernels)
         self.attention = Attention(d, att.num_heads, att.num_kv_heads, att.head_dim, window=None,
                                    rope=rope_of(att), init_std=cfg.init_std,
                                    out_std=cfg.init_std, dims=dims, scale=att.attention_scale, in_features=2 * d)
-        self.mlp_norm = RMSNorm(d, cfg.norm_eps, sequence_parallel=sp)
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps, sequence_parallel=sp, kernels=cfg.kernels)
         self.mlp = GatedMLP(d, mlp.mlp_hidden, init_std=cfg.init_std, out_std=cfg.init_std, dims=dims,
                             activation=mlp.mlp_activation)
 

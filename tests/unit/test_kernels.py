@@ -132,6 +132,38 @@ def test_hyena_gate_with_skip_kernel_equals_reference(s, c):
     assert_close_all(grads(got, (wide, y, z, D)), grads(want, (wide, y, z, D)), **FP32)
 
 
+# ---- RMSNorm ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,d,offset", [(37, 70, False), (1, 64, True), (40, 5, True)])  # ROWS = 16, odd widths
+def test_rms_norm_kernel_equals_reference(rows, d, offset):
+    from chimera.models import norms
+
+    gen = torch.Generator().manual_seed(rows + d)
+    x = (3 * torch.randn(rows, d, generator=gen)).requires_grad_()
+    w = torch.randn(d, generator=gen).requires_grad_()
+    got = dispatch.rms_norm(x, w, 1e-5, offset, kernels="triton")
+    want = norms.rms_norm(x, w, 1e-5, offset)
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, (x, w)), grads(want, (x, w)), **FP32)
+
+
+def test_rms_norm_kernel_bf16_within_bf16_rounding_of_the_fp32_reference():
+    """bf16 in and out, fp32 inside: the fp32 reference on the same bf16 inputs, within bf16's rounding."""
+    from chimera.models import norms
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(19, 3, 48, generator=gen).bfloat16().requires_grad_()
+    w = torch.randn(48, generator=gen).bfloat16().requires_grad_()
+    got = dispatch.rms_norm(x, w, 1e-6, kernels="triton")
+    assert got.dtype == torch.bfloat16
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    want = norms.rms_norm(x32, w32, 1e-6)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    g = torch.randn(want.shape, generator=gen)
+    assert_close_all([t.float() for t in torch.autograd.grad(got, (x, w), g.bfloat16())],
+                     torch.autograd.grad(want, (x32, w32), g), rtol=2e-2, atol=5e-2)
+
+
 # ---- Mamba-2's SSD within chunks ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("q,n,p", [(16, 16, 16), (8, 5, 3)])  # dims below the kernel's 16-wide tiles: masked
@@ -286,8 +318,8 @@ def loss_and_grads(preset, kernels, seq=23):
 def test_model_with_triton_kernels_equals_reference(preset):
     """RG-LRU + conv (Griffin), Mamba-1's selective scan + conv, S5's complex scan (Gryphon), Mamba-2's SSD + convs,
     Based's linear attention + BaseConv's conv, RWKV-6's WKV (GoldFinch's Finch blocks), Hyena's short convs and gate
-    (implicit filter), StripedHyena 2's FIRs (X, D: the short-conv kernel) and modal Hyena; an odd length (23) and
-    packed documents."""
+    (implicit filter), StripedHyena 2's FIRs (X, D: the short-conv kernel) and modal Hyena; every RMSNorm of them (the
+    GoldFinch's LayerNorms excepted); an odd length (23) and packed documents."""
     loss, grad = loss_and_grads(preset, "triton")
     loss_ref, grad_ref = loss_and_grads(preset, "reference")
     torch.testing.assert_close(loss, loss_ref, **FP32)
@@ -303,6 +335,10 @@ def test_auto_runs_the_reference_on_cpu_and_triton_needs_cuda_or_the_interpreter
     assert not dispatch.use_triton("auto", cpu)
     assert not dispatch.use_triton("reference", cpu)
     assert dispatch.use_triton("triton", cpu)  # TRITON_INTERPRET=1 here
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    assert dispatch.use_triton("auto", cuda)  # a kernel checked on a GPU
+    assert not dispatch.use_triton("auto", cuda, checked_on_gpu=False)  # one held to its reference only here
+    assert dispatch.use_triton("triton", cuda, checked_on_gpu=False)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(UserError, match="model.kernels=triton needs a CUDA device"):
         dispatch.use_triton("triton", cpu)
