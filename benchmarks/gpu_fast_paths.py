@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 
 from chimera.configs.loader import load_model_config
-from chimera.models import conv, scan
+from chimera.models import conv, norms, scan
 from chimera.models.causal_lm import build_model
 from chimera.models.flops import model_flops_per_token
-from chimera.models.mixers import mamba2
+from chimera.models.mixers import based, hyena, mamba2
 from chimera.models.ops import dispatch
 from chimera.trainer.device_peak import peak_flops
 
@@ -132,6 +132,17 @@ def check_kernels(device, tiny: bool) -> None:
     s, b, c, k = 1001, 2, 769, 4
     compare("causal_conv1d fp32", lambda x, w: dispatch.causal_conv1d(x, w, None, kernels="triton"),
             lambda x, w: conv.depthwise_valid(x, w, None), [rand(k - 1 + s, b, c), rand(c, k)])
+    rows_, d = 4099, 2 * 2048 + 3  # the kernels auto does not take yet (no device check): first the small ones
+    compare("rms_norm fp32", lambda x, w: dispatch.rms_norm(x, w, 1e-6, kernels="triton"),
+            lambda x, w: norms.rms_norm(x, w, 1e-6), [rand(rows_, d), rand(d)])
+    compare("hyena_gate_with_skip fp32",
+            lambda g_, y, z, D: dispatch.hyena_gate_with_skip(g_, y, z, D, kernels="triton"),
+            lambda g_, y, z, D: hyena.gate_with_skip(g_, y, z, D),
+            [rand(s, b, c), rand(s, b, c), rand(s, b, c), rand(c)])
+    compare("based_within_chunks fp32", lambda q_, k_, v_: dispatch.based_within_chunks(q_, k_, v_, None,
+                                                                                         kernels="triton"),
+            lambda q_, k_, v_: based.within_chunks(q_, k_, v_, None),
+            [rand(2, 4, 9, 64, 16), rand(2, 4, 9, 64, 16), rand(2, 4, 9, 64, 64)])
     q, n, p = 256, 128, 64
     shape = (2, 3, 5)
     log_a = -rand(*shape, q, lo=0.0) * 0.1
