@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from chimera.models.ops import dispatch
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import chunk_start, gather_sequence, halo
 from chimera.parallel.dims import ParallelDims
@@ -134,7 +135,8 @@ def rope_of(c: AttentionConfig) -> Rope:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i + rot/2}) of the first ``rot`` dims; ``x`` is [b, h, s, d], tables [s, rot/2]."""
+    """Rotate pairs (x_i, x_{i + rot/2}) of the first ``rot`` dims; ``x`` is [b, h, s, d], tables [s, rot/2] (or
+    [b, 1, s, rot/2]); its Triton kernel: ``chimera.models.ops.rope``."""
     rot = cos.shape[-1] * 2
     x_rot, x_pass = x[..., :rot].float(), x[..., rot:]
     x1, x2 = x_rot.chunk(2, dim=-1)
@@ -204,13 +206,14 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int | None,
                  rope: Rope, init_std: float, out_std: float, dims: ParallelDims,
                  out_bias: bool = False, qkv_bias: bool = False, scale: float | None = None,
-                 in_features: int | None = None):
+                 in_features: int | None = None, kernels: str = "auto"):
+        """``kernels``: ``model.kernels``, for RoPE (``chimera.models.ops.dispatch``)."""
         super().__init__()
         d_in = in_features or d_model
         self.dims = dims
         self.head_dim, self.window, self.scale = head_dim, window, scale
         self.heads_local = dims.local(num_heads, "num_heads")
-        self.rope = rope
+        self.rope, self.kernels = rope, kernels
         group = num_heads // num_kv_heads  # query heads per kv head
         # W_q [H / tp * d_head, d_in]: split along dim 0, by head
         self.q_proj = ColumnParallel(d_in, num_heads * head_dim, dims, init=normal(init_std), bias=qkv_bias)
@@ -243,7 +246,8 @@ class Attention(nn.Module):
             q, k, v = (t + lora[name](x)[0] for t, name in ((q, "q"), (k, "k"), (v, "v")))
         q, k, v = heads(q), heads(k), heads(v)
         cos, sin = self.rope.tables(positions)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return (dispatch.apply_rope(q, cos, sin, kernels=self.kernels),
+                dispatch.apply_rope(k, cos, sin, kernels=self.kernels), v)
 
     def _attend(self, q, k, v, allowed: torch.Tensor | None) -> torch.Tensor:
         """Attention of local query heads over their kv heads; ``allowed`` [s_q, s_k] is True where visible, or None:
@@ -396,7 +400,7 @@ def _build(local: bool):
         return Attention(c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, window=c.window if local else None,
                          rope=rope_of(c), init_std=b.init_std,
                          out_std=b.out_std, dims=b.dims, out_bias=c.linear_bias or c.attention_bias,
-                         qkv_bias=c.attention_bias, scale=c.attention_scale)
+                         qkv_bias=c.attention_bias, scale=c.attention_scale, kernels=c.kernels)
     return build
 
 

@@ -217,7 +217,8 @@ def build(c: BigBirdConfig, b: Build) -> BigBirdAttention:
                             out_std=b.out_std, dims=b.dims, out_bias=c.linear_bias or c.attention_bias,
                             qkv_bias=c.attention_bias, scale=c.attention_scale, block=c.bigbird_block,
                             sliding=c.bigbird_sliding_blocks, global_blocks=c.bigbird_global_blocks,
-                            random_blocks=c.bigbird_random_blocks, seed=c.bigbird_seed, layer=b.layer)
+                            random_blocks=c.bigbird_random_blocks, seed=c.bigbird_seed, layer=b.layer,
+                            kernels=c.kernels)
 
 
 def flops_per_token(c: BigBirdConfig, seq_len: int) -> dict[str, float]:

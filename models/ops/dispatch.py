@@ -3,16 +3,16 @@
 ``model.kernels`` chooses (``chimera.models.spec.ModelFields``):
 
 * ``reference``: the readable math where it lives (``chimera.models.scan``, the mixers, ``chimera.models.conv``);
-* ``triton``: the kernels of ``chimera.models.ops.<op>`` (the linear scan, the short conv, Hyena's gate and skip after
-  its long convolution, and within chunks Mamba-2's SSD, Based's linear attention and RWKV-6's WKV). On a CUDA
-  tensor they need ``triton`` importable; on a CPU tensor they run in Triton's interpreter, which only
+* ``triton``: the kernels of ``chimera.models.ops.<op>`` (the linear scan, the short conv, RMSNorm, RoPE, Hyena's
+  gate and skip after its long convolution, and within chunks Mamba-2's SSD, Based's linear attention and RWKV-6's
+  WKV). On a CUDA tensor they need ``triton`` importable; on a CPU tensor they run in Triton's interpreter, which only
   ``TRITON_INTERPRET=1`` (set before ``triton`` is first imported) turns on — the tests' way of holding the kernels
   to the reference without a GPU;
 * ``auto``: on CUDA tensors, when ``triton`` imports, the kernels that have been checked on a GPU against their
   reference (``benchmarks/gpu_fast_paths.py``'s check: the linear scan and the short conv), else the reference. The
-  others (SSD, Based, RWKV-6, Hyena's gate, RMSNorm) are held to their references only in the interpreter so far and
-  run only with ``triton``, until a device check has run them (``checked_on_gpu``). On CPU the reference is the only
-  fast path (the kernels run there only in the interpreter, for tests). GPU figures: ``benchmarks/RESULTS.md``.
+  others (SSD, Based, RWKV-6, Hyena's gate, RMSNorm, RoPE) are held to their references only in the interpreter so
+  far and run only with ``triton``, until a device check has run them (``checked_on_gpu``). On CPU the reference is
+  the only fast path (the kernels run there only in the interpreter, for tests). GPU figures: ``benchmarks/RESULTS.md``.
 
 Every function here takes the reference's arguments plus ``kernels`` and returns what the reference returns.
 """
@@ -161,3 +161,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = F
     from chimera.models import norms  # imports this module
 
     return norms.rms_norm(x, weight, eps, offset)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, kernels: str = "auto") -> torch.Tensor:
+    """``chimera.models.mixers.attention.apply_rope``: the first ``rot`` dims of ``x [b, h, s, d]`` turned pairwise by
+    the tables' angles (``[s, rot/2]`` or ``[b, 1, s, rot/2]``), the rest passed through."""
+    if cos.shape[-1] and use_triton(kernels, x.device, checked_on_gpu=False):
+        from chimera.models.ops import rope
+
+        return rope.apply_rope(x, cos, sin)
+    from chimera.models.mixers import attention  # imports this module
+
+    return attention.apply_rope(x, cos, sin)

@@ -77,7 +77,8 @@ class SharedTransformer(nn.Module):
         self.input_norm = RMSNorm(2 * d, cfg.norm_eps, sequence_parallel=sp, kernels=cfg.kernels)
         self.attention = Attention(d, att.num_heads, att.num_kv_heads, att.head_dim, window=None,
                                    rope=rope_of(att), init_std=cfg.init_std,
-                                   out_std=cfg.init_std, dims=dims, scale=att.attention_scale, in_features=2 * d)
+                                   out_std=cfg.init_std, dims=dims, scale=att.attention_scale, in_features=2 * d,
+                                   kernels=cfg.kernels)
         self.mlp_norm = RMSNorm(d, cfg.norm_eps, sequence_parallel=sp, kernels=cfg.kernels)
         self.mlp = GatedMLP(d, mlp.mlp_hidden, init_std=cfg.init_std, out_std=cfg.init_std, dims=dims,
                             activation=mlp.mlp_activation)

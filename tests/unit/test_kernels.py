@@ -164,6 +164,42 @@ def test_rms_norm_kernel_bf16_within_bf16_rounding_of_the_fp32_reference():
                      torch.autograd.grad(want, (x32, w32), g), rtol=2e-2, atol=5e-2)
 
 
+# ---- RoPE -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("s,d,rot,per_row", [(37, 16, 16, False), (5, 20, 12, True), (1, 8, 2, True)])
+def test_rope_kernel_equals_reference(s, d, rot, per_row):
+    """Rows not a multiple of the kernel's 16, a partial rotation (``rope_fraction < 1``: dims passed through), tables
+    shared by the batch or per row (packed documents); ``x`` a permuted view, as attention's heads are."""
+    from chimera.models.mixers.attention import Rope, apply_rope
+
+    gen = torch.Generator().manual_seed(s + d)
+    wide = torch.randn(s, 2, 3 * d, generator=gen).requires_grad_()  # [s, b, heads * d]
+    x = wide.unflatten(-1, (3, d)).permute(1, 2, 0, 3)  # [b, h, s, d]
+    positions = (torch.randint(0, 50, (2, 1, s), generator=gen) if per_row else torch.arange(s) + 3)
+    cos, sin = Rope(rot, 10000.0).tables(positions)
+    got = dispatch.apply_rope(x, cos, sin, kernels="triton")
+    want = apply_rope(x, cos, sin)
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, (wide,)), grads(want, (wide,)), **FP32)
+
+
+def test_rope_kernel_bf16_within_bf16_rounding_of_the_fp32_reference():
+    """bf16 in and out, fp32 tables and arithmetic: the fp32 reference on the same bf16 inputs, within a rounding."""
+    from chimera.models.mixers.attention import Rope, apply_rope
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 19, 32, generator=gen).bfloat16().requires_grad_()
+    cos, sin = Rope(32, 10000.0).tables(torch.arange(19))
+    got = dispatch.apply_rope(x, cos, sin, kernels="triton")
+    assert got.dtype == torch.bfloat16
+    x32 = x.detach().float().requires_grad_()
+    want = apply_rope(x32, cos, sin)
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)  # bf16's 8 bits: one rounding, |y| <~ 4
+    g = torch.randn(want.shape, generator=gen)
+    (dx,), (dx32,) = torch.autograd.grad(got, x, g.bfloat16()), torch.autograd.grad(want, x32, g)
+    torch.testing.assert_close(dx.float(), dx32, rtol=1e-2, atol=1e-2)
+
+
 # ---- Mamba-2's SSD within chunks ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("q,n,p", [(16, 16, 16), (8, 5, 3)])  # dims below the kernel's 16-wide tiles: masked
@@ -295,7 +331,7 @@ def test_rwkv6_wkv_with_kernels_equals_the_recurrence_across_chunks_and_odd_leng
 # ---- through the mixers: a whole model with kernels=triton equals kernels=reference --------------------------------
 
 SMALLER = {"mamba-tiny": ["num_layers=2", "ssm_state=4"], "gryphon-tiny": ["num_layers=4"],
-           "griffin-tiny": ["num_layers=3"], "mamba2-tiny": ["num_layers=2"],
+           "griffin-tiny": ["pattern=RL-", "num_layers=3"], "mamba2-tiny": ["num_layers=2"],
            "based-tiny": ["num_layers=4"], "goldfinch-tiny": ["pattern=WCGC"],
            "hyena-tiny": ["num_layers=2"], "striped-hyena2-tiny": []}  # the interpreter: slow
 
@@ -316,10 +352,10 @@ def loss_and_grads(preset, kernels, seq=23):
 @pytest.mark.parametrize("preset", ["griffin-tiny", "mamba-tiny", "gryphon-tiny", "mamba2-tiny", "based-tiny",
                                     "goldfinch-tiny", "hyena-tiny", "striped-hyena2-tiny"])
 def test_model_with_triton_kernels_equals_reference(preset):
-    """RG-LRU + conv (Griffin), Mamba-1's selective scan + conv, S5's complex scan (Gryphon), Mamba-2's SSD + convs,
-    Based's linear attention + BaseConv's conv, RWKV-6's WKV (GoldFinch's Finch blocks), Hyena's short convs and gate
-    (implicit filter), StripedHyena 2's FIRs (X, D: the short-conv kernel) and modal Hyena; every RMSNorm of them (the
-    GoldFinch's LayerNorms excepted); an odd length (23) and packed documents."""
+    """RG-LRU + conv and local attention's RoPE (Griffin), Mamba-1's selective scan + conv, S5's complex scan (Gryphon),
+    Mamba-2's SSD + convs, Based's linear attention + BaseConv's conv, RWKV-6's WKV (GoldFinch's Finch blocks), Hyena's
+    short convs and gate (implicit filter), StripedHyena 2's FIRs (X, D: the short-conv kernel) and modal Hyena; every
+    RMSNorm of them (the GoldFinch's LayerNorms excepted); an odd length (23) and packed documents."""
     loss, grad = loss_and_grads(preset, "triton")
     loss_ref, grad_ref = loss_and_grads(preset, "reference")
     torch.testing.assert_close(loss, loss_ref, **FP32)
