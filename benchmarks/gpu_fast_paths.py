@@ -41,7 +41,8 @@ from chimera.configs.loader import load_model_config
 from chimera.models import conv, norms, scan
 from chimera.models.causal_lm import build_model
 from chimera.models.flops import model_flops_per_token
-from chimera.models.mixers import based, hyena, mamba2
+from chimera.models.mixers import attention, based, hyena, mamba2
+from chimera.models.mixers.attention import Rope
 from chimera.models.ops import dispatch
 from chimera.trainer.device_peak import peak_flops
 
@@ -135,6 +136,10 @@ def check_kernels(device, tiny: bool) -> None:
     rows_, d = 4099, 2 * 2048 + 3  # the kernels auto does not take yet (no device check): first the small ones
     compare("rms_norm fp32", lambda x, w: dispatch.rms_norm(x, w, 1e-6, kernels="triton"),
             lambda x, w: norms.rms_norm(x, w, 1e-6), [rand(rows_, d), rand(d)])
+    rope_tables = Rope(96, 10000.0).tables(torch.randint(0, 8192, (2, 1, 1001), generator=g))  # 96 of 128 dims
+    on_device = [t.to(device) for t in rope_tables]
+    compare("apply_rope fp32", lambda x: dispatch.apply_rope(x, *on_device, kernels="triton"),
+            lambda x: attention.apply_rope(x, *rope_tables), [rand(2, 6, 1001, 128)])
     compare("hyena_gate_with_skip fp32",
             lambda g_, y, z, D: dispatch.hyena_gate_with_skip(g_, y, z, D, kernels="triton"),
             lambda g_, y, z, D: hyena.gate_with_skip(g_, y, z, D),
