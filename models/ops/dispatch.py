@@ -97,9 +97,10 @@ def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a
     """``chimera.models.mixers.mamba2.within_chunks``: Mamba-2's SSD inside each chunk (``C, B [..., q, n]``,
     broadcast against ``xdt [..., q, p]``, ``log_a [..., q]``, ``-inf`` at a document's start) -> ``y [..., q, p]``.
 
-    ``auto`` runs the reference here, also on CUDA: the kernel holds a whole chunk in one program, and on an H200 at
-    Mamba-2's chunk of 256 (state 128) it did not finish its first check within minutes (``benchmarks/RESULTS.md``,
-    fast paths); it must be tiled within the chunk first. ``triton`` still runs it."""
+    ``auto`` runs the reference here, also on CUDA: the first kernel held a whole chunk in one program, and on an H200
+    at Mamba-2's chunk of 256 (state 128) it did not finish its first check within minutes (``benchmarks/RESULTS.md``,
+    fast paths). The kernel is now tiled within the chunk (``chimera.models.ops.ssd.BLOCK`` positions a tile) but has
+    not run on a GPU yet. ``triton`` runs it."""
     if use_triton(kernels, xdt.device, checked_on_gpu=False):
         from chimera.models.ops import ssd
 
