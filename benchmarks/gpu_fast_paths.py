@@ -41,7 +41,7 @@ from chimera.configs.loader import load_model_config
 from chimera.models import conv, norms, scan
 from chimera.models.causal_lm import build_model
 from chimera.models.flops import model_flops_per_token
-from chimera.models.mixers import attention, based, hyena, mamba2
+from chimera.models.mixers import attention, based, hyena, mamba, mamba2
 from chimera.models.mixers.attention import Rope
 from chimera.models.ops import dispatch
 from chimera.trainer.device_peak import peak_flops
@@ -140,6 +140,11 @@ def check_kernels(device, tiny: bool) -> None:
     on_device = [t.to(device) for t in rope_tables]
     compare("apply_rope fp32", lambda x: dispatch.apply_rope(x, *on_device, kernels="triton"),
             lambda x: attention.apply_rope(x, *rope_tables), [rand(2, 6, 1001, 128)])
+    compare("selective_scan fp32",  # Mamba-1's, fused: 769 channels (not a multiple of 32), state 16, one head
+            lambda dt, x_, A, B_, C_: dispatch.selective_scan(dt, x_, A, B_, C_, kernels="triton")[0],
+            lambda dt, x_, A, B_, C_: mamba.selective_scan(dt, x_, A, B_, C_)[0],
+            [rand(s, b, 1, c, lo=0.0) * 0.1, rand(s, b, 1, c), -rand(1, c, 16, lo=0.1), rand(s, b, 1, 16),
+             rand(s, b, 1, 16)])
     compare("hyena_gate_with_skip fp32",
             lambda g_, y, z, D: dispatch.hyena_gate_with_skip(g_, y, z, D, kernels="triton"),
             lambda g_, y, z, D: hyena.gate_with_skip(g_, y, z, D),

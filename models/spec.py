@@ -51,10 +51,10 @@ class ModelFields(Section):
     d_model: int = Field(..., ge=1)
     norm_eps: float = Field(1e-6, gt=0)
     kernels: Literal["auto", "reference", "triton"] = Field(
-        "auto", description="hot ops (scans, SSD, linear attention, WKV, short conv, RMSNorm, RoPE, Hyena's gate): the "
-        "readable reference math or the Triton kernels (chimera.models.ops); auto: on CUDA, when triton imports, the "
-        "kernels already checked on a GPU (scan, short conv), else the reference; triton: every kernel, and without "
-        "CUDA in Triton's interpreter (TRITON_INTERPRET=1 only; slow, for tests)")
+        "auto", description="hot ops (scans, Mamba's fused selective scan, SSD, linear attention, WKV, short conv, "
+        "RMSNorm, RoPE, Hyena's gate): the readable reference math or the Triton kernels (chimera.models.ops); auto: "
+        "on CUDA, when triton imports, the kernels already checked on a GPU (scan, short conv), else the reference; "
+        "triton: every kernel, and without CUDA in Triton's interpreter (TRITON_INTERPRET=1 only; slow, for tests)")
 
 
 class SublayerConfig(ModelFields):

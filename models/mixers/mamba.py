@@ -53,9 +53,11 @@ it), so their gradients are partial too and are declared ``partial_grad_over_tp`
 With heads, TP splits them (TP divides ``H``): a rank's channels are whole heads, so each head's
 ``x_proj_weight`` lives on that rank (split along dim 0) and no communication is needed at all.
 
-Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.models.scan``) over
-``[s, b, d_inner, N]`` in fp32; ``step`` advances one token with O(1) state (conv window + h), which
-``prefill`` takes from the forward pass (the conv's last inputs, the scan's last state).
+Reference: ``forward`` runs the whole sequence with a parallel scan (``chimera.models.scan``) over ``[s, b, d_inner,
+N]`` in fp32 (``selective_scan``; with ``model.kernels=triton`` and no context parallelism, its fused kernel
+``chimera.models.ops.selective_scan``, which never forms the ``[s, b, d_inner, N]`` tensors); ``step`` advances one
+token with O(1) state (conv window + h), which ``prefill`` takes from the forward pass (the conv's last inputs, the
+scan's last state).
 Context parallelism carries that state between sequence chunks: the conv's inputs as a halo, ``h``
 combined from the earlier chunks' (decay product, final state) pairs (``chimera.parallel.context``).
 """
@@ -74,7 +76,7 @@ from chimera.models.numerics import at_least_fp32
 from chimera.models.ops import dispatch
 from chimera.models.spec import Build, ContextParallel, SublayerConfig, SublayerSpec, divisibility
 from chimera.parallel.context import linear_scan_across
-from chimera.parallel.dims import ParallelDims
+from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
 from chimera.parallel.layers import ColumnParallel, RowParallel, enter_tensor_parallel
 from chimera.parallel.sharding import declare, normal, ones
 
@@ -133,6 +135,32 @@ class SelectionNorm(nn.Module):
         x32 = at_least_fp32(x)
         y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         return self.weight.to(x.dtype) * y
+
+
+def discretise(dt: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor):
+    """(4): ``A_bar = exp(Delta A)`` and ``B_bar x = Delta x B``, ``[..., H, P, N]``, from ``Delta, x [..., H, P]``,
+    ``A [H, P, N]``, ``B [..., H, N]``."""
+    return torch.exp(dt.unsqueeze(-1) * A), (dt * x).unsqueeze(-1) * B.unsqueeze(-2)
+
+
+def read_out(h: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """(2b) without the skip: ``y = C . h`` over the state, ``h [..., H, P, N]``, ``C [..., H, N]`` -> ``[..., H,
+    P]``."""
+    return (h * C.unsqueeze(-2)).sum(-1)
+
+
+def selective_scan(dt: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   reset: torch.Tensor | None = None, scan=None, dims: ParallelDims = SINGLE_PROCESS):
+    """(2a), (2b), (4) over a sequence: ``Delta, x [s, b, H, P]``, ``A [H, P, N]``, ``B, C [s, b, H, N]``, ``reset
+    [s, b]`` (a document's first token: ``A_bar = 0``) -> (``y = C . h [s, b, H, P]``, the last ``h [b, H, P, N]``).
+    Every ``A_bar``, ``B_bar x`` and ``h`` is a ``[s, b, H, P, N]`` tensor, scanned by ``scan`` through
+    ``linear_scan_across`` (under context parallelism from the earlier ranks' state); the fused kernel:
+    ``chimera.models.ops.selective_scan``."""
+    dA, dBx = discretise(dt, x, A, B)
+    if reset is not None:
+        dA = dA.masked_fill(reset[..., None, None, None], 0.0)
+    h = linear_scan_across(scan or dispatch.scan_with("reference"), dA, dBx, dims)[0]
+    return read_out(h, C), h[-1]
 
 
 class MambaMixer(nn.Module):
@@ -208,17 +236,15 @@ class MambaMixer(nn.Module):
         return dt, at_least_fp32(B).unsqueeze(-2), at_least_fp32(C).unsqueeze(-2)
 
     def _ssm_inputs(self, x: torch.Tensor):
-        """Discretised ``(A_bar, B_bar x [..., H, P, N], C [..., H, 1, N], x [..., H, P])`` at every position of
-        ``x [..., d_inner/tp]``."""
+        """``(Delta, x [..., H, P], A [H, P, N], B, C [..., H, N])`` at every position of ``x [..., d_inner/tp]``, in
+        fp32 or wider."""
         dt, B, C = self._selection(x)
         xf = at_least_fp32(x).unflatten(-1, dt.shape[-2:])
         A = -torch.exp(self.A_log.to(xf.dtype)).unflatten(0, dt.shape[-2:])  # [H, P, N]
-        dA = torch.exp(dt.unsqueeze(-1) * A)  # [..., H, P, N]
-        dBx = (dt * xf).unsqueeze(-1) * B  # [..., H, P, N]
-        return dA, dBx, C, xf
+        return dt, xf, A, B.squeeze(-2), C.squeeze(-2)
 
-    def _output(self, h: torch.Tensor, C: torch.Tensor, xf: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = ((h * C).sum(-1) + self.D.to(xf.dtype).unflatten(0, xf.shape[-2:]) * xf).flatten(-2)  # (2b), D skip
+    def _output(self, y: torch.Tensor, xf: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = (y + self.D.to(xf.dtype).unflatten(0, xf.shape[-2:]) * xf).flatten(-2)  # (2b) with the D skip
         return self.out_proj(y.to(z.dtype) * F.silu(z))
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:  # [s, b, d] -> [s, b, d]
@@ -226,21 +252,19 @@ class MambaMixer(nn.Module):
         return self._mix(x, docs)[0]
 
     def _mix(self, x: torch.Tensor, docs=None):
-        """(the block's output, the conv's inputs ``[s, b, d_inner/tp]``, the states ``h [s, b, H, P, N]``)."""
+        """(the block's output, the conv's inputs ``[s, b, d_inner/tp]``, the last state ``h [b, H, P, N]``)."""
         z = self.in_proj_z(x)
         xi = self.in_proj_x(x)
         xc = F.silu(self.conv1d(xi, docs))
-        dA, dBx, C, xf = self._ssm_inputs(xc)  # [s, b, H, P, N]
-        if docs is not None:
-            dA = dA.masked_fill(docs.starts[..., None, None, None], 0.0)  # h_{t-1} dropped at a document's start
-        # (2a) for all t (of this rank's chunk)
-        h = linear_scan_across(dispatch.scan_with(self.kernels), dA, dBx, self.dims)[0]
-        return self._output(h, C, xf, z), xi, h
+        dt, xf, A, B, C = self._ssm_inputs(xc)
+        reset = None if docs is None else docs.starts  # h_{t-1} dropped at a document's start
+        y, h_last = dispatch.selective_scan(dt, xf, A, B, C, reset, dims=self.dims, kernels=self.kernels)
+        return self._output(y, xf, z), xi, h_last
 
     def prefill(self, x: torch.Tensor, max_len: int):  # x: [s, b, d] -> (out, state)
         """The prompt in one pass; the state: the conv's last inputs and the scan's last ``h``."""
-        out, xi, h = self._mix(x)
-        return out, {"conv": self.conv1d.state_after(xi), "h": h[-1].flatten(1, 2)}
+        out, xi, h_last = self._mix(x)
+        return out, {"conv": self.conv1d.state_after(xi), "h": h_last.flatten(1, 2)}
 
     def init_state(self, batch: int, max_len: int):
         w = self.conv1d.weight
@@ -252,10 +276,11 @@ class MambaMixer(nn.Module):
     def step(self, x: torch.Tensor, state, pos: int) -> torch.Tensor:  # x: [1, b, d]
         z = self.in_proj_z(x)
         xc, state["conv"] = self.conv1d.step(self.in_proj_x(x)[0], state["conv"])
-        dA, dBx, C, xf = self._ssm_inputs(F.silu(xc).unsqueeze(0))  # [1, b, H, P, N]
-        h = dA[0] * state["h"].view_as(dA[0]) + dBx[0]
+        dt, xf, A, B, C = self._ssm_inputs(F.silu(xc).unsqueeze(0))
+        dA, dBx = discretise(dt[0], xf[0], A, B[0])  # [b, H, P, N]
+        h = dA * state["h"].view_as(dA) + dBx
         state["h"] = h.flatten(1, 2)  # [b, d_inner/tp, N]
-        return self._output(h.unsqueeze(0), C, xf, z)
+        return self._output(read_out(h, C[0]).unsqueeze(0), xf, z)
 
 
 def build(c: MambaConfig, b: Build) -> MambaMixer:

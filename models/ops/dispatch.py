@@ -3,16 +3,18 @@
 ``model.kernels`` chooses (``chimera.models.spec.ModelFields``):
 
 * ``reference``: the readable math where it lives (``chimera.models.scan``, the mixers, ``chimera.models.conv``);
-* ``triton``: the kernels of ``chimera.models.ops.<op>`` (the linear scan, the short conv, RMSNorm, RoPE, Hyena's
-  gate and skip after its long convolution, and within chunks Mamba-2's SSD, Based's linear attention and RWKV-6's
+* ``triton``: the kernels of ``chimera.models.ops.<op>`` (the linear scan, Mamba-1's selective scan fused with its
+  discretisation and read-out, the short conv, RMSNorm, RoPE, Hyena's gate and skip after its long convolution, and
+  within chunks Mamba-2's SSD, Based's linear attention and RWKV-6's
   WKV). On a CUDA tensor they need ``triton`` importable; on a CPU tensor they run in Triton's interpreter, which only
   ``TRITON_INTERPRET=1`` (set before ``triton`` is first imported) turns on — the tests' way of holding the kernels
   to the reference without a GPU;
 * ``auto``: on CUDA tensors, when ``triton`` imports, the kernels that have been checked on a GPU against their
   reference (``benchmarks/gpu_fast_paths.py``'s check: the linear scan and the short conv), else the reference. The
-  others (SSD, Based, RWKV-6, Hyena's gate, RMSNorm, RoPE) are held to their references only in the interpreter so
-  far and run only with ``triton``, until a device check has run them (``checked_on_gpu``). On CPU the reference is
-  the only fast path (the kernels run there only in the interpreter, for tests). GPU figures: ``benchmarks/RESULTS.md``.
+  others (the selective scan, SSD, Based, RWKV-6, Hyena's gate, RMSNorm, RoPE) are held to their references only in the
+  interpreter so far and run only with ``triton``, until a device check has run them (``checked_on_gpu``). On CPU the
+  reference is the only fast path (the kernels run there only in the interpreter, for tests). GPU figures:
+  ``benchmarks/RESULTS.md``.
 
 Every function here takes the reference's arguments plus ``kernels`` and returns what the reference returns.
 """
@@ -26,6 +28,7 @@ import torch
 
 from chimera.errors import UserError
 from chimera.models import conv, scan
+from chimera.parallel.dims import SINGLE_PROCESS, ParallelDims
 
 
 @functools.cache
@@ -174,3 +177,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, kernels
     from chimera.models.mixers import attention  # imports this module
 
     return attention.apply_rope(x, cos, sin)
+
+
+def selective_scan(dt: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   reset: torch.Tensor | None = None, *, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto"):
+    """``chimera.models.mixers.mamba.selective_scan``: Mamba-1's discretisation, scan and read-out -> (``y [s, b, H,
+    P]``, the last state). The fused kernel without context parallelism; under it, the reference with the scan's
+    kernel (``linear_scan``), whose states ``linear_scan_across`` carries between ranks."""
+    from chimera.models.mixers import mamba  # imports this module
+
+    if dims.cp == 1 and use_triton(kernels, x.device, checked_on_gpu=False):
+        from chimera.models.ops import selective_scan as fused
+
+        return fused.selective_scan(dt, x, A, B, C, reset)
+    return mamba.selective_scan(dt, x, A, B, C, reset, scan_with(kernels), dims)
