@@ -1,10 +1,10 @@
 """Selecting the Triton kernels changes no training loss: the same 3-step run with ``model.kernels=reference`` and
 ``model.kernels=triton`` (the kernels in Triton's interpreter, ``TRITON_INTERPRET=1`` from ``tests/conftest.py``),
 through the real trainer. Tolerance: fp32, the kernels sum in another order than the reference; after three AdamW
-steps the losses agree to 1e-5 relative (measured 8e-8). Griffin runs the scan and short-conv kernels, Hyena the
-short-conv and gate kernels (two of its layers: the interpreter is slow); Mamba-2's SSD
-kernel is held to the reference, loss and gradients, in ``tests/unit/test_kernels.py`` (a 3-step run of it takes
-minutes in the interpreter)."""
+steps the losses agree to 1e-5 relative (measured 8e-8). Griffin runs the scan, short-conv, RMSNorm and RoPE kernels,
+Hyena the short-conv and gate kernels and Mamba the fused selective scan (two layers each: the interpreter is slow);
+Mamba-2's SSD kernel is held to the reference, loss and gradients, in ``tests/unit/test_kernels.py`` (a 3-step run of
+it takes minutes in the interpreter)."""
 
 import pytest
 
@@ -13,7 +13,8 @@ from helpers import REPO, read_metrics, run_chimera
 TINY = REPO / "configs/runs/tiny.yaml"
 
 
-@pytest.mark.parametrize("preset,overrides", [("griffin-tiny", []), ("hyena-tiny", ["--set", "model.num_layers=2"])])
+@pytest.mark.parametrize("preset,overrides", [("griffin-tiny", []), ("hyena-tiny", ["--set", "model.num_layers=2"]),
+                                              ("mamba-tiny", ["--set", "model.num_layers=2"])])
 def test_triton_kernels_train_to_the_reference_losses(tmp_path, preset, overrides):
     losses = {}
     for kernels in ("reference", "triton"):
