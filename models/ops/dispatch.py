@@ -5,10 +5,9 @@
 * ``reference``: the readable math where it lives (``chimera.models.scan``, the mixers, ``chimera.models.conv``);
 * ``triton``: the kernels of ``chimera.models.ops.<op>`` (the linear scan, Mamba-1's selective scan fused with its
   discretisation and read-out, the short conv, RMSNorm, RoPE, Hyena's gate and skip after its long convolution, and
-  within chunks Mamba-2's SSD, Based's linear attention and RWKV-6's
-  WKV). On a CUDA tensor they need ``triton`` importable; on a CPU tensor they run in Triton's interpreter, which only
-  ``TRITON_INTERPRET=1`` (set before ``triton`` is first imported) turns on — the tests' way of holding the kernels
-  to the reference without a GPU;
+  within chunks Mamba-2's SSD, Based's linear attention and RWKV-6's WKV). On a CUDA tensor they need ``triton``
+  importable; on a CPU tensor they run in Triton's interpreter, which only ``TRITON_INTERPRET=1`` (set before
+  ``triton`` is first imported) turns on — the tests' way of holding the kernels to the reference without a GPU;
 * ``auto``: on CUDA tensors, when ``triton`` imports, the kernels that have been checked on a GPU against their
   reference (``benchmarks/gpu_fast_paths.py``'s check: the linear scan and the short conv), else the reference. The
   others (the selective scan, SSD, Based, RWKV-6, Hyena's gate, RMSNorm, RoPE) are held to their references only in the
