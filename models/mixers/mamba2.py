@@ -126,29 +126,78 @@ def segsum(log_a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~lower, -math.inf)
 
 
+def cumulative_log_decay(log_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cum, document)`` of ``log_a [..., q]``: ``cum`` the sum of the finite logs after the chunk's first entry
+    (which no product includes, so its gradient is exactly 0), ``document`` each position's document index in the chunk
+    (a start, ``log a = -inf``, begins a new one); the decay from ``s`` to ``l >= s`` is ``exp(cum_l - cum_s)`` within a
+    document, else 0."""
+    starts = torch.isinf(log_a)
+    return F.pad(log_a.masked_fill(starts, 0.0)[..., 1:].cumsum(-1), (1, 0)), starts.cumsum(-1)
+
+
+def hidden(document: torch.Tensor) -> torch.Tensor:
+    """Where ``decay[..., l, s]`` is 0: ``s > l`` or another document; ``[q, q]`` when no document starts inside."""
+    q = document.shape[-1]
+    later = torch.ones(q, q, dtype=torch.bool, device=document.device).triu(1)
+    if not bool(document[..., -1].any()):
+        return later
+    return later | (document.unsqueeze(-1) != document.unsqueeze(-2))
+
+
 def chunk_decay(log_a: torch.Tensor) -> torch.Tensor:
     """``exp(segsum(log_a))``, ``decay[..., l, s] = prod_{s < k <= l} a_k`` (0 for ``s > l`` and across a document
     start, where ``log a = -inf``), from one cumulative sum: ``exp(cum_l - cum_s)`` where ``l >= s`` lie in one
-    document, ``cum`` the sum of the finite logs after the chunk's first entry (which no product includes, so its
-    gradient from here is exactly 0). A sum, a select and an exponential over ``[q, q]``, where ``segsum`` runs a
+    document (``cumulative_log_decay``). A sum, a select and an exponential over ``[q, q]``, where ``segsum`` runs a
     cumulative sum down every column (and its backward a flipped one); rounding: ``|cum|`` times fp32's epsilon in
     the exponent."""
-    starts = torch.isinf(log_a)
-    cum = F.pad(log_a.masked_fill(starts, 0.0)[..., 1:].cumsum(-1), (1, 0))
-    document = starts.cumsum(-1)  # a start begins a new one; [..., q]
-    q = log_a.shape[-1]
-    visible = torch.ones(q, q, dtype=torch.bool, device=log_a.device).tril()
-    visible = visible & (document.unsqueeze(-1) == document.unsqueeze(-2))
+    cum, document = cumulative_log_decay(log_a)
     exponent = cum.unsqueeze(-1) + (-cum).unsqueeze(-2)  # cum_l - cum_s (a sum: no negation of the [q, q] gradient)
-    return torch.exp(torch.where(visible, exponent, -math.inf))
+    return torch.exp(exponent.masked_fill(hidden(document), -math.inf))
 
 
 def within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
     """Step 1 of ``ssd``, the diagonal blocks: ``y_l = sum_{s <= l} (C_l . B_s) decay[l, s] xdt_s`` within each chunk
     (``C, B [..., q, n]``, broadcast against ``xdt [..., q, p]`` and ``log_a [..., q]``: a group's ``C B^T`` once for
-    its heads); its Triton kernel: ``chimera.models.ops.ssd``."""
+    its heads); its Triton kernel: ``chimera.models.ops.ssd``, and on CPU ``within_chunks_by_hand``."""
     decay = chunk_decay(log_a)  # [..., l, s]: prod_{s < k <= l} a_k, 0 for s > l
     return (torch.matmul(C, B.transpose(-1, -2)) * decay) @ xdt
+
+
+class _WithinChunksByHand(torch.autograd.Function):
+    """``within_chunks`` of ``cum`` and ``document`` with its backward written out, with ``M = (C B^T) * decay``::
+
+        dxdt = M^T dy,   dM = dy xdt^T,   d(C B^T) = sum over a group's heads of dM * decay,
+        dC = d(C B^T) B,   dB = d(C B^T)^T C,   dcum_l = sum_s (dM * M)[l, s] - sum_s (dM * M)[s, l]
+
+    The ``[q, q]`` tensors of every head are built in place (the exponent, its mask, its exponential) and the
+    backward reuses ``dM``'s buffer: fewer passes over them than autograd takes through the reference."""
+
+    @staticmethod
+    def forward(ctx, C, B, xdt, cum, document):
+        CB = C @ B.transpose(-1, -2)  # [..., l, s], once per group
+        decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill_(hidden(document), -math.inf).exp_()
+        M = CB * decay
+        ctx.save_for_backward(C, B, xdt, decay, M)
+        return M @ xdt
+
+    @staticmethod
+    def backward(ctx, dy):
+        C, B, xdt, decay, M = ctx.saved_tensors
+        dxdt = (M.transpose(-1, -2) @ dy).sum_to_size(xdt.shape)
+        dM = dy @ xdt.transpose(-1, -2)
+        group_shape = (*torch.broadcast_shapes(C.shape[:-2], B.shape[:-2]), *M.shape[-2:])  # C B^T's
+        dCB = (dM * decay).sum_to_size(group_shape)
+        dcum = dM.mul_(M)  # dM * M, in dM's buffer
+        dcum = dcum.sum(-1) - dcum.sum(-2)
+        dC = (dCB @ B).sum_to_size(C.shape)
+        dB = (dCB.transpose(-1, -2) @ C).sum_to_size(B.shape)
+        return dC, dB, dxdt, dcum, None
+
+
+def within_chunks_by_hand(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
+    """``within_chunks``, the same math with the backward by hand (``_WithinChunksByHand``): CPU's fast path."""
+    cum, document = cumulative_log_decay(log_a)
+    return _WithinChunksByHand.apply(C, B, xdt, cum, document)
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,

@@ -84,11 +84,14 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   segments: torch.Tensor | None = None, *, kernels: str = "auto") -> torch.Tensor:
     """The causal depthwise conv of ``x [k-1+s, b, c]`` (the ``k - 1`` inputs before the sequence in front) with
     ``weight [c, k]`` -> ``[s, b, c]``; ``segments [k-1+s, b]``: packed documents' ids, no tap crossing one
-    (``chimera.models.conv.depthwise_valid``, ``depthwise_valid_within_segments``)."""
+    (``chimera.models.conv.depthwise_valid``, ``depthwise_valid_within_segments``). On CPU ``auto`` takes the same sums
+    as shifted multiply-adds with their backward written out (``chimera.models.conv.depthwise_taps``)."""
     if use_triton(kernels, x.device):
         from chimera.models.ops import short_conv
 
         return short_conv.depthwise_conv(x, weight, bias, segments)
+    if kernels == "auto" and x.device.type == "cpu":
+        return conv.depthwise_taps(x, weight, bias, segments)
     if segments is None:
         return conv.depthwise_valid(x, weight, bias)
     return conv.depthwise_valid_within_segments(x, weight, bias, segments)
@@ -102,7 +105,8 @@ def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a
     ``auto`` runs the reference here, also on CUDA: the first kernel held a whole chunk in one program, and on an H200
     at Mamba-2's chunk of 256 (state 128) it did not finish its first check within minutes (``benchmarks/RESULTS.md``,
     fast paths). The kernel is now tiled within the chunk (``chimera.models.ops.ssd.BLOCK`` positions a tile) but has
-    not run on a GPU yet. ``triton`` runs it."""
+    not run on a GPU yet. ``triton`` runs it. On CPU ``auto`` takes the reference's math with its backward written out
+    (``mamba2.within_chunks_by_hand``)."""
     if use_triton(kernels, xdt.device, checked_on_gpu=False):
         from chimera.models.ops import ssd
 
@@ -110,6 +114,8 @@ def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a
         return ssd.within_chunks(C.expand(heads), B.expand(heads), xdt, log_a)
     from chimera.models.mixers import mamba2  # imports this module
 
+    if kernels == "auto" and xdt.device.type == "cpu":
+        return mamba2.within_chunks_by_hand(C, B, xdt, log_a)
     return mamba2.within_chunks(C, B, xdt, log_a)
 
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from chimera.models import conv
+
 BLOCK_T = 16
 
 
@@ -78,21 +80,14 @@ class _DepthwiseConv(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, segments = ctx.saved_tensors
         K = weight.shape[1]
-        S = dy.shape[0]
         dy = dy.contiguous()
         grad_x = grad_w = grad_b = None
-        # dy_{t}, t = v - (k-1), at v in [0, S + 2k - 2); its segment: that of y_t, i.e. segments[v]
+        # dy_{t}, t = v - (k-1), at v in [0, s + 2k - 2); its segment: that of y_t, i.e. segments[v]
         padded_seg = None if segments is None else F.pad(segments, (0, 0, 0, K - 1), value=-1)
         if ctx.needs_input_grad[0]:
             grad_x = conv_valid(F.pad(dy, (0, 0, 0, 0, K - 1, K - 1)), weight.flip(1), None, padded_seg, own_offset=0)
         if ctx.needs_input_grad[1]:
-            taps = []
-            for j in range(K):
-                xj = x[j: j + S]
-                if segments is not None:
-                    xj = xj * (segments[j: j + S] == segments[K - 1:]).unsqueeze(-1)
-                taps.append((dy * xj).sum((0, 1)))
-            grad_w = torch.stack(taps, dim=1).to(weight.dtype)
+            grad_w = conv.tap_weight_grads(dy, x, segments).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = dy.sum((0, 1))
         return grad_x, grad_w, grad_b, None

@@ -26,9 +26,10 @@ row sums, over ``S <= L``), one per key block ``S`` (``dB_S``, ``dxdt_S`` and th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from chimera.models.mixers import mamba2
 
 BLOCK = 32  # positions per tile: tl.dot needs 16 or more; C, B [BLOCK, n] and [BLOCK, BLOCK] products in registers
 
@@ -162,10 +163,9 @@ def within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: to
                   block: int = BLOCK) -> torch.Tensor:
     """``mamba2.within_chunks`` as a kernel: ``C, B [..., q, n]``, ``xdt [..., q, p]``, ``log_a [..., q]`` (``-inf`` at
     a document's first token) -> ``y [..., q, p]``; ``block``: positions per tile (a power of two, 16 or more)."""
-    starts = torch.isinf(log_a)
     # the cumulative log decay after the chunk's first entry, which no product includes (so its gradient is exactly
-    # 0, where the kernels' row sums less column sums would leave their rounding): as ``mamba2.chunk_decay``
-    cum = F.pad(log_a.masked_fill(starts, 0.0)[..., 1:].cumsum(-1), (1, 0))
-    seg = starts.to(torch.int32).cumsum(-1, dtype=torch.int32)
+    # 0, where the kernels' row sums less column sums would leave their rounding)
+    cum, seg = mamba2.cumulative_log_decay(log_a)
+    seg = seg.to(torch.int32)
     dtype = torch.promote_types(C.dtype, xdt.dtype)
     return _WithinChunks.apply(C.to(dtype), B.to(dtype), xdt.to(dtype), cum.to(dtype), seg, block)

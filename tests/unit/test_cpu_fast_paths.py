@@ -1,0 +1,75 @@
+"""CPU's fast paths (what ``model.kernels=auto`` runs on a CPU tensor, ``chimera.models.ops.dispatch``) equal their
+references (``model.kernels=reference``): the same math with the backward written out, checked by ``gradcheck`` in
+fp64 and against the reference's autograd in fp32 (1e-5), with packed documents and lengths of one token.
+"""
+
+import math
+
+import pytest
+import torch
+
+from chimera.models import conv
+from chimera.models.mixers import mamba2
+from chimera.models.ops import dispatch
+
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def grads(out, inputs, seed=0):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, g)
+
+
+def assert_close_all(got, want, **tol):
+    for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(x, y, **tol, msg=lambda m, i=i: f"output {i}: {m}")
+
+
+@pytest.mark.parametrize("kernel,s,bias", [(4, 19, True), (1, 5, False), (3, 33, True), (4, 1, True)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_short_conv_taps_equal_reference(kernel, s, bias, packed):
+    """``conv.depthwise_taps`` (shifted multiply-adds) against torch's depthwise conv and the per-lag reference, in
+    fp64 (gradcheck), fp32 and bf16 (computed in fp32, rounded once)."""
+    gen = torch.Generator().manual_seed(kernel * 10 + s)
+    x = torch.randn(s + kernel - 1, 2, 7, generator=gen, dtype=torch.float64).requires_grad_()
+    w = torch.randn(7, kernel, generator=gen, dtype=torch.float64).requires_grad_()
+    b = torch.randn(7, generator=gen, dtype=torch.float64).requires_grad_() if bias else None
+    segments = torch.randint(0, 3, (s + kernel - 1, 2), generator=gen).sort(0).values if packed else None
+    inputs = (x, w) if b is None else (x, w, b)
+    assert torch.autograd.gradcheck(lambda *t: conv.depthwise_taps(*t[:2], t[2] if bias else None, segments), inputs)
+    inputs = [t.detach().float().requires_grad_() for t in inputs]
+    x, w, b = inputs[0], inputs[1], inputs[2] if bias else None
+    got = dispatch.causal_conv1d(x, w, b, segments, kernels="auto")
+    assert got.grad_fn.name().endswith("_TapSumsBackward")  # the taps, not the reference
+    want = dispatch.causal_conv1d(x, w, b, segments, kernels="reference")
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+    x16 = x.detach().bfloat16().requires_grad_()
+    got16 = conv.depthwise_taps(x16, w, b, segments)
+    assert got16.dtype == torch.bfloat16
+    want32 = dispatch.causal_conv1d(x16.detach().float(), w, b, segments, kernels="reference")
+    torch.testing.assert_close(got16.float(), want32, rtol=2e-2, atol=2e-2)
+    (gx16,) = torch.autograd.grad(got16, x16, torch.ones_like(got16))
+    assert gx16.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("q,packed", [(16, False), (16, True), (5, True), (1, False)])
+def test_ssd_within_chunks_by_hand_equals_reference(q, packed):
+    """``mamba2.within_chunks_by_hand`` with a group's ``C, B`` broadcast over its 3 heads, as ``ssd`` passes them,
+    documents starting anywhere (``log a = -inf``) or nowhere (then the mask is the causal ``[q, q]`` alone)."""
+    gen = torch.Generator().manual_seed(q + packed)
+    C, B = (torch.randn(2, 2, 1, 3, q, 5, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
+    xdt = torch.randn(2, 2, 3, 3, q, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    log_a = -0.3 * torch.rand(2, 2, 3, 3, q, generator=gen, dtype=torch.float64)
+    if packed:
+        starts = torch.rand(2, 1, 1, 3, q, generator=gen) < 0.2  # per token: the same for every head
+        log_a = log_a.masked_fill(starts, -math.inf)
+    log_a.requires_grad_()
+    inputs = (C, B, xdt, log_a)
+    assert torch.autograd.gradcheck(mamba2.within_chunks_by_hand, inputs)
+    inputs = [t.detach().float().requires_grad_() for t in inputs]
+    got = dispatch.ssd_within_chunks(*inputs, kernels="auto")
+    assert got.grad_fn.name().endswith("_WithinChunksByHandBackward")
+    want = dispatch.ssd_within_chunks(*inputs, kernels="reference")
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
