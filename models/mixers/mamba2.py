@@ -158,46 +158,9 @@ def chunk_decay(log_a: torch.Tensor) -> torch.Tensor:
 def within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
     """Step 1 of ``ssd``, the diagonal blocks: ``y_l = sum_{s <= l} (C_l . B_s) decay[l, s] xdt_s`` within each chunk
     (``C, B [..., q, n]``, broadcast against ``xdt [..., q, p]`` and ``log_a [..., q]``: a group's ``C B^T`` once for
-    its heads); its Triton kernel: ``chimera.models.ops.ssd``, and on CPU ``within_chunks_by_hand``."""
+    its heads); its Triton kernel: ``chimera.models.ops.ssd``; on CPU ``chimera.models.ops.ssd_cpu``."""
     decay = chunk_decay(log_a)  # [..., l, s]: prod_{s < k <= l} a_k, 0 for s > l
     return (torch.matmul(C, B.transpose(-1, -2)) * decay) @ xdt
-
-
-class _WithinChunksByHand(torch.autograd.Function):
-    """``within_chunks`` of ``cum`` and ``document`` with its backward written out, with ``M = (C B^T) * decay``::
-
-        dxdt = M^T dy,   dM = dy xdt^T,   d(C B^T) = sum over a group's heads of dM * decay,
-        dC = d(C B^T) B,   dB = d(C B^T)^T C,   dcum_l = sum_s (dM * M)[l, s] - sum_s (dM * M)[s, l]
-
-    The ``[q, q]`` tensors of every head are built in place (the exponent, its mask, its exponential) and the
-    backward reuses ``dM``'s buffer: fewer passes over them than autograd takes through the reference."""
-
-    @staticmethod
-    def forward(ctx, C, B, xdt, cum, document):
-        CB = C @ B.transpose(-1, -2)  # [..., l, s], once per group
-        decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill_(hidden(document), -math.inf).exp_()
-        M = CB * decay
-        ctx.save_for_backward(C, B, xdt, decay, M)
-        return M @ xdt
-
-    @staticmethod
-    def backward(ctx, dy):
-        C, B, xdt, decay, M = ctx.saved_tensors
-        dxdt = (M.transpose(-1, -2) @ dy).sum_to_size(xdt.shape)
-        dM = dy @ xdt.transpose(-1, -2)
-        group_shape = (*torch.broadcast_shapes(C.shape[:-2], B.shape[:-2]), *M.shape[-2:])  # C B^T's
-        dCB = (dM * decay).sum_to_size(group_shape)
-        dcum = dM.mul_(M)  # dM * M, in dM's buffer
-        dcum = dcum.sum(-1) - dcum.sum(-2)
-        dC = (dCB @ B).sum_to_size(C.shape)
-        dB = (dCB.transpose(-1, -2) @ C).sum_to_size(B.shape)
-        return dC, dB, dxdt, dcum, None
-
-
-def within_chunks_by_hand(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
-    """``within_chunks``, the same math with the backward by hand (``_WithinChunksByHand``): CPU's fast path."""
-    cum, document = cumulative_log_decay(log_a)
-    return _WithinChunksByHand.apply(C, B, xdt, cum, document)
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
@@ -214,41 +177,58 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     (``chimera.parallel.context``). ``kernels``: ``model.kernels`` for step 1 and the scan of step 3
     (``chimera.models.ops.dispatch``).
     """
-    s, h, g = x.shape[0], x.shape[2], B.shape[2]
-    log_a = dt * A  # log of the decay, <= 0
-    if reset is not None:
-        log_a = log_a.masked_fill(reset.unsqueeze(-1), -math.inf)
-    pad = -s % chunk_size
-
-    def chunks(t):  # [s, b, h, ...] -> [b, h, c, q, ...]; zero padding at the end: decay 1, no input
-        t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)).movedim(0, 2).contiguous()
-        return t.unflatten(2, (-1, chunk_size))
-
-    def by_group(t):  # [b, h, ...] -> [b, g, h / g, ...]
-        return t.unflatten(1, (g, h // g))
-
-    xdt, log_a = by_group(chunks(x * dt.unsqueeze(-1))), by_group(chunks(log_a))  # [b, g, h/g, c, q, (p)]
-    B, C = chunks(B), chunks(C)  # [b, g, c, q, n]
+    s = x.shape[0]
+    xdt, log_a, B, C = chunked_inputs(x, dt, A, B, C, chunk_size, reset)
 
     # 1. Within a chunk (diagonal blocks): y_l = sum_{s <= l} (C_l . B_s) decay[l, s] dt_s x_s.
     y = dispatch.ssd_within_chunks(C.unsqueeze(2), B.unsqueeze(2), xdt, log_a, kernels=kernels)  # [b, g, h/g, c, l, p]
 
     # 2. Each chunk's own tokens in the state at its end: sum_s B_s (decay[q-1, s] dt_s x_s)^T, where
     # decay[q-1, s] = prod_{k > s} a_k (in the chunk); B_s^T against all the group's heads at once.
-    to_end = torch.exp(log_decay_after(log_a.movedim(-1, 0)).movedim(0, -1))  # [b, g, h/g, c, q]
+    to_end, from_start, whole = boundary_decays(log_a)  # [b, g, h/g, c, q], the same and [b, g, h/g, c]
     chunk_states = torch.einsum("bgcqn,bghcqp->bghcnp", B, xdt * to_end.unsqueeze(-1)).flatten(1, 2)  # [b,h,c,n,p]
 
     # 3. Between chunks: h_end[c] = (prod of chunk c's decays) h_end[c-1] + chunk_states[c].
-    cum = log_a.cumsum(-1)  # [b, g, h/g, c, q]: log prod_{k <= l} a_k
-    ends, first = linear_scan_across(dispatch.scan_with(kernels),
-                                     torch.exp(cum[..., -1]).flatten(1, 2).movedim(2, 0)[..., None, None],
+    ends, first = linear_scan_across(dispatch.scan_with(kernels), whole.flatten(1, 2).movedim(2, 0)[..., None, None],
                                      chunk_states.movedim(2, 0), dims)
     first = torch.zeros_like(ends[:1]) if first is None else first.unsqueeze(0)  # the state before the 1st chunk
-    entering = by_group(torch.cat([first, ends[:-1]]).movedim(0, 2))  # the state before each chunk [b,g,h/g,c,n,p]
+    # the state before each chunk [b, g, h/g, c, n, p]
+    entering = torch.cat([first, ends[:-1]]).movedim(0, 2).unflatten(1, xdt.shape[1:3])
 
     # 4. The entering state read out inside the chunk: y_l += (prod_{k <= l} a_k) C_l . h_entering.
-    y = y + torch.einsum("bgcqn,bghcnp->bghcqp", C, entering) * torch.exp(cum).unsqueeze(-1)
+    y = y + torch.einsum("bgcqn,bghcnp->bghcqp", C, entering) * from_start.unsqueeze(-1)
     return y.flatten(1, 2).flatten(2, 3).movedim(2, 0)[:s]
+
+
+def chunked_inputs(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   chunk_size: int, reset: torch.Tensor | None):
+    """``ssd``'s inputs in its chunked layout: ``xdt = dt x [b, g, h/g, c, q, p]``, the log decay ``log_a = dt A``
+    (``-inf`` at resets) ``[b, g, h/g, c, q]``, and ``B, C [b, g, c, q, n]``; the sequence zero-padded at the end to
+    whole chunks (decay 1, no input)."""
+    s, h, g = x.shape[0], x.shape[2], B.shape[2]
+    log_a = dt * A  # log of the decay, <= 0
+    if reset is not None:
+        log_a = log_a.masked_fill(reset.unsqueeze(-1), -math.inf)
+    pad = -s % chunk_size
+
+    def chunks(t):  # [s, b, h, ...] -> [b, h, c, q, ...]
+        t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)).movedim(0, 2).contiguous()
+        return t.unflatten(2, (-1, chunk_size))
+
+    def by_group(t):  # [b, h, ...] -> [b, g, h / g, ...]
+        return t.unflatten(1, (g, h // g))
+
+    return by_group(chunks(x * dt.unsqueeze(-1))), by_group(chunks(log_a)), chunks(B), chunks(C)
+
+
+def boundary_decays(log_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decays between a chunk's positions and its ends, of ``log_a [..., q]``: ``prod_{k > s} a_k`` (what an input
+    at ``s`` keeps by the chunk's end), ``prod_{k <= l} a_k`` (what the state entering the chunk keeps at ``l``), and
+    the whole chunk's ``prod_k a_k`` ``[...]``. The first a reversed cumulative sum of the later terms alone, so no
+    ``-inf`` (a reset) is ever subtracted."""
+    from_start = log_a.cumsum(-1)  # log prod_{k <= l} a_k
+    to_end = log_decay_after(log_a.movedim(-1, 0)).movedim(0, -1)
+    return torch.exp(to_end), torch.exp(from_start), torch.exp(from_start[..., -1])
 
 
 class Mamba2Mixer(nn.Module):
@@ -381,7 +361,7 @@ class Mamba2Mixer(nn.Module):
         xh, B, C, dt = self._ssm_inputs(xs, bc, dt, per_head=False)
         B, C = self._state_vectors(B, C)
         A = -torch.exp(at_least_fp32(self.A_log))
-        y = ssd(xh, dt, A, B, C, self.chunk_size, reset, self.dims, self.kernels) + self.D.unsqueeze(-1) * xh
+        y = dispatch.ssd(xh, dt, A, B, C, self.chunk_size, reset, self.dims, self.kernels) + self.D.unsqueeze(-1) * xh
         return self.out_proj(self._gated_norm(y.flatten(-2), z))
 
     def init_state(self, batch: int, max_len: int):

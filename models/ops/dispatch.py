@@ -106,7 +106,7 @@ def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a
     at Mamba-2's chunk of 256 (state 128) it did not finish its first check within minutes (``benchmarks/RESULTS.md``,
     fast paths). The kernel is now tiled within the chunk (``chimera.models.ops.ssd.BLOCK`` positions a tile) but has
     not run on a GPU yet. ``triton`` runs it. On CPU ``auto`` takes the reference's math with its backward written out
-    (``mamba2.within_chunks_by_hand``)."""
+    (``chimera.models.ops.ssd_cpu``)."""
     if use_triton(kernels, xdt.device, checked_on_gpu=False):
         from chimera.models.ops import ssd
 
@@ -115,8 +115,25 @@ def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a
     from chimera.models.mixers import mamba2  # imports this module
 
     if kernels == "auto" and xdt.device.type == "cpu":
-        return mamba2.within_chunks_by_hand(C, B, xdt, log_a)
+        from chimera.models.ops import ssd_cpu
+
+        return ssd_cpu.within_chunks(C, B, xdt, log_a)
     return mamba2.within_chunks(C, B, xdt, log_a)
+
+
+def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
+        reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto") -> torch.Tensor:
+    """``chimera.models.mixers.mamba2.ssd``: Mamba-2's chunked scan, ``y [s, b, h, p]``. On CPU without context
+    parallelism ``auto`` takes its four steps as one function with the backward by hand
+    (``chimera.models.ops.ssd_cpu``); otherwise the reference, whose step 1 and scan dispatch again
+    (``ssd_within_chunks``, ``linear_scan``)."""
+    from chimera.models.mixers import mamba2  # imports this module
+
+    if kernels == "auto" and x.device.type == "cpu" and dims.cp == 1:
+        from chimera.models.ops import ssd_cpu
+
+        return ssd_cpu.ssd(x, dt, A, B, C, chunk_size, reset)
+    return mamba2.ssd(x, dt, A, B, C, chunk_size, reset, dims, kernels)
 
 
 def based_within_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document: torch.Tensor | None, *,

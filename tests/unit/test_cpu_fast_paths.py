@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from chimera.models import conv
-from chimera.models.mixers import mamba2
-from chimera.models.ops import dispatch
+from chimera.models.ops import dispatch, ssd_cpu
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 
@@ -23,6 +22,17 @@ def grads(out, inputs, seed=0):
 def assert_close_all(got, want, **tol):
     for i, (x, y) in enumerate(zip(got, want, strict=True)):
         torch.testing.assert_close(x, y, **tol, msg=lambda m, i=i: f"output {i}: {m}")
+
+
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes ``t`` was computed through."""
+    seen, todo = {}, [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = node.name()
+            todo.extend(f for f, _ in node.next_functions)
+    return set(seen.values())
 
 
 @pytest.mark.parametrize("kernel,s,bias", [(4, 19, True), (1, 5, False), (3, 33, True), (4, 1, True)])
@@ -55,7 +65,7 @@ def test_short_conv_taps_equal_reference(kernel, s, bias, packed):
 
 @pytest.mark.parametrize("q,packed", [(16, False), (16, True), (5, True), (1, False)])
 def test_ssd_within_chunks_by_hand_equals_reference(q, packed):
-    """``mamba2.within_chunks_by_hand`` with a group's ``C, B`` broadcast over its 3 heads, as ``ssd`` passes them,
+    """``ssd_cpu.within_chunks`` with a group's ``C, B`` broadcast over its 3 heads, as ``ssd`` passes them,
     documents starting anywhere (``log a = -inf``) or nowhere (then the mask is the causal ``[q, q]`` alone)."""
     gen = torch.Generator().manual_seed(q + packed)
     C, B = (torch.randn(2, 2, 1, 3, q, 5, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
@@ -66,10 +76,36 @@ def test_ssd_within_chunks_by_hand_equals_reference(q, packed):
         log_a = log_a.masked_fill(starts, -math.inf)
     log_a.requires_grad_()
     inputs = (C, B, xdt, log_a)
-    assert torch.autograd.gradcheck(mamba2.within_chunks_by_hand, inputs)
+    assert torch.autograd.gradcheck(ssd_cpu.within_chunks, inputs)
     inputs = [t.detach().float().requires_grad_() for t in inputs]
     got = dispatch.ssd_within_chunks(*inputs, kernels="auto")
-    assert got.grad_fn.name().endswith("_WithinChunksByHandBackward")
+    assert got.grad_fn.name().endswith("_WithinChunksBackward")
     want = dispatch.ssd_within_chunks(*inputs, kernels="reference")
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+
+
+@pytest.mark.parametrize("s,h,groups,chunk,packed", [(37, 4, 2, 8, True),  # 5 chunks, the last partial; resets
+                                                     (16, 2, 1, 16, False),  # one whole chunk
+                                                     (20, 3, 3, 4, True),  # a B, C per head
+                                                     (5, 1, 1, 8, False)])  # shorter than a chunk
+def test_ssd_by_hand_equals_reference(s, h, groups, chunk, packed):
+    """``ssd_cpu.ssd`` (the four steps with the backward by hand): gradcheck in fp64 of every input, and equal to
+    ``mamba2.ssd`` with ``kernels=reference`` (the mixer's dispatch takes it on CPU at cp = 1) in fp32."""
+    from chimera.models.mixers import mamba2
+
+    gen = torch.Generator().manual_seed(s + h)
+    b, p, n = 2, 3, 5
+    x = torch.randn(s, b, h, p, generator=gen, dtype=torch.float64)
+    dt = 0.05 + 0.5 * torch.rand(s, b, h, generator=gen, dtype=torch.float64)
+    A = -torch.rand(h, generator=gen, dtype=torch.float64) - 0.2
+    B, C = (torch.randn(s, b, groups, n, generator=gen, dtype=torch.float64) for _ in range(2))
+    reset = (torch.rand(s, b, generator=gen) < 0.15) if packed else None
+    inputs = [t.requires_grad_() for t in (x, dt, A, B, C)]
+    assert torch.autograd.gradcheck(lambda *t: ssd_cpu.ssd(*t, chunk, reset), inputs)
+    inputs = [t.detach().float().requires_grad_() for t in inputs]
+    got = dispatch.ssd(*inputs, chunk, reset, kernels="auto")
+    assert "_ChunkedSSDBackward" in graph_nodes(got)  # the fast path, not the reference
+    want = mamba2.ssd(*inputs, chunk, reset, kernels="reference")
     torch.testing.assert_close(got, want, **FP32)
     assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
