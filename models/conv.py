@@ -43,6 +43,12 @@ def depthwise_valid_within_segments(x: torch.Tensor, weight: torch.Tensor, bias:
     return y
 
 
+# The longest kernel for which ``depthwise_taps`` (k shifted passes) beats torch's depthwise conv on CPU, forward +
+# backward, measured on the 2-core machine at [256, 8, 512] and [1024, 2, 256]: 2.0x at 4 taps, 1.4-1.5x at 8, about
+# even at 16, 0.5x at 32 (benchmarks/RESULTS.md).
+TAPS_MAX_KERNEL = 8
+
+
 def same_document(segments: torch.Tensor, j: int, s: int) -> torch.Tensor:
     """``[s, b]``: whether tap ``j``'s input ``x_{t+j}`` lies in output ``t``'s document (that of ``x_{t+k-1}``), for
     ``segments [k-1+s, b]``."""

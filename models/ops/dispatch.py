@@ -85,12 +85,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """The causal depthwise conv of ``x [k-1+s, b, c]`` (the ``k - 1`` inputs before the sequence in front) with
     ``weight [c, k]`` -> ``[s, b, c]``; ``segments [k-1+s, b]``: packed documents' ids, no tap crossing one
     (``chimera.models.conv.depthwise_valid``, ``depthwise_valid_within_segments``). On CPU ``auto`` takes the same sums
-    as shifted multiply-adds with their backward written out (``chimera.models.conv.depthwise_taps``)."""
+    as shifted multiply-adds with their backward written out (``chimera.models.conv.depthwise_taps``) for short
+    kernels (up to ``conv.TAPS_MAX_KERNEL`` taps; longer ones, Hyena's explicit filters, run torch's conv faster)."""
     if use_triton(kernels, x.device):
         from chimera.models.ops import short_conv
 
         return short_conv.depthwise_conv(x, weight, bias, segments)
-    if kernels == "auto" and x.device.type == "cpu":
+    if kernels == "auto" and x.device.type == "cpu" and weight.shape[1] <= conv.TAPS_MAX_KERNEL:
         return conv.depthwise_taps(x, weight, bias, segments)
     if segments is None:
         return conv.depthwise_valid(x, weight, bias)

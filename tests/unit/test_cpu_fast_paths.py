@@ -63,6 +63,15 @@ def test_short_conv_taps_equal_reference(kernel, s, bias, packed):
     assert gx16.dtype == torch.bfloat16
 
 
+def test_long_filters_keep_torchs_conv():
+    """Past ``conv.TAPS_MAX_KERNEL`` taps (Hyena's explicit filters) ``auto`` runs torch's conv, faster there."""
+    k = conv.TAPS_MAX_KERNEL + 1
+    x, w = torch.randn(k + 4, 2, 3, requires_grad=True), torch.randn(3, k, requires_grad=True)
+    got = dispatch.causal_conv1d(x, w, None, kernels="auto")
+    assert "_TapSumsBackward" not in graph_nodes(got)
+    torch.testing.assert_close(got, conv.depthwise_taps(x, w, None), **FP32)
+
+
 @pytest.mark.parametrize("q,packed", [(16, False), (16, True), (5, True), (1, False)])
 def test_ssd_within_chunks_by_hand_equals_reference(q, packed):
     """``ssd_cpu.within_chunks`` with a group's ``C, B`` broadcast over its 3 heads, as ``ssd`` passes them,
