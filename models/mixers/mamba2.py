@@ -136,10 +136,11 @@ def cumulative_log_decay(log_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def hidden(document: torch.Tensor) -> torch.Tensor:
-    """Where ``decay[..., l, s]`` is 0: ``s > l`` or another document; ``[q, q]`` when no document starts inside."""
+    """Where ``decay[..., l, s]`` is 0: ``s > l`` or another document; ``[q, q]`` when no document starts inside
+    (and nothing traces the model)."""
     q = document.shape[-1]
     later = torch.ones(q, q, dtype=torch.bool, device=document.device).triu(1)
-    if not bool(document[..., -1].any()):
+    if not dispatch.tracing() and not bool(document[..., -1].any()):  # data-dependent: not under export
         return later
     return later | (document.unsqueeze(-1) != document.unsqueeze(-2))
 

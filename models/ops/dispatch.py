@@ -43,6 +43,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def tracing() -> bool:
+    """Whether ``torch.export`` or ``torch.compile`` is tracing: then the reference paths, which they can follow (the
+    CPU paths' hand-written backward functions and data-dependent shortcuts they cannot)."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling()
+
+
+def cpu_fast_path(kernels: str, device: torch.device) -> bool:
+    """Whether ``kernels`` takes CPU's fast path (the same math with the backward by hand) for tensors on ``device``."""
+    return kernels == "auto" and device.type == "cpu" and not tracing()
+
+
 def use_triton(kernels: str, device: torch.device, checked_on_gpu: bool = True) -> bool:
     """Whether ``kernels`` runs the Triton kernel for tensors on ``device`` (a ``UserError`` where it cannot);
     ``checked_on_gpu``: whether the kernel has been held to its reference on a GPU, without which ``auto`` does not
@@ -91,7 +102,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         from chimera.models.ops import short_conv
 
         return short_conv.depthwise_conv(x, weight, bias, segments)
-    if kernels == "auto" and x.device.type == "cpu" and weight.shape[1] <= conv.TAPS_MAX_KERNEL:
+    if cpu_fast_path(kernels, x.device) and weight.shape[1] <= conv.TAPS_MAX_KERNEL:
         return conv.depthwise_taps(x, weight, bias, segments)
     if segments is None:
         return conv.depthwise_valid(x, weight, bias)
@@ -115,7 +126,7 @@ def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a
         return ssd.within_chunks(C.expand(heads), B.expand(heads), xdt, log_a)
     from chimera.models.mixers import mamba2  # imports this module
 
-    if kernels == "auto" and xdt.device.type == "cpu":
+    if cpu_fast_path(kernels, xdt.device):
         from chimera.models.ops import ssd_cpu
 
         return ssd_cpu.within_chunks(C, B, xdt, log_a)
@@ -130,7 +141,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     (``ssd_within_chunks``, ``linear_scan``)."""
     from chimera.models.mixers import mamba2  # imports this module
 
-    if kernels == "auto" and x.device.type == "cpu" and dims.cp == 1:
+    if cpu_fast_path(kernels, x.device) and dims.cp == 1:
         from chimera.models.ops import ssd_cpu
 
         return ssd_cpu.ssd(x, dt, A, B, C, chunk_size, reset)
