@@ -1,6 +1,7 @@
 """CPU's fast paths (what ``model.kernels=auto`` runs on a CPU tensor, ``chimera.models.ops.dispatch``) equal their
 references (``model.kernels=reference``): the same math with the backward written out, checked by ``gradcheck`` in
-fp64 and against the reference's autograd in fp32 (1e-5), with packed documents and lengths of one token.
+fp64 (the SSD's in its fast mode: random directions through the Jacobian) and against the reference's autograd in fp32
+(1e-5), with packed documents and lengths of one token.
 """
 
 import math
@@ -85,7 +86,7 @@ def test_ssd_within_chunks_by_hand_equals_reference(q, packed):
         log_a = log_a.masked_fill(starts, -math.inf)
     log_a.requires_grad_()
     inputs = (C, B, xdt, log_a)
-    assert torch.autograd.gradcheck(ssd_cpu.within_chunks, inputs)
+    assert torch.autograd.gradcheck(ssd_cpu.within_chunks, inputs, fast_mode=True)
     inputs = [t.detach().float().requires_grad_() for t in inputs]
     got = dispatch.ssd_within_chunks(*inputs, kernels="auto")
     assert got.grad_fn.name().endswith("_WithinChunksBackward")
@@ -111,7 +112,7 @@ def test_ssd_by_hand_equals_reference(s, h, groups, chunk, packed):
     B, C = (torch.randn(s, b, groups, n, generator=gen, dtype=torch.float64) for _ in range(2))
     reset = (torch.rand(s, b, generator=gen) < 0.15) if packed else None
     inputs = [t.requires_grad_() for t in (x, dt, A, B, C)]
-    assert torch.autograd.gradcheck(lambda *t: ssd_cpu.ssd(*t, chunk, reset), inputs)
+    assert torch.autograd.gradcheck(lambda *t: ssd_cpu.ssd(*t, chunk, reset), inputs, fast_mode=True)
     inputs = [t.detach().float().requires_grad_() for t in inputs]
     got = dispatch.ssd(*inputs, chunk, reset, kernels="auto")
     assert "_ChunkedSSDBackward" in graph_nodes(got)  # the fast path, not the reference
