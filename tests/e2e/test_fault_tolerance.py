@@ -68,7 +68,7 @@ def uninterrupted_two_ranks(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("kill_after", [1, 4, 6])
+@pytest.mark.parametrize("kill_after", [1, 4])  # before any checkpoint; just after one
 def test_a_killed_rank_restarts_the_run_from_its_last_checkpoint(tmp_path, uninterrupted_two_ranks, kill_after):
     proc = start(tmp_path, *TWO_RANKS)
     wait_for_step(tmp_path, kill_after, proc)
