@@ -1,4 +1,4 @@
-"""One dispatch point per hot operation: the reference math, or its Triton kernel.
+"""One dispatch point per hot operation: the reference math, its Triton kernel, or its CPU fast path.
 
 ``model.kernels`` chooses (``chimera.models.spec.ModelFields``):
 
@@ -11,9 +11,11 @@
 * ``auto``: on CUDA tensors, when ``triton`` imports, the kernels that have been checked on a GPU against their
   reference (``benchmarks/gpu_fast_paths.py``'s check: the linear scan and the short conv), else the reference. The
   others (the selective scan, SSD, Based, RWKV-6, Hyena's gate, RMSNorm, RoPE) are held to their references only in the
-  interpreter so far and run only with ``triton``, until a device check has run them (``checked_on_gpu``). On CPU the
-  reference is the only fast path (the kernels run there only in the interpreter, for tests). GPU figures:
-  ``benchmarks/RESULTS.md``.
+  interpreter so far and run only with ``triton``, until a device check has run them (``checked_on_gpu``). On CPU
+  ``auto`` takes the CPU's fast paths where they exist (``cpu_fast_path``): the reference's math with the backward
+  written out and fewer passes over memory — the short conv as shifted multiply-adds (``conv.depthwise_taps``) and
+  Mamba-2's SSD (``chimera.models.ops.ssd_cpu``) — except while ``torch.export`` or ``torch.compile`` traces; the
+  Triton kernels run on CPU only in the interpreter, for tests. Figures: ``benchmarks/RESULTS.md``.
 
 Every function here takes the reference's arguments plus ``kernels`` and returns what the reference returns.
 """
