@@ -105,8 +105,8 @@ class _TapSums(torch.autograd.Function):
 def depthwise_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    segments: torch.Tensor | None = None) -> torch.Tensor:
     """``depthwise_valid`` (``segments``: ``depthwise_valid_within_segments``) by shifted multiply-adds, the CPU's fast
-    path: on the 2-core machine 3x faster than torch's depthwise conv for Mamba-2's convs, forward + backward
-    (``benchmarks/RESULTS.md``)."""
+    path: on the 2-core machine 2-3x faster than torch's depthwise conv at 4 taps, forward + backward
+    (``TAPS_MAX_KERNEL``, ``benchmarks/RESULTS.md``)."""
     return _TapSums.apply(x, weight, bias, segments)
 
 

@@ -250,3 +250,19 @@ tasks:
 budget: {tokens: 192, full_tokens: 1920}
 train: {micro_batch_size: 4, global_batch_size: 4, warmup_steps: 1}
 """
+
+
+def grads(out, inputs, seed: int = 0):
+    """The gradients of ``out`` for ``inputs`` under one random output gradient (``seed``), as a tuple."""
+    import torch
+
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, g)
+
+
+def assert_close_all(got, want, **tol) -> None:
+    """``torch.testing.assert_close`` of each pair, naming the position of the first that differs."""
+    import torch
+
+    for i, (x, y) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(x, y, **tol, msg=lambda m, i=i: f"output {i}: {m}")

@@ -11,18 +11,9 @@ import torch
 
 from chimera.models import conv
 from chimera.models.ops import dispatch, ssd_cpu
+from helpers import assert_close_all, grads
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
-
-
-def grads(out, inputs, seed=0):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return torch.autograd.grad(out, inputs, g)
-
-
-def assert_close_all(got, want, **tol):
-    for i, (x, y) in enumerate(zip(got, want, strict=True)):
-        torch.testing.assert_close(x, y, **tol, msg=lambda m, i=i: f"output {i}: {m}")
 
 
 def graph_nodes(t: torch.Tensor) -> set[str]:

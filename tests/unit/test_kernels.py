@@ -18,21 +18,11 @@ import torch
 from chimera.errors import UserError
 from chimera.models import conv, scan
 from chimera.models.ops import dispatch
-from helpers import build_model
+from helpers import assert_close_all, build_model, grads
 
 pytest.importorskip("triton")
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
-
-
-def grads(out, inputs, seed=0):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return torch.autograd.grad(out, inputs, g)
-
-
-def assert_close_all(got, want, **tol):
-    for i, (x, y) in enumerate(zip(got, want, strict=True)):
-        torch.testing.assert_close(x, y, **tol, msg=lambda m, i=i: f"output {i}: {m}")
 
 
 def decays_with_resets(shape, gen):
