@@ -61,16 +61,18 @@ class Sequential:
     def states(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """All states of ``h_t = a_t h_{t-1} + b_t``, ``h_{-1} = 0``: one fused multiply-add per step."""
         h = b.expand(torch.broadcast_shapes(a.shape, b.shape)).clone()
+        h_t, a_t = h.unbind(0), a.unbind(0)  # each step's views at once (indexing per step costs more than its op)
         for t in range(1, h.shape[0]):
-            h[t].addcmul_(a[t], h[t - 1])
+            h_t[t].addcmul_(a_t[t], h_t[t - 1])
         return h
 
     @staticmethod
     def adjoint(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``lambda_t = g_t + a_{t+1} lambda_{t+1}``, from the last step back."""
         lam = g.clone()
+        lam_t, a_t = lam.unbind(0), a.unbind(0)
         for t in range(lam.shape[0] - 2, -1, -1):
-            lam[t].addcmul_(a[t + 1], lam[t + 1])
+            lam_t[t].addcmul_(a_t[t + 1], lam_t[t + 1])
         return lam
 
 

@@ -77,6 +77,30 @@ def _lambda_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return t.copy_(torch.log(a) - torch.log1p(-a))
 
 
+def coefficients(gate_a: torch.Tensor, gate_x: torch.Tensor, u: torch.Tensor, a_param: torch.Tensor,
+                 unnormalized: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. (1)-(4)'s ``(a_t, b_t = sqrt(1 - a_t^2) * i_t * u_t)`` from the gates' pre-activations (``gate_inputs``);
+    ``unnormalized``: where ``b_t = i_t u_t`` (RecurrentGemma's documents' first tokens), or None."""
+    r = torch.sigmoid(gate_a)  # (1)
+    i = torch.sigmoid(gate_x)  # (2)
+    log_a = -GATE_C * r * F.softplus(-a_param.to(u.dtype))  # (3): log a_t = c r_t log sigma(Lambda)
+    a = torch.exp(log_a)
+    multiplier = torch.sqrt(-torch.expm1(2 * log_a))  # sqrt(1 - a_t^2), accurate near a_t = 1
+    if unnormalized is not None:
+        multiplier = torch.where(unnormalized.unsqueeze(-1), torch.ones_like(multiplier), multiplier)
+    return a, multiplier * i * u
+
+
+def states(gate_a: torch.Tensor, gate_x: torch.Tensor, u: torch.Tensor, a_param: torch.Tensor, reset: torch.Tensor,
+           reset_unnormalized: bool, dims: ParallelDims, kernels: str = "auto") -> torch.Tensor:
+    """The reference: every ``h_t`` (fp32 or wider, ``[s, b, w]``) of this rank's chunk, ``h_{t-1}`` dropped where
+    ``reset [s, b]``: the coefficients, then the scan (``chimera.models.scan``), across context-parallel ranks.
+    Its CPU fast path: ``chimera.models.ops.rglru_cpu``."""
+    a, b = coefficients(gate_a, gate_x, u, a_param, reset if reset_unnormalized else None)
+    a = a.masked_fill(reset.unsqueeze(-1), 0.0)
+    return linear_scan_across(dispatch.scan_with(kernels), a, b, dims)[0]  # (4)
+
+
 class RGLRU(nn.Module):
     """The gated recurrence of Eqs. (1)-(4) over this rank's heads."""
 
@@ -103,18 +127,16 @@ class RGLRU(nn.Module):
         uh = u.unflatten(-1, (self.heads_local, self.block))
         return (torch.einsum("...hi,hij->...hj", uh, w.to(u.dtype)) + b.to(u.dtype)).flatten(-2)
 
+    def gate_inputs(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gates' pre-activations ``W_a u_t + b_a`` and ``W_x u_t + b_x`` of Eqs. (1), (2)."""
+        return (self._blockdiag(u, self.gate_a_weight, self.gate_a_bias),
+                self._blockdiag(u, self.gate_x_weight, self.gate_x_bias))
+
     def coefficients(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a_t, sqrt(1 - a_t^2) * i_t * u_t)``: the recurrence is then ``h_t = a_t h_{t-1} + b_t``.
 
         ``reset`` (broadcastable to ``u`` without its last dim) marks documents' first tokens."""
-        r = torch.sigmoid(self._blockdiag(u, self.gate_a_weight, self.gate_a_bias))  # (1)
-        i = torch.sigmoid(self._blockdiag(u, self.gate_x_weight, self.gate_x_bias))  # (2)
-        log_a = -GATE_C * r * F.softplus(-self.a_param.to(u.dtype))  # (3): log a_t = c r_t log sigma(Lambda)
-        a = torch.exp(log_a)
-        multiplier = torch.sqrt(-torch.expm1(2 * log_a))  # sqrt(1 - a_t^2), accurate near a_t = 1
-        if self.reset_unnormalized and reset is not None:
-            multiplier = torch.where(reset.unsqueeze(-1), torch.ones_like(multiplier), multiplier)
-        return a, multiplier * i * u
+        return coefficients(*self.gate_inputs(u), u, self.a_param, reset if self.reset_unnormalized else None)
 
     def forward(self, u: torch.Tensor, reset: torch.Tensor | None = None) -> torch.Tensor:  # [s, b, w]
         """All states; ``reset [s, b]`` marks a document's first token, where ``h_{t-1}`` is dropped.
@@ -128,9 +150,9 @@ class RGLRU(nn.Module):
         first = torch.zeros(u.shape[:2], dtype=torch.bool, device=u.device)
         first[0] = self.dims.cp_rank == 0
         reset = first if reset is None else reset | first
-        a, b = self.coefficients(at_least_fp32(u), reset)
-        a = a.masked_fill(reset.unsqueeze(-1), 0.0)
-        return linear_scan_across(dispatch.scan_with(self.kernels), a, b, self.dims)[0]  # (4)
+        u = at_least_fp32(u)
+        return dispatch.rglru_states(*self.gate_inputs(u), u, self.a_param, reset, self.reset_unnormalized,
+                                     self.dims, kernels=self.kernels)
 
     def step(self, u: torch.Tensor, h: torch.Tensor, first: bool = False) -> torch.Tensor:  # [b, w] -> [b, w]
         reset = torch.full(u.shape[:1], first, dtype=torch.bool, device=u.device)

@@ -13,9 +13,10 @@
   others (the selective scan, SSD, Based, RWKV-6, Hyena's gate, RMSNorm, RoPE) are held to their references only in the
   interpreter so far and run only with ``triton``, until a device check has run them (``checked_on_gpu``). On CPU
   ``auto`` takes the CPU's fast paths where they exist (``cpu_fast_path``): the reference's math with the backward
-  written out and fewer passes over memory — the short conv as shifted multiply-adds (``conv.depthwise_taps``) and
-  Mamba-2's SSD (``chimera.models.ops.ssd_cpu``) — except while ``torch.export`` or ``torch.compile`` traces; the
-  Triton kernels run on CPU only in the interpreter, for tests. Figures: ``benchmarks/RESULTS.md``.
+  written out and fewer passes over memory — the short conv as shifted multiply-adds (``conv.depthwise_taps``),
+  Mamba-2's SSD (``chimera.models.ops.ssd_cpu``) and the RG-LRU's gates and scan (``chimera.models.ops.rglru_cpu``)
+  — except while ``torch.export`` or ``torch.compile`` traces; the Triton kernels run on CPU only in the interpreter,
+  for tests. Figures: ``benchmarks/RESULTS.md``.
 
 Every function here takes the reference's arguments plus ``kernels`` and returns what the reference returns.
 """
@@ -148,6 +149,21 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
 
         return ssd_cpu.ssd(x, dt, A, B, C, chunk_size, reset)
     return mamba2.ssd(x, dt, A, B, C, chunk_size, reset, dims, kernels)
+
+
+def rglru_states(gate_a: torch.Tensor, gate_x: torch.Tensor, u: torch.Tensor, a_param: torch.Tensor,
+                 reset: torch.Tensor, reset_unnormalized: bool, dims: ParallelDims = SINGLE_PROCESS, *,
+                 kernels: str = "auto") -> torch.Tensor:
+    """``chimera.models.mixers.rglru.states``: the RG-LRU's gates and recurrence, every ``h_t [s, b, w]`` from the
+    gates' pre-activations. On CPU without context parallelism ``auto`` takes them as one function with the backward
+    by hand (``chimera.models.ops.rglru_cpu``); otherwise the reference, whose scan dispatches (``linear_scan``)."""
+    from chimera.models.mixers import rglru  # imports this module
+
+    if cpu_fast_path(kernels, u.device) and dims.cp == 1:
+        from chimera.models.ops import rglru_cpu
+
+        return rglru_cpu.states(gate_a, gate_x, u, a_param, reset, reset_unnormalized)
+    return rglru.states(gate_a, gate_x, u, a_param, reset, reset_unnormalized, dims, kernels)
 
 
 def based_within_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document: torch.Tensor | None, *,

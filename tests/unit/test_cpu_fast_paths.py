@@ -110,3 +110,54 @@ def test_ssd_by_hand_equals_reference(s, h, groups, chunk, packed):
     want = mamba2.ssd(*inputs, chunk, reset, kernels="reference")
     torch.testing.assert_close(got, want, **FP32)
     assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+
+
+@pytest.mark.parametrize("s,unnormalized,packed", [(19, False, True),  # documents starting anywhere
+                                                   (23, True, True),  # RecurrentGemma's unscaled first tokens
+                                                   (8, False, False),  # one document per row
+                                                   (1, True, False)])  # one token
+def test_rglru_by_hand_equals_reference(s, unnormalized, packed):
+    """``rglru_cpu.states`` (the gates and the scan with the backward by hand): gradcheck in fp64 of the gates'
+    pre-activations, the input and Lambda, and equal to ``rglru.states`` with ``kernels=reference`` in fp32."""
+    from chimera.models.mixers import rglru
+    from chimera.models.ops import rglru_cpu
+    from chimera.parallel.dims import SINGLE_PROCESS
+
+    gen = torch.Generator().manual_seed(s + unnormalized)
+    gate_a, gate_x, u = (torch.randn(s, 3, 5, generator=gen, dtype=torch.float64) for _ in range(3))
+    a_param = torch.randn(5, generator=gen, dtype=torch.float64)
+    reset = torch.rand(s, 3, generator=gen) < (0.2 if packed else 0.0)
+    reset[0] = True  # the sequence's first token, as the mixer marks it
+    inputs = [t.requires_grad_() for t in (gate_a, gate_x, u, a_param)]
+    assert torch.autograd.gradcheck(lambda *t: rglru_cpu.states(*t, reset, unnormalized), inputs)
+    inputs = [t.detach().float().requires_grad_() for t in inputs]
+    got = dispatch.rglru_states(*inputs, reset, unnormalized, kernels="auto")
+    assert "_GatedRecurrenceBackward" in graph_nodes(got)
+    want = rglru.states(*inputs, reset, unnormalized, SINGLE_PROCESS, kernels="reference")
+    assert "_GatedRecurrenceBackward" not in graph_nodes(want)
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+
+
+def test_recurrent_block_takes_the_rglru_fast_path_and_matches_reference():
+    """A Griffin recurrent block over packed documents with ``kernels=auto`` (the RG-LRU by hand, the taps) equals
+    the same weights with ``kernels=reference``: outputs and every parameter's gradient, fp32."""
+    from chimera.models.documents import PackedDocuments
+    from chimera.models.mixers.rglru import RecurrentBlock
+    from chimera.parallel.dims import SINGLE_PROCESS
+    from chimera.parallel.sharding import initialize_parameters
+
+    blocks = []
+    for kernels in ("auto", "reference"):
+        block = RecurrentBlock(8, 12, 3, 4, init_std=0.3, out_std=0.3, dims=SINGLE_PROCESS, bias=True,
+                               reset_unnormalized=True, kernels=kernels)
+        initialize_parameters(block, seed=0)
+        blocks.append(block)
+    seg = torch.tensor([[0] * 7 + [1] * 10, [0] * 3 + [1] * 2 + [2] * 12])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in ([7, 10], [3, 2, 12])])
+    docs = PackedDocuments.from_batch(seg, pos)
+    x = torch.randn(17, 2, 8, generator=torch.Generator().manual_seed(1))
+    got, want = (block(x, docs) for block in blocks)
+    assert "_GatedRecurrenceBackward" in graph_nodes(got)
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, list(blocks[0].parameters())), grads(want, list(blocks[1].parameters())), **FP32)
