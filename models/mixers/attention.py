@@ -25,8 +25,9 @@ TP: query heads split over ranks (``W_q`` column parallel, ``W_o`` row parallel)
 split too when TP divides their number; otherwise (MQA: one kv head) every rank holds all kv
 heads and their projection's gradient, partial per rank, is summed over TP.
 
-Over a sequence longer than the window, local attention runs in blocks of queries, each against the keys its
-window reaches (``sliding_window_attention``): memory and work ``O(s window)``, not the dense mask's ``O(s^2)``.
+Over a sequence at least three windows long, local attention runs in blocks of queries, each against the keys its
+window reaches (``sliding_window_attention``): work ``O(s window)``, not the dense mask's ``O(s^2)`` (shorter, the
+dense mask is faster: ``blocks_pay``).
 Over packed documents a token sees no further back than its document's start, so attention within documents is a
 sliding window of the longest document's reach (``PackedDocuments.reach``) and runs in the same blocks where that
 pays (``blocks_pay``); one document per row without context parallelism passes no mask at all (SDPA's
@@ -196,7 +197,8 @@ def blocks_pay(band: int, keys: int) -> bool:
     """Whether attention over ``keys`` keys within a band of ``band`` positions is faster in blocks
     (``sliding_window_attention``, a block of ``band`` queries reads ``2 band - 1`` keys) than with the dense mask:
     where the keys are at least three bands. ``benchmarks/sliding_window.py --document-length 1024`` (CPU,
-    forward + backward): blocks/dense 0.86x at 2 bands, 1.63x at 3, 1.94x at 4, 9.1x at 16."""
+    forward + backward): blocks/dense 0.86x at 2 bands, 1.63x at 3, 1.94x at 4, 9.1x at 16; a local window of 128
+    (``--window 128 --heads 4 --batch 8``): 0.71x at 2 windows, 0.93x at 3, 1.19x at 4, 1.67x at 6."""
     return 3 * band <= keys
 
 
@@ -233,6 +235,7 @@ class Attention(nn.Module):
         # the kv head each local query head reads: an index from the layout, on the CPU even on a meta build
         global_heads = torch.arange(self.heads_local, device="cpu") + dims.tp_rank * self.heads_local
         self.register_buffer("kv_of_head", global_heads // group - first_kv, persistent=False)
+        self.kv_heads_read = self._kv_heads_read(self.kv_of_head)
         # W_o [d_model, H / tp * d_head]: split along dim 1; output all-reduced (or reduce-scattered)
         self.o_proj = RowParallel(num_heads * head_dim, d_model, dims, init=normal(out_std), bias=out_bias)
 
@@ -249,27 +252,43 @@ class Attention(nn.Module):
         return (dispatch.apply_rope(q, cos, sin, kernels=self.kernels),
                 dispatch.apply_rope(k, cos, sin, kernels=self.kernels), v)
 
+    @staticmethod
+    def _kv_heads_read(kv_of_head: torch.Tensor) -> slice | None:
+        """The kv heads the local query heads read, as a slice, where each reads them in equal consecutive groups
+        (SDPA's grouped-query layout); None where a rank's heads straddle their groups unevenly (replicated kv heads
+        under TP)."""
+        first, n = int(kv_of_head[0]), int(kv_of_head[-1] - kv_of_head[0]) + 1
+        heads = kv_of_head.shape[0]
+        regular = heads % n == 0 and torch.equal(kv_of_head, first + torch.arange(heads, device="cpu") // (heads // n))
+        return slice(first, first + n) if regular else None
+
     def _attend(self, q, k, v, allowed: torch.Tensor | None) -> torch.Tensor:
         """Attention of local query heads over their kv heads; ``allowed`` [s_q, s_k] is True where visible, or None:
-        causal over the queries' own positions (SDPA's ``is_causal``, no mask formed)."""
-        k, v = k[:, self.kv_of_head], v[:, self.kv_of_head]
+        causal over the queries' own positions (SDPA's ``is_causal``, no mask formed). Grouped heads go to SDPA as
+        they are (``enable_gqa``: no copy of the keys per query head, and none of its gradient to sum back: 10-25%
+        off forward + backward on CPU at RecurrentGemma's one kv head); an exported graph copies them."""
+        read, gqa = self.kv_heads_read, False
+        if read is None or torch.compiler.is_exporting():
+            k, v = k[:, self.kv_of_head], v[:, self.kv_of_head]
+        else:
+            k, v, gqa = k[:, read], v[:, read], read.stop - read.start < q.shape[1]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
-                                           scale=self.scale)  # scale None: 1/sqrt(d_head)
+                                           scale=self.scale, enable_gqa=gqa)  # scale None: 1/sqrt(d_head)
         return o.permute(2, 0, 1, 3).flatten(-2)  # [s, b, heads * d_head]
 
     def _band(self, s: int, s_k: int, reach: int | None = None) -> int | None:
         """The window ``sliding_window_attention`` runs this layer's mask with, in blocks, for ``s`` queries over
         ``s_k`` keys; None: the dense mask ``visible`` builds (a subclass's own pattern, or an exported graph).
 
-        Local attention longer than its window runs in blocks. Over packed documents no token looks further back
-        than its document's start, ``reach`` positions at most (``PackedDocuments.reach``): causal attention within
-        documents *is* a sliding window of ``reach``: the band is the shorter of the two windows, and it runs in blocks
-        too where that pays (``blocks_pay``)."""
+        Local attention runs in blocks where that pays (``blocks_pay``: keys at least three windows). Over packed
+        documents no token looks further back than its document's start, ``reach`` positions at most
+        (``PackedDocuments.reach``): causal attention within documents *is* a sliding window of ``reach``: the band is
+        the shorter of the two windows, and it runs in blocks where that pays too."""
         windows = [w for w in (self.window, reach) if w is not None]
         if not windows or type(self).visible is not Attention.visible or torch.compiler.is_exporting():
             return None
         band = min(windows)
-        return band if (self.window is not None and s > self.window) or blocks_pay(band, s_k) else None
+        return band if blocks_pay(band, s_k) else None
 
     def _only_causal(self, s: int, s_k: int) -> bool:
         """Whether the mask is causality alone, ``s`` queries over their own ``s_k = s`` keys (global attention, one
@@ -344,8 +363,8 @@ class Attention(nn.Module):
         }
 
     def prefill(self, x: torch.Tensor, max_len: int, lora=None):  # x: [s, b, d] -> (out, state)
-        """The prompt in one pass (``visible`` is the mask: global, the window (in blocks where the prompt is longer
-        than it), or a subclass's pattern), and the cache ``step`` would hold after it: the positions
+        """The prompt in one pass (``visible`` is the mask: global, the window (in blocks where that pays),
+        or a subclass's pattern), and the cache ``step`` would hold after it: the positions
         ``s - slots .. s - 1`` at ``position % slots``."""
         s, b = x.shape[:2]
         pos = torch.arange(s, device=x.device)

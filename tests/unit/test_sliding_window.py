@@ -70,7 +70,7 @@ def test_packed_documents():
     assert_same_with_gradients(q, k, v, window, q_seg=seg, k_seg=seg)
 
 
-def test_a_local_attention_layer_longer_than_its_window_runs_in_blocks(monkeypatch):
+def test_a_local_attention_layer_three_windows_long_runs_in_blocks(monkeypatch):
     """The layer's forward equals its dense-mask forward (the blocked path switched off), and takes the blocked path."""
     torch.manual_seed(0)
     layer = attention_mixer.Attention(16, 4, 2, 4, window=6, rope=attention_mixer.Rope(4, 10000.0), init_std=0.2,
@@ -157,5 +157,38 @@ def test_global_attention_over_one_document_per_row_is_causal_without_a_mask(mon
     assert calls[-1][0].shape[-2:] == (23, 23) and not calls[-1][1]
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(prefilled, ref, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, torch.autograd.grad(ref.square().sum(), list(layer.parameters()))):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_kv_heads_read_as_a_slice_where_groups_are_regular():
+    """The local query heads' kv heads as one slice where each kv head serves an equal run of consecutive query heads
+    (SDPA's grouped layout), None where a rank's heads straddle groups unevenly (replicated kv heads under TP)."""
+    read = attention_mixer.Attention._kv_heads_read
+    assert read(torch.tensor([0, 0, 1, 1])) == slice(0, 2)
+    assert read(torch.tensor([0, 1, 2])) == slice(0, 3)
+    assert read(torch.tensor([1, 1])) == slice(1, 2)  # a rank's two heads, both of the second kv head
+    assert read(torch.tensor([0, 0, 1])) is None  # 3 heads of a group of 2 on one rank
+    assert read(torch.tensor([1, 2, 2])) is None
+
+
+@pytest.mark.parametrize("window", [None, 16])  # causal without a mask; a window's dense mask (23 < 3 x 16)
+def test_grouped_heads_reach_sdpa_ungathered_and_equal_the_gathered(monkeypatch, window):
+    """Grouped-query attention (4 query heads, 2 kv heads) passes the 2 kv heads to SDPA (``enable_gqa``), equal to
+    gathering a kv head per query head: outputs and parameter gradients."""
+    layer = attention_mixer.Attention(16, 4, 2, 4, window=window, rope=attention_mixer.Rope(4, 10000.0),
+                                      init_std=0.2, out_std=0.2, dims=SINGLE_PROCESS)
+    initialize_parameters(layer, seed=0)
+    layer = layer.double()
+    x = torch.randn(23, 2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_mixer.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append((k.shape[1], kw.get("enable_gqa"))) or sdpa(q, k, v, **kw))
+    out = layer(x)
+    grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+    layer.kv_heads_read = None
+    ref = layer(x)
+    assert calls == [(2, True), (4, False)]
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for g, e in zip(grads, torch.autograd.grad(ref.square().sum(), list(layer.parameters()))):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
