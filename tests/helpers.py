@@ -64,6 +64,30 @@ def run_chimera(*args, cwd=None, timeout=900, env=None) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def run_chimera_here(monkeypatch, *args) -> subprocess.CompletedProcess:
+    """``run_chimera`` in this process, without a new interpreter's two seconds of importing torch: for the commands
+    that refuse bad input before any work or process starts. ``chimera.launch.cli.main``'s return (or its argument
+    parser's ``SystemExit``) is the exit code; its output is captured; the environment and directory it sees are
+    ``run_chimera``'s, and restored after."""
+    import contextlib
+    import io
+
+    from chimera.launch import cli
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(REPO)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def read_metrics(run_dir) -> list[dict]:
     import json
 
