@@ -344,7 +344,13 @@ class Mamba2Mixer(nn.Module):
         return t
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``w * RMSNorm(y * SiLU(z))`` over each group's channels (HF ``MambaRMSNormGated``), cast to ``z``'s dtype."""
+        """``w * RMSNorm(y * SiLU(z))`` over each group's channels (HF ``MambaRMSNormGated``), cast to ``z``'s dtype.
+        On CPU, with whole groups on this rank, ``auto`` takes it with the backward by hand
+        (``chimera.models.ops.rmsnorm_cpu``)."""
+        if dispatch.cpu_fast_path(self.kernels, y.device) and not self.norm_over_tp:
+            from chimera.models.ops import rmsnorm_cpu
+
+            return rmsnorm_cpu.rms_norm(y, self.norm_weight, self.norm_eps, gate=z, groups=self.n_slots, dtype=z.dtype)
         g = (y * F.silu(at_least_fp32(z))).unflatten(-1, (self.heads_local, self.head_dim))
         sq = g.pow(2).sum(-1)  # [..., h]
         per_group = sq.new_zeros(*sq.shape[:-1], self.n_slots).index_add(-1, self.group_of_head, sq)

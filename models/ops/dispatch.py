@@ -14,9 +14,9 @@
   interpreter so far and run only with ``triton``, until a device check has run them (``checked_on_gpu``). On CPU
   ``auto`` takes the CPU's fast paths where they exist (``cpu_fast_path``): the reference's math with the backward
   written out and fewer passes over memory — the short conv as shifted multiply-adds (``conv.depthwise_taps``),
-  Mamba-2's SSD (``chimera.models.ops.ssd_cpu``) and the RG-LRU's gates and scan (``chimera.models.ops.rglru_cpu``)
-  — except while ``torch.export`` or ``torch.compile`` traces; the Triton kernels run on CPU only in the interpreter,
-  for tests. Figures: ``benchmarks/RESULTS.md``.
+  Mamba-2's SSD (``chimera.models.ops.ssd_cpu``), the RG-LRU's gates and scan (``chimera.models.ops.rglru_cpu``) and
+  RMSNorm, plain or gated (``chimera.models.ops.rmsnorm_cpu``) — except while ``torch.export`` or ``torch.compile``
+  traces; the Triton kernels run on CPU only in the interpreter, for tests. Figures: ``benchmarks/RESULTS.md``.
 
 Every function here takes the reference's arguments plus ``kernels`` and returns what the reference returns.
 """
@@ -209,11 +209,16 @@ def hyena_gate_with_skip(g: torch.Tensor, y: torch.Tensor, z: torch.Tensor, D: t
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False, *,
              kernels: str = "auto") -> torch.Tensor:
     """``chimera.models.norms.rms_norm``: ``x / sqrt(mean(x^2) + eps) * w`` (``1 + w`` with ``offset``) over the last
-    dim, in fp32, returned in ``x``'s dtype."""
+    dim, in fp32, returned in ``x``'s dtype. On CPU ``auto`` takes it with the backward by hand
+    (``chimera.models.ops.rmsnorm_cpu``, which Mamba-2's gated norm takes too)."""
     if use_triton(kernels, x.device, checked_on_gpu=False):
         from chimera.models.ops import rmsnorm
 
         return rmsnorm.rms_norm(x, weight, eps, offset)
+    if cpu_fast_path(kernels, x.device):
+        from chimera.models.ops import rmsnorm_cpu
+
+        return rmsnorm_cpu.rms_norm(x, weight, eps, offset)
     from chimera.models import norms  # imports this module
 
     return norms.rms_norm(x, weight, eps, offset)

@@ -161,3 +161,66 @@ def test_recurrent_block_takes_the_rglru_fast_path_and_matches_reference():
     assert "_GatedRecurrenceBackward" in graph_nodes(got)
     torch.testing.assert_close(got, want, **FP32)
     assert_close_all(grads(got, list(blocks[0].parameters())), grads(want, list(blocks[1].parameters())), **FP32)
+
+
+@pytest.mark.parametrize("offset,groups,gated", [(False, 1, False), (True, 1, False), (False, 1, True),
+                                                 (False, 3, True)])
+def test_rms_norm_by_hand_equals_reference(offset, groups, gated):
+    """``rmsnorm_cpu.rms_norm`` (plain, Gemma's ``1 + w``, gated by ``SiLU(z)`` in one or several groups): gradcheck
+    in fp64, and equal in fp32 to the plain reference (``norms.rms_norm``) or, gated, to the same math by autograd;
+    bf16 inputs computed in fp32 and rounded once."""
+    import torch.nn.functional as F
+
+    from chimera.models import norms
+    from chimera.models.ops import rmsnorm_cpu
+
+    gen = torch.Generator().manual_seed(groups + 2 * offset + 4 * gated)
+    x, z = (torch.randn(5, 2, 12, generator=gen, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(12, generator=gen, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in ((x, w, z) if gated else (x, w))]
+
+    def fast(x, w, z=None):
+        return rmsnorm_cpu.rms_norm(x, w, 1e-6, offset, gate=z, groups=groups)
+
+    def reference(x, w, z=None):
+        if not gated:
+            return norms.rms_norm(x, w, 1e-6, offset)
+        g = (x * F.silu(z)).unflatten(-1, (groups, -1))
+        return (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + 1e-6)).flatten(-2) * w
+
+    assert torch.autograd.gradcheck(fast, inputs)
+    inputs = [t.detach().float().requires_grad_() for t in inputs]
+    got, want = fast(*inputs), reference(*inputs)
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
+    x16 = inputs[0].detach().bfloat16().requires_grad_()
+    got16 = fast(x16, *inputs[1:])
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), reference(x16.detach().float(), *inputs[1:]), rtol=1e-2, atol=1e-2)
+    assert torch.autograd.grad(got16, x16, torch.ones_like(got16))[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_mixer_fast_paths_equal_reference(n_groups):
+    """A Mamba-2 mixer over packed documents with ``kernels=auto`` (the SSD, the taps and the gated norm by hand)
+    equals the same weights with ``kernels=reference``: outputs and every parameter's gradient, fp32."""
+    from chimera.models.documents import PackedDocuments
+    from chimera.models.mixers.mamba2 import Mamba2Mixer
+    from chimera.parallel.dims import SINGLE_PROCESS
+    from chimera.parallel.sharding import initialize_parameters
+
+    mixers = []
+    for kernels in ("auto", "reference"):
+        mixer = Mamba2Mixer(16, d_state=8, head_dim=8, n_groups=n_groups, chunk_size=8, init_std=0.2, out_std=0.2,
+                            dims=SINGLE_PROCESS, kernels=kernels)
+        initialize_parameters(mixer, seed=0)
+        mixers.append(mixer)
+    seg = torch.tensor([[0] * 9 + [1] * 12, [0] * 21])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in ([9, 12], [21])])
+    docs = PackedDocuments.from_batch(seg, pos)
+    x = torch.randn(21, 2, 16, generator=torch.Generator().manual_seed(1))
+    got, want = (mixer(x, docs) for mixer in mixers)
+    assert {"_RMSNormBackward", "_ChunkedSSDBackward"} <= graph_nodes(got)
+    assert "_RMSNormBackward" not in graph_nodes(want)
+    torch.testing.assert_close(got, want, **FP32)
+    assert_close_all(grads(got, list(mixers[0].parameters())), grads(want, list(mixers[1].parameters())), **FP32)
