@@ -8,7 +8,11 @@ paths (the torch fallbacks of Mamba, Mamba-2, RecurrentGemma, Jamba and Zamba2; 
 Chimera runs the model module directly (no DeepSpeed engine), so the comparison is of the model
 implementations.
 
+With ``--reference-too`` Chimera runs a second time beside them, the same weights with ``model.kernels=reference``:
+the CPU fast paths' own gain, measured in the same rotation (``chimera.models.ops.dispatch``).
+
 usage: python benchmarks/hf_step_time.py [--steps N] [--batch B] [--seq S] [--archs a,b] [--sizes tiny,small]
+    [--reference-too]
 """
 
 from __future__ import annotations
@@ -87,19 +91,24 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--archs", default="jamba,zamba2,mamba2,recurrent_gemma,mamba")
     parser.add_argument("--sizes", default="tiny,small")
+    parser.add_argument("--reference-too", action="store_true",
+                        help="also time Chimera with model.kernels=reference, in the same rotation")
     args = parser.parse_args()
     vocab = 320
     print(f"# {date.today()} | {platform.machine()} | torch {torch.__version__} | transformers "
           f"{transformers.__version__} | threads {torch.get_num_threads()} | batch {args.batch} x seq {args.seq}, "
           f"fp32, forward + backward + AdamW, median of {args.steps} interleaved steps after 1 warm-up")
-    print("| architecture | size | transformers ms/step | Chimera ms/step | speed-up (HF / Chimera) |")
-    print("|---|---|---:|---:|---:|")
+    extra = " Chimera reference ms/step | fast paths' gain (reference / Chimera) |" if args.reference_too else ""
+    print("| architecture | size | transformers ms/step | Chimera ms/step | speed-up (HF / Chimera) |" + extra)
+    print("|---|---|---:|---:|---:|" + ("---:|---:|" if args.reference_too else ""))
     for arch in args.archs.split(","):
         for size in args.sizes.split(","):
             cfg, models = pair(arch, size, vocab)
-            c = compare_hf(cfg, args.batch, args.seq, args.steps, pair=models)
+            c = compare_hf(cfg, args.batch, args.seq, args.steps, pair=models, reference_too=args.reference_too)
+            extra = (f" {1000 * c.reference_step_s:,.0f} | {c.reference_step_s / c.chimera_step_s:.2f}x |"
+                     if args.reference_too else "")
             print(f"| {arch} | {size} | {1000 * c.hf_step_s:,.0f} | {1000 * c.chimera_step_s:,.0f} | "
-                  f"{c.speedup:.2f}x |", flush=True)
+                  f"{c.speedup:.2f}x |" + extra, flush=True)
 
 
 if __name__ == "__main__":

@@ -244,6 +244,7 @@ class Comparison:
     batch: int
     hf_step_s: float
     chimera_step_s: float
+    reference_step_s: float | None = None  # Chimera with model.kernels=reference, where timed beside
 
     @property
     def speedup(self) -> float:
@@ -251,27 +252,38 @@ class Comparison:
         return self.hf_step_s / self.chimera_step_s
 
 
-def compare_hf(cfg, batch: int, seq_len: int, steps: int, warmup: int = 1, pair=None) -> Comparison:
-    """Interleaved training-step times of transformers' and Chimera's implementation of model ``cfg``."""
+def compare_hf(cfg, batch: int, seq_len: int, steps: int, warmup: int = 1, pair=None,
+               reference_too: bool = False) -> Comparison:
+    """Interleaved training-step times of transformers' and Chimera's implementation of model ``cfg``;
+    ``reference_too``: and of Chimera's with ``model.kernels=reference`` (the same weights), in the same rotation, so
+    that the fast paths' own gain is measured under the same machine load."""
     import torch
 
     hf, ours = pair or hf_pair(cfg)
+    models = [ours]
+    if reference_too:
+        reference = type(cfg).model_validate({**cfg.model_dump(), "kernels": "reference"})  # sublayers re-derived
+        models.append(hf_pair(reference, hf)[1])
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)
-    hf_opt, our_opt = torch.optim.AdamW(hf.parameters()), torch.optim.AdamW(ours.parameters())
+    hf_opt = torch.optim.AdamW(hf.parameters())
 
     def hf_step():
         hf_opt.zero_grad()
         hf(input_ids=ids, labels=ids).loss.backward()  # transformers shifts the labels itself
         hf_opt.step()
 
-    def our_step():
-        our_opt.zero_grad()
-        ours(ids, labels=labels).backward()
-        our_opt.step()
+    def step_of(model):
+        opt = torch.optim.AdamW(model.parameters())
 
-    t_hf, t_ours = interleaved_step_times(steps, hf_step, our_step, warmup=warmup)
-    return Comparison(seq_len, batch, t_hf, t_ours)
+        def step():
+            opt.zero_grad()
+            model(ids, labels=labels).backward()
+            opt.step()
+        return step
+
+    t_hf, *t_ours = interleaved_step_times(steps, hf_step, *map(step_of, models), warmup=warmup)
+    return Comparison(seq_len, batch, t_hf, t_ours[0], t_ours[1] if reference_too else None)
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
