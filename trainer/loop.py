@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ from chimera.trainer.checkpoint import (
     weights_reader,
 )
 from chimera.trainer.engine import TrainingEngine, zero3_partitioner
-from chimera.trainer.host_memory import map_large_blocks_apart, release_free_host_memory
+from chimera.trainer.host_memory import keep_freed_blocks_if_room, map_large_blocks_apart, release_free_host_memory
 from chimera.trainer.metrics import MetricsLogger, ModelFlopsRate
 from chimera.trainer.resumption import compare, refusal, start_from_weights, supersede
 from chimera.trainer.watchdog import StepWatchdog, rank_stats
@@ -87,6 +88,7 @@ class Trainer:
         self.stage_bounds = bounds
         self.engine = TrainingEngine(model, cfg, self.topo, self.accumulation, bounds)
         release_free_host_memory()  # what building the shards and the engine freed, before the first step needs it
+        self.heap_decided = False  # whether freed blocks are kept for reuse: decided after the first step
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.topo.rank,
                                          asynchronous=cfg.checkpoint.asynchronous, report=self._say)
         self.layout = {"tensor": self.topo.tensor, "pipeline": self.topo.pipeline, "context": self.topo.context,
@@ -193,6 +195,10 @@ class Trainer:
         if why is not None:
             self.skipped.append(step)
         plan.log["skipped"] = why
+        if not self.heap_decided:  # after this process's first step: its peak so far says whether there is room
+            self.heap_decided = True
+            if self.device.type == "cpu":  # a CPU step's activations are host blocks (host_memory)
+                keep_freed_blocks_if_room(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.data_state = plan.next_state
         self.step = step
         return loss, plan.log
