@@ -77,13 +77,18 @@ def _lambda_init(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return t.copy_(torch.log(a) - torch.log1p(-a))
 
 
+def log_decay_rate(a_param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``c log sigma(Lambda) = -c softplus(-Lambda)`` per channel: Eq. (3) is ``log a_t = r_t`` times this."""
+    return F.softplus(-a_param.to(dtype)).mul_(-GATE_C)
+
+
 def coefficients(gate_a: torch.Tensor, gate_x: torch.Tensor, u: torch.Tensor, a_param: torch.Tensor,
                  unnormalized: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. (1)-(4)'s ``(a_t, b_t = sqrt(1 - a_t^2) * i_t * u_t)`` from the gates' pre-activations (``gate_inputs``);
     ``unnormalized``: where ``b_t = i_t u_t`` (RecurrentGemma's documents' first tokens), or None."""
     r = torch.sigmoid(gate_a)  # (1)
     i = torch.sigmoid(gate_x)  # (2)
-    log_a = -GATE_C * r * F.softplus(-a_param.to(u.dtype))  # (3): log a_t = c r_t log sigma(Lambda)
+    log_a = r * log_decay_rate(a_param, u.dtype)  # (3): log a_t = c r_t log sigma(Lambda)
     a = torch.exp(log_a)
     multiplier = torch.sqrt(-torch.expm1(2 * log_a))  # sqrt(1 - a_t^2), accurate near a_t = 1
     if unnormalized is not None:

@@ -23,19 +23,17 @@ crosses ranks (``chimera.parallel.context``), which the reference does.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from chimera.models import scan
-from chimera.models.mixers.rglru import GATE_C
+from chimera.models.mixers.rglru import GATE_C, log_decay_rate
 
 
 class _GatedRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_a, gate_x, u, a_param, reset, reset_unnormalized):
         at_reset = reset.nonzero(as_tuple=True)  # a few positions: indexing them beats a masked pass over [s, b, w]
-        neg_c_softplus = F.softplus(-a_param.to(u.dtype)).mul_(-GATE_C)  # [w]: log a_t = r_t * this
         r, i = torch.sigmoid(gate_a), torch.sigmoid(gate_x)  # (1), (2)
-        a = torch.mul(r, neg_c_softplus)  # log a_t (3)
+        a = torch.mul(r, log_decay_rate(a_param, u.dtype))  # log a_t (3)
         m = torch.mul(a, 2.0).expm1_().neg_().sqrt_()  # sqrt(1 - a_t^2), accurate near a_t = 1
         a.exp_()[at_reset] = 0.0
         if reset_unnormalized:
@@ -59,7 +57,7 @@ class _GatedRecurrence(torch.autograd.Function):
         dm = lam.mul_(i).mul_(u)  # where a reset set m_t = 1, m_t - 1 / m_t = 0: nothing passes
         dlog_a.sub_(dm.mul_(torch.reciprocal(m).sub_(m)))  # + (m - 1 / m) dL/dm
         sum_r = torch.mul(dlog_a, r, out=dm).sum((0, 1))
-        dlog_a.mul_(F.softplus(-a_param.to(u.dtype)).mul_(-GATE_C))
+        dlog_a.mul_(log_decay_rate(a_param, u.dtype))
         dgate_a = torch.ops.aten.sigmoid_backward(dlog_a, r)
         da_param = (GATE_C * torch.sigmoid(-a_param.to(u.dtype)) * sum_r).to(a_param.dtype)
         return dgate_a, dgate_x, du, da_param, None, None
