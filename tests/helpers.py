@@ -224,9 +224,9 @@ ZOO_ONE = {"granite-tiny", "griffin-tiny", "hawk-tiny", "hybrid-moe-tiny", "jamb
             "zamba-tiny", "zamba2-tiny"}
 
 
-def trains_with_tensor_parallelism_and_generates(tmp_path, preset: str) -> None:
-    """`chimera train` of ``preset`` at TP=2 in ``tmp_path`` (the loss falls), then `chimera generate` from it (its
-    greedy text equals the argmax of full forward passes)."""
+def trains_with_tensor_parallelism_and_generates(tmp_path, preset: str, monkeypatch) -> None:
+    """`chimera train` of ``preset`` at TP=2 in ``tmp_path`` (the loss falls), then `chimera generate` from it, in this
+    process (its greedy text equals the argmax of full forward passes)."""
     import chimera
 
     proc = run_chimera("train", REPO / "configs/runs/tiny.yaml", "--run-dir", tmp_path, "--nproc", 2,
@@ -244,7 +244,7 @@ def trains_with_tensor_parallelism_and_generates(tmp_path, preset: str) -> None:
         assert loads and all(abs(sum(load) - 1) < 1e-3 for load in loads)
         assert all(k in rows[-1] for k in ("moe/layers.3/aux_loss", "moe/layers.3/z_loss"))
 
-    sampled = run_chimera("generate", tmp_path, "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS,
+    sampled = run_chimera_here(monkeypatch, "generate", tmp_path, "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS,
                           "--temperature", 0)
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     from chimera.data.tokenizers import ByteTokenizer
