@@ -17,3 +17,12 @@ def single_process():
     from chimera.parallel import topology
 
     return topology.initialize(1, 1)
+
+
+@pytest.fixture
+def run_here(monkeypatch):
+    """``helpers.run_chimera_here`` bound to this test's ``monkeypatch``: ``run_here("export", ...)`` runs the CLI in
+    this process (for refusals and other single-process commands that leave no global state behind)."""
+    from helpers import run_chimera_here
+
+    return lambda *args: run_chimera_here(monkeypatch, *args)

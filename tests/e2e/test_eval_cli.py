@@ -92,26 +92,26 @@ def test_eval_on_two_ranks_equals_one(tmp_path, suite, options):
     if suite == "ppl":
         assert one["summary"]["tokens"] == 1600
 
-def test_bad_input_is_one_line_exit_2(tmp_path):
+def test_bad_input_is_one_line_exit_2(tmp_path, run_here):
     run = _zero_run(tmp_path)
-    _one_line_exit_2(run_chimera("eval", run, "--suite", "hellaswag"), "invalid choice: 'hellaswag'")
+    _one_line_exit_2(run_here("eval", run, "--suite", "hellaswag"), "invalid choice: 'hellaswag'")
     (tmp_path / "empty").mkdir()
-    _one_line_exit_2(run_chimera("eval", tmp_path / "empty", "--suite", "mqar"), "holds no checkpoint")
-    _one_line_exit_2(run_chimera("eval", run, "--suite", "mqar", "--set", "vocab_size=1024"),
+    _one_line_exit_2(run_here("eval", tmp_path / "empty", "--suite", "mqar"), "holds no checkpoint")
+    _one_line_exit_2(run_here("eval", run, "--suite", "mqar", "--set", "vocab_size=1024"),
                      "vocabulary holds 320")
-    _one_line_exit_2(run_chimera("eval", run, "--suite", "mqar", "--set", "sample=3"), "sample", "unknown field")
+    _one_line_exit_2(run_here("eval", run, "--suite", "mqar", "--set", "sample=3"), "sample", "unknown field")
     bad_preset = tmp_path / "bad_preset.yaml"
     bad_preset.write_text(TINY_EXPERIMENT.replace("preset: hawk-tiny", "preset: hawk-huge"))
-    _one_line_exit_2(run_chimera("bench-arch", bad_preset, "--out", tmp_path / "o1"),
+    _one_line_exit_2(run_here("bench-arch", bad_preset, "--out", tmp_path / "o1"),
                      "unknown model preset 'hawk-huge'")
     small_vocab = tmp_path / "small_vocab.yaml"
     small_vocab.write_text(TINY_EXPERIMENT + "vocab_size: 64\n")
-    _one_line_exit_2(run_chimera("bench-arch", small_vocab, "--out", tmp_path / "o2"),
+    _one_line_exit_2(run_here("bench-arch", small_vocab, "--out", tmp_path / "o2"),
                      "task mqar needs 128 token ids", "cannot hold")
-    _one_line_exit_2(run_chimera("bench-arch", bad_preset, "--out", tmp_path / "o3", "--slurm", "--dry-run"),
+    _one_line_exit_2(run_here("bench-arch", bad_preset, "--out", tmp_path / "o3", "--slurm", "--dry-run"),
                      "unknown model preset 'hawk-huge'")  # checked before anything is submitted
-    _one_line_exit_2(run_chimera("bench-arch", small_vocab, "--partition", "debug"), "--partition", "add --slurm")
-    _one_line_exit_2(run_chimera("bench-arch", small_vocab, "--slurm", "--gpus-per-node", "2", "--dry-run"),
+    _one_line_exit_2(run_here("bench-arch", small_vocab, "--partition", "debug"), "--partition", "add --slurm")
+    _one_line_exit_2(run_here("bench-arch", small_vocab, "--slurm", "--gpus-per-node", "2", "--dry-run"),
                      "--gpus-per-node 2", "one process")
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))  # nothing half-written
 

@@ -112,26 +112,26 @@ def one_line(proc, text: str) -> None:
     assert proc.returncode == 2 and len(lines) == 1 and text in lines[0], proc.stderr
 
 
-def test_refusals_are_one_line_and_leave_nothing(tmp_path, single_process):
+def test_refusals_are_one_line_and_leave_nothing(tmp_path, single_process, run_here):
     preset_run(tmp_path / "run", "llama-tiny")
     run, out = tmp_path / "run", tmp_path / "out"
-    one_line(run_chimera("export", run, "--format", "tflite", "--out", out), "--format 'tflite': unknown")
-    one_line(run_chimera("export", run, "--format", "safetensors", "--out", out, "--dtype", "int8"),
+    one_line(run_here("export", run, "--format", "tflite", "--out", out), "--format 'tflite': unknown")
+    one_line(run_here("export", run, "--format", "safetensors", "--out", out, "--dtype", "int8"),
              "--dtype 'int8': unknown")
-    one_line(run_chimera("export", run, "--format", "safetensors", "--out", out, "--step", 7),
+    one_line(run_here("export", run, "--format", "safetensors", "--out", out, "--step", 7),
              "has no checkpoint of step 7 (steps: 0)")
-    one_line(run_chimera("export", run, "--format", "safetensors", "--out", out, "--step", -1), "must be >= 0")
+    one_line(run_here("export", run, "--format", "safetensors", "--out", out, "--step", -1), "must be >= 0")
     (tmp_path / "empty_run").mkdir()
-    one_line(run_chimera("export", tmp_path / "empty_run", "--format", "safetensors", "--out", out),
+    one_line(run_here("export", tmp_path / "empty_run", "--format", "safetensors", "--out", out),
              "holds no checkpoint")
-    one_line(run_chimera("export", tmp_path / "nowhere", "--format", "safetensors", "--out", out), "does not exist")
+    one_line(run_here("export", tmp_path / "nowhere", "--format", "safetensors", "--out", out), "does not exist")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     # a format the architecture cannot express: llama.cpp has no Hawk
     preset_run(tmp_path / "hawk", "hawk-tiny")
-    one_line(run_chimera("export", tmp_path / "hawk", "--format", "gguf", "--out", out), "llama.cpp")
+    one_line(run_here("export", tmp_path / "hawk", "--format", "gguf", "--out", out), "llama.cpp")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     (out / "keep").mkdir(parents=True)
-    one_line(run_chimera("export", run, "--format", "safetensors", "--out", out), "exists and is not empty")
+    one_line(run_here("export", run, "--format", "safetensors", "--out", out), "exists and is not empty")
     assert [p.name for p in out.iterdir()] == ["keep"]
 
 

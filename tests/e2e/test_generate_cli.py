@@ -89,13 +89,13 @@ def test_text_reaches_the_terminal_piece_by_piece(run_dir, single_process):
     (["--temperature", "-1"], "--temperature -1.0: must be >= 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
 ])
-def test_bad_sampling_flags(flags, expected):
-    assert_user_error(run_chimera("generate", REPO, "--prompt", "x", *flags), expected)
+def test_bad_sampling_flags(flags, expected, run_here):
+    assert_user_error(run_here("generate", REPO, "--prompt", "x", *flags), expected)
 
 
-def test_no_prompt_and_unreadable_prompts_file(tmp_path):
-    assert_user_error(run_chimera("generate", REPO), "no prompt: give --prompt TEXT")
-    assert_user_error(run_chimera("generate", REPO, "--prompts-file", tmp_path / "none.txt"),
+def test_no_prompt_and_unreadable_prompts_file(tmp_path, run_here):
+    assert_user_error(run_here("generate", REPO), "no prompt: give --prompt TEXT")
+    assert_user_error(run_here("generate", REPO, "--prompts-file", tmp_path / "none.txt"),
                       "--prompts-file")
 
 
@@ -137,5 +137,5 @@ def test_serve_cli_answers_on_localhost_until_interrupted(run_dir, single_proces
     (["--port", "0", "--max-tokens", "0"], "--max-tokens 0: must be at least 1"),
     (["--port", "0", "--max-concurrent", "-1"], "--max-concurrent -1: must be at least 1"),
 ])
-def test_bad_serve_flags(flags, expected):
-    assert_user_error(run_chimera("serve", REPO, *flags), expected)
+def test_bad_serve_flags(flags, expected, run_here):
+    assert_user_error(run_here("serve", REPO, *flags), expected)

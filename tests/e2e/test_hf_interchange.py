@@ -104,21 +104,21 @@ def test_imported_run_continues_training(tmp_path):
     assert state["step"] == 3
 
 
-def test_bad_hf_input(tmp_path):
+def test_bad_hf_input(tmp_path, run_here):
     def one_line(proc, text):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and text in lines[0], proc.stderr
 
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt/config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    one_line(run_chimera("import-hf", tmp_path / "gpt", "--out", tmp_path / "o1"), "unsupported architecture 'gpt2'")
+    one_line(run_here("import-hf", tmp_path / "gpt", "--out", tmp_path / "o1"), "unsupported architecture 'gpt2'")
     (tmp_path / "empty").mkdir()
-    one_line(run_chimera("import-hf", tmp_path / "empty", "--out", tmp_path / "o2"), "has no config.json")
+    one_line(run_here("import-hf", tmp_path / "empty", "--out", tmp_path / "o2"), "has no config.json")
     TINY_HF["llama"]().save_pretrained(tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf/config.json").read_text())
     cfg["intermediate_size"] = 200
     (tmp_path / "hf/config.json").write_text(json.dumps(cfg))
-    one_line(run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "o3"), "has shape (160, 64)")
+    one_line(run_here("import-hf", tmp_path / "hf", "--out", tmp_path / "o3"), "has shape (160, 64)")
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
     assert not list(tmp_path.glob(".o*"))
 
