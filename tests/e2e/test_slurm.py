@@ -14,6 +14,7 @@ from helpers import REPO, read_metrics, run_chimera
 
 TINY = REPO / "configs/runs/tiny.yaml"
 RUN = ["--set", "train.micro_batch_size=2", "--set", "logging.progress=false", "--set", "data.log_samples=true"]
+JOB = [*RUN, "--set", "train.steps=12"]  # the run each job is held to (``local_run``)
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,15 @@ def cluster():
     ensure_installed()
     with SlurmCluster(cpus=4) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The jobs' run launched locally, uninterrupted: the reference of each job (how often it saves changes no loss
+    and no sample)."""
+    run_dir = tmp_path_factory.mktemp("local")
+    local(run_dir, *JOB)
+    return run_dir
 
 
 def launch(cluster, run_dir, *args):
@@ -51,22 +61,20 @@ def assert_same_run(got_dir, expected_dir):
     assert samples[0] == samples[1]  # no sample lost or repeated
 
 
-def test_a_two_task_job_equals_the_local_run(tmp_path, cluster):
-    local(tmp_path / "local", *RUN)
-    proc = launch(cluster, tmp_path / "slurm", *RUN)
+def test_a_two_task_job_equals_the_local_run(tmp_path, cluster, local_run):
+    proc = launch(cluster, tmp_path / "slurm", *JOB)
     assert proc.returncode == 0, proc.stderr
     job = job_of(tmp_path / "slurm")
     assert wait_for_job(cluster, job, timeout=600) == "COMPLETED", logs(tmp_path / "slurm")
-    assert_same_run(tmp_path / "slurm", tmp_path / "local")
+    assert_same_run(tmp_path / "slurm", local_run)
     status = run_chimera("launch", "status", tmp_path / "slurm", env=cluster.env)
-    assert status.returncode == 0 and f"job {job}: COMPLETED" in status.stdout and '"step": 4' in status.stdout
+    assert status.returncode == 0 and f"job {job}: COMPLETED" in status.stdout and '"step": 12' in status.stdout
     assert sorted(p.name for p in (tmp_path / "slurm/slurm" / job).glob("*_log.out")) == \
         [f"{job}_0_log.out", f"{job}_1_log.out"]  # a log per rank under the run directory
 
 
-def test_a_preempted_job_saves_requeues_and_finishes_exactly(tmp_path, cluster):
-    args = [*RUN, "--set", "train.steps=12", "--set", "checkpoint.every=0"]
-    local(tmp_path / "local", *args)
+def test_a_preempted_job_saves_requeues_and_finishes_exactly(tmp_path, cluster, local_run):
+    args = [*JOB, "--set", "checkpoint.every=0"]
     assert launch(cluster, tmp_path / "slurm", *args).returncode == 0
     job, run_dir = job_of(tmp_path / "slurm"), tmp_path / "slurm"
     deadline = time.time() + 300
@@ -80,7 +88,7 @@ def test_a_preempted_job_saves_requeues_and_finishes_exactly(tmp_path, cluster):
     assert kinds[:3] == ["stop", "requeue", "resume"], kinds
     stop = events.read(run_dir)[0]
     assert stop["reason"] == "SIGUSR2" and 3 <= stop["step"] < 12
-    assert_same_run(run_dir, tmp_path / "local")
+    assert_same_run(run_dir, local_run)
 
 
 def test_a_sweep_is_a_job_array_with_a_run_directory_per_point(tmp_path, cluster):
@@ -143,9 +151,8 @@ def test_status_of_a_directory_without_a_job(tmp_path, cluster):
     assert proc.returncode == 2 and "has no job launched" in proc.stderr
 
 
-def test_a_killed_task_requeues_the_job_which_finishes_exactly(tmp_path, cluster):
-    args = [*RUN, "--set", "train.steps=10", "--set", "checkpoint.every=2"]
-    local(tmp_path / "local", *args)
+def test_a_killed_task_requeues_the_job_which_finishes_exactly(tmp_path, cluster, local_run):
+    args = [*JOB, "--set", "checkpoint.every=2"]
     assert launch(cluster, tmp_path / "slurm", *args).returncode == 0
     job, run_dir = job_of(tmp_path / "slurm"), tmp_path / "slurm"
     deadline = time.time() + 300
@@ -158,7 +165,7 @@ def test_a_killed_task_requeues_the_job_which_finishes_exactly(tmp_path, cluster
     assert wait_for_job(cluster, job, timeout=600) == "COMPLETED", logs(run_dir)
     failures = [e for e in events.read(run_dir) if e["event"] == "failure"]
     assert len(failures) == 1 and failures[0]["restarting"] and failures[0]["job"] == job
-    assert_same_run(run_dir, tmp_path / "local")
+    assert_same_run(run_dir, local_run)
 
 
 def test_bench_arch_as_a_job_array_equals_the_local_benchmark(tmp_path, cluster):
