@@ -65,8 +65,9 @@ def run_chimera(*args, cwd=None, timeout=900, env=None) -> subprocess.CompletedP
 
 
 def run_chimera_here(monkeypatch, *args) -> subprocess.CompletedProcess:
-    """``run_chimera`` in this process, without a new interpreter's two seconds of importing torch: for the commands
-    that refuse bad input before any work or process starts. ``chimera.launch.cli.main``'s return (or its argument
+    """``run_chimera`` in this process, without a new interpreter's two seconds of importing torch: for commands that
+    refuse bad input before any work or process starts, and for single-process ones that leave no global state behind
+    (``generate``, ``export``), not for a run that trains. ``chimera.launch.cli.main``'s return (or its argument
     parser's ``SystemExit``) is the exit code; its output is captured; the environment and directory it sees are
     ``run_chimera``'s, and restored after."""
     import contextlib
@@ -224,9 +225,9 @@ ZOO_ONE = {"granite-tiny", "griffin-tiny", "hawk-tiny", "hybrid-moe-tiny", "jamb
             "zamba-tiny", "zamba2-tiny"}
 
 
-def trains_with_tensor_parallelism_and_generates(tmp_path, preset: str, monkeypatch) -> None:
-    """`chimera train` of ``preset`` at TP=2 in ``tmp_path`` (the loss falls), then `chimera generate` from it, in this
-    process (its greedy text equals the argmax of full forward passes)."""
+def trains_with_tensor_parallelism_and_generates(tmp_path, preset: str, run_here) -> None:
+    """`chimera train` of ``preset`` at TP=2 in ``tmp_path`` (the loss falls), then `chimera generate` from it in this
+    process (``run_here``, the conftest fixture): its greedy text equals the argmax of full forward passes."""
     import chimera
 
     proc = run_chimera("train", REPO / "configs/runs/tiny.yaml", "--run-dir", tmp_path, "--nproc", 2,
@@ -244,7 +245,7 @@ def trains_with_tensor_parallelism_and_generates(tmp_path, preset: str, monkeypa
         assert loads and all(abs(sum(load) - 1) < 1e-3 for load in loads)
         assert all(k in rows[-1] for k in ("moe/layers.3/aux_loss", "moe/layers.3/z_loss"))
 
-    sampled = run_chimera_here(monkeypatch, "generate", tmp_path, "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS,
+    sampled = run_here("generate", tmp_path, "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS,
                           "--temperature", 0)
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     from chimera.data.tokenizers import ByteTokenizer

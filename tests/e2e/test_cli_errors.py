@@ -1,12 +1,12 @@
 """Bad input ends with one clear line on stderr, exit code 2, no traceback, nothing written.
 
 The refusals that come before any work or process starts run the CLI's ``main`` in this process
-(``run_chimera_here``: a fresh interpreter per case spent two seconds each importing torch); a missing config file,
+(the ``run_here`` fixture: a fresh interpreter per case spent two seconds each importing torch); a missing config file,
 a refusal said by launched ranks, and a run's summary go through a real process."""
 
 import pytest
 
-from helpers import REPO, run_chimera, run_chimera_here
+from helpers import REPO, run_chimera
 
 TINY = REPO / "configs/runs/tiny.yaml"
 
@@ -46,9 +46,9 @@ def assert_user_error(proc, expected):
           "--nproc", "2"], "DeepSpeed's ZeRO-3 does not partition expert-parallel parameters"),
     ],
 )
-def test_bad_train_input(tmp_path, monkeypatch, args, expected):
+def test_bad_train_input(tmp_path, run_here, args, expected):
     run_dir = tmp_path / "run"
-    proc = run_chimera_here(monkeypatch, "train", TINY, "--run-dir", run_dir, *args)
+    proc = run_here("train", TINY, "--run-dir", run_dir, *args)
     assert_user_error(proc, expected)
     assert not run_dir.exists()
 
@@ -59,16 +59,16 @@ def test_missing_config_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_broken_checkpoint_pointer(tmp_path, monkeypatch):
+def test_broken_checkpoint_pointer(tmp_path, run_here):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints/latest").write_text("step_00000009")
-    proc = run_chimera_here(monkeypatch, "train", TINY, "--run-dir", tmp_path)
+    proc = run_here("train", TINY, "--run-dir", tmp_path)
     assert_user_error(proc, "which is missing, and there is no other checkpoint")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "latest"]
 
 
-def test_generate_without_checkpoint(tmp_path, monkeypatch):
-    proc = run_chimera_here(monkeypatch, "generate", tmp_path, "--prompt", "def ")
+def test_generate_without_checkpoint(tmp_path, run_here):
+    proc = run_here("generate", tmp_path, "--prompt", "def ")
     assert_user_error(proc, "holds no checkpoint")
 
 
@@ -93,14 +93,14 @@ def webdataset_dir(tmp_path_factory):
     (["checkpoint", "verify", REPO / "configs"], "holds no checkpoint"),
     (["train", TINY, "--run-dir", "RUN", "--restart", "--resume-from", "2"], "exclude each other"),
 ])
-def test_bad_paths_and_arguments(tmp_path, monkeypatch, argv, expected):
-    proc = run_chimera_here(monkeypatch, *[str(tmp_path / "run") if a == "RUN" else a for a in argv])
+def test_bad_paths_and_arguments(tmp_path, run_here, argv, expected):
+    proc = run_here(*[str(tmp_path / "run") if a == "RUN" else a for a in argv])
     assert_user_error(proc, expected)
     assert not (tmp_path / "run").exists()
 
 
-def test_a_zarr_source_on_a_webdataset_directory(tmp_path, monkeypatch, webdataset_dir):
-    proc = run_chimera_here(monkeypatch, "train", TINY, "--run-dir", tmp_path / "run",
+def test_a_zarr_source_on_a_webdataset_directory(tmp_path, run_here, webdataset_dir):
+    proc = run_here("train", TINY, "--run-dir", tmp_path / "run",
                        "--set", f"data.sources=[{{type: zarr, path: {webdataset_dir}}}]")
     assert_user_error(proc, "holds a webdataset dataset, not zarr; set type: webdataset")
 

@@ -10,7 +10,7 @@ from e2e.test_cli_errors import assert_user_error
 from e2e.test_hf_granite import IDS, tiny_granite
 
 import chimera
-from helpers import REPO, run_chimera, run_chimera_here
+from helpers import REPO, run_chimera
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,8 @@ TINY = REPO / "configs/runs/tiny.yaml"
     (["--set", "model.preset=dynamic-hybrid-tiny", "--set", "parallel.context=2", "--nproc", "2"],
      "needs each whole sequence on one rank"),
 ])
-def test_bad_routed_hybrid_input(tmp_path, monkeypatch, args, expected):
-    proc = run_chimera_here(monkeypatch, "train", TINY, "--run-dir", tmp_path / "run", *args)
+def test_bad_routed_hybrid_input(tmp_path, run_here, args, expected):
+    proc = run_here("train", TINY, "--run-dir", tmp_path / "run", *args)
     assert_user_error(proc, expected)
     assert not (tmp_path / "run").exists()
 

@@ -11,7 +11,7 @@ from scipy.optimize import minimize
 
 from chimera.models.task_heads import TaskHead
 from chimera.trainer.finetune import classification_metrics, regression_metrics
-from helpers import run_chimera, run_chimera_here
+from helpers import run_chimera
 
 
 def test_metrics_on_known_answers():
@@ -139,10 +139,10 @@ def test_finetune_beats_the_majority_class_on_held_out_windows(tasks, run_dir, t
     ("tasks:\n- {data: DIR}\nstepz: 3\n", "stepz: unknown field"),
     ("tasks:\n- {data: /nonexistent}\n", "not a task directory"),
 ])
-def test_bad_task_file_is_one_line(tasks, run_dir, tmp_path, monkeypatch, body, message):
+def test_bad_task_file_is_one_line(tasks, run_dir, tmp_path, run_here, body, message):
     spec = tmp_path / "task.yaml"
     spec.write_text(body.replace("DIR", str(tasks / "species")))
-    proc = run_chimera_here(monkeypatch, "finetune", run_dir, "--task", spec)
+    proc = run_here("finetune", run_dir, "--task", spec)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
@@ -157,10 +157,10 @@ def test_bad_genomic_tasks_arguments_are_one_line(tmp_path, args, message):
     assert not (tmp_path / "t").exists()
 
 
-def test_finetune_of_a_missing_run_or_task_file_is_one_line(tmp_path, monkeypatch, run_dir):
-    proc = run_chimera_here(monkeypatch, "finetune", run_dir, "--task", tmp_path / "none.yaml")
+def test_finetune_of_a_missing_run_or_task_file_is_one_line(tmp_path, run_here, run_dir):
+    proc = run_here("finetune", run_dir, "--task", tmp_path / "none.yaml")
     assert proc.returncode == 2 and "does not exist" in proc.stderr
-    proc = run_chimera_here(monkeypatch, "finetune", run_dir)
+    proc = run_here("finetune", run_dir)
     assert proc.returncode == 2 and "--task" in proc.stderr
 
 

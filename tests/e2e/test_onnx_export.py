@@ -15,7 +15,7 @@ from chimera.export.exporter import export
 from chimera.export.onnx import flatten_state
 from chimera.export.onnx_runtime import OnnxCausalLM
 from chimera.inference.generate import generate
-from helpers import preset_run, run_chimera_here
+from helpers import preset_run
 
 TOLERANCE = 1e-4  # fp32, max |difference| of logits (and of state tensors)
 STEPS = NEW_TOKENS = 20
@@ -63,22 +63,22 @@ def test_onnx_prefill_and_decode_equal_chimera(tmp_path, preset, single_process)
     assert torch.equal(generate(onnx_model, prompt[:1, :5], NEW_TOKENS, temperature=0), expected)
 
 
-def test_generate_onnx_prints_chimeras_text(tmp_path, single_process, monkeypatch):
+def test_generate_onnx_prints_chimeras_text(tmp_path, single_process, run_here):
     preset_run(tmp_path / "run", "hawk-tiny")
     out = export(tmp_path / "run", "onnx", tmp_path / "onnx", max_len=64)
     prompts = ["def ", "import os\n"]  # different lengths: rows at their own positions step in groups
     args = [a for p in prompts for a in ("--prompt", p)] + ["--max-new-tokens", NEW_TOKENS, "--temperature", 0]
-    chimera = run_chimera_here(monkeypatch, "generate", tmp_path / "run", *args)
-    onnx = run_chimera_here(monkeypatch, "generate", "--onnx", out, *args)
+    chimera = run_here("generate", tmp_path / "run", *args)
+    onnx = run_here("generate", "--onnx", out, *args)
     assert chimera.returncode == 0 and onnx.returncode == 0, chimera.stderr + onnx.stderr
     assert onnx.stdout == chimera.stdout and "--- prompt 2 of 2 ---" in onnx.stdout
 
-    too_long = run_chimera_here(monkeypatch, "generate", "--onnx", out, "--prompt", "def ", "--max-new-tokens", 61)
+    too_long = run_here("generate", "--onnx", out, "--prompt", "def ", "--max-new-tokens", 61)
     assert too_long.returncode == 2 and len(too_long.stderr.strip().splitlines()) == 1
     assert "decoding cache of 64 tokens" in too_long.stderr
 
 
-def test_onnx_refusals_are_one_line(tmp_path, single_process, monkeypatch):
+def test_onnx_refusals_are_one_line(tmp_path, single_process, run_here):
     preset_run(tmp_path / "glt", "hyena-glt-tiny")
     preset_run(tmp_path / "hawk", "hawk-tiny")
     cases = [
@@ -90,7 +90,7 @@ def test_onnx_refusals_are_one_line(tmp_path, single_process, monkeypatch):
         (["generate", tmp_path / "glt", "--onnx", tmp_path / "glt", "--prompt", "x"], "one of them"),
     ]
     for args, expected in cases:
-        proc = run_chimera_here(monkeypatch, *args)
+        proc = run_here(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and expected in proc.stderr, (args, proc.stderr)
     assert not (tmp_path / "x").exists()

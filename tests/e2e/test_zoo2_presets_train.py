@@ -7,5 +7,5 @@ from helpers import ZOO_ONE, test_size_presets, trains_with_tensor_parallelism_a
 
 
 @pytest.mark.parametrize("preset", [p for p in test_size_presets() if p not in ZOO_ONE])
-def test_tiny_preset_trains_with_tensor_parallelism_and_generates(tmp_path, preset, monkeypatch):
-    trains_with_tensor_parallelism_and_generates(tmp_path, preset, monkeypatch)
+def test_tiny_preset_trains_with_tensor_parallelism_and_generates(tmp_path, preset, run_here):
+    trains_with_tensor_parallelism_and_generates(tmp_path, preset, run_here)
