@@ -80,6 +80,18 @@ def _expand_one(name: str) -> list[str]:
     return ["".join(parts) for parts in itertools.product(*choices)]
 
 
+# The rendezvous port of a job: every task computes the same one from the job id and restart count, with no
+# exchange. The ports lie below Linux's default ephemeral range (32768-60999): an outbound connection on the node
+# (another job's gloo or NCCL sockets, say) is given a port from that range and can hold any port in it, and a
+# store listening on such a port fails with EADDRINUSE. Each restart moves to another port.
+RENDEZVOUS_PORTS = range(12000, 32768)
+
+
+def rendezvous_port(job: int, restart: int) -> int:
+    span = len(RENDEZVOUS_PORTS)
+    return RENDEZVOUS_PORTS.start + (job * 7919 + restart * 104729) % span
+
+
 def rendezvous(env=os.environ) -> dict[str, str]:
     """The torch.distributed environment of this task, from Slurm's variables."""
     job = int(env["SLURM_JOB_ID"])
@@ -89,7 +101,7 @@ def rendezvous(env=os.environ) -> dict[str, str]:
     return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"], "WORLD_SIZE": str(ntasks),
             "LOCAL_WORLD_SIZE": str(ntasks // max(nodes, 1)),
             "MASTER_ADDR": expand_nodelist(env["SLURM_JOB_NODELIST"])[0],
-            "MASTER_PORT": str(20000 + (job * 7919 + restart * 104729) % 30000)}
+            "MASTER_PORT": str(rendezvous_port(job, restart))}
 
 
 def job_end(job_id: str) -> float | None:
