@@ -41,7 +41,7 @@ def preset_run(run_dir, spec: str, seed: int = 0):
 TEST_SIZE = 1_000_000  # parameters: below this a preset is one of ours for tests (published names keep published sizes)
 
 
-def test_size_presets() -> list[str]:
+def presets_for_tests() -> list[str]:
     """The presets built for tests (``*-tiny``, ``granite-tiny``; ``*-small`` are benchmark sizes), told apart by
     size, not by name: a published model's name may end in ``-tiny`` too (IBM's granite-4.0-h-tiny has 7 B)."""
     from chimera.configs.loader import load_model_config, preset_names
@@ -205,9 +205,11 @@ def assert_causal(mixer, x, t: int = 23) -> tuple:
     return y, y2
 
 
-# ---- a test-size preset trained and sampled through the CLI (tests/e2e/test_*presets_train.py) ----
+# ---- the test-size presets trained at TP=2 and sampled through the CLI (tests/e2e/test_*presets_train.py) ----
 
 PROMPT, NEW_TOKENS = "def ", 12
+TP2_TRAINING = ["parallel.tensor=2", "train.steps=30", "train.lr=0.005", "train.warmup_steps=5",
+                "train.micro_batch_size=8", "train.global_batch_size=8"]
 
 
 def greedy_by_full_forward(model, prompt: bytes, n: int) -> list[int]:
@@ -225,19 +227,25 @@ ZOO_ONE = {"granite-tiny", "griffin-tiny", "hawk-tiny", "hybrid-moe-tiny", "jamb
             "zamba-tiny", "zamba2-tiny"}
 
 
-def trains_with_tensor_parallelism_and_generates(tmp_path, preset: str, run_here) -> None:
-    """`chimera train` of ``preset`` at TP=2 in ``tmp_path`` (the loss falls), then `chimera generate` from it in this
-    process (``run_here``, the conftest fixture): its greedy text equals the argmax of full forward passes."""
+def train_with_tensor_parallelism(root: Path, presets: list[str]) -> Path:
+    """Each preset trained on the built-in corpus at TP=2 for 30 steps in ``root/<preset>``, as `chimera train
+    configs/runs/tiny.yaml --nproc 2 --set model.preset=<preset> --set ...` would: the runs go one after another
+    through the trainer in one process group of two ranks (``tests/distributed/train_worker.py``), which spares each
+    its own launcher and two interpreters. Returns ``root``."""
+    specs = [f"{preset}={';'.join([preset, *TP2_TRAINING])}" for preset in presets]
+    run_worker(root / "results.pt", "train_worker.py", 2, root / "results.pt", root, *specs)
+    return root
+
+
+def trained_with_tensor_parallelism_and_generates(run_dir: Path, preset: str, run_here) -> None:
+    """The run of ``preset`` in ``run_dir`` (``train_with_tensor_parallelism``): its loss fell, and `chimera
+    generate` from it in this process (``run_here``, the conftest fixture) gives greedy text equal to the argmax of
+    full forward passes."""
     import chimera
 
-    proc = run_chimera("train", REPO / "configs/runs/tiny.yaml", "--run-dir", tmp_path, "--nproc", 2,
-                       "--set", f"model.preset={preset}",
-                       "--set", "parallel.tensor=2", "--set", "train.steps=30", "--set", "train.lr=0.005",
-                       "--set", "train.warmup_steps=5", "--set", "train.micro_batch_size=8",
-                       "--set", "train.global_batch_size=8")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = read_metrics(tmp_path)
+    rows = read_metrics(run_dir)
     losses = [r["loss"] for r in rows]
+    assert len(losses) == 30, (preset, len(losses))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 1.0, (preset, first, last)
     if "moe" in preset:  # per-layer router statistics reach the metrics
@@ -245,12 +253,11 @@ def trains_with_tensor_parallelism_and_generates(tmp_path, preset: str, run_here
         assert loads and all(abs(sum(load) - 1) < 1e-3 for load in loads)
         assert all(k in rows[-1] for k in ("moe/layers.3/aux_loss", "moe/layers.3/z_loss"))
 
-    sampled = run_here("generate", tmp_path, "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS,
-                          "--temperature", 0)
+    sampled = run_here("generate", run_dir, "--prompt", PROMPT, "--max-new-tokens", NEW_TOKENS, "--temperature", 0)
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     from chimera.data.tokenizers import ByteTokenizer
 
-    expected = greedy_by_full_forward(chimera.load_model(tmp_path), PROMPT.encode(), NEW_TOKENS)
+    expected = greedy_by_full_forward(chimera.load_model(run_dir), PROMPT.encode(), NEW_TOKENS)
     assert sampled.stdout.rstrip("\n") == ByteTokenizer().decode(expected).rstrip("\n"), preset
 
 

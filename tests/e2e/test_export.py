@@ -14,7 +14,7 @@ from chimera.configs.loader import load_model_config
 from chimera.errors import UserError
 from chimera.export.exporter import export
 from chimera.export.safetensors_format import INDEX_FILE, read_shards
-from helpers import build_model, preset_run, run_chimera, test_size_presets
+from helpers import build_model, preset_run, presets_for_tests, run_chimera
 
 try:
     from chimera.inference.generate import generate
@@ -34,7 +34,7 @@ def prompt_ids(model, length: int = 24, batch: int = 2) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("preset", test_size_presets())
+@pytest.mark.parametrize("preset", presets_for_tests())
 def test_safetensors_export_loads_back_with_equal_logits_and_text(tmp_path, preset, single_process):
     model = preset_run(tmp_path / "run", preset)
     out = export(tmp_path / "run", "safetensors", tmp_path / "exported")
@@ -319,7 +319,7 @@ def test_byte_runs_name_their_tokenizer(tmp_path, single_process):
 def native_presets() -> list[str]:
     from chimera.models.hf import ARCHITECTURES
 
-    return [p for p in test_size_presets() if load_model_config(p).family in ARCHITECTURES]
+    return [p for p in presets_for_tests() if load_model_config(p).family in ARCHITECTURES]
 
 
 @pytest.mark.parametrize("preset", native_presets())

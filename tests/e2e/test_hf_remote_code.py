@@ -77,7 +77,7 @@ def max_diff(a, b):
     return float((a.float() - b.float()).abs().max())
 
 
-@pytest.mark.parametrize("preset", helpers.test_size_presets())
+@pytest.mark.parametrize("preset", helpers.presets_for_tests())
 def test_remote_code_equals_chimera(preset, tmp_path):
     model = varied(build_model(preset).eval())
     hf = exported(source_of(model), tmp_path)

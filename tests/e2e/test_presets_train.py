@@ -1,15 +1,27 @@
-"""Every test-size preset trains on the built-in corpus through `chimera train` with TP=2 (loss falls), and
-`chimera generate` samples from the trained run through the mixers' decoding states: its greedy text equals the
-argmax of full forward passes over the growing sequence.
+"""Every test-size preset trains on the built-in corpus with TP=2 (loss falls), and `chimera generate` samples from
+the trained run through the mixers' decoding states: its greedy text equals the argmax of full forward passes over
+the growing sequence.
 
 The presets are split over two files (this one: those of model zoo I, ``test_zoo2_presets_train.py``: the rest), so
-that the two pytest workers share them (``helpers.trains_with_tensor_parallelism_and_generates``)."""
+that the two pytest workers share them; each file trains its presets in one process group (``helpers``)."""
 
 import pytest
 
-from helpers import ZOO_ONE, test_size_presets, trains_with_tensor_parallelism_and_generates
+from helpers import (
+    ZOO_ONE,
+    presets_for_tests,
+    train_with_tensor_parallelism,
+    trained_with_tensor_parallelism_and_generates,
+)
+
+PRESETS = [p for p in presets_for_tests() if p in ZOO_ONE]
 
 
-@pytest.mark.parametrize("preset", [p for p in test_size_presets() if p in ZOO_ONE])
-def test_tiny_preset_trains_with_tensor_parallelism_and_generates(tmp_path, preset, run_here):
-    trains_with_tensor_parallelism_and_generates(tmp_path, preset, run_here)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return train_with_tensor_parallelism(tmp_path_factory.mktemp("zoo1"), PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_tiny_preset_trains_with_tensor_parallelism_and_generates(runs, preset, run_here):
+    trained_with_tensor_parallelism_and_generates(runs / preset, preset, run_here)

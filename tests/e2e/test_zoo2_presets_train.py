@@ -1,11 +1,23 @@
 """The test-size presets of model zoo II (Hyena, StripedHyena, Based, GoldFinch, Gryphon, and any added since) train
-through `chimera train` with TP=2 and generate through `chimera generate` (see ``test_presets_train.py``)."""
+with TP=2 and generate through `chimera generate` (see ``test_presets_train.py``)."""
 
 import pytest
 
-from helpers import ZOO_ONE, test_size_presets, trains_with_tensor_parallelism_and_generates
+from helpers import (
+    ZOO_ONE,
+    presets_for_tests,
+    train_with_tensor_parallelism,
+    trained_with_tensor_parallelism_and_generates,
+)
+
+PRESETS = [p for p in presets_for_tests() if p not in ZOO_ONE]
 
 
-@pytest.mark.parametrize("preset", [p for p in test_size_presets() if p not in ZOO_ONE])
-def test_tiny_preset_trains_with_tensor_parallelism_and_generates(tmp_path, preset, run_here):
-    trains_with_tensor_parallelism_and_generates(tmp_path, preset, run_here)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return train_with_tensor_parallelism(tmp_path_factory.mktemp("zoo2"), PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_tiny_preset_trains_with_tensor_parallelism_and_generates(runs, preset, run_here):
+    trained_with_tensor_parallelism_and_generates(runs / preset, preset, run_here)

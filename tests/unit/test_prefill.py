@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from helpers import build_model, test_size_presets
+from helpers import build_model, presets_for_tests
 
 PROMPT, DECODE, BATCH = 20, 10, 2  # the prompt is longer than the tiny presets' window of 16: the ring buffer wraps
 TOLERANCE = 1e-5  # fp32
@@ -36,7 +36,7 @@ def assert_same_state(got, expected):
             assert a == b, path
 
 
-@pytest.mark.parametrize("preset", test_size_presets())
+@pytest.mark.parametrize("preset", presets_for_tests())
 def test_prefill_then_step_equals_stepping(single_process, preset):
     model = build_model(preset).eval()
     total = PROMPT + DECODE

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chimera.models.batch_state import put_rows, stack_states, state_layout, take_rows
-from helpers import build_model, test_size_presets
+from helpers import build_model, presets_for_tests
 
 LENGTHS = (20, 7, 13)  # 20 > the tiny presets' window of 16: that row's ring buffer has wrapped
 DECODE = 6
@@ -16,7 +16,7 @@ MAX_LEN = max(LENGTHS) + DECODE
 TOLERANCE = 1e-5  # fp32
 
 
-@pytest.mark.parametrize("preset", test_size_presets())
+@pytest.mark.parametrize("preset", presets_for_tests())
 def test_rows_at_own_positions_decode_as_alone(single_process, preset):
     model = build_model(preset).eval()
     g = torch.Generator().manual_seed(5)
