@@ -26,3 +26,12 @@ def run_here(monkeypatch):
     from helpers import run_chimera_here
 
     return lambda *args: run_chimera_here(monkeypatch, *args)
+
+
+@pytest.fixture(scope="module")
+def tp2_runs(request, tmp_path_factory):
+    """The test module's ``PRESETS`` trained at TP=2, all in one process group
+    (``helpers.train_with_tensor_parallelism``): the directory that holds a run directory per preset."""
+    from helpers import train_with_tensor_parallelism
+
+    return train_with_tensor_parallelism(tmp_path_factory.mktemp("tp2"), request.module.PRESETS)

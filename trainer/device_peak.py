@@ -123,5 +123,5 @@ def peak_flops(device: torch.device, precision: str) -> Peak:
             tmp.write_text(json.dumps(cached, indent=1))
             tmp.replace(path)
         except OSError:
-            pass  # a read-only home: measured again next time
+            pass  # a read-only home: the figure of this process alone
     return Peak(float(cached[key]), f"best measured matmul peak ({key}; cached in {path})")

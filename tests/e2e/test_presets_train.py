@@ -3,25 +3,15 @@ the trained run through the mixers' decoding states: its greedy text equals the 
 the growing sequence.
 
 The presets are split over two files (this one: those of model zoo I, ``test_zoo2_presets_train.py``: the rest), so
-that the two pytest workers share them; each file trains its presets in one process group (``helpers``)."""
+that the two pytest workers share them; each file trains its presets in one process group (the ``tp2_runs`` fixture)."""
 
 import pytest
 
-from helpers import (
-    ZOO_ONE,
-    presets_for_tests,
-    train_with_tensor_parallelism,
-    trained_with_tensor_parallelism_and_generates,
-)
+from helpers import ZOO_ONE, presets_for_tests, trained_with_tensor_parallelism_and_generates
 
 PRESETS = [p for p in presets_for_tests() if p in ZOO_ONE]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return train_with_tensor_parallelism(tmp_path_factory.mktemp("zoo1"), PRESETS)
-
-
 @pytest.mark.parametrize("preset", PRESETS)
-def test_tiny_preset_trains_with_tensor_parallelism_and_generates(runs, preset, run_here):
-    trained_with_tensor_parallelism_and_generates(runs / preset, preset, run_here)
+def test_tiny_preset_trains_with_tensor_parallelism_and_generates(tp2_runs, preset, run_here):
+    trained_with_tensor_parallelism_and_generates(tp2_runs / preset, preset, run_here)
