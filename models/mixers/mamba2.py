@@ -165,12 +165,13 @@ def within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: to
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
-        reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto") -> torch.Tensor:
-    """``y_t = C_t . h_t`` of ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`` for a whole sequence, chunked.
+        reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto",
+        D: torch.Tensor | None = None) -> torch.Tensor:
+    """``y_t = C_t . h_t + D x_t`` of ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`` for a whole sequence, chunked.
 
     ``x [s, b, h, p]``, ``dt [s, b, h]``, ``A [h]``, ``B, C [s, b, g, n]`` -> ``y [s, b, h, p]``: ``g`` groups of
     ``h / g`` consecutive heads, each group's heads reading its ``B, C`` (``g = h``: a ``B, C`` per head);
-    ``reset [s, b]`` marks tokens where ``h_{t-1}`` is dropped (decay 0). The skip ``D x`` is not added.
+    ``reset [s, b]`` marks tokens where ``h_{t-1}`` is dropped (decay 0); ``D [h]``: the skip, none if None.
     Inside, tensors are ``[b, g, h / g, c, q, ...]`` (chunk ``c``, position ``q`` in it; ``B, C`` without the
     heads' axis), so that every contraction is a batched matmul without further copies of ``B`` or ``C`` per head;
     states are held as ``[n, p]``. Under context parallelism ``x`` ... ``C`` are this rank's part of the sequence; the
@@ -198,7 +199,8 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
 
     # 4. The entering state read out inside the chunk: y_l += (prod_{k <= l} a_k) C_l . h_entering.
     y = y + torch.einsum("bgcqn,bghcnp->bghcqp", C, entering) * from_start.unsqueeze(-1)
-    return y.flatten(1, 2).flatten(2, 3).movedim(2, 0)[:s]
+    y = y.flatten(1, 2).flatten(2, 3).movedim(2, 0)[:s]
+    return y if D is None else y + D.unsqueeze(-1) * x
 
 
 def chunked_inputs(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -206,20 +208,29 @@ def chunked_inputs(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     """``ssd``'s inputs in its chunked layout: ``xdt = dt x [b, g, h/g, c, q, p]``, the log decay ``log_a = dt A``
     (``-inf`` at resets) ``[b, g, h/g, c, q]``, and ``B, C [b, g, c, q, n]``; the sequence zero-padded at the end to
     whole chunks (decay 1, no input)."""
-    s, h, g = x.shape[0], x.shape[2], B.shape[2]
+    g = B.shape[2]
+    log_a, B, C = chunked_decays_and_state_vectors(dt, A, B, C, chunk_size, reset)
+    return by_group(chunks(x * dt.unsqueeze(-1), chunk_size), g), log_a, B, C
+
+
+def chunks(t: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[s, b, h, ...] -> [b, h, c, q, ...]``, zero-padded at the end to whole chunks."""
+    t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, -t.shape[0] % chunk_size)).movedim(0, 2).contiguous()
+    return t.unflatten(2, (-1, chunk_size))
+
+
+def by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[b, h, ...] -> [b, g, h / g, ...]``."""
+    return t.unflatten(1, (groups, t.shape[1] // groups))
+
+
+def chunked_decays_and_state_vectors(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                                     chunk_size: int, reset: torch.Tensor | None):
+    """``chunked_inputs`` but ``xdt``: ``log_a [b, g, h/g, c, q]`` and ``B, C [b, g, c, q, n]``."""
     log_a = dt * A  # log of the decay, <= 0
     if reset is not None:
         log_a = log_a.masked_fill(reset.unsqueeze(-1), -math.inf)
-    pad = -s % chunk_size
-
-    def chunks(t):  # [s, b, h, ...] -> [b, h, c, q, ...]
-        t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)).movedim(0, 2).contiguous()
-        return t.unflatten(2, (-1, chunk_size))
-
-    def by_group(t):  # [b, h, ...] -> [b, g, h / g, ...]
-        return t.unflatten(1, (g, h // g))
-
-    return by_group(chunks(x * dt.unsqueeze(-1))), by_group(chunks(log_a)), chunks(B), chunks(C)
+    return by_group(chunks(log_a, chunk_size), B.shape[2]), chunks(B, chunk_size), chunks(C, chunk_size)
 
 
 def boundary_decays(log_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -368,7 +379,7 @@ class Mamba2Mixer(nn.Module):
         xh, B, C, dt = self._ssm_inputs(xs, bc, dt, per_head=False)
         B, C = self._state_vectors(B, C)
         A = -torch.exp(at_least_fp32(self.A_log))
-        y = dispatch.ssd(xh, dt, A, B, C, self.chunk_size, reset, self.dims, self.kernels) + self.D.unsqueeze(-1) * xh
+        y = dispatch.ssd(xh, dt, A, B, C, self.chunk_size, reset, self.dims, self.kernels, D=self.D)
         return self.out_proj(self._gated_norm(y.flatten(-2), z))
 
     def init_state(self, batch: int, max_len: int):

@@ -137,18 +137,19 @@ def ssd_within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
-        reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto") -> torch.Tensor:
-    """``chimera.models.mixers.mamba2.ssd``: Mamba-2's chunked scan, ``y [s, b, h, p]``. On CPU without context
-    parallelism ``auto`` takes its four steps as one function with the backward by hand
-    (``chimera.models.ops.ssd_cpu``); otherwise the reference, whose step 1 and scan dispatch again
-    (``ssd_within_chunks``, ``linear_scan``)."""
+        reset: torch.Tensor | None = None, dims: ParallelDims = SINGLE_PROCESS, kernels: str = "auto",
+        D: torch.Tensor | None = None) -> torch.Tensor:
+    """``chimera.models.mixers.mamba2.ssd``: Mamba-2's chunked scan, ``y [s, b, h, p]`` (with the skip ``D x`` where
+    ``D`` is given). On CPU without context parallelism ``auto`` takes its four steps and the skip as one function with
+    the backward by hand (``chimera.models.ops.ssd_cpu``); otherwise the reference, whose step 1 and scan dispatch
+    again (``ssd_within_chunks``, ``linear_scan``)."""
     from chimera.models.mixers import mamba2  # imports this module
 
     if cpu_fast_path(kernels, x.device) and dims.cp == 1:
         from chimera.models.ops import ssd_cpu
 
-        return ssd_cpu.ssd(x, dt, A, B, C, chunk_size, reset)
-    return mamba2.ssd(x, dt, A, B, C, chunk_size, reset, dims, kernels)
+        return ssd_cpu.ssd(x, dt, A, B, C, chunk_size, reset, D)
+    return mamba2.ssd(x, dt, A, B, C, chunk_size, reset, dims, kernels, D)
 
 
 def rglru_states(gate_a: torch.Tensor, gate_x: torch.Tensor, u: torch.Tensor, a_param: torch.Tensor,

@@ -24,18 +24,24 @@ outside. Steps 2 and 4 contract ``B`` and ``C`` with all of a group's heads at o
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from chimera.models.mixers import mamba2
+
+# torch's CPU exp takes a slow path where its result is below the smallest normal float (1.2e-38) or overflows: on
+# this machine (AVX-512) 130x slower per element at -90, 60x at -110, 14x at -inf and 40x at +90 than at -87
+# (benchmarks/RESULTS.md). So the decay's exponent is clamped to [-87, 0] here (it is <= 0 wherever the decay is not
+# hidden) and its hidden entries are zeroed after the exp, by a multiply with the kept ones (7x faster than
+# masked_fill_ with a broadcast [q, q] mask), not set to -inf before: a decay below exp(-87) = 1.6e-38 reads as
+# 1.6e-38, which no fp32 sum of the products can tell from 0.
+EXP_FLOOR = -87.0
 
 
 def _decay_and_products(C, B, xdt, cum, document):
     """Step 1's forward: (``decay``, ``M = (C B^T) * decay``, ``Y_w = M xdt``), the ``[q, q]`` tensors built in
     place."""
     CB = C @ B.transpose(-1, -2)  # [..., l, s], once per group
-    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill_(mamba2.hidden(document), -math.inf).exp_()
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).clamp_(EXP_FLOOR, 0.0).exp_().mul_(~mamba2.hidden(document))
     M = CB * decay
     return decay, M, M @ xdt
 
@@ -71,14 +77,25 @@ def within_chunks(C: torch.Tensor, B: torch.Tensor, xdt: torch.Tensor, log_a: to
     return _WithinChunks.apply(C, B, xdt, cum, document)
 
 
+def _chunked_by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """A view of ``t [s, b, h, ...]`` as ``[b, g, h/g, s, ...]``, the order of ``ssd``'s chunked layout."""
+    return t.movedim(0, 2).unflatten(1, (groups, t.shape[2] // groups))
+
+
 class _ChunkedSSD(torch.autograd.Function):
-    """Steps 1-4 of ``mamba2.ssd`` at cp = 1: ``xdt [b, g, h/g, c, q, p]``, ``B, C [b, g, 1, c, q, n]``, step 1's
-    ``cum, document [b, g, h/g, c, q]``, ``to_end, from_start`` of the same shape and ``whole [b, g, h/g, c]`` ->
-    ``y [c, q, b, g, h/g, p]``."""
+    """Steps 1-4 of ``mamba2.ssd`` at cp = 1 and the skip: ``x [s, b, h, p]``, ``dt [s, b, h]``, ``D [h]`` (or None),
+    ``B, C [b, g, 1, c, q, n]``, step 1's ``cum, document [b, g, h/g, c, q]``, ``to_end, from_start`` of the same
+    shape and ``whole [b, g, h/g, c]`` -> ``y [c, q, b, g, h/g, p]``. ``xdt = dt x`` is written straight into its
+    chunked layout ``[b, g, h/g, c, q, p]`` (zero past ``s``) and ``D x`` added into ``y`` in place, so neither has a
+    buffer or a pass of its own; backward: ``dx = dt dxdt + D dy``, ``ddt = sum_p x dxdt``, ``dD = sum x dy``."""
 
     @staticmethod
-    def forward(ctx, xdt, B, C, cum, document, to_end, from_start, whole):
-        b, g, hg, c, q, p = xdt.shape
+    def forward(ctx, x, dt, D, B, C, cum, document, to_end, from_start, whole):
+        s, p = x.shape[0], x.shape[-1]
+        b, g, hg, c, q = cum.shape
+        xdt = (x.new_zeros if c * q > s else x.new_empty)(b, g, hg, c * q, p)
+        torch.mul(_chunked_by_group(x, g), _chunked_by_group(dt, g).unsqueeze(-1), out=xdt[:, :, :, :s])
+        xdt = xdt.view(b, g, hg, c, q, p)
         decay, M, y_within = _decay_and_products(C, B, xdt, cum, document)
         # 2. the chunks' own states S = B^T (to_end * xdt), xdt scaled straight into [b, g, c, q, (h/g, p)]
         x_scaled = xdt.new_empty(b, g, c, q, hg, p)
@@ -97,12 +114,14 @@ class _ChunkedSSD(torch.autograd.Function):
         y = xdt.new_empty(c, q, b, g, hg, p)
         torch.mul(read.permute(2, 3, 0, 1, 4, 5), from_start.permute(3, 4, 0, 1, 2).unsqueeze(-1), out=y)
         y += y_within.permute(3, 4, 0, 1, 2, 5)
-        ctx.save_for_backward(xdt, B, C, decay, M, to_end, from_start, whole, x_scaled, E, read)
+        if D is not None:  # the skip, in place: y [s, b, h, p] += D x
+            y.view(c * q, b, g * hg, p)[:s].addcmul_(x, D.unsqueeze(-1))
+        ctx.save_for_backward(x, dt, D, xdt, B, C, decay, M, to_end, from_start, whole, x_scaled, E, read)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xdt, B, C, decay, M, to_end, from_start, whole, x_scaled, E, read = ctx.saved_tensors
+        x, dt, D, xdt, B, C, decay, M, to_end, from_start, whole, x_scaled, E, read = ctx.saved_tensors
         b, g, hg, c, q, p = xdt.shape
         dC, dB, dxdt, dcum = _within_backward(dy.permute(2, 3, 4, 0, 1, 5).contiguous(), C, B, xdt, decay, M)
         B2, C2 = B.squeeze(2), C.squeeze(2)  # [b, g, c, q, n]
@@ -121,21 +140,37 @@ class _ChunkedSSD(torch.autograd.Function):
             dE_by_head[:, :, i - 1].addcmul_(dE_by_head[:, :, i], whole_by_head[:, :, i - 1])
         d_whole = torch.zeros_like(whole)
         d_whole[..., :-1] = (dE[:, :, 1:] * E[:, :, :-1]).unflatten(-1, (hg, p)).sum((3, 5)).permute(0, 1, 3, 2)
-        dS = torch.zeros_like(dE)
+        dS = torch.empty_like(dE)
         dS[:, :, :-1] = dE[:, :, 1:]
+        dS[:, :, -1] = 0  # the last chunk's state feeds no chunk
         # 2.
         d_scaled = (B2 @ dS).view(b, g, c, q, hg, p)
         dB2 = x_scaled.view(b, g, c, q, hg * p) @ dS.transpose(-1, -2)
         dxdt.addcmul_(d_scaled.permute(0, 1, 4, 2, 3, 5), to_end.unsqueeze(-1))
         d_to_end = (d_scaled * xdt.permute(0, 1, 3, 4, 2, 5)).sum(-1).permute(0, 1, 4, 2, 3)
-        return (dxdt, dB + dB2.unsqueeze(2), dC + dC2.unsqueeze(2), dcum, None, d_to_end, d_from_start, d_whole)
+        # xdt = dt x and the skip, back in [s, b, h, p]
+        s = x.shape[0]
+        dxdt_of_x = dxdt.view(b, g, hg, c * q, p)[:, :, :, :s].permute(3, 0, 1, 2, 4)  # [s, b, g, h/g, p]
+        dx, products = x.new_empty(x.shape), x.new_empty(x.shape)  # products: x dxdt, then x dy
+        torch.mul(dxdt_of_x, dt.unflatten(-1, (g, hg)).unsqueeze(-1), out=dx.unflatten(2, (g, hg)))
+        torch.mul(dxdt_of_x, x.unflatten(2, (g, hg)), out=products.unflatten(2, (g, hg)))
+        ddt = products.sum(-1).to(dt.dtype)
+        dD = None
+        if D is not None:
+            dy_of_x = dy.reshape(c * q, *x.shape[1:])[:s]
+            dx.addcmul_(dy_of_x, D.unsqueeze(-1))
+            dD = torch.mul(dy_of_x, x, out=products).sum((0, 1, 3)).to(D.dtype)
+        return (dx, ddt, dD, dB + dB2.unsqueeze(2), dC + dC2.unsqueeze(2), dcum, None, d_to_end, d_from_start,
+                d_whole)
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
-        reset: torch.Tensor | None = None) -> torch.Tensor:
-    """``mamba2.ssd`` without context parallelism (same arguments, ``x [s, b, h, p]`` -> ``y [s, b, h, p]``)."""
+        reset: torch.Tensor | None = None, D: torch.Tensor | None = None) -> torch.Tensor:
+    """``mamba2.ssd`` without context parallelism (same arguments, ``x [s, b, h, p]`` -> ``y [s, b, h, p]``, with the
+    skip ``D x`` where ``D`` is given)."""
     s, b, h, p = x.shape
-    xdt, log_a, B, C = mamba2.chunked_inputs(x, dt, A, B, C, chunk_size, reset)
+    log_a, B, C = mamba2.chunked_decays_and_state_vectors(dt, A, B, C, chunk_size, reset)
     cum, document = mamba2.cumulative_log_decay(log_a)
-    y = _ChunkedSSD.apply(xdt, B.unsqueeze(2), C.unsqueeze(2), cum, document, *mamba2.boundary_decays(log_a))
-    return y.view(-1, b, h, p)[:s]
+    y = _ChunkedSSD.apply(x, dt, D, B.unsqueeze(2), C.unsqueeze(2), cum, document, *mamba2.boundary_decays(log_a))
+    y = y.view(-1, b, h, p)
+    return y[:s] if y.shape[0] > s else y  # a slice's backward is a zero fill and a copy, even of the whole

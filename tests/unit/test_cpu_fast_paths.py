@@ -86,13 +86,14 @@ def test_ssd_within_chunks_by_hand_equals_reference(q, packed):
     assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
 
 
-@pytest.mark.parametrize("s,h,groups,chunk,packed", [(37, 4, 2, 8, True),  # 5 chunks, the last partial; resets
-                                                     (16, 2, 1, 16, False),  # one whole chunk
-                                                     (20, 3, 3, 4, True),  # a B, C per head
-                                                     (5, 1, 1, 8, False)])  # shorter than a chunk
-def test_ssd_by_hand_equals_reference(s, h, groups, chunk, packed):
-    """``ssd_cpu.ssd`` (the four steps with the backward by hand): gradcheck in fp64 of every input, and equal to
-    ``mamba2.ssd`` with ``kernels=reference`` (the mixer's dispatch takes it on CPU at cp = 1) in fp32."""
+@pytest.mark.parametrize("s,h,groups,chunk,packed,skip", [(37, 4, 2, 8, True, True),  # 5 chunks, the last partial
+                                                          (16, 2, 1, 16, False, False),  # one whole chunk, no skip
+                                                          (20, 3, 3, 4, True, False),  # a B, C per head
+                                                          (5, 1, 1, 8, False, True)])  # shorter than a chunk
+def test_ssd_by_hand_equals_reference(s, h, groups, chunk, packed, skip):
+    """``ssd_cpu.ssd`` (the four steps and the skip ``D x`` with the backward by hand): gradcheck in fp64 of every
+    input, and equal to ``mamba2.ssd`` with ``kernels=reference`` (the mixer's dispatch takes it on CPU at cp = 1) in
+    fp32; resets where ``packed``, ``D`` where ``skip``."""
     from chimera.models.mixers import mamba2
 
     gen = torch.Generator().manual_seed(s + h)
@@ -101,13 +102,18 @@ def test_ssd_by_hand_equals_reference(s, h, groups, chunk, packed):
     dt = 0.05 + 0.5 * torch.rand(s, b, h, generator=gen, dtype=torch.float64)
     A = -torch.rand(h, generator=gen, dtype=torch.float64) - 0.2
     B, C = (torch.randn(s, b, groups, n, generator=gen, dtype=torch.float64) for _ in range(2))
+    D = [torch.randn(h, generator=gen, dtype=torch.float64)] if skip else []
     reset = (torch.rand(s, b, generator=gen) < 0.15) if packed else None
-    inputs = [t.requires_grad_() for t in (x, dt, A, B, C)]
-    assert torch.autograd.gradcheck(lambda *t: ssd_cpu.ssd(*t, chunk, reset), inputs, fast_mode=True)
+    inputs = [t.requires_grad_() for t in (x, dt, A, B, C, *D)]
+
+    def with_skip(fn, *t, **kw):
+        return fn(*t[:5], chunk, reset, D=t[5] if skip else None, **kw)
+
+    assert torch.autograd.gradcheck(lambda *t: with_skip(ssd_cpu.ssd, *t), inputs, fast_mode=True)
     inputs = [t.detach().float().requires_grad_() for t in inputs]
-    got = dispatch.ssd(*inputs, chunk, reset, kernels="auto")
+    got = with_skip(dispatch.ssd, *inputs, kernels="auto")
     assert "_ChunkedSSDBackward" in graph_nodes(got)  # the fast path, not the reference
-    want = mamba2.ssd(*inputs, chunk, reset, kernels="reference")
+    want = with_skip(mamba2.ssd, *inputs, kernels="reference")
     torch.testing.assert_close(got, want, **FP32)
     assert_close_all(grads(got, inputs), grads(want, inputs), **FP32)
 
