@@ -47,6 +47,13 @@ from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # noqa: E402
 from deepspeed.utils import groups as deepspeed_groups  # noqa: E402
 
+if os.environ["DS_ACCELERATOR"] == "cpu":
+    # On a CPU, DeepSpeed's comm backend JIT-builds a shared-memory all-reduce (two C++ files: ~35 s of one core on the
+    # 2-core machine, in every fresh environment) when a process group starts. It serves only
+    # ``inference_all_reduce``, which DeepSpeed's own inference tensor parallelism calls and training never does (its
+    # collectives are torch.distributed's, over gloo here); marked incompatible, it is not built.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
 from chimera.configs.schema import RunConfig  # noqa: E402
 from chimera.parallel import pipeline  # noqa: E402
 from chimera.parallel.sharding import expert_dim, shard_box, split_dim  # noqa: E402
