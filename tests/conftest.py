@@ -20,12 +20,12 @@ def single_process():
 
 
 @pytest.fixture
-def run_here(monkeypatch):
-    """``helpers.run_chimera_here`` bound to this test's ``monkeypatch``: ``run_here("export", ...)`` runs the CLI in
-    this process (for refusals and other single-process commands that leave no global state behind)."""
+def run_here():
+    """``helpers.run_chimera_here``: ``run_here("export", ...)`` runs the CLI in this process (for refusals and other
+    single-process commands that leave no global state behind)."""
     from helpers import run_chimera_here
 
-    return lambda *args: run_chimera_here(monkeypatch, *args)
+    return run_chimera_here
 
 
 @pytest.fixture(scope="module")

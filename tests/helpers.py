@@ -64,28 +64,31 @@ def run_chimera(*args, cwd=None, timeout=900, env=None) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def run_chimera_here(monkeypatch, *args) -> subprocess.CompletedProcess:
-    """``run_chimera`` in this process, without a new interpreter's two seconds of importing torch: for commands that
+def run_chimera_here(*args) -> subprocess.CompletedProcess:
+    """``run_chimera`` in this process, without a new interpreter's seconds of importing torch: for commands that
     refuse bad input before any work or process starts, and for single-process ones that leave no global state behind
-    (``generate``, ``export``), not for a run that trains. ``chimera.launch.cli.main``'s return (or its argument
-    parser's ``SystemExit``) is the exit code; its output is captured; the environment and directory it sees are
-    ``run_chimera``'s, and restored after."""
+    (``checkpoint``, ``generate``, ``export``, ``import-hf``), not for a run that trains or starts ranks.
+    ``chimera.launch.cli.main``'s return (or its argument parser's ``SystemExit``) is the exit code; its output is
+    captured; the environment and directory it sees are ``run_chimera``'s, and restored after."""
     import contextlib
     import io
 
+    import pytest
+
     from chimera.launch import cli
 
-    for name in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.chdir(REPO)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in args])
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("RANK", "WORLD_SIZE"):
+            env.delenv(name, raising=False)
+        env.setenv("WANDB_MODE", "offline")
+        env.setenv("WANDB_SILENT", "true")
+        env.chdir(REPO)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
@@ -123,7 +126,7 @@ def hf_round_trip(tmp_path, hf_model, vocab: int):
 
     hf_model.save_pretrained(tmp_path / "hf")
     on_disk = load_file(str(tmp_path / "hf/model.safetensors"))
-    proc = run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
+    proc = run_chimera_here("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = chimera.load_model(tmp_path / "run")
     ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -135,7 +138,7 @@ def hf_round_trip(tmp_path, hf_model, vocab: int):
     assert expected.shape == (1, 25)
     assert torch.equal(generate(ours, prompt, 20, temperature=0), expected)
 
-    proc = run_chimera("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
+    proc = run_chimera_here("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(load_file(str(tmp_path / "exported/model.safetensors"))) == set(on_disk)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()

@@ -10,7 +10,7 @@ from e2e.test_cli_errors import assert_user_error
 from e2e.test_hf_granite import IDS, tiny_granite
 
 import chimera
-from helpers import REPO, run_chimera
+from helpers import REPO, run_chimera, run_chimera_here
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def converted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("granite")
     hf_model = tiny_granite()
     hf_model.save_pretrained(tmp / "hf")
-    proc = run_chimera("import-hf", tmp / "hf", "--out", tmp / "run", "--into", "dynamic-hybrid")
+    proc = run_chimera_here("import-hf", tmp / "hf", "--out", tmp / "run", "--into", "dynamic-hybrid")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return hf_model, tmp
 
@@ -109,5 +109,5 @@ def test_bad_routed_hybrid_input(tmp_path, run_here, args, expected):
 
 
 def test_bad_into(tmp_path):
-    proc = run_chimera("import-hf", tmp_path, "--out", tmp_path / "o", "--into", "griffin")
+    proc = run_chimera_here("import-hf", tmp_path, "--out", tmp_path / "o", "--into", "griffin")
     assert_user_error(proc, "argument --into: invalid choice: 'griffin'")

@@ -14,7 +14,7 @@ from chimera.configs.loader import load_model_config
 from chimera.errors import UserError
 from chimera.export.exporter import export
 from chimera.export.safetensors_format import INDEX_FILE, read_shards
-from helpers import build_model, preset_run, presets_for_tests, run_chimera
+from helpers import build_model, preset_run, presets_for_tests, run_chimera, run_chimera_here
 
 try:
     from chimera.inference.generate import generate
@@ -66,7 +66,7 @@ def test_bf16_export_is_the_rounded_weights(tmp_path, preset, single_process):
 
 def test_shards_and_their_index(tmp_path, single_process):
     model = preset_run(tmp_path / "run", "llama-tiny")
-    proc = run_chimera("export", tmp_path / "run", "--format", "safetensors", "--out", tmp_path / "exported",
+    proc = run_chimera_here("export", tmp_path / "run", "--format", "safetensors", "--out", tmp_path / "exported",
                        "--max-shard-mb", 0.05)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "exported"
@@ -240,7 +240,7 @@ def test_step_picks_an_older_checkpoint(tmp_path, single_process):
     train_tp2(tmp_path / "tp2")
     for step in (2, None):
         args = ["--step", step] if step else []
-        proc = run_chimera("export", tmp_path / "tp2", "--format", "safetensors", "--out", tmp_path / f"s{step}",
+        proc = run_chimera_here("export", tmp_path / "tp2", "--format", "safetensors", "--out", tmp_path / f"s{step}",
                            *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "s2/chimera_config.json").read_text())["step"] == 2
@@ -275,7 +275,7 @@ def test_import_keeps_the_hf_tokenizer_and_export_carries_it(tmp_path, single_pr
 
     hf = tiny_llama_dir(tmp_path / "hf")
     train_bpe(TEXTS, 300, hf / "tokenizer.json")
-    proc = run_chimera("import-hf", hf, "--out", tmp_path / "run")
+    proc = run_chimera_here("import-hf", hf, "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     spec = yaml.safe_load((tmp_path / "run/run.yaml").read_text())["data"]["tokenizer"]
     assert spec == str((tmp_path / "run/tokenizer.json").resolve())
@@ -285,7 +285,7 @@ def test_import_keeps_the_hf_tokenizer_and_export_carries_it(tmp_path, single_pr
 
     for fmt in ("safetensors", "hf"):
         out = tmp_path / f"out-{fmt}"
-        proc = run_chimera("export", tmp_path / "run", "--format", fmt, "--out", out)
+        proc = run_chimera_here("export", tmp_path / "run", "--format", fmt, "--out", out)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (out / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
         assert read_tokenizer(out).encode("the lazy fox").tolist() == ids.tolist()
@@ -298,7 +298,7 @@ def test_import_refuses_a_vocabulary_the_model_cannot_hold(tmp_path):
 
     hf = tiny_llama_dir(tmp_path / "hf", vocab=280)
     train_bpe(TEXTS, 300, hf / "tokenizer.json")
-    proc = run_chimera("import-hf", hf, "--out", tmp_path / "run")
+    proc = run_chimera_here("import-hf", hf, "--out", tmp_path / "run")
     one_line(proc, "but the model's vocab_size is 280")
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
 

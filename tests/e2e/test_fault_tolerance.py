@@ -15,7 +15,7 @@ import time
 import pytest
 
 from chimera.trainer import events
-from helpers import REPO, read_metrics, run_chimera
+from helpers import REPO, read_metrics, run_chimera, run_chimera_here
 
 TINY = REPO / "configs/runs/tiny.yaml"
 TWO_RANKS = ["--nproc", 2, "--set", "train.micro_batch_size=2", "--set", "train.steps=8", "--set", "checkpoint.every=2",
@@ -189,7 +189,7 @@ def test_a_full_disk_does_not_stop_training_nor_remove_the_previous_checkpoint(s
     # the final checkpoint could not be written: one line, exit 2; the step-2 checkpoint is whole and latest
     assert proc.returncode == 2 and "could not be written" in proc.stderr.strip().splitlines()[-1]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000002"]
-    verify = run_chimera("checkpoint", "verify", run_dir)
+    verify = run_chimera_here("checkpoint", "verify", run_dir)
     assert verify.returncode == 0 and "step_00000002: valid" in verify.stdout
 
 
@@ -246,7 +246,7 @@ def test_asynchronous_saves_equal_synchronous_ones(tmp_path, one_rank_run):
         ours = read_weights(tmp_path / f"checkpoints/step_{step:08d}")
         theirs = read_weights(one_rank_run / f"run/checkpoints/step_{step:08d}")
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert run_chimera("checkpoint", "verify", tmp_path).returncode == 0
+    assert run_chimera_here("checkpoint", "verify", tmp_path).returncode == 0
 
 
 def test_a_crash_during_an_asynchronous_save_leaves_the_previous_checkpoint(tmp_path):
@@ -267,7 +267,7 @@ def test_a_crash_during_an_asynchronous_save_leaves_the_previous_checkpoint(tmp_
     assert 0 < newest("step_*") < newest(".tmp_step_*"), sorted(p.name for p in checkpoints.iterdir())
     proc.kill()  # in-process run: the one rank dies, its writer thread with it
     proc.communicate()
-    verify = run_chimera("checkpoint", "verify", tmp_path)
+    verify = run_chimera_here("checkpoint", "verify", tmp_path)
     assert verify.returncode == 0, verify.stdout + verify.stderr  # every complete checkpoint is valid
     resumed = run_chimera("train", TINY, "--run-dir", tmp_path, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -316,12 +316,12 @@ def test_checkpoint_list_and_verify_say_which_checkpoints_are_valid(tmp_path, on
     run_dir = tmp_path / "run"
     shutil.copytree(one_rank_run / "run", run_dir)
     said = corrupt(run_dir, "flipped bytes")
-    listing = run_chimera("checkpoint", "list", run_dir)
+    listing = run_chimera_here("checkpoint", "list", run_dir)
     assert listing.returncode == 0, listing.stderr
     rows = listing.stdout.strip().splitlines()[1:]
     assert [row.split()[0] for row in rows] == ["2", "4", "6"]
     assert rows[0].endswith("yes") and rows[1].endswith("yes") and "T1 P1 C1 E1 D1 ZeRO0" in rows[0]
     assert "no: file tensors/rank_00000.zarr" in rows[2] and said in rows[2] and rows[2].endswith("(latest)")
-    verify = run_chimera("checkpoint", "verify", run_dir)
+    verify = run_chimera_here("checkpoint", "verify", run_dir)
     assert verify.returncode == 2 and "1 of 3 checkpoint(s)" in verify.stderr
     assert verify.stdout.count(": valid") == 2 and "step_00000006: INVALID" in verify.stdout

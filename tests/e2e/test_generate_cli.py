@@ -12,7 +12,7 @@ import chimera
 from chimera.data.tokenizers import ByteTokenizer
 from chimera.inference.cli import print_generations
 from chimera.inference.generate import generate
-from helpers import REPO, run_chimera
+from helpers import REPO, run_chimera, run_chimera_here
 
 TINY = REPO / "configs/runs/tiny.yaml"
 NEW = 24
@@ -39,11 +39,11 @@ def greedy_alone(model, prompt: str, n: int = NEW) -> str:
 
 def test_greedy_text_single_and_batched(run_dir, single_process):
     model = chimera.load_model(run_dir)
-    one = run_chimera("generate", run_dir, "--prompt", "def ", "--max-new-tokens", NEW, "--temperature", 0)
+    one = run_chimera_here("generate", run_dir, "--prompt", "def ", "--max-new-tokens", NEW, "--temperature", 0)
     assert one.returncode == 0, one.stderr[-2000:]
     assert one.stdout == greedy_alone(model, "def ") + "\n"
     prompts = ["import os\n", "x", "class Point:\n    def "]
-    many = run_chimera("generate", run_dir, *[a for p in prompts for a in ("--prompt", p)],
+    many = run_chimera_here("generate", run_dir, *[a for p in prompts for a in ("--prompt", p)],
                        "--max-new-tokens", NEW, "--temperature", 0)
     assert many.returncode == 0, many.stderr[-2000:]
     expected = "".join(f"--- prompt {i + 1} of 3 ---\n{greedy_alone(model, p)}\n" for i, p in enumerate(prompts))
@@ -54,13 +54,13 @@ def test_prompts_file_stop_and_seed(run_dir, tmp_path, single_process):
     model = chimera.load_model(run_dir)
     full = greedy_alone(model, "def ", 40)[len("def "):]
     stop = full[10:12]
-    proc = run_chimera("generate", run_dir, "--prompt", "def ", "--max-new-tokens", 40, "--temperature", 0,
+    proc = run_chimera_here("generate", run_dir, "--prompt", "def ", "--max-new-tokens", 40, "--temperature", 0,
                        "--stop", "never-made", "--stop", stop)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == "def " + full[: full.find(stop)] + "\n"
 
     (tmp_path / "prompts.txt").write_text("def \n\nimport \n")
-    sampled = [run_chimera("generate", run_dir, "--prompts-file", tmp_path / "prompts.txt", "--seed", seed,
+    sampled = [run_chimera_here("generate", run_dir, "--prompts-file", tmp_path / "prompts.txt", "--seed", seed,
                            "--max-new-tokens", 30, "--temperature", 1.0) for seed in (1, 1, 2)]
     assert all(p.returncode == 0 for p in sampled), sampled[0].stderr[-2000:]
     assert sampled[0].stdout.count("--- prompt") == 2

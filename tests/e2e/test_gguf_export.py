@@ -23,7 +23,7 @@ from chimera.export import gguf as gguf_export
 from chimera.export.source import load_source
 from chimera.models.hf import llama as hf_llama
 from chimera.trainer.checkpoint import write_weights_checkpoint
-from helpers import build_model, run_chimera
+from helpers import build_model, run_chimera_here
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -670,7 +670,8 @@ def test_chimera_export_format_gguf(tmp_path, single_process):
     """Through the command line: a file of ordinary permissions and only it (the tokenizer is inside); a model
     llama.cpp cannot run is one line with exit 2 and nothing written."""
     source = source_of(tmp_path, "mamba-tiny")
-    proc = run_chimera("export", tmp_path / "run", "--format", "gguf", "--out", tmp_path / "gguf", "--dtype", "bf16")
+    proc = run_chimera_here("export", tmp_path / "run", "--format", "gguf", "--out", tmp_path / "gguf", "--dtype",
+                            "bf16")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["model.gguf"]
     assert (tmp_path / "gguf/model.gguf").stat().st_mode & 0o777 == 0o644
@@ -679,7 +680,7 @@ def test_chimera_export_format_gguf(tmp_path, single_process):
     assert_stored(tensors_of(reader), mamba_expected(source.state, source.model_cfg), torch.bfloat16)
 
     source_of(tmp_path / "g", "griffin-tiny")
-    proc = run_chimera("export", tmp_path / "g/run", "--format", "gguf", "--out", tmp_path / "g/gguf")
+    proc = run_chimera_here("export", tmp_path / "g/run", "--format", "gguf", "--out", tmp_path / "g/gguf")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "has no llama.cpp architecture" in lines[0], proc.stderr
     assert not (tmp_path / "g/gguf").exists()

@@ -14,7 +14,7 @@ import chimera
 from chimera.configs.loader import load_model_config
 from chimera.errors import UserError
 from chimera.models.hf import granitemoehybrid
-from helpers import assert_same_numbers, hf_round_trip, run_chimera, run_tp_layout
+from helpers import assert_same_numbers, hf_round_trip, run_chimera_here, run_tp_layout
 
 VOCAB = 320
 
@@ -64,14 +64,14 @@ def test_import_export_round_trip(tmp_path, single_process):
 def test_variants_import_and_export(tmp_path, single_process, variant):
     hf_model = tiny_granite(**variant)
     hf_model.save_pretrained(tmp_path / "hf")
-    proc = run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
+    proc = run_chimera_here("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = chimera.load_model(tmp_path / "run")
     assert ours.cfg.layers == ("M-*-M-M-*-M-" if variant.get("num_local_experts") == 0 else "ME*EMEME*EME")
     with torch.no_grad():
         ref = hf_model(IDS).logits
         assert (ours(IDS) - ref).abs().max() <= 1e-4
-    proc = run_chimera("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
+    proc = run_chimera_here("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
     assert proc.returncode == 0, proc.stderr[-3000:]
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     with torch.no_grad():

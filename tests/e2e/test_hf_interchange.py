@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import REPO, hf_round_trip, run_chimera
+from helpers import REPO, hf_round_trip, run_chimera, run_chimera_here
 
 TINY = REPO / "configs/runs/tiny.yaml"
 
@@ -85,7 +85,7 @@ def test_an_unsupported_rope_type_is_one_line(tmp_path):
     cfg = json.loads((tmp_path / "hf/config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
     (tmp_path / "hf/config.json").write_text(json.dumps(cfg))
-    proc = run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
+    proc = run_chimera_here("import-hf", tmp_path / "hf", "--out", tmp_path / "run")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "RoPE type 'yarn' is not supported" in lines[0]
     assert not (tmp_path / "run").exists()
@@ -93,7 +93,7 @@ def test_an_unsupported_rope_type_is_one_line(tmp_path):
 
 def test_imported_run_continues_training(tmp_path):
     TINY_HF["llama"]().save_pretrained(tmp_path / "hf")
-    assert run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run").returncode == 0
+    assert run_chimera_here("import-hf", tmp_path / "hf", "--out", tmp_path / "run").returncode == 0
     proc = run_chimera("train", tmp_path / "run/run.yaml", "--run-dir", tmp_path / "run", "--set", "train.steps=3",
                        "--set", "train.warmup_steps=1", "--set", "train.micro_batch_size=2",
                        "--set", "train.global_batch_size=2",
@@ -126,7 +126,7 @@ def test_bad_hf_input(tmp_path, run_here):
 def test_export_refuses_what_the_hf_config_cannot_express(tmp_path):
     """A Llama with Granite's residual multiplier is not a Llama: export must not drop the multiplier."""
     TINY_HF["llama"]().save_pretrained(tmp_path / "hf")
-    assert run_chimera("import-hf", tmp_path / "hf", "--out", tmp_path / "run").returncode == 0
+    assert run_chimera_here("import-hf", tmp_path / "hf", "--out", tmp_path / "run").returncode == 0
     proc = run_chimera("train", tmp_path / "run/run.yaml", "--run-dir", tmp_path / "run", "--set", "train.steps=1",
                        "--set", "train.warmup_steps=0", "--set", "model.residual_multiplier=0.5",
                        "--set", "train.micro_batch_size=1",
@@ -135,7 +135,7 @@ def test_export_refuses_what_the_hf_config_cannot_express(tmp_path):
     # a start from imported weights may change a field that keeps every parameter's shape: it is said
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "with model changes: model.residual_multiplier" in proc.stdout + proc.stderr
-    proc = run_chimera("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
+    proc = run_chimera_here("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "exported")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "cannot express this model's residual_multiplier" in lines[0]
     assert not (tmp_path / "exported").exists()

@@ -12,7 +12,7 @@ import transformers
 from chimera.configs.loader import load_model_config
 from chimera.errors import UserError
 from chimera.models.hf import zamba, zamba2
-from helpers import assert_same_numbers, hf_round_trip, run_chimera, run_tp_layout
+from helpers import assert_same_numbers, hf_round_trip, run_chimera_here, run_tp_layout
 
 VOCAB = 320
 MAMBA, HYBRID = "mamba", "hybrid"
@@ -92,7 +92,7 @@ def test_untied_head_writes_and_checks_the_shared_block_copies(tmp_path, single_
     with torch.no_grad():
         layers[5].shared_transformer.pre_ff_layernorm.weight.add_(0.5)
     hf_model.save_pretrained(tmp_path / "hf-differs")
-    proc = run_chimera("import-hf", tmp_path / "hf-differs", "--out", tmp_path / "refused")
+    proc = run_chimera_here("import-hf", tmp_path / "hf-differs", "--out", tmp_path / "refused")
     assert proc.returncode == 2 and "are not shared" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "refused").exists()
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import chimera
-from helpers import REPO, read_metrics, run_chimera
+from helpers import REPO, read_metrics, run_chimera, run_chimera_here
 
 TINY = REPO / "configs/runs/tiny.yaml"
 
@@ -66,7 +66,7 @@ def test_generate_cli_greedy_matches_load_model(trained, single_process):
     from chimera.inference.generate import generate
 
     run_dir, _ = trained
-    proc = run_chimera("generate", run_dir, "--prompt", "def ", "--max-new-tokens", 30, "--temperature", 0)
+    proc = run_chimera_here("generate", run_dir, "--prompt", "def ", "--max-new-tokens", 30, "--temperature", 0)
     assert proc.returncode == 0, proc.stderr[-2000:]
     model = chimera.load_model(run_dir)
     expected = generate(model, torch.tensor([list(b"def ")]), 30, temperature=0, vocab_limit=257)
@@ -84,7 +84,7 @@ def test_generate_cli_greedy_matches_load_model(trained, single_process):
 def test_models_lists_presets_with_parameter_counts(single_process):
     from helpers import build_model
 
-    proc = run_chimera("models")
+    proc = run_chimera_here("models")
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in proc.stdout.splitlines()[1:]}
     for name in ("griffin-tiny", "hawk-tiny", "transformer-tiny", "local-transformer-tiny"):
