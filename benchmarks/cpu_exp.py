@@ -1,0 +1,60 @@
+"""torch's CPU ``exp`` by where its argument lies: the time of ``torch.exp(x, out=y)`` over 2 M float32 elements (Mamba-2
+small's ``[b, g, h, c, q, q]`` decay matrix) all equal to one value, the median of 15 runs, and its ratio to the time at
+0. A result below the smallest normal float (1.2e-38, an argument below about -87.3), an underflow to 0, ``-inf`` and an
+overflow each take a slower path, which is why ``chimera.models.ops.ssd_cpu`` keeps the decay's exponent in [-87, 0].
+The last rows: the decay matrix of random log decays as the SSD on CPU builds it (clamp, exp, multiply by the kept
+entries) and as the reference does (``-inf`` above the diagonal, then exp), the same input both times.
+
+    .venv/bin/python benchmarks/cpu_exp.py
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+
+from chimera.models.ops.ssd_cpu import EXP_FLOOR
+
+SHAPE = (8, 1, 16, 4, 64, 64)
+ARGUMENTS = [0.0, -50.0, -87.0, -88.0, -90.0, -100.0, -110.0, -float("inf"), 50.0, 90.0]
+
+
+def median_ms(fn, runs: int = 15) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    print(f"# {date.today()} | {platform.machine()} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()} | {torch.Size(SHAPE).numel():,} float32 elements")
+    print("| argument | exp(argument) | ms | x the time at 0 |")
+    print("|---:|---:|---:|---:|")
+    out = torch.empty(SHAPE)
+    at_zero = None
+    for value in ARGUMENTS:
+        x = torch.full(SHAPE, value)
+        ms = median_ms(lambda: torch.exp(x, out=out))
+        at_zero = at_zero or ms
+        print(f"| {value:g} | {out.flatten()[0].item():.3g} | {ms:.2f} | {ms / at_zero:.1f}x |")
+    # the decay matrix exp(cum_l - cum_s) of log decays in [-4, 0] per position: 0 to -250 below the diagonal
+    cum = (-4 * torch.rand(*SHAPE[:-1], generator=torch.Generator().manual_seed(0))).cumsum(-1)
+    later = torch.ones(SHAPE[-1], SHAPE[-1], dtype=torch.bool).triu(1)
+    diff = cum.unsqueeze(-1) - cum.unsqueeze(-2)
+    clamped = median_ms(lambda: diff.clone().clamp_(EXP_FLOOR, 0.0).exp_().mul_(~later))
+    reference = median_ms(lambda: diff.clone().masked_fill_(later, -float("inf")).exp_())
+    print(f"| decay matrix, clamped to [{EXP_FLOOR:g}, 0] then masked by a multiply | | {clamped:.2f} | |")
+    print(f"| decay matrix, -inf above the diagonal then exp | | {reference:.2f} | {reference / clamped:.1f}x the "
+          "clamped |")
+
+
+if __name__ == "__main__":
+    main()
