@@ -1,9 +1,10 @@
-"""torch's CPU ``exp`` by where its argument lies: the time of ``torch.exp(x, out=y)`` over 2 M float32 elements (Mamba-2
-small's ``[b, g, h, c, q, q]`` decay matrix) all equal to one value, the median of 15 runs, and its ratio to the time at
-0. A result below the smallest normal float (1.2e-38, an argument below about -87.3), an underflow to 0, ``-inf`` and an
-overflow each take a slower path, which is why ``chimera.models.ops.ssd_cpu`` keeps the decay's exponent in [-87, 0].
-The last rows: the decay matrix of random log decays as the SSD on CPU builds it (clamp, exp, multiply by the kept
-entries) and as the reference does (``-inf`` above the diagonal, then exp), the same input both times.
+"""torch's CPU ``exp`` by where its argument lies: the time of ``torch.exp(x, out=y)`` over 2 M float32
+elements (Mamba-2 small's ``[b, g, h, c, q, q]`` decay matrix) all equal to one value, the median of 15 runs, and its
+ratio to the time at 0. A result below the smallest normal float (1.2e-38, an argument below about -87.3), an
+underflow to 0, ``-inf`` and an overflow each take a slower path, which is why ``chimera.models.ops.ssd_cpu`` keeps
+the decay's exponent in [-87, 0]. The last rows: the decay matrix of random log decays as the SSD on CPU builds it
+(clamp, exp, multiply by the kept entries) and as the reference does (``-inf`` above the diagonal, then exp), the
+same input both times.
 
     .venv/bin/python benchmarks/cpu_exp.py
 """
@@ -42,7 +43,7 @@ def main() -> None:
     at_zero = None
     for value in ARGUMENTS:
         x = torch.full(SHAPE, value)
-        ms = median_ms(lambda: torch.exp(x, out=out))
+        ms = median_ms(lambda x=x: torch.exp(x, out=out))
         at_zero = at_zero or ms
         print(f"| {value:g} | {out.flatten()[0].item():.3g} | {ms:.2f} | {ms / at_zero:.1f}x |")
     # the decay matrix exp(cum_l - cum_s) of log decays in [-4, 0] per position: 0 to -250 below the diagonal
