@@ -12,26 +12,15 @@ same input both times.
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 from datetime import date
 
 import torch
+from cpu_scan import median_ms  # beside this script
 
 from chimera.models.ops.ssd_cpu import EXP_FLOOR
 
 SHAPE = (8, 1, 16, 4, 64, 64)
 ARGUMENTS = [0.0, -50.0, -87.0, -88.0, -90.0, -100.0, -110.0, -float("inf"), 50.0, 90.0]
-
-
-def median_ms(fn, runs: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -43,15 +32,15 @@ def main() -> None:
     at_zero = None
     for value in ARGUMENTS:
         x = torch.full(SHAPE, value)
-        ms = median_ms(lambda x=x: torch.exp(x, out=out))
+        ms = median_ms(lambda x=x: torch.exp(x, out=out), runs=15)
         at_zero = at_zero or ms
         print(f"| {value:g} | {out.flatten()[0].item():.3g} | {ms:.2f} | {ms / at_zero:.1f}x |")
     # the decay matrix exp(cum_l - cum_s) of log decays in [-4, 0] per position: 0 to -250 below the diagonal
     cum = (-4 * torch.rand(*SHAPE[:-1], generator=torch.Generator().manual_seed(0))).cumsum(-1)
     later = torch.ones(SHAPE[-1], SHAPE[-1], dtype=torch.bool).triu(1)
     diff = cum.unsqueeze(-1) - cum.unsqueeze(-2)
-    clamped = median_ms(lambda: diff.clone().clamp_(EXP_FLOOR, 0.0).exp_().mul_(~later))
-    reference = median_ms(lambda: diff.clone().masked_fill_(later, -float("inf")).exp_())
+    clamped = median_ms(lambda: diff.clone().clamp_(EXP_FLOOR, 0.0).exp_().mul_(~later), runs=15)
+    reference = median_ms(lambda: diff.clone().masked_fill_(later, -float("inf")).exp_(), runs=15)
     print(f"| decay matrix, clamped to [{EXP_FLOOR:g}, 0] then masked by a multiply | | {clamped:.2f} | |")
     print(f"| decay matrix, -inf above the diagonal then exp | | {reference:.2f} | {reference / clamped:.1f}x the "
           "clamped |")
