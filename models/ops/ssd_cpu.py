@@ -24,24 +24,31 @@ outside. Steps 2 and 4 contract ``B`` and ``C`` with all of a group's heads at o
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from chimera.models.mixers import mamba2
 
 # torch's CPU exp takes a slow path where its result is below the smallest normal float (1.2e-38) or overflows: on
-# this machine (AVX-512) 130x slower per element at -90, 60x at -110, 14x at -inf and 40x at +90 than at -87
-# (benchmarks/RESULTS.md). So the decay's exponent is clamped to [-87, 0] here (it is <= 0 wherever the decay is not
-# hidden) and its hidden entries are zeroed after the exp, by a multiply with the kept ones (7x faster than
-# masked_fill_ with a broadcast [q, q] mask), not set to -inf before: a decay below exp(-87) = 1.6e-38 reads as
-# 1.6e-38, which no fp32 sum of the products can tell from 0.
-EXP_FLOOR = -87.0
+# this machine (AVX-512) 130x slower per element at -90, 60x at -110, 14x at -inf and 40x at +90 than at -87; and a
+# denormal operand makes a batched matmul 60x slower, a multiply 11x (benchmarks/RESULTS.md). So the decay's exponent
+# is clamped to [EXP_FLOOR, 0] (it is <= 0 wherever the decay is kept) and every decay below exp(EXP_FLOOR + 1) =
+# 2.4e-26 is then set to 0, so that neither the exp nor the products of the decays ever meet a denormal: such a decay
+# is 26 orders of magnitude below the one each row gives its own position (1), and 0 is what exp underflows to. The
+# hidden entries are zeroed after the exp, by a multiply with the kept ones (7x faster than masked_fill_ with a
+# broadcast [q, q] mask), not set to -inf before.
+EXP_FLOOR = -60.0
+NEGLIGIBLE_DECAY = math.exp(EXP_FLOOR + 1)
 
 
 def _decay_and_products(C, B, xdt, cum, document):
     """Step 1's forward: (``decay``, ``M = (C B^T) * decay``, ``Y_w = M xdt``), the ``[q, q]`` tensors built in
     place."""
     CB = C @ B.transpose(-1, -2)  # [..., l, s], once per group
-    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).clamp_(EXP_FLOOR, 0.0).exp_().mul_(~mamba2.hidden(document))
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).clamp_(EXP_FLOOR, 0.0).exp_()  # <= 0 where not hidden
+    F.threshold_(decay, NEGLIGIBLE_DECAY, 0.0).mul_(~mamba2.hidden(document))
     M = CB * decay
     return decay, M, M @ xdt
 
