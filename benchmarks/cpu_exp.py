@@ -60,5 +60,6 @@ def main() -> None:
         print(f"| {name}, denormal operand against normal | | {denormal_ms:.2f} against {normal_ms:.2f} | "
               f"{denormal_ms / normal_ms:.1f}x |")
 
+
 if __name__ == "__main__":
     main()

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from chimera.models.mixers import mamba2
 
 # torch's CPU exp takes a slow path where its result is below the smallest normal float (1.2e-38) or overflows: on
-# this machine (AVX-512) 130x slower per element at -90, 60x at -110, 14x at -inf and 40x at +90 than at -87; and a
-# denormal operand makes a batched matmul 60x slower, a multiply 11x (benchmarks/RESULTS.md). So the decay's exponent
-# is clamped to [EXP_FLOOR, 0] (it is <= 0 wherever the decay is kept) and every decay below exp(EXP_FLOOR + 1) =
-# 2.4e-26 is then set to 0, so that neither the exp nor the products of the decays ever meet a denormal: such a decay
-# is 26 orders of magnitude below the one each row gives its own position (1), and 0 is what exp underflows to. The
-# hidden entries are zeroed after the exp, by a multiply with the kept ones (7x faster than masked_fill_ with a
-# broadcast [q, q] mask), not set to -inf before.
+# the 2-core AVX-512 machine 116-158x slower per element at -88..-100, 65-69x at -110, 17-19x at -inf and 50x at +90
+# than at -87; and a denormal operand makes a batched matmul 142x slower, a multiply 16x (benchmarks/cpu_exp.py,
+# benchmarks/RESULTS.md). So the decay's exponent is clamped to [EXP_FLOOR, 0] (it is <= 0 wherever the decay is
+# kept) and every decay below exp(EXP_FLOOR + 1) = 2.4e-26 is then set to 0, so that neither the exp nor the products
+# of the decays ever meet a denormal: such a decay is 26 orders of magnitude below the one each row gives its own
+# position (1), and 0 is what exp underflows to. The hidden entries are zeroed after the exp, by a multiply with the
+# kept ones (7x faster than masked_fill_ with a broadcast [q, q] mask), not set to -inf before.
 EXP_FLOOR = -60.0
 NEGLIGIBLE_DECAY = math.exp(EXP_FLOOR + 1)
 

@@ -104,7 +104,7 @@ def test_ssd_by_hand_equals_reference(s, h, groups, chunk, packed, skip, dt_scal
     dt = dt_scale * (0.05 + 0.5 * torch.rand(s, b, h, generator=gen, dtype=torch.float64))
     A = -torch.rand(h, generator=gen, dtype=torch.float64) - 0.2
     if dt_scale > 1:
-        log_a = (dt * A).float()  # the within-chunk exponents reach below the floor, and the test would say so
+        log_a = (dt * A).float()  # some chunk's decays reach below the floor, so the case tests the zeroing
         assert log_a.reshape(-1, chunk, b, h).sum(1).min() < ssd_cpu.EXP_FLOOR
     B, C = (torch.randn(s, b, groups, n, generator=gen, dtype=torch.float64) for _ in range(2))
     D = [torch.randn(h, generator=gen, dtype=torch.float64)] if skip else []
